@@ -1,0 +1,85 @@
+"""Global chunking settings.
+
+The chunk engine works on row blocks of ``[rows, V]`` logits.  How many rows a
+block holds comes from a memory budget for the block's fp32 work buffers;
+``set_chunk_size`` pins the row count instead, and a per-call ``chunk_size``
+overrides both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+_MIN_ROWS = 16
+
+
+@dataclass
+class _Settings:
+    chunk_size: int | None = None
+    budget_bytes: int | None = None
+
+
+_settings = _Settings()
+
+
+def set_chunk_size(rows: int | None) -> None:
+    """Pin the number of rows per chunk for every call (``None`` restores the budget rule)."""
+    if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {rows!r}")
+    _settings.chunk_size = rows
+
+
+def set_chunk_budget(nbytes: int | None) -> None:
+    """Set the memory budget (bytes) for one chunk's work buffers (``None`` restores the default)."""
+    if nbytes is not None and (not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 1):
+        raise ValueError(f"chunk budget must be a positive int (bytes) or None, got {nbytes!r}")
+    _settings.budget_bytes = nbytes
+
+
+@contextlib.contextmanager
+def chunking(*, chunk_size: int | None = None, budget_bytes: int | None = None):
+    """Temporarily change the global chunk settings."""
+    old = _Settings(_settings.chunk_size, _settings.budget_bytes)
+    set_chunk_size(chunk_size)
+    set_chunk_budget(budget_bytes)
+    try:
+        yield
+    finally:
+        _settings.chunk_size, _settings.budget_bytes = old.chunk_size, old.budget_bytes
+
+
+def default_budget(device: torch.device) -> int:
+    """Bytes one chunk's work buffers may take when no budget is set.
+
+    CPU: 64 MiB keeps a chunk near the caches and the peak small.  CUDA: 1/32 of
+    the device memory, between 256 MiB and 2 GiB, so matmuls stay large enough
+    to saturate the tensor cores.
+    """
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return int(min(max(total // 32, 256 << 20), 2 << 30))
+    return 64 << 20
+
+
+def chunk_rows(n_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device,
+               requested: int = 0, buffers: int = 3) -> int:
+    """Rows per chunk for ``n_rows`` rows of ``[*, vocab]`` logits.
+
+    ``requested`` (per call) wins, then ``set_chunk_size``, then the budget: each
+    row costs ``vocab`` elements of the input dtype (the matmul output) plus
+    ``buffers`` fp32/fp64 work rows, plus its ``hidden``-sized input and
+    gradient rows.
+    """
+    if requested and requested > 0:
+        rows = requested
+    elif _settings.chunk_size is not None:
+        rows = _settings.chunk_size
+    else:
+        budget = _settings.budget_bytes or default_budget(device)
+        work = 8 if dtype == torch.float64 else 4
+        per_row = vocab * (dtype.itemsize + buffers * work) + 2 * hidden * work
+        rows = max(_MIN_ROWS, budget // max(per_row, 1))
+    return int(max(1, min(rows, max(n_rows, 1))))

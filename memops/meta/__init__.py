@@ -1,0 +1,3 @@
+"""Fake (meta) kernels: output shapes, dtypes and strides of every memops op."""
+
+from . import linear_ce  # noqa: F401

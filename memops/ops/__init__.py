@@ -1,0 +1,3 @@
+"""Custom ops (``torch.ops.memops.*``) and their real kernels."""
+
+from . import linear_ce  # noqa: F401

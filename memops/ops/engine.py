@@ -1,0 +1,100 @@
+"""The chunk engine shared by every op family.
+
+``run`` walks the rows of ``input`` in chunks.  For each chunk it builds that
+chunk's logits (``logit_scale * (x @ W.T + b)``, optionally soft-capped) in
+the compute dtype (fp32, or fp64 for fp64 inputs) and hands them to a *head*,
+the op family's per-chunk loss.  A head writes its per-row outputs and, when
+gradients are wanted, returns ``d(loss)/d(logits)`` for the chunk (already
+multiplied by each row's upstream coefficient).  The engine chains that back
+through soft-capping and scaling and accumulates the input, weight and bias
+gradients: weight and bias in the compute dtype, input per chunk in its own
+dtype.  Only ``[chunk, V]`` logits ever exist.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import config
+
+# head(z, start, stop) -> dz or None.  ``z`` is the chunk's final logits in the
+# compute dtype; the head may overwrite it and return it as ``dz``.
+Head = Callable[[torch.Tensor, int, int], Optional[torch.Tensor]]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cuda_mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """Low-precision matmul with an fp32 result where the build has ``mm(out_dtype=)``."""
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return None
+
+
+def _accumulate_weight_grad(gw: torch.Tensor, dz: torch.Tensor, xc: torch.Tensor) -> None:
+    """``gw += dz.T @ xc`` with ``gw`` and the sum kept in the compute dtype."""
+    if xc.dtype == gw.dtype:
+        gw.addmm_(dz.t(), xc)
+        return
+    if xc.device.type == "cuda":
+        part = _cuda_mm_f32(dz.t().to(xc.dtype), xc)
+        if part is not None:
+            gw.add_(part)
+            return
+        gw.add_(torch.mm(dz.t().to(xc.dtype), xc))
+        return
+    # CPU: chunk-sized upcast; fp32 GEMM is the fast path on CPUs anyway.
+    gw.addmm_(dz.t(), xc.to(gw.dtype))
+
+
+def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: Head, *,
+        logit_scale: float = 1.0, softcap: float | None = None, chunk_size: int = 0,
+        grad_input: bool = False, grad_weight: bool = False, grad_bias: bool = False,
+        buffers: int = 3) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Run ``head`` over ``x2d [N, D]`` in row chunks; return (grad_input, grad_weight, grad_bias).
+
+    The three gradients are ``None`` unless asked for; grad_input has ``x2d``'s
+    dtype, grad_weight and grad_bias the compute dtype (callers cast at the end).
+    If the head returns ``None`` no gradient work is done for that chunk.
+    """
+    n, d = x2d.shape
+    vocab = weight.shape[0]
+    cdt = compute_dtype(x2d.dtype)
+    want = grad_input or grad_weight or grad_bias
+    gx = torch.zeros(x2d.shape, dtype=x2d.dtype, device=x2d.device) if grad_input else None
+    gw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if grad_weight else None
+    gb = torch.zeros(vocab, dtype=cdt, device=weight.device) if (grad_bias and bias is not None) else None
+    if n == 0:
+        return gx, gw, gb
+    rows = config.chunk_rows(n, vocab, d, x2d.dtype, x2d.device, chunk_size,
+                             buffers + (1 if softcap is not None else 0))
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        xc = x2d[start:stop]
+        z = F.linear(xc, weight, bias).to(cdt)
+        if logit_scale != 1.0:
+            z.mul_(logit_scale)
+        capped = None
+        if softcap is not None:
+            capped = torch.tanh(z.div_(softcap))
+            z = torch.mul(capped, softcap)
+        dz = head(z, start, stop)
+        if dz is None or not want:
+            continue
+        if capped is not None:
+            dz.mul_(capped.square_().neg_().add_(1.0))
+        if logit_scale != 1.0:
+            dz.mul_(logit_scale)
+        if gb is not None:
+            gb.add_(dz.sum(0))
+        if gx is not None:
+            torch.mm(dz.to(x2d.dtype), weight, out=gx[start:stop])
+        if gw is not None:
+            _accumulate_weight_grad(gw, dz, xc)
+    return gx, gw, gb

@@ -1,0 +1,196 @@
+"""``memops::linear_ce``: chunked projection + cross-entropy (label smoothing, z-loss, soft-capping).
+
+Forward returns ``(loss, lse, grad_input, grad_weight, grad_bias)``.  With a
+scalar reduction and a non-empty ``grad_mask`` the forward pass also computes
+the gradients of the loss (three projection-sized matmuls in all, as in the
+unfused baseline); the backward op then only scales them by ``grad_output``.
+With ``reduction="none"`` the backward op recomputes the chunks with the
+per-token ``grad_output``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import validation as V
+from . import engine
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+def _denominator(valid: Tensor, num_items: Optional[Tensor], cdt: torch.dtype) -> Tensor:
+    if num_items is not None:
+        return num_items.to(device=valid.device, dtype=cdt)
+    return valid.sum().to(cdt)
+
+
+def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, ignore_index, label_smoothing,
+               z_loss, softcap, logit_scale, chunk_size):
+    """Per-row loss and lse for all rows; gradients when ``upstream`` is given.
+
+    ``upstream`` is the per-row (``[N]``) or shared (0-dim) factor that multiplies
+    each non-ignored row's d(loss)/d(logits); ignored rows get factor 0.
+    """
+    n = x2d.shape[0]
+    vocab = weight.shape[0]
+    cdt = engine.compute_dtype(x2d.dtype)
+    loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
+    lse_rows = torch.empty(n, dtype=cdt, device=x2d.device)
+    eps, zl = label_smoothing, z_loss
+
+    def head(z: Tensor, start: int, stop: int):
+        t = t1d[start:stop].long()
+        valid = t != ignore_index
+        safe = torch.where(valid, t, 0).unsqueeze(1)
+        lse = torch.logsumexp(z, dim=1)
+        loss = lse - z.gather(1, safe).squeeze(1)
+        if eps:
+            loss = (1.0 - eps) * loss + eps * (lse - z.mean(dim=1))
+        if zl:
+            loss = loss + zl * lse.square()
+        loss_rows[start:stop] = torch.where(valid, loss, 0.0)
+        lse_rows[start:stop] = lse
+        if upstream is None:
+            return None
+        coef = upstream[start:stop] if upstream.dim() else upstream.expand(stop - start)
+        coef = torch.where(valid, coef, 0.0)
+        p = z.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place over the logits
+        if zl:
+            p.mul_((1.0 + 2.0 * zl * lse).unsqueeze(1))
+        if eps:
+            p.sub_(eps / vocab)
+        p.scatter_add_(1, safe, torch.full_like(lse, eps - 1.0).unsqueeze(1))
+        return p.mul_(coef.unsqueeze(1))
+
+    gx, gw, gb = engine.run(x2d, weight, bias, head, logit_scale=logit_scale, softcap=softcap,
+                            chunk_size=chunk_size, grad_input=need[0], grad_weight=need[1],
+                            grad_bias=need[2] and bias is not None)
+    return loss_rows, lse_rows, gx, gw, gb
+
+
+def _flat(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    n = target.numel()
+    return input.reshape(n, input.shape[-1]), target.reshape(n)
+
+
+def _cast_grads(gx, gw, gb, input, weight, bias):
+    return (_empty(input) if gx is None else gx.view(input.shape),
+            _empty(weight) if gw is None else gw.to(weight.dtype),
+            _empty(input) if gb is None else gb.to(bias.dtype))
+
+
+@torch.library.custom_op("memops::linear_ce", mutates_args=())
+def linear_ce(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], num_items: Optional[Tensor],
+              ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
+              logit_scale: float, chunk_size: int, grad_mask: list[bool]
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    V.check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
+                      logit_scale, chunk_size)
+    V.check_target_range(target, weight.shape[0], ignore_index)
+    x2d, t1d = _flat(input, target)
+    cdt = engine.compute_dtype(input.dtype)
+    upstream, need = None, (False, False, False)
+    valid = t1d != ignore_index
+    if reduction != "none" and any(grad_mask):
+        need = tuple(grad_mask)
+        upstream = (torch.ones((), dtype=cdt, device=input.device) if reduction == "sum"
+                    else 1.0 / _denominator(valid, num_items, cdt))
+    loss_rows, lse_rows, gx, gw, gb = _ce_chunks(
+        x2d, weight, t1d, bias, upstream, need, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size)
+    if reduction == "none":
+        loss = loss_rows.view(target.shape)
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows.sum() / _denominator(valid, num_items, cdt)
+    return (loss, lse_rows.view(target.shape)) + _cast_grads(gx, gw, gb, input, weight, bias)
+
+
+@torch.library.custom_op("memops::linear_ce_backward", mutates_args=())
+def linear_ce_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                       num_items: Optional[Tensor], saved_grad_input: Tensor, saved_grad_weight: Tensor,
+                       saved_grad_bias: Tensor, ignore_index: int, reduction: str, label_smoothing: float,
+                       z_loss: float, softcap: Optional[float], logit_scale: float, chunk_size: int,
+                       need: list[bool], have: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``linear_ce``'s loss: scale what the forward computed, recompute the rest."""
+    V.check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
+                      logit_scale, chunk_size)
+    cdt = engine.compute_dtype(input.dtype)
+    saved = (saved_grad_input, saved_grad_weight, saved_grad_bias)
+    out = [None, None, None]
+    for i in range(3):
+        if need[i] and have[i]:
+            out[i] = (saved[i] * grad_loss.to(cdt)).to(saved[i].dtype)
+    missing = tuple(bool(need[i] and not have[i]) for i in range(3))
+    if any(missing):
+        x2d, t1d = _flat(input, target)
+        g = grad_loss.to(cdt)
+        if reduction == "none":
+            upstream = g.reshape(-1)
+        elif reduction == "mean":
+            upstream = g / _denominator(t1d != ignore_index, num_items, cdt)
+        else:
+            upstream = g
+        _, _, gx, gw, gb = _ce_chunks(
+            x2d, weight, t1d, bias, upstream, missing, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
+            chunk_size=chunk_size)
+        fresh = _cast_grads(gx, gw, gb, input, weight, bias)
+        for i in range(3):
+            if missing[i]:
+                out[i] = fresh[i]
+    empty = _empty(input)
+    return tuple(empty if o is None else o for o in out)
+
+
+def _setup_context(ctx, inputs, output):
+    (input, weight, target, bias, num_items, ignore_index, reduction, label_smoothing, z_loss, softcap,
+     logit_scale, chunk_size, grad_mask) = inputs
+    _, lse, gx, gw, gb = output
+    ctx.mark_non_differentiable(lse, gx, gw, gb)
+    ctx.save_for_backward(input, weight, target, bias, num_items, gx, gw, gb)
+    ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size)
+    ctx.have = [reduction != "none" and bool(m) for m in grad_mask]
+
+
+def _backward(ctx, grad_loss, _grad_lse, _ggx, _ggw, _ggb):
+    input, weight, target, bias, num_items, gx, gw, gb = ctx.saved_tensors
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
+    if not any(need):
+        return (None,) * 13
+    dx, dw, db = torch.ops.memops.linear_ce_backward(
+        grad_loss, input, weight, target, bias, num_items, gx, gw, gb, *ctx.options, need, ctx.have)
+    return (dx if need[0] else None, dw if need[1] else None, None, db if need[2] else None) + (None,) * 9
+
+
+torch.library.register_autograd("memops::linear_ce", _backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
+                         ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                         z_loss: float = 0.0, softcap: Optional[float] = None, logit_scale: float = 1.0,
+                         num_items=None, chunk_size: Optional[int] = None, return_lse: bool = False):
+    """Cross-entropy of ``logit_scale * (input @ weight.T + bias)`` without materializing the logits.
+
+    Equals ``F.cross_entropy(logits.float(), target, ignore_index=..., reduction=...,
+    label_smoothing=...)`` plus ``z_loss * logsumexp(logits)**2`` per non-ignored token,
+    where ``logits`` are soft-capped to ``softcap * tanh(logits / softcap)`` when ``softcap``
+    is set.  ``num_items`` replaces the token count as the divisor of ``reduction="mean"``.
+    With ``return_lse=True`` also returns the per-token logsumexp (shaped like
+    ``target``, detached) from the same pass.
+    """
+    V.check_ce_options(reduction, label_smoothing, z_loss, softcap, logit_scale, V.as_chunk_size(chunk_size))
+    grad_on = torch.is_grad_enabled()
+    mask = [grad_on and input.requires_grad, grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad]
+    loss, lse, _, _, _ = torch.ops.memops.linear_ce(
+        input, weight, target, bias, V.as_num_items(num_items), int(ignore_index), reduction,
+        float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), float(logit_scale),
+        V.as_chunk_size(chunk_size), mask)
+    return (loss, lse) if return_lse else loss
