@@ -47,14 +47,16 @@ def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, igno
         t = t1d[start:stop].long()
         valid = t != ignore_index
         safe = torch.where(valid, t, 0).unsqueeze(1)
-        lse = torch.logsumexp(z, dim=1)
+        lse_out = torch.logsumexp(z, dim=1)
+        # log_softmax is NaN across a row whose logsumexp is +-inf; so are its loss and gradient.
+        lse = torch.where(lse_out.isfinite(), lse_out, torch.nan)
         loss = lse - z.gather(1, safe).squeeze(1)
         if eps:
             loss = (1.0 - eps) * loss + eps * (lse - z.mean(dim=1))
         if zl:
             loss = loss + zl * lse.square()
         loss_rows[start:stop] = torch.where(valid, loss, 0.0)
-        lse_rows[start:stop] = lse
+        lse_rows[start:stop] = lse_out
         if upstream is None:
             return None
         coef = upstream[start:stop] if upstream.dim() else upstream.expand(stop - start)
@@ -145,8 +147,7 @@ def linear_ce_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target:
         for i in range(3):
             if missing[i]:
                 out[i] = fresh[i]
-    empty = _empty(input)
-    return tuple(empty if o is None else o for o in out)
+    return tuple(_empty(input) if o is None else o for o in out)
 
 
 def _setup_context(ctx, inputs, output):
@@ -185,12 +186,13 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     With ``return_lse=True`` also returns the per-token logsumexp (shaped like
     ``target``, detached) from the same pass.
     """
-    V.check_ce_options(reduction, label_smoothing, z_loss, softcap, logit_scale, V.as_chunk_size(chunk_size))
+    num_items, chunk_size = V.as_num_items(num_items), V.as_chunk_size(chunk_size)
+    V.check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
+                      logit_scale, chunk_size)
     grad_on = torch.is_grad_enabled()
     mask = [grad_on and input.requires_grad, grad_on and weight.requires_grad,
             grad_on and bias is not None and bias.requires_grad]
     loss, lse, _, _, _ = torch.ops.memops.linear_ce(
-        input, weight, target, bias, V.as_num_items(num_items), int(ignore_index), reduction,
-        float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), float(logit_scale),
-        V.as_chunk_size(chunk_size), mask)
+        input, weight, target, bias, num_items, int(ignore_index), reduction, float(label_smoothing),
+        float(z_loss), None if softcap is None else float(softcap), float(logit_scale), chunk_size, mask)
     return (loss, lse) if return_lse else loss

@@ -1,0 +1,34 @@
+"""The one unfused reference every test compares against: logits are built in full."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ref_logits(input, weight, bias=None, *, softcap=None, logit_scale=1.0):
+    logits = logit_scale * F.linear(input, weight, bias)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def ref_linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
+                             label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0, num_items=None):
+    logits = ref_logits(input, weight, bias, softcap=softcap, logit_scale=logit_scale)
+    flat = logits.reshape(-1, weight.shape[0])
+    t = target.reshape(-1).long()
+    red = "sum" if num_items is not None else reduction
+    loss = F.cross_entropy(flat, t, ignore_index=ignore_index, reduction=red, label_smoothing=label_smoothing)
+    if z_loss:
+        valid = t != ignore_index
+        zz = torch.where(valid, torch.logsumexp(flat, dim=-1) ** 2, 0.0)
+        if red == "none":
+            loss = loss + z_loss * zz
+        elif red == "sum":
+            loss = loss + z_loss * zz.sum()
+        else:
+            loss = loss + z_loss * zz.sum() / valid.sum()
+    if num_items is not None:
+        loss = loss / num_items
+    return loss.reshape(target.shape) if reduction == "none" else loss

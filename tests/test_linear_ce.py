@@ -1,0 +1,219 @@
+"""memops.linear_cross_entropy against the unfused float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import memops
+from reference import ref_linear_cross_entropy
+
+IGNORE = -100
+PRIMES_AND_SMALL = [1, 2, 3, 5, 7, 13, 31, 61, 97, 127, 211]
+
+
+def _grads(loss, tensors, grad_out):
+    tensors = [t for t in tensors if t is not None and t.requires_grad]
+    if not tensors:
+        return []
+    return list(torch.autograd.grad(loss, tensors, grad_out, allow_unused=False))
+
+
+def _assert_close(a, b, tol, what):
+    assert a.shape == b.shape, f"{what}: shape {a.shape} vs {b.shape}"
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+@st.composite
+def ce_case(draw):
+    n = draw(st.integers(0, 300))
+    d = draw(st.integers(1, 24))
+    v = draw(st.sampled_from(PRIMES_AND_SMALL) | st.integers(1, 160))
+    three_d = draw(st.booleans()) and n > 0
+    lead = (n,)
+    if three_d:
+        b = draw(st.sampled_from([k for k in range(1, 6) if n % k == 0]))
+        lead = (b, n // b)
+    reduction = draw(st.sampled_from(["mean", "sum", "none"]))
+    opts = dict(
+        reduction=reduction,
+        label_smoothing=draw(st.sampled_from([0.0, 0.1]) | st.floats(0.0, 1.0)),
+        z_loss=draw(st.sampled_from([0.0, 1e-3]) | st.floats(0.0, 0.1)),
+        softcap=draw(st.none() | st.floats(0.5, 30.0)),
+        logit_scale=draw(st.sampled_from([1.0]) | st.floats(0.1, 3.0)),
+        chunk_size=draw(st.none() | st.integers(1, 350)),
+        ignore_index=draw(st.sampled_from([IGNORE, -1, 0])),
+    )
+    if reduction == "mean" and draw(st.booleans()):
+        opts["num_items"] = draw(st.integers(1, 400) | st.integers(1, 400).map(torch.tensor))
+    ignore_p = draw(st.sampled_from([0.0, 0.3, 1.0]))
+    return dict(lead=lead, d=d, v=v, opts=opts, ignore_p=ignore_p,
+                bias=draw(st.booleans()), int32=draw(st.booleans()),
+                needs=draw(st.sampled_from([(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def _make(case, dtype=torch.float64):
+    g = torch.Generator().manual_seed(case["seed"])
+    lead, d, v = case["lead"], case["d"], case["v"]
+    x = torch.randn(*lead, d, generator=g, dtype=dtype)
+    w = torch.randn(v, d, generator=g, dtype=dtype) / math.sqrt(d)
+    b = torch.randn(v, generator=g, dtype=dtype) if case["bias"] else None
+    t = torch.randint(0, v, lead, generator=g)
+    ign = case["opts"]["ignore_index"]
+    if ign < 0 or ign >= v:
+        mask = torch.rand(lead, generator=g) < case["ignore_p"]
+        t = torch.where(mask, torch.full_like(t, ign), t)
+    if case["int32"]:
+        t = t.int()
+    for tensor, need in zip((x, w, b), case["needs"]):
+        if tensor is not None:
+            tensor.requires_grad_(bool(need))
+    return x, w, b, t
+
+
+@given(ce_case())
+def test_matches_reference_float64(case):
+    x, w, b, t = _make(case)
+    opts = case["opts"]
+    ref = ref_linear_cross_entropy(x, w, t, b, **{k: v for k, v in opts.items() if k != "chunk_size"})
+    out = memops.linear_cross_entropy(x, w, t, b, **opts)
+    _assert_close(out, ref, 1e-9, "loss")
+    if not any(tt is not None and tt.requires_grad for tt in (x, w, b)):
+        return
+    go = torch.randn_like(ref)
+    for name, a, r in zip("xwb", _grads(out, (x, w, b), go), _grads(ref, (x, w, b), go)):
+        _assert_close(a, r, 1e-9, f"grad {name}")
+
+
+@given(ce_case())
+def test_matches_reference_float32_inputs(case):
+    """fp32 inputs: memops in fp32 vs the reference on the same values in float64."""
+    x, w, b, t = _make(case, torch.float32)
+    opts = case["opts"]
+    x64, w64 = x.detach().double().requires_grad_(x.requires_grad), w.detach().double().requires_grad_(w.requires_grad)
+    b64 = None if b is None else b.detach().double().requires_grad_(b.requires_grad)
+    ref = ref_linear_cross_entropy(x64, w64, t, b64, **{k: v for k, v in opts.items() if k != "chunk_size"})
+    out = memops.linear_cross_entropy(x, w, t, b, **opts)
+    assert out.dtype == torch.float32
+    scale = 1.0 + (ref.abs().max().item() if ref.numel() and ref.isfinite().all() else 0.0)
+    _assert_close(out.double(), ref, 1e-5 * scale, "loss")
+    if not any(tt is not None and tt.requires_grad for tt in (x, w, b)):
+        return
+    go = torch.randn_like(ref)
+    for name, a, r in zip("xwb", _grads(out, (x, w, b), go.float()), _grads(ref, (x64, w64, b64), go)):
+        assert a.dtype == torch.float32
+        _assert_close(a.double(), r, 1e-4 * (1.0 + r.abs().max().item() if r.numel() else 1.0), f"grad {name}")
+
+
+def test_empty_input_matches_reference():
+    for reduction in ["mean", "sum", "none"]:
+        x = torch.randn(0, 5, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+        t = torch.zeros(0, dtype=torch.long)
+        ref = ref_linear_cross_entropy(x, w, t, reduction=reduction)
+        out = memops.linear_cross_entropy(x, w, t, reduction=reduction)
+        _assert_close(out, ref, 0, reduction)
+        if reduction != "none":
+            gr = torch.autograd.grad(ref, (x, w))
+            go = torch.autograd.grad(out, (x, w))
+            for a, r in zip(go, gr):
+                _assert_close(a, r, 0, "grad")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_all_ignored_matches_reference(reduction, label_smoothing):
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.full((4, 3), IGNORE)
+    kw = dict(reduction=reduction, label_smoothing=label_smoothing)
+    ref = ref_linear_cross_entropy(x, w, t, **kw)
+    out = memops.linear_cross_entropy(x, w, t, **kw)
+    _assert_close(out, ref, 0, "loss")  # mean: NaN (0/0) like the reference
+    go = torch.ones_like(ref)
+    for a, r in zip(torch.autograd.grad(out, (x, w), go), torch.autograd.grad(ref, (x, w), go)):
+        _assert_close(a, r, 0, "grad")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_non_finite_inputs_propagate_like_reference(bad, reduction):
+    x = torch.randn(6, 4, dtype=torch.float64)
+    x[2, 1] = bad  # a non-ignored row
+    x[4, 0] = bad  # an ignored row
+    x.requires_grad_(True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3, IGNORE, 4])
+    ref = ref_linear_cross_entropy(x, w, t, reduction=reduction)
+    out = memops.linear_cross_entropy(x, w, t, reduction=reduction, chunk_size=4)
+    _assert_close(out, ref, 1e-12, "loss")
+    go = torch.ones_like(ref)
+    for a, r in zip(torch.autograd.grad(out, (x, w), go), torch.autograd.grad(ref, (x, w), go)):
+        assert torch.equal(a.isnan(), r.isnan())
+        _assert_close(a, r, 1e-12, "grad")
+
+
+def test_return_lse_is_per_token_logsumexp():
+    x = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 6, dtype=torch.float64)
+    t = torch.randint(0, 11, (2, 9))
+    loss, lse = memops.linear_cross_entropy(x, w, t, softcap=2.0, return_lse=True, chunk_size=4)
+    logits = 2.0 * torch.tanh((x @ w.T) / 2.0)
+    _assert_close(lse, torch.logsumexp(logits, -1).detach(), 1e-12, "lse")
+    assert not lse.requires_grad and loss.requires_grad
+
+
+def test_module_matches_function():
+    x = torch.randn(3, 4, 8, requires_grad=True)
+    w = torch.randn(13, 8, requires_grad=True)
+    t = torch.randint(0, 13, (3, 4))
+    mod = memops.LinearCrossEntropy(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, chunk_size=5)
+    a = mod(x, w, t)
+    b = memops.linear_cross_entropy(x, w, t, label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    torch.testing.assert_close(a, b)
+    assert "softcap=5.0" in repr(mod)
+
+
+def test_non_contiguous_input_and_weight():
+    base = torch.randn(8, 20, 3, dtype=torch.float64)
+    x = base.transpose(0, 1)[..., :]  # [20, 8, 3], non-contiguous
+    wbase = torch.randn(3, 17, dtype=torch.float64, requires_grad=True)
+    w = wbase.T  # [17, 3], non-contiguous
+    t = torch.randint(0, 17, (20, 8))
+    x.requires_grad_(True)
+    ref = ref_linear_cross_entropy(x, w, t)
+    out = memops.linear_cross_entropy(x, w, t, chunk_size=7)
+    _assert_close(out, ref, 1e-12, "loss")
+    for a, r in zip(torch.autograd.grad(out, (x, wbase)), torch.autograd.grad(ref, (x, wbase))):
+        _assert_close(a, r, 1e-12, "grad")
+
+
+def test_global_chunk_settings_do_not_change_results():
+    x = torch.randn(50, 6, dtype=torch.float64)
+    w = torch.randn(9, 6, dtype=torch.float64)
+    t = torch.randint(0, 9, (50,))
+    ref = ref_linear_cross_entropy(x, w, t, reduction="none")
+    with memops.chunking(chunk_size=3):
+        a = memops.linear_cross_entropy(x, w, t, reduction="none")
+    with memops.chunking(budget_bytes=1):
+        b = memops.linear_cross_entropy(x, w, t, reduction="none")
+    _assert_close(a, ref, 1e-12, "pinned")
+    _assert_close(b, ref, 1e-12, "budget")
+    with pytest.raises(ValueError, match="chunk_size"):
+        memops.set_chunk_size(0)
+
+
+def test_chunk_rows_follow_budget():
+    from memops import config
+    cpu = torch.device("cpu")
+    big = config.chunk_rows(100_000, 128_000, 4096, torch.float32, cpu)
+    small_v = config.chunk_rows(100_000, 1_000, 4096, torch.float32, cpu)
+    assert small_v > big  # a smaller vocab buys more rows under the same budget
+    assert config.chunk_rows(5, 128_000, 4096, torch.float32, cpu) == 5  # never more than the rows
+    assert config.chunk_rows(1000, 10, 10, torch.float32, cpu, requested=7) == 7
+    with memops.chunking(budget_bytes=1 << 30):
+        assert config.chunk_rows(100_000, 128_000, 4096, torch.float32, cpu) > big
