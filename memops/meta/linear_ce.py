@@ -15,10 +15,9 @@ from ..ops.engine import compute_dtype
 
 
 def _grads(input, weight, bias, mask):
-    empty = input.new_empty((0,))
-    return (input.new_empty(input.shape) if mask[0] else empty,
-            weight.new_empty(weight.shape) if mask[1] else empty,
-            bias.new_empty(bias.shape) if (mask[2] and bias is not None) else empty)
+    return (input.new_empty(input.shape) if mask[0] else input.new_empty((0,)),
+            weight.new_empty(weight.shape) if mask[1] else input.new_empty((0,)),
+            bias.new_empty(bias.shape) if (mask[2] and bias is not None) else input.new_empty((0,)))
 
 
 @torch.library.register_fake("memops::linear_ce")

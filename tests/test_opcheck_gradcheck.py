@@ -1,0 +1,103 @@
+"""torch.library.opcheck on every op and torch.autograd.gradcheck in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memops  # noqa: F401
+
+IGNORE = -100
+
+
+def _sample(n_lead=(5, 3), d=6, v=11, dtype=torch.float32, bias=True, noncontig=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if noncontig:
+        x = torch.randn(*reversed(n_lead), d, generator=g, dtype=dtype).transpose(0, 1)
+    else:
+        x = torch.randn(*n_lead, d, generator=g, dtype=dtype)
+    w = torch.randn(v, d, generator=g, dtype=dtype)
+    b = torch.randn(v, generator=g, dtype=dtype) if bias else None
+    t = torch.randint(0, v, tuple(x.shape[:-1]), generator=g)
+    if t.numel():
+        t.view(-1)[::4] = IGNORE
+    return x, w, b, t
+
+
+SAMPLES = {
+    "fp32-bias": dict(),
+    "fp64-nobias": dict(dtype=torch.float64, bias=False),
+    "bf16": dict(dtype=torch.bfloat16),
+    "empty": dict(n_lead=(0,)),
+    "noncontig": dict(noncontig=True),
+}
+OPTIONS = {
+    "mean": ("mean", 0.0, 0.0, None, 1.0, 0),
+    "sum-ragged": ("sum", 0.1, 1e-3, 5.0, 0.7, 4),  # 15 rows in chunks of 4
+    "none-ragged": ("none", 0.0, 1e-2, 2.0, 1.0, 7),
+}
+
+
+@pytest.mark.parametrize("sample", list(SAMPLES))
+@pytest.mark.parametrize("opts", list(OPTIONS))
+def test_opcheck_linear_ce(sample, opts):
+    x, w, b, t = _sample(**SAMPLES[sample])
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    if b is not None:
+        b.requires_grad_(True)
+    reduction, ls, zl, cap, scale, chunk = OPTIONS[opts]
+    # opcheck compares without equal_nan: the mean over zero tokens (NaN) gets an explicit divisor
+    num_items = torch.tensor(3.0) if (reduction == "mean" and t.numel() == 0) else None
+    args = (x, w, t, b, num_items, IGNORE, reduction, ls, zl, cap, scale, chunk, [True, True, b is not None])
+    torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
+
+
+@pytest.mark.parametrize("sample", ["fp32-bias", "fp64-nobias", "empty"])
+def test_opcheck_linear_ce_num_items_and_no_grad_mask(sample):
+    x, w, b, t = _sample(**SAMPLES[sample])
+    args = (x, w, t, b, torch.tensor(7.0), IGNORE, "mean", 0.0, 0.0, None, 1.0, 0, [False, False, False])
+    torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
+
+
+@pytest.mark.parametrize("sample", list(SAMPLES))
+@pytest.mark.parametrize("opts", list(OPTIONS))
+def test_opcheck_linear_ce_backward(sample, opts):
+    x, w, b, t = _sample(**SAMPLES[sample])
+    reduction, ls, zl, cap, scale, chunk = OPTIONS[opts]
+    grad_loss = torch.randn(t.shape if reduction == "none" else ())
+    has_b = b is not None
+    num_items = torch.tensor(3.0) if (reduction == "mean" and t.numel() == 0) else None
+    saved = torch.ops.memops.linear_ce(x, w, t, b, num_items, IGNORE, reduction, ls, zl, cap, scale, chunk,
+                                       [True, True, has_b])[2:]
+    have = [reduction != "none"] * 2 + [reduction != "none" and has_b]
+    args = (grad_loss, x, w, t, b, num_items, *saved, IGNORE, reduction, ls, zl, cap, scale, chunk,
+            [True, True, has_b], have)
+    torch.library.opcheck(torch.ops.memops.linear_ce_backward.default, args)
+
+
+GRAD_OPTIONS = [
+    dict(),
+    dict(label_smoothing=0.3),
+    dict(z_loss=0.05),
+    dict(softcap=1.5),
+    dict(logit_scale=0.5),
+    dict(num_items=6),
+    dict(ignore_index=2),
+    dict(label_smoothing=0.1, z_loss=0.01, softcap=3.0, logit_scale=2.0),
+]
+
+
+GRAD_CASES = [(r, o) for r in ("mean", "sum", "none") for o in GRAD_OPTIONS if r == "mean" or "num_items" not in o]
+
+
+@pytest.mark.parametrize("reduction,opts", GRAD_CASES, ids=lambda o: (",".join(o) or "plain") if isinstance(o, dict) else o)
+def test_gradcheck_float64(reduction, opts):
+    x, w, b, t = _sample(n_lead=(3, 3), d=4, v=7, dtype=torch.float64, seed=1)
+    t = torch.where(t == IGNORE, opts.get("ignore_index", IGNORE), t)
+    for tensor in (x, w, b):
+        tensor.requires_grad_(True)
+
+    def f(x, w, b):
+        return memops.linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_size=4, **opts)
+    assert torch.autograd.gradcheck(f, (x, w, b))
