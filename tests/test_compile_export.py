@@ -11,6 +11,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
+from functorch.compile import make_boxed_func
 
 import memops
 
@@ -71,7 +72,7 @@ def test_backward_graph_holds_memops_backward_op():
     def grab(kind):
         def compiler(gm, example_inputs):
             graphs[kind].append(gm)
-            return gm
+            return make_boxed_func(gm)
         return compiler
 
     backend = aot_autograd(fw_compiler=grab("fw"), bw_compiler=grab("bw"))

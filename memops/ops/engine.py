@@ -53,6 +53,28 @@ def _accumulate_weight_grad(gw: torch.Tensor, dz: torch.Tensor, xc: torch.Tensor
     gw.addmm_(dz.t(), xc.to(gw.dtype))
 
 
+def _input_grad(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = dz @ weight``.
+
+    Low-precision weights on CPU: ``dz`` stays fp32 and ``weight`` is upcast one
+    vocab block at a time, so the result is rounded once (the unfused code
+    rounds ``dz`` to the weight dtype first).  Elsewhere ``dz`` is cast to the
+    weight dtype for a native low-precision GEMM, as in the unfused code.
+    """
+    if dz.dtype == weight.dtype:
+        torch.mm(dz, weight, out=out)
+        return
+    if weight.device.type != "cpu":
+        torch.mm(dz.to(weight.dtype), weight, out=out)
+        return
+    vocab, hidden = weight.shape
+    block = max(1, (16 << 20) // max(hidden * dz.element_size(), 1))
+    acc = torch.zeros(out.shape, dtype=dz.dtype, device=dz.device)
+    for lo in range(0, vocab, block):
+        acc.addmm_(dz[:, lo:lo + block], weight[lo:lo + block].to(dz.dtype))
+    out.copy_(acc)
+
+
 def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: Head, *,
         logit_scale: float = 1.0, softcap: float | None = None, chunk_size: int = 0,
         grad_input: bool = False, grad_weight: bool = False, grad_bias: bool = False,
@@ -94,7 +116,7 @@ def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head
         if gb is not None:
             gb.add_(dz.sum(0))
         if gx is not None:
-            torch.mm(dz.to(x2d.dtype), weight, out=gx[start:stop])
+            _input_grad(dz, weight, gx[start:stop])
         if gw is not None:
             _accumulate_weight_grad(gw, dz, xc)
     return gx, gw, gb
