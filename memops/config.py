@@ -65,13 +65,13 @@ def default_budget(device: torch.device) -> int:
 
 
 def chunk_rows(n_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device,
-               requested: int = 0, buffers: int = 3) -> int:
+               requested: int = 0) -> int:
     """Rows per chunk for ``n_rows`` rows of ``[*, vocab]`` logits.
 
     ``requested`` (per call) wins, then ``set_chunk_size``, then the budget: each
-    row costs ``vocab`` elements of the input dtype (the matmul output) plus
-    ``buffers`` fp32/fp64 work rows, plus its ``hidden``-sized input and
-    gradient rows.
+    row costs one ``vocab``-long row of the compute dtype (fp32, fp64 for fp64
+    inputs), plus one in the input dtype when that differs (the matmul output),
+    plus its ``hidden``-sized input and gradient rows.
     """
     if requested and requested > 0:
         rows = requested
@@ -80,6 +80,6 @@ def chunk_rows(n_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device:
     else:
         budget = _settings.budget_bytes or default_budget(device)
         work = 8 if dtype == torch.float64 else 4
-        per_row = vocab * (dtype.itemsize + buffers * work) + 2 * hidden * work
+        per_row = vocab * (work + (dtype.itemsize if dtype.itemsize != work else 0)) + 2 * hidden * work
         rows = max(_MIN_ROWS, budget // max(per_row, 1))
     return int(max(1, min(rows, max(n_rows, 1))))

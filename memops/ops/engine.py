@@ -75,15 +75,26 @@ def _input_grad(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> No
     out.copy_(acc)
 
 
+def _sub_rows(rows: int, vocab: int, elem: int, device: torch.device) -> int:
+    """Rows per sub-block for the elementwise work: cache-sized on CPU, the whole chunk on GPUs."""
+    if device.type != "cpu":
+        return rows
+    return max(1, min(rows, (4 << 20) // max(vocab * elem, 1)))
+
+
 def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: Head, *,
         logit_scale: float = 1.0, softcap: float | None = None, chunk_size: int = 0,
-        grad_input: bool = False, grad_weight: bool = False, grad_bias: bool = False,
-        buffers: int = 3) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        grad_input: bool = False, grad_weight: bool = False, grad_bias: bool = False
+        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Run ``head`` over ``x2d [N, D]`` in row chunks; return (grad_input, grad_weight, grad_bias).
 
-    The three gradients are ``None`` unless asked for; grad_input has ``x2d``'s
-    dtype, grad_weight and grad_bias the compute dtype (callers cast at the end).
-    If the head returns ``None`` no gradient work is done for that chunk.
+    One ``[rows, V]`` buffer in the compute dtype is reused by every chunk.  The
+    elementwise work (scaling, soft-capping, the head, the chain rule back
+    through them) runs on cache-sized sub-blocks of it; the head may overwrite
+    its block in place and return it as ``dz`` (another tensor is copied in).
+    The three gradients are ``None`` unless asked for; grad_input has
+    ``x2d``'s dtype, grad_weight and grad_bias the compute dtype (callers cast
+    at the end).  A head that returns ``None`` gets no gradient work.
     """
     n, d = x2d.shape
     vocab = weight.shape[0]
@@ -94,29 +105,45 @@ def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head
     gb = torch.zeros(vocab, dtype=cdt, device=weight.device) if (grad_bias and bias is not None) else None
     if n == 0:
         return gx, gw, gb
-    rows = config.chunk_rows(n, vocab, d, x2d.dtype, x2d.device, chunk_size,
-                             buffers + (1 if softcap is not None else 0))
+    rows = config.chunk_rows(n, vocab, d, x2d.dtype, x2d.device, chunk_size)
+    sub = _sub_rows(rows, vocab, cdt.itemsize, x2d.device)
+    buf = torch.empty((rows, vocab), dtype=cdt, device=x2d.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         xc = x2d[start:stop]
-        z = F.linear(xc, weight, bias).to(cdt)
-        if logit_scale != 1.0:
-            z.mul_(logit_scale)
-        capped = None
-        if softcap is not None:
-            capped = torch.tanh(z.div_(softcap))
-            z = torch.mul(capped, softcap)
-        dz = head(z, start, stop)
-        if dz is None or not want:
+        z = buf[: stop - start]
+        if x2d.dtype != cdt:
+            z.copy_(F.linear(xc, weight, bias))
+        elif bias is not None:
+            torch.addmm(bias, xc, weight.t(), out=z)
+        else:
+            torch.mm(xc, weight.t(), out=z)
+        grads = want
+        for lo in range(0, stop - start, sub):
+            zs = z[lo:lo + sub]
+            if logit_scale != 1.0:
+                zs.mul_(logit_scale)
+            slope = None
+            if softcap is not None:
+                zs.div_(softcap).tanh_()
+                slope = zs.square().neg_().add_(1.0)  # d softcap(u) / du = 1 - tanh^2
+                zs.mul_(softcap)
+            dz = head(zs, start + lo, start + lo + zs.shape[0])
+            if dz is None:
+                grads = False
+                continue
+            if dz is not zs:
+                zs.copy_(dz)
+            if slope is not None:
+                zs.mul_(slope)
+            if logit_scale != 1.0:
+                zs.mul_(logit_scale)
+        if not grads:
             continue
-        if capped is not None:
-            dz.mul_(capped.square_().neg_().add_(1.0))
-        if logit_scale != 1.0:
-            dz.mul_(logit_scale)
         if gb is not None:
-            gb.add_(dz.sum(0))
+            gb.add_(z.sum(0))
         if gx is not None:
-            _input_grad(dz, weight, gx[start:stop])
+            _input_grad(z, weight, gx[start:stop])
         if gw is not None:
-            _accumulate_weight_grad(gw, dz, xc)
+            _accumulate_weight_grad(gw, z, xc)
     return gx, gw, gb
