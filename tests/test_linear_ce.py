@@ -217,3 +217,19 @@ def test_chunk_rows_follow_budget():
     assert config.chunk_rows(1000, 10, 10, torch.float32, cpu, requested=7) == 7
     with memops.chunking(budget_bytes=1 << 30):
         assert config.chunk_rows(100_000, 128_000, 4096, torch.float32, cpu) > big
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_twice_with_retain_graph(reduction):
+    x = torch.randn(30, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 9, (30,))
+    out = memops.linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_size=7)
+    ref = ref_linear_cross_entropy(x, w, t, b, reduction=reduction)
+    for scale in (2.0, 1.0, -3.0):  # the first call scales in place; later calls must not reuse that
+        go = torch.tensor(scale, dtype=torch.float64)
+        got = torch.autograd.grad(out, (x, w, b), go, retain_graph=True)
+        want = torch.autograd.grad(ref, (x, w, b), go, retain_graph=True)
+        for a, r in zip(got, want):
+            _assert_close(a, r, 1e-12, f"grad at scale {scale}")

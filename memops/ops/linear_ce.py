@@ -155,18 +155,43 @@ def _setup_context(ctx, inputs, output):
      logit_scale, chunk_size, grad_mask) = inputs
     _, lse, gx, gw, gb = output
     ctx.mark_non_differentiable(lse, gx, gw, gb)
-    ctx.save_for_backward(input, weight, target, bias, num_items, gx, gw, gb)
+    ctx.save_for_backward(input, weight, target, bias, num_items)
+    # Kept as an attribute, not saved: eager backward hands these tensors over (see _backward).
+    ctx.grads = (gx, gw, gb)
     ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size)
     ctx.have = [reduction != "none" and bool(m) for m in grad_mask]
+    ctx.consumed = False
+
+
+def _plain_eager(t: Tensor) -> bool:
+    """True outside torch.compile / export / make_fx tracing and any dispatch mode."""
+    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0)
 
 
 def _backward(ctx, grad_loss, _grad_lse, _ggx, _ggw, _ggb):
-    input, weight, target, bias, num_items, gx, gw, gb = ctx.saved_tensors
+    input, weight, target, bias, num_items = ctx.saved_tensors
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
     if not any(need):
         return (None,) * 13
+    if (_plain_eager(grad_loss) and not ctx.consumed
+            and all(h for h, n in zip(ctx.have, need) if n)):
+        # Eager: hand over the gradients the forward computed, scaled in place, and drop the
+        # context's reference so autograd can take them as .grad without a copy.  A later
+        # backward through the same graph (retain_graph=True) recomputes instead.
+        ctx.consumed = True
+        (dx, dw, db), ctx.grads = ctx.grads, None
+        if not bool(grad_loss == 1):
+            for g, n in zip((dx, dw, db), need):
+                if n:
+                    g.mul_(grad_loss)
+        return (dx if need[0] else None, dw if need[1] else None, None, db if need[2] else None) + (None,) * 9
+    if ctx.consumed:
+        have, (gx, gw, gb) = [False] * 3, (input.new_empty((0,)),) * 3
+    else:
+        have, (gx, gw, gb) = ctx.have, ctx.grads
     dx, dw, db = torch.ops.memops.linear_ce_backward(
-        grad_loss, input, weight, target, bias, num_items, gx, gw, gb, *ctx.options, need, ctx.have)
+        grad_loss, input, weight, target, bias, num_items, gx, gw, gb, *ctx.options, need, have)
     return (dx if need[0] else None, dw if need[1] else None, None, db if need[2] else None) + (None,) * 9
 
 
