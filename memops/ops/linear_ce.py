@@ -155,6 +155,7 @@ def _setup_context(ctx, inputs, output):
      logit_scale, chunk_size, grad_mask) = inputs
     _, lse, gx, gw, gb = output
     ctx.mark_non_differentiable(lse, gx, gw, gb)
+    ctx.set_materialize_grads(False)  # no zero-filled weight-sized "gradient" for the gradient outputs
     ctx.save_for_backward(input, weight, target, bias, num_items)
     # Kept as an attribute, not saved: eager backward hands these tensors over (see _backward).
     ctx.grads = (gx, gw, gb)
@@ -172,7 +173,7 @@ def _plain_eager(t: Tensor) -> bool:
 def _backward(ctx, grad_loss, _grad_lse, _ggx, _ggw, _ggb):
     input, weight, target, bias, num_items = ctx.saved_tensors
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
-    if not any(need):
+    if grad_loss is None or not any(need):
         return (None,) * 13
     if (_plain_eager(grad_loss) and not ctx.consumed
             and all(h for h, n in zip(ctx.have, need) if n)):
