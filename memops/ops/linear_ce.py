@@ -47,12 +47,20 @@ def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, igno
         t = t1d[start:stop].long()
         valid = t != ignore_index
         safe = torch.where(valid, t, 0).unsqueeze(1)
-        lse_out = torch.logsumexp(z, dim=1)
-        # log_softmax is NaN across a row whose logsumexp is +-inf; so are its loss and gradient.
+        z_target = z.gather(1, safe).squeeze(1)
+        z_mean = z.mean(dim=1) if eps else None
+        # softmax numerator in place over the logits: z <- exp(z - rowmax)
+        zmax = z.amax(dim=1, keepdim=True)
+        z.sub_(zmax).exp_()
+        total = z.sum(dim=1)
+        zmax = zmax.squeeze(1)
+        # logsumexp as torch.logsumexp gives it (a +-inf row max is the answer) ...
+        lse_out = torch.where(zmax.isinf(), zmax, zmax + total.log())
+        # ... but log_softmax, hence the loss and its gradient, is NaN across such a row
         lse = torch.where(lse_out.isfinite(), lse_out, torch.nan)
-        loss = lse - z.gather(1, safe).squeeze(1)
+        loss = lse - z_target
         if eps:
-            loss = (1.0 - eps) * loss + eps * (lse - z.mean(dim=1))
+            loss = (1.0 - eps) * loss + eps * (lse - z_mean)
         if zl:
             loss = loss + zl * lse.square()
         loss_rows[start:stop] = torch.where(valid, loss, 0.0)
@@ -61,13 +69,14 @@ def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, igno
             return None
         coef = upstream[start:stop] if upstream.dim() else upstream.expand(stop - start)
         coef = torch.where(valid, coef, 0.0)
-        p = z.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place over the logits
+        # d loss / d z = coef * [softmax * (1 + 2 zl lse) - eps / V - (1 - eps) onehot(target)]
+        row = coef / total
         if zl:
-            p.mul_((1.0 + 2.0 * zl * lse).unsqueeze(1))
+            row = row * (1.0 + 2.0 * zl * lse)
+        z.mul_(row.unsqueeze(1))
         if eps:
-            p.sub_(eps / vocab)
-        p.scatter_add_(1, safe, torch.full_like(lse, eps - 1.0).unsqueeze(1))
-        return p.mul_(coef.unsqueeze(1))
+            z.sub_((coef * (eps / vocab)).unsqueeze(1))
+        return z.scatter_add_(1, safe, (coef * (eps - 1.0)).unsqueeze(1))
 
     gx, gw, gb = engine.run(x2d, weight, bias, head, logit_scale=logit_scale, softcap=softcap,
                             chunk_size=chunk_size, grad_input=need[0], grad_weight=need[1],
