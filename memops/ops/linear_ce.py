@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import validation as V
-from . import engine
+from . import _autograd, engine
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -163,20 +163,9 @@ def _setup_context(ctx, inputs, output):
     (input, weight, target, bias, num_items, ignore_index, reduction, label_smoothing, z_loss, softcap,
      logit_scale, chunk_size, grad_mask) = inputs
     _, lse, gx, gw, gb = output
-    ctx.mark_non_differentiable(lse, gx, gw, gb)
-    ctx.set_materialize_grads(False)  # no zero-filled weight-sized "gradient" for the gradient outputs
     ctx.save_for_backward(input, weight, target, bias, num_items)
-    # Kept as an attribute, not saved: eager backward hands these tensors over (see _backward).
-    ctx.grads = (gx, gw, gb)
     ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size)
-    ctx.have = [reduction != "none" and bool(m) for m in grad_mask]
-    ctx.consumed = False
-
-
-def _plain_eager(t: Tensor) -> bool:
-    """True outside torch.compile / export / make_fx tracing and any dispatch mode."""
-    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0)
+    _autograd.setup(ctx, (gx, gw, gb), [reduction != "none" and bool(m) for m in grad_mask], (lse,))
 
 
 def _backward(ctx, grad_loss, _grad_lse, _ggx, _ggw, _ggb):
@@ -184,25 +173,13 @@ def _backward(ctx, grad_loss, _grad_lse, _ggx, _ggw, _ggb):
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
     if grad_loss is None or not any(need):
         return (None,) * 13
-    if (_plain_eager(grad_loss) and not ctx.consumed
-            and all(h for h, n in zip(ctx.have, need) if n)):
-        # Eager: hand over the gradients the forward computed, scaled in place, and drop the
-        # context's reference so autograd can take them as .grad without a copy.  A later
-        # backward through the same graph (retain_graph=True) recomputes instead.
-        ctx.consumed = True
-        (dx, dw, db), ctx.grads = ctx.grads, None
-        if not bool(grad_loss == 1):
-            for g, n in zip((dx, dw, db), need):
-                if n:
-                    g.mul_(grad_loss)
-        return (dx if need[0] else None, dw if need[1] else None, None, db if need[2] else None) + (None,) * 9
-    if ctx.consumed:
-        have, (gx, gw, gb) = [False] * 3, (input.new_empty((0,)),) * 3
-    else:
-        have, (gx, gw, gb) = ctx.have, ctx.grads
-    dx, dw, db = torch.ops.memops.linear_ce_backward(
-        grad_loss, input, weight, target, bias, num_items, gx, gw, gb, *ctx.options, need, have)
-    return (dx if need[0] else None, dw if need[1] else None, None, db if need[2] else None) + (None,) * 9
+    grads = _autograd.take_precomputed(ctx, grad_loss, need)
+    if grads is None:
+        have, saved = _autograd.for_backward_op(ctx, input)
+        grads = torch.ops.memops.linear_ce_backward(
+            grad_loss, input, weight, target, bias, num_items, *saved, *ctx.options, need, have)
+    dx, dw, db = (g if n else None for g, n in zip(grads, need))
+    return (dx, dw, None, db) + (None,) * 9
 
 
 torch.library.register_autograd("memops::linear_ce", _backward, setup_context=_setup_context)

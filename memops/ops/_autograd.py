@@ -1,0 +1,57 @@
+"""Autograd plumbing shared by the op families whose forward can also return gradients.
+
+A forward op returns ``(outputs..., *grads)``: when a scalar loss is trained, the
+gradients of the loss with respect to every input that needs one, computed in
+the same chunk pass.  Backward multiplies them by the incoming gradient.  In
+plain eager mode the tensors are handed to autograd directly (scaled in place)
+so no second gradient-sized buffer exists; under tracing, or on a second
+backward through the same graph, the family's backward op runs instead.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def plain_eager(t: Tensor) -> bool:
+    """True outside torch.compile / export / make_fx tracing and any dispatch mode."""
+    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0)
+
+
+def setup(ctx, grads: Sequence[Tensor], have: Sequence[bool], non_differentiable: Sequence[Tensor]) -> None:
+    """Record the forward's gradients (``have[i]``: grads[i] holds a real gradient)."""
+    ctx.mark_non_differentiable(*non_differentiable, *grads)
+    ctx.set_materialize_grads(False)  # no zero-filled "gradients" for the gradient outputs
+    # An attribute, not saved: eager backward hands these tensors over (see take_precomputed).
+    ctx.grads = tuple(grads)
+    ctx.have = list(have)
+    ctx.consumed = False
+
+
+def take_precomputed(ctx, grad_loss: Tensor, need: Sequence[bool]) -> Optional[tuple]:
+    """Eager fast path: the forward's gradients scaled by ``grad_loss``, or None.
+
+    The context's reference is dropped so autograd can take the tensors as
+    ``.grad`` without a copy; a later backward through the same graph
+    (``retain_graph=True``) gets None and recomputes.
+    """
+    if not (plain_eager(grad_loss) and not ctx.consumed and all(h for h, n in zip(ctx.have, need) if n)):
+        return None
+    ctx.consumed = True
+    grads, ctx.grads = ctx.grads, None
+    if not bool(grad_loss == 1):
+        for g, n in zip(grads, need):
+            if n:
+                g.mul_(grad_loss)
+    return tuple(g if n else None for g, n in zip(grads, need))
+
+
+def for_backward_op(ctx, empty: Tensor) -> tuple[list[bool], tuple]:
+    """``(have, saved grads)`` to pass to the backward op (nothing usable once consumed)."""
+    if ctx.consumed:
+        return [False] * len(ctx.have), tuple(empty.new_empty((0,)) for _ in ctx.have)
+    return list(ctx.have), ctx.grads
