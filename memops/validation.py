@@ -144,3 +144,40 @@ def as_chunk_size(chunk_size) -> int:
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         _fail(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return chunk_size
+
+
+_OPTION_TYPES = (bool, int, float, str, type(None))
+
+
+def check_extras(target: torch.Tensor, extras) -> None:
+    """Per-token tensors: leading shape equal to ``target``'s, on its device."""
+    for i, e in enumerate(extras):
+        if not isinstance(e, torch.Tensor):
+            raise TypeError(f"extras[{i}] must be a Tensor, got {type(e).__name__}")
+        if e.shape[: target.dim()] != target.shape:
+            _fail(f"extras[{i}] shape {tuple(e.shape)} must start with target's shape {tuple(target.shape)}")
+        if e.device != target.device:
+            _fail(f"extras[{i}] is on {e.device} but target is on {target.device}")
+
+
+def check_options(name: str, options: dict) -> None:
+    """Transform options: Python scalars and strings only; floats finite."""
+    for key, value in options.items():
+        if not isinstance(value, _OPTION_TYPES):
+            raise TypeError(f"option {key}={value!r} of transform {name!r} must be a bool, int, float, str "
+                            f"or None, got {type(value).__name__}")
+        if isinstance(value, float):
+            check_finite(f"option {key} of transform {name!r}", value)
+
+
+def check_linear_transform(input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale,
+                           chunk_size) -> None:
+    """Everything ``memops::linear_transform`` and its backward check without reading tensor data."""
+    check_projection(input, weight, bias)
+    check_target(input, target)
+    check_extras(target, extras)
+    check_reduction(reduction)
+    check_softcap(softcap)
+    check_finite("logit_scale", logit_scale)
+    check_chunk_size(chunk_size)
+    check_num_items(num_items, reduction)

@@ -1,3 +1,4 @@
 """Fake (meta) kernels: output shapes, dtypes and strides of every memops op."""
 
 from . import linear_ce  # noqa: F401
+from . import transform  # noqa: F401

@@ -1,3 +1,4 @@
 """Custom ops (``torch.ops.memops.*``) and their real kernels."""
 
 from . import linear_ce  # noqa: F401
+from . import transform  # noqa: F401

@@ -75,17 +75,24 @@ def _input_grad(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> No
     out.copy_(acc)
 
 
-def _sub_rows(rows: int, vocab: int, elem: int, device: torch.device) -> int:
-    """Rows per sub-block for the elementwise work: cache-sized on CPU, the whole chunk on GPUs."""
-    if device.type != "cpu":
-        return rows
-    return max(1, min(rows, (4 << 20) // max(vocab * elem, 1)))
+def _sub_rows(rows: int, vocab: int, elem: int, device: torch.device, sub_block_bytes: int | None) -> int:
+    """Rows per sub-block for the elementwise work.
+
+    Default: cache-sized (4 MiB) on CPU, the whole chunk on GPUs; a head whose
+    work keeps several intermediates alive (autograd through a transform) asks
+    for ``sub_block_bytes`` instead.
+    """
+    if sub_block_bytes is None:
+        if device.type != "cpu":
+            return rows
+        sub_block_bytes = 4 << 20
+    return max(1, min(rows, sub_block_bytes // max(vocab * elem, 1)))
 
 
 def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: Head, *,
         logit_scale: float = 1.0, softcap: float | None = None, chunk_size: int = 0,
-        grad_input: bool = False, grad_weight: bool = False, grad_bias: bool = False
-        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        grad_input: bool = False, grad_weight: bool = False, grad_bias: bool = False,
+        sub_block_bytes: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Run ``head`` over ``x2d [N, D]`` in row chunks; return (grad_input, grad_weight, grad_bias).
 
     One ``[rows, V]`` buffer in the compute dtype is reused by every chunk.  The
@@ -106,7 +113,7 @@ def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head
     if n == 0:
         return gx, gw, gb
     rows = config.chunk_rows(n, vocab, d, x2d.dtype, x2d.device, chunk_size)
-    sub = _sub_rows(rows, vocab, cdt.itemsize, x2d.device)
+    sub = _sub_rows(rows, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
     buf = torch.empty((rows, vocab), dtype=cdt, device=x2d.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)

@@ -1,0 +1,284 @@
+"""``memops::linear_transform``: any per-token loss written in plain PyTorch, through the chunk engine.
+
+A *transform* is a function ``fn(logits, target, *extras, **options) -> [n]``:
+``logits`` is one fp32 (fp64 for fp64 inputs) chunk ``[n, V]`` of the final
+logits, ``target`` the chunk's ``[n]`` int64 targets (ignored rows carry 0;
+their result is discarded), each extra the chunk's rows of a per-token tensor.
+It is registered by name with :func:`transform`; the op takes the name and
+the options (encoded as a string) so it traces and exports like any op.
+Gradients come from ``torch.func.vjp`` applied to ``fn`` one sub-block at a
+time; nobody writes a derivative.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .. import validation as V
+from . import _autograd, engine
+
+_TRANSFORMS: dict[str, "Transform"] = {}
+# Autograd through a transform keeps several chunk-sized intermediates alive: bound each step.
+_SUB_BLOCK_BYTES = {"cpu": 4 << 20, "other": 256 << 20}
+
+
+@dataclass(frozen=True)
+class Transform:
+    name: str
+    fn: Callable[..., Tensor]
+
+
+def transform(name: str, fn: Optional[Callable] = None, *, replace: bool = False):
+    """Register ``fn(logits, target, *extras, **options) -> per-row loss [n]`` under ``name``.
+
+    Usable as ``@memops.transform("focal")`` or ``memops.transform("focal", fn)``.
+    Registering an existing name raises unless ``replace=True``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"transform name must be a non-empty string, got {name!r}")
+
+    def register(f: Callable) -> Callable:
+        if not callable(f):
+            raise TypeError(f"transform {name!r} must be callable, got {type(f).__name__}")
+        if name in _TRANSFORMS and not replace and _TRANSFORMS[name].fn is not f:
+            raise ValueError(f"transform {name!r} is already registered (pass replace=True to replace it)")
+        _TRANSFORMS[name] = Transform(name, f)
+        return f
+
+    return register if fn is None else register(fn)
+
+
+def registered_transforms() -> list[str]:
+    return sorted(_TRANSFORMS)
+
+
+def get_transform(name: str) -> Transform:
+    try:
+        return _TRANSFORMS[name]
+    except KeyError:
+        raise ValueError(f"unknown transform {name!r}; registered: {registered_transforms()} "
+                         "(a user transform is registered when the module defining it is imported)") from None
+
+
+def encode_options(options: dict) -> str:
+    return repr(sorted(options.items()))
+
+
+@functools.lru_cache(maxsize=256)
+def decode_options(text: str) -> dict:
+    return dict(ast.literal_eval(text))
+
+
+def _check_rows(name: str, out, n: int) -> Tensor:
+    if not isinstance(out, Tensor) or out.shape != (n,):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"transform {name!r} must return a per-row loss of shape [{n}] for a chunk of {n} "
+                         f"rows, got {shape}")
+    if not out.is_floating_point():
+        raise ValueError(f"transform {name!r} must return a floating tensor, got {out.dtype}")
+    return out
+
+
+def _transform_chunks(x2d, weight, t1d, bias, extras2d, upstream: Optional[Tensor], need, *, tf: Transform,
+                      options: dict, ignore_index, softcap, logit_scale, chunk_size):
+    """Per-row losses; with ``upstream``, gradients for input/weight/bias/extras as ``need`` says."""
+    n = x2d.shape[0]
+    cdt = engine.compute_dtype(x2d.dtype)
+    loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
+    need_extra = list(need[3:])
+    gextras = [torch.zeros(e.shape, dtype=e.dtype, device=e.device) if ne else None
+               for e, ne in zip(extras2d, need_extra)]
+    diff = [i for i, ne in enumerate(need_extra) if ne]
+
+    def head(z: Tensor, start: int, stop: int):
+        t = t1d[start:stop].long()
+        valid = t != ignore_index
+        safe = torch.where(valid, t, 0)
+        rows = [e[start:stop] for e in extras2d]
+        if upstream is None:
+            out = _check_rows(tf.name, tf.fn(z, safe, *rows, **options), stop - start)
+            loss_rows[start:stop] = torch.where(valid, out, 0.0)
+            return None
+
+        def f(zz, *dex):
+            args = list(rows)
+            for i, d in zip(diff, dex):
+                args[i] = d
+            return tf.fn(zz, safe, *args, **options)
+
+        out, vjp = torch.func.vjp(f, z, *(rows[i] for i in diff))
+        out = _check_rows(tf.name, out, stop - start)
+        loss_rows[start:stop] = torch.where(valid, out, 0.0)
+        coef = upstream[start:stop] if upstream.dim() else upstream.expand(stop - start)
+        grads = vjp(torch.where(valid, coef, 0.0).to(out.dtype))
+        for i, g in zip(diff, grads[1:]):
+            gextras[i][start:stop] = g
+        return grads[0]
+
+    sub = _SUB_BLOCK_BYTES["cpu" if x2d.device.type == "cpu" else "other"]
+    gx, gw, gb = engine.run(x2d, weight, bias, head, logit_scale=logit_scale, softcap=softcap,
+                            chunk_size=chunk_size, grad_input=need[0], grad_weight=need[1],
+                            grad_bias=need[2] and bias is not None, sub_block_bytes=sub)
+    return loss_rows, gx, gw, gb, gextras
+
+
+def _flat(input, target, extras):
+    n = target.numel()
+    lead = target.dim()
+    return (input.reshape(n, input.shape[-1]), target.reshape(n),
+            [e.reshape((n,) + tuple(e.shape[lead:])) for e in extras])
+
+
+def _denominator(valid: Tensor, num_items: Optional[Tensor], cdt: torch.dtype) -> Tensor:
+    if num_items is not None:
+        return num_items.to(device=valid.device, dtype=cdt)
+    return valid.sum().to(cdt)
+
+
+def _outputs(gx, gw, gb, gextras, input, weight, bias, extras):
+    return (input.new_empty((0,)) if gx is None else gx.view(input.shape),
+            input.new_empty((0,)) if gw is None else gw.to(weight.dtype),
+            input.new_empty((0,)) if gb is None else gb.to(bias.dtype),
+            [input.new_empty((0,)) if g is None else g.view(e.shape) for g, e in zip(gextras, extras)])
+
+
+def _check_all(input, weight, target, bias, extras, num_items, transform, options, reduction, softcap,
+               logit_scale, chunk_size, grad_mask):
+    V.check_linear_transform(input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale,
+                             chunk_size)
+    get_transform(transform)
+    if len(grad_mask) != 3 + len(extras):
+        raise ValueError(f"grad_mask must have 3 + len(extras) = {3 + len(extras)} entries, got {len(grad_mask)}")
+
+
+@torch.library.custom_op("memops::linear_transform", mutates_args=())
+def linear_transform(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], extras: list[Tensor],
+                     num_items: Optional[Tensor], transform: str, options: str, ignore_index: int, reduction: str,
+                     softcap: Optional[float], logit_scale: float, chunk_size: int, grad_mask: list[bool]
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    _check_all(input, weight, target, bias, extras, num_items, transform, options, reduction, softcap,
+               logit_scale, chunk_size, grad_mask)
+    V.check_target_range(target, weight.shape[0], ignore_index)
+    x2d, t1d, e2d = _flat(input, target, extras)
+    cdt = engine.compute_dtype(input.dtype)
+    valid = t1d != ignore_index
+    upstream, need = None, [False] * len(grad_mask)
+    if reduction != "none" and any(grad_mask):
+        need = list(grad_mask)
+        upstream = (torch.ones((), dtype=cdt, device=input.device) if reduction == "sum"
+                    else 1.0 / _denominator(valid, num_items, cdt))
+    loss_rows, gx, gw, gb, gex = _transform_chunks(
+        x2d, weight, t1d, bias, e2d, upstream, need, tf=get_transform(transform), options=decode_options(options),
+        ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size)
+    if reduction == "none":
+        loss = loss_rows.view(target.shape)
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows.sum() / _denominator(valid, num_items, cdt)
+    return (loss, *_outputs(gx, gw, gb, gex, input, weight, bias, extras))
+
+
+@torch.library.custom_op("memops::linear_transform_backward", mutates_args=())
+def linear_transform_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor,
+                              bias: Optional[Tensor], extras: list[Tensor], num_items: Optional[Tensor],
+                              saved_grad_input: Tensor, saved_grad_weight: Tensor, saved_grad_bias: Tensor,
+                              saved_grad_extras: list[Tensor], transform: str, options: str, ignore_index: int,
+                              reduction: str, softcap: Optional[float], logit_scale: float, chunk_size: int,
+                              need: list[bool], have: list[bool]
+                              ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """Gradients of ``linear_transform``'s loss: scale what the forward computed, recompute the rest."""
+    _check_all(input, weight, target, bias, extras, num_items, transform, options, reduction, softcap,
+               logit_scale, chunk_size, need)
+    cdt = engine.compute_dtype(input.dtype)
+    saved = [saved_grad_input, saved_grad_weight, saved_grad_bias, *saved_grad_extras]
+    out = [None] * len(need)
+    for i, (nd, hv) in enumerate(zip(need, have)):
+        if nd and hv:
+            out[i] = (saved[i] * grad_loss.to(cdt)).to(saved[i].dtype)
+    missing = [bool(nd and not hv) for nd, hv in zip(need, have)]
+    if any(missing):
+        x2d, t1d, e2d = _flat(input, target, extras)
+        g = grad_loss.to(cdt)
+        if reduction == "none":
+            upstream = g.reshape(-1)
+        elif reduction == "mean":
+            upstream = g / _denominator(t1d != ignore_index, num_items, cdt)
+        else:
+            upstream = g
+        _, gx, gw, gb, gex = _transform_chunks(
+            x2d, weight, t1d, bias, e2d, upstream, missing, tf=get_transform(transform),
+            options=decode_options(options), ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
+            chunk_size=chunk_size)
+        gx, gw, gb, gex = _outputs(gx, gw, gb, gex, input, weight, bias, extras)
+        for i, fresh in enumerate([gx, gw, gb, *gex]):
+            if missing[i]:
+                out[i] = fresh
+    out = [input.new_empty((0,)) if o is None else o for o in out]
+    return out[0], out[1], out[2], out[3:]
+
+
+def _setup_context(ctx, inputs, output):
+    (input, weight, target, bias, extras, num_items, transform, options, ignore_index, reduction, softcap,
+     logit_scale, chunk_size, grad_mask) = inputs
+    _, gx, gw, gb, gex = output
+    ctx.save_for_backward(input, weight, target, bias, num_items, *extras)
+    ctx.n_extras = len(extras)
+    ctx.options = (transform, options, ignore_index, reduction, softcap, logit_scale, chunk_size)
+    _autograd.setup(ctx, (gx, gw, gb, *gex), [reduction != "none" and bool(m) for m in grad_mask], ())
+
+
+def _backward(ctx, grad_loss, _ggx, _ggw, _ggb, _ggex):
+    input, weight, target, bias, num_items, *extras = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    extra_needs = list(needs[4]) if isinstance(needs[4], (list, tuple)) else [bool(needs[4])] * ctx.n_extras
+    need = [needs[0], needs[1], bias is not None and needs[3], *extra_needs]
+    nones = (None,) * 9
+    if grad_loss is None or not any(need):
+        return (None, None, None, None, [None] * ctx.n_extras) + nones
+    grads = _autograd.take_precomputed(ctx, grad_loss, need)
+    if grads is None:
+        have, saved = _autograd.for_backward_op(ctx, input)
+        dx, dw, db, dex = torch.ops.memops.linear_transform_backward(
+            grad_loss, input, weight, target, bias, extras, num_items, saved[0], saved[1], saved[2],
+            list(saved[3:]), *ctx.options, need, have)
+        grads = (dx, dw, db, *dex)
+    grads = [g if n else None for g, n in zip(grads, need)]
+    return (grads[0], grads[1], None, grads[2], grads[3:]) + nones
+
+
+torch.library.register_autograd("memops::linear_transform", _backward, setup_context=_setup_context)
+
+
+def linear_loss(input: Tensor, weight: Tensor, target: Tensor, transform: str, bias: Optional[Tensor] = None, *,
+                extras=(), reduction: str = "mean", ignore_index: int = -100, num_items=None,
+                chunk_size: Optional[int] = None, softcap: Optional[float] = None, logit_scale: float = 1.0,
+                **options):
+    """Loss ``transform`` of the logits ``logit_scale * (input @ weight.T + bias)``, chunk by chunk.
+
+    Equals, up to rounding, ``fn(logits, target, *extras, **options)`` on the full
+    fp32 logits (soft-capped when ``softcap`` is set) with rows whose target is
+    ``ignore_index`` zeroed, then reduced: ``"mean"`` over the non-ignored rows
+    (or divided by ``num_items``), ``"sum"``, or ``"none"`` (shaped like ``target``).
+    Gradients flow to input, weight, bias and every extra that requires grad.
+    """
+    extras = tuple(extras)
+    num_items, chunk_size = V.as_num_items(num_items), V.as_chunk_size(chunk_size)
+    V.check_options(transform, options)
+    V.check_linear_transform(input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale,
+                             chunk_size)
+    get_transform(transform)
+    grad_on = torch.is_grad_enabled()
+    mask = [grad_on and input.requires_grad, grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad] + [grad_on and e.requires_grad for e in extras]
+    loss, *_ = torch.ops.memops.linear_transform(
+        input, weight, target, bias, list(extras), num_items, transform, encode_options(options),
+        int(ignore_index), reduction, None if softcap is None else float(softcap), float(logit_scale), chunk_size,
+        mask)
+    return loss
