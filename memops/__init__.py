@@ -8,6 +8,8 @@ from . import meta  # noqa: F401  (registers the fake kernels)
 from .config import chunking, set_chunk_budget, set_chunk_size
 from .modules import LinearCrossEntropy
 from .ops.linear_ce import linear_cross_entropy
+from .ops.transform import linear_loss, registered_transforms, transform
+from . import transforms  # noqa: F401  (registers the built-in transforms)
 
 __version__ = "0.1.0"
 
@@ -15,6 +17,9 @@ __all__ = [
     "LinearCrossEntropy",
     "chunking",
     "linear_cross_entropy",
+    "linear_loss",
+    "registered_transforms",
     "set_chunk_budget",
     "set_chunk_size",
+    "transform",
 ]

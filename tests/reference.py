@@ -32,3 +32,20 @@ def ref_linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-
     if num_items is not None:
         loss = loss / num_items
     return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def ref_linear_loss(input, weight, target, fn, bias=None, *, extras=(), reduction="mean", ignore_index=-100,
+                    num_items=None, softcap=None, logit_scale=1.0, **options):
+    """``fn`` on the full logits, ignored rows zeroed, then reduced."""
+    logits = ref_logits(input, weight, bias, softcap=softcap, logit_scale=logit_scale)
+    n = target.numel()
+    t = target.reshape(n).long()
+    valid = t != ignore_index
+    rows = [e.reshape((n,) + tuple(e.shape[target.dim():])) for e in extras]
+    out = fn(logits.reshape(n, weight.shape[0]), torch.where(valid, t, 0), *rows, **options)
+    out = torch.where(valid, out, 0.0)
+    if reduction == "none":
+        return out.reshape(target.shape)
+    if reduction == "sum":
+        return out.sum()
+    return out.sum() / (num_items if num_items is not None else valid.sum())

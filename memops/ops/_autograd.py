@@ -10,6 +10,7 @@ backward through the same graph, the family's backward op runs instead.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -55,3 +56,23 @@ def for_backward_op(ctx, empty: Tensor) -> tuple[list[bool], tuple]:
     if ctx.consumed:
         return [False] * len(ctx.have), tuple(empty.new_empty((0,)) for _ in ctx.have)
     return list(ctx.have), ctx.grads
+
+
+_AUTOGRAD_KEYS = ("AutogradCPU", "AutogradCUDA", "AutogradOther", "ADInplaceOrView")
+
+
+@contextlib.contextmanager
+def autograd_inside_kernel():
+    """Grad mode with autograd dispatch turned back on inside a custom op's kernel.
+
+    A custom op's real kernel runs below the autograd dispatch keys, so tensors
+    made there do not record a graph.  Chunk heads that derive their gradient
+    with ``torch.autograd.grad`` run under this context instead.
+    """
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(getattr(keys, name))
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
+            torch.enable_grad():
+        yield

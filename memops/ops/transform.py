@@ -6,7 +6,7 @@ logits, ``target`` the chunk's ``[n]`` int64 targets (ignored rows carry 0;
 their result is discarded), each extra the chunk's rows of a per-token tensor.
 It is registered by name with :func:`transform`; the op takes the name and
 the options (encoded as a string) so it traces and exports like any op.
-Gradients come from ``torch.func.vjp`` applied to ``fn`` one sub-block at a
+Gradients come from ``torch.autograd.grad`` applied to ``fn`` one sub-block at a
 time; nobody writes a derivative.
 """
 
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .. import validation as V
 from . import _autograd, engine
+from .linear_ce import linear_cross_entropy
 
 _TRANSFORMS: dict[str, "Transform"] = {}
 # Autograd through a transform keeps several chunk-sized intermediates alive: bound each step.
@@ -106,17 +107,19 @@ def _transform_chunks(x2d, weight, t1d, bias, extras2d, upstream: Optional[Tenso
             loss_rows[start:stop] = torch.where(valid, out, 0.0)
             return None
 
-        def f(zz, *dex):
-            args = list(rows)
-            for i, d in zip(diff, dex):
-                args[i] = d
-            return tf.fn(zz, safe, *args, **options)
-
-        out, vjp = torch.func.vjp(f, z, *(rows[i] for i in diff))
-        out = _check_rows(tf.name, out, stop - start)
-        loss_rows[start:stop] = torch.where(valid, out, 0.0)
         coef = upstream[start:stop] if upstream.dim() else upstream.expand(stop - start)
-        grads = vjp(torch.where(valid, coef, 0.0).to(out.dtype))
+        with _autograd.autograd_inside_kernel():
+            leaves = [z.detach().requires_grad_(True)] + [rows[i].detach().requires_grad_(True) for i in diff]
+            args = list(rows)
+            for i, leaf in zip(diff, leaves[1:]):
+                args[i] = leaf
+            out = _check_rows(tf.name, tf.fn(leaves[0], safe, *args, **options), stop - start)
+            grads = (torch.autograd.grad(out, leaves, torch.where(valid, coef, 0.0).to(out.dtype),
+                                         allow_unused=True)
+                     if out.requires_grad else [None] * len(leaves))  # a transform constant in its inputs
+        grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
+        out = out.detach()
+        loss_rows[start:stop] = torch.where(valid, out, 0.0)
         for i, g in zip(diff, grads[1:]):
             gextras[i][start:stop] = g
         return grads[0]
@@ -269,6 +272,11 @@ def linear_loss(input: Tensor, weight: Tensor, target: Tensor, transform: str, b
     Gradients flow to input, weight, bias and every extra that requires grad.
     """
     extras = tuple(extras)
+    if transform == "cross_entropy" and not extras and set(options) <= {"label_smoothing"}:
+        # the hand-written fused head computes the same thing with less elementwise work
+        return linear_cross_entropy(input, weight, target, bias, ignore_index=ignore_index, reduction=reduction,
+                                    num_items=num_items, chunk_size=chunk_size, softcap=softcap,
+                                    logit_scale=logit_scale, **options)
     num_items, chunk_size = V.as_num_items(num_items), V.as_chunk_size(chunk_size)
     V.check_options(transform, options)
     V.check_linear_transform(input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale,
