@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per method (default 3)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--loss", default="cross_entropy",
+                   help="cross_entropy (memops.linear_cross_entropy) or any registered transform, e.g. focal "
+                        "(memops.linear_loss; the baselines apply the same function to the full logits)")
     p.add_argument("--no-check", action="store_true", help="skip the float64 reference and error columns")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -74,20 +77,34 @@ def _make_inputs(args, torch):
     return x.requires_grad_(True), w.requires_grad_(True), t
 
 
-def _loss_fn(method, torch):
+def _loss_fn(method, loss_name, torch):
     import torch.nn.functional as F
 
-    def unfused(x, w, t):
-        return F.cross_entropy(F.linear(x, w).float(), t)
+    import memops
+    if loss_name == "cross_entropy":
+        def per_token(logits, t):
+            return F.cross_entropy(logits, t, reduction="none")
+    else:
+        per_token = memops.ops.transform.get_transform(loss_name).fn
+
+    def unfused(x, w, t, upcast=True):
+        logits = F.linear(x, w)
+        logits = logits.float() if upcast else logits
+        if loss_name == "cross_entropy":
+            return F.cross_entropy(logits, t)
+        valid = t != -100
+        return torch.where(valid, per_token(logits, torch.where(valid, t, 0)), 0.0).sum() / valid.sum()
+
     if method == "eager":
         return unfused
     if method == "compile":
         return torch.compile(unfused)
     if method == "memops":
-        import memops
-        return memops.linear_cross_entropy
+        if loss_name == "cross_entropy":
+            return memops.linear_cross_entropy
+        return lambda x, w, t: memops.linear_loss(x, w, t, loss_name)
     if method == "reference":
-        return lambda x, w, t: F.cross_entropy(F.linear(x.double(), w.double()), t)
+        return lambda x, w, t: unfused(x.double(), w.double(), t, upcast=False)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -97,7 +114,7 @@ def _worker(args) -> dict:
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     x, w, t = _make_inputs(args, torch)
-    fn = _loss_fn(args.worker, torch)
+    fn = _loss_fn(args.worker, args.loss, torch)
 
     def step():
         x.grad = w.grad = None
@@ -145,7 +162,7 @@ def _worker(args) -> dict:
 def _run_worker(args, method: str, ref_file: str | None) -> dict:
     cmd = [sys.executable, "-m", "memops", "bench", "--worker", method, "--tokens", str(args.tokens),
            "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--dtype", args.dtype,
-           "--device", args.device, "--reps", str(args.reps)]
+           "--device", args.device, "--reps", str(args.reps), "--loss", args.loss]
     if ref_file:
         cmd += ["--ref-file", ref_file]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -194,7 +211,9 @@ def main(args) -> int:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1")
     import torch
-    print(f"# memops bench: N={args.tokens} D={args.hidden} V={args.vocab} {args.dtype} on {args.device}, "
+    import memops
+    memops.ops.transform.get_transform(args.loss)  # unknown names fail here, before any worker starts
+    print(f"# memops bench ({args.loss}): N={args.tokens} D={args.hidden} V={args.vocab} {args.dtype} on {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         ref_file = None
@@ -213,6 +232,6 @@ def main(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": {k: getattr(args, k) for k in ("tokens", "hidden", "vocab", "dtype", "device",
-                                                                 "reps")},
+                                                                 "reps", "loss")},
                        "torch": torch.__version__, "rows": rows}, f, indent=2)
     return 0
