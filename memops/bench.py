@@ -4,7 +4,9 @@ Each method runs in a fresh subprocess (started with ``MALLOC_MMAP_THRESHOLD_=65
 so freed tensors go back to the OS) and reports:
 
 * time: median wall time of ``reps`` forward+backward steps after one warm-up
-  (which includes compilation for ``compile``);
+  (which includes compilation for ``compile``); all methods' processes are
+  started first and their steps are then run round-robin, one at a time, so a
+  drift in the machine's speed affects every method alike;
 * peak extra memory: on CPU the process's peak RSS during one step (``VmHWM``
   after resetting it through ``/proc/self/clear_refs``) minus the RSS before the
   step (inputs) minus the bytes of the gradients the step returns; on CUDA the
@@ -108,7 +110,15 @@ def _loss_fn(method, loss_name, torch):
     raise ValueError(f"unknown method {method!r}")
 
 
-def _worker(args) -> dict:
+_MSG = "@@memops "  # prefix of protocol lines on a worker's stdout
+
+
+def _say(obj) -> None:
+    print(_MSG + json.dumps(obj), flush=True)
+
+
+def _worker(args) -> None:
+    """One method in its own process: warm up, then one timed step per ``step`` line on stdin."""
     import torch
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")
@@ -125,14 +135,19 @@ def _worker(args) -> dict:
     if args.worker == "reference":
         loss = step()
         torch.save({"loss": loss.detach().double(), "gx": x.grad.double(), "gw": w.grad.double()}, args.ref_file)
-        return {}
+        _say({"done": True})
+        return
     step()  # warm-up (and compilation)
     sync()
-    times, peak = [], None
-    for rep in range(max(1, args.reps)):
+    _say({"ready": True})
+    times, peak, loss = [], None, None
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        first = not times
         x.grad = w.grad = None
         gc.collect()
-        if rep == 0:
+        if first:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
@@ -143,12 +158,13 @@ def _worker(args) -> dict:
         loss = step()
         sync()
         times.append(time.perf_counter() - t0)
-        if rep == 0:
+        if first:
             grads = sum(g.numel() * g.element_size() for g in (x.grad, w.grad))
             if cuda:
                 peak = torch.cuda.max_memory_allocated() - base - grads
-            elif base is not None:
-                peak = _status_kib("VmHWM") * 1024 - base - grads
+            elif base is not None:  # RSS moves in pages: a tiny step can read slightly below zero
+                peak = max(0, _status_kib("VmHWM") * 1024 - base - grads)
+        _say({"time_s": times[-1]})
     out = {"method": args.worker, "time_s": statistics.median(times), "times_s": times,
            "peak_extra_bytes": peak, "loss": loss.item()}
     if args.ref_file:
@@ -156,21 +172,66 @@ def _worker(args) -> dict:
         out["err_loss"] = abs(loss.item() - ref["loss"].item())
         out["err_grad_input"] = (x.grad.double().cpu() - ref["gx"].cpu()).abs().max().item()
         out["err_grad_weight"] = (w.grad.double().cpu() - ref["gw"].cpu()).abs().max().item()
-    return out
+    _say(out)
 
 
-def _run_worker(args, method: str, ref_file: str | None) -> dict:
-    cmd = [sys.executable, "-m", "memops", "bench", "--worker", method, "--tokens", str(args.tokens),
-           "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--dtype", args.dtype,
-           "--device", args.device, "--reps", str(args.reps), "--loss", args.loss]
-    if ref_file:
-        cmd += ["--ref-file", ref_file]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return {"method": method, "error": tail}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class _Worker:
+    """A method's process.  Steps are requested round-robin across methods, so slow drifts of the
+    machine's speed hit every method alike."""
+
+    def __init__(self, args, method: str, ref_file: str | None, tmp: str):
+        cmd = [sys.executable, "-m", "memops", "bench", "--worker", method, "--tokens", str(args.tokens),
+               "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--dtype", args.dtype,
+               "--device", args.device, "--loss", args.loss]
+        if ref_file:
+            cmd += ["--ref-file", ref_file]
+        self.method = method
+        self.error = None
+        self._stderr = open(os.path.join(tmp, f"{method}.stderr"), "w+")
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     text=True, env=env)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith(_MSG):
+                return json.loads(line[len(_MSG):])
+        self.proc.wait()
+        self._stderr.seek(0)
+        tail = [ln for ln in self._stderr.read().strip().splitlines() if ln.strip()]
+        self.error = tail[-1] if tail else f"exited with code {self.proc.returncode}"
+        return None
+
+    def request(self, command: str):
+        if self.error:
+            return None
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        return self._read()
+
+    def result(self) -> dict:
+        out = self.request("done")
+        self.proc.wait()
+        self._stderr.close()
+        return out if out is not None else {"method": self.method, "error": self.error}
+
+
+def _run_methods(args, methods, ref_file, tmp) -> list[dict]:
+    workers = []
+    for m in methods:
+        print(f"starting {m} (warm-up{' and compilation' if m == 'compile' else ''}) ...", flush=True)
+        wk = _Worker(args, m, ref_file, tmp)
+        wk._read()  # "ready", or the error that stopped it
+        workers.append(wk)
+    for rep in range(args.reps):
+        print(f"round {rep + 1}/{args.reps}: " + ", ".join(
+            m.method for m in workers if not m.error), flush=True)
+        for wk in workers:
+            wk.request("step")
+    return [wk.result() for wk in workers]
 
 
 def _fmt_bytes(b):
@@ -201,7 +262,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(args) -> int:
     if args.worker:
-        print(json.dumps(_worker(args)))
+        _worker(args)
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -220,14 +281,12 @@ def main(args) -> int:
         if not args.no_check:
             ref_file = os.path.join(tmp, "ref.pt")
             print("running float64 reference ...", flush=True)
-            res = _run_worker(args, "reference", ref_file)
-            if "error" in res:
-                print(f"reference failed ({res['error']}); error columns left out", flush=True)
+            ref = _Worker(args, "reference", ref_file, tmp)
+            if ref._read() is None:
+                print(f"reference failed ({ref.error}); error columns left out", flush=True)
                 ref_file = None
-        rows = []
-        for m in methods:
-            print(f"running {m} ...", flush=True)
-            rows.append(_run_worker(args, m, ref_file))
+            ref.proc.wait()
+        rows = _run_methods(args, methods, ref_file, tmp)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
