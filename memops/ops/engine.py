@@ -154,3 +154,47 @@ def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head
         if gw is not None:
             _accumulate_weight_grad(gw, z, xc)
     return gx, gw, gb
+
+
+# ---- reductions shared by the op families ---------------------------------------------------------
+
+def denominator(valid: torch.Tensor, num_items: torch.Tensor | None, cdt: torch.dtype) -> torch.Tensor:
+    """Divisor of ``reduction="mean"``: ``num_items`` when given, else the non-ignored row count."""
+    if num_items is not None:
+        return num_items.to(device=valid.device, dtype=cdt)
+    return valid.sum().to(cdt)
+
+
+def reduce_rows(loss_rows: torch.Tensor, reduction: str, valid: torch.Tensor, num_items: torch.Tensor | None,
+                shape) -> torch.Tensor:
+    if reduction == "none":
+        return loss_rows.view(shape)
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() / denominator(valid, num_items, loss_rows.dtype)
+
+
+def upstream(grad_loss: torch.Tensor | None, reduction: str, valid: torch.Tensor, num_items: torch.Tensor | None,
+             cdt: torch.dtype) -> torch.Tensor:
+    """Per-row (``"none"``) or shared factor on each row's d(loss)/d(logits).
+
+    ``grad_loss=None`` means the forward pass of a scalar loss (incoming gradient 1).
+    """
+    g = torch.ones((), dtype=cdt, device=valid.device) if grad_loss is None else grad_loss.to(cdt)
+    if reduction == "none":
+        return g.reshape(-1)
+    if reduction == "mean":
+        return g / denominator(valid, num_items, cdt)
+    return g
+
+
+def scale_saved(grad_loss: torch.Tensor, saved, need, have, cdt: torch.dtype) -> tuple[list, list[bool]]:
+    """Backward ops: the saved gradients times ``grad_loss`` where available, and what is missing."""
+    out = [(s * grad_loss.to(cdt)).to(s.dtype) if (n and h) else None for s, n, h in zip(saved, need, have)]
+    return out, [bool(n and not h) for n, h in zip(need, have)]
+
+
+def row_coef(up: torch.Tensor, start: int, stop: int, valid: torch.Tensor) -> torch.Tensor:
+    """The factor for rows ``start:stop`` of a chunk (0 where the target is ignored)."""
+    coef = up[start:stop] if up.dim() else up.expand(stop - start)
+    return torch.where(valid, coef, 0.0)

@@ -23,12 +23,6 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
-def _denominator(valid: Tensor, num_items: Optional[Tensor], cdt: torch.dtype) -> Tensor:
-    if num_items is not None:
-        return num_items.to(device=valid.device, dtype=cdt)
-    return valid.sum().to(cdt)
-
-
 def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, ignore_index, label_smoothing,
                z_loss, softcap, logit_scale, chunk_size):
     """Per-row loss and lse for all rows; gradients when ``upstream`` is given.
@@ -67,8 +61,7 @@ def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, igno
         lse_rows[start:stop] = lse_out
         if upstream is None:
             return None
-        coef = upstream[start:stop] if upstream.dim() else upstream.expand(stop - start)
-        coef = torch.where(valid, coef, 0.0)
+        coef = engine.row_coef(upstream, start, stop, valid)
         # d loss / d z = coef * [softmax * (1 + 2 zl lse) - eps / V - (1 - eps) onehot(target)]
         row = coef / total
         if zl:
@@ -105,21 +98,14 @@ def linear_ce(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tens
     V.check_target_range(target, weight.shape[0], ignore_index)
     x2d, t1d = _flat(input, target)
     cdt = engine.compute_dtype(input.dtype)
-    upstream, need = None, (False, False, False)
     valid = t1d != ignore_index
+    up, need = None, (False, False, False)
     if reduction != "none" and any(grad_mask):
-        need = tuple(grad_mask)
-        upstream = (torch.ones((), dtype=cdt, device=input.device) if reduction == "sum"
-                    else 1.0 / _denominator(valid, num_items, cdt))
+        need, up = tuple(grad_mask), engine.upstream(None, reduction, valid, num_items, cdt)
     loss_rows, lse_rows, gx, gw, gb = _ce_chunks(
-        x2d, weight, t1d, bias, upstream, need, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        x2d, weight, t1d, bias, up, need, ignore_index=ignore_index, label_smoothing=label_smoothing,
         z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size)
-    if reduction == "none":
-        loss = loss_rows.view(target.shape)
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() / _denominator(valid, num_items, cdt)
+    loss = engine.reduce_rows(loss_rows, reduction, valid, num_items, target.shape)
     return (loss, lse_rows.view(target.shape)) + _cast_grads(gx, gw, gb, input, weight, bias)
 
 
@@ -133,29 +119,17 @@ def linear_ce_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target:
     V.check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
                       logit_scale, chunk_size)
     cdt = engine.compute_dtype(input.dtype)
-    saved = (saved_grad_input, saved_grad_weight, saved_grad_bias)
-    out = [None, None, None]
-    for i in range(3):
-        if need[i] and have[i]:
-            out[i] = (saved[i] * grad_loss.to(cdt)).to(saved[i].dtype)
-    missing = tuple(bool(need[i] and not have[i]) for i in range(3))
+    out, missing = engine.scale_saved(grad_loss, (saved_grad_input, saved_grad_weight, saved_grad_bias), need,
+                                      have, cdt)
     if any(missing):
         x2d, t1d = _flat(input, target)
-        g = grad_loss.to(cdt)
-        if reduction == "none":
-            upstream = g.reshape(-1)
-        elif reduction == "mean":
-            upstream = g / _denominator(t1d != ignore_index, num_items, cdt)
-        else:
-            upstream = g
+        up = engine.upstream(grad_loss, reduction, t1d != ignore_index, num_items, cdt)
         _, _, gx, gw, gb = _ce_chunks(
-            x2d, weight, t1d, bias, upstream, missing, ignore_index=ignore_index,
+            x2d, weight, t1d, bias, up, missing, ignore_index=ignore_index,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
             chunk_size=chunk_size)
         fresh = _cast_grads(gx, gw, gb, input, weight, bias)
-        for i in range(3):
-            if missing[i]:
-                out[i] = fresh[i]
+        out = [f if m else o for o, f, m in zip(out, fresh, missing)]
     return tuple(_empty(input) if o is None else o for o in out)
 
 

@@ -107,14 +107,14 @@ def _transform_chunks(x2d, weight, t1d, bias, extras2d, upstream: Optional[Tenso
             loss_rows[start:stop] = torch.where(valid, out, 0.0)
             return None
 
-        coef = upstream[start:stop] if upstream.dim() else upstream.expand(stop - start)
+        coef = engine.row_coef(upstream, start, stop, valid)
         with _autograd.autograd_inside_kernel():
             leaves = [z.detach().requires_grad_(True)] + [rows[i].detach().requires_grad_(True) for i in diff]
             args = list(rows)
             for i, leaf in zip(diff, leaves[1:]):
                 args[i] = leaf
             out = _check_rows(tf.name, tf.fn(leaves[0], safe, *args, **options), stop - start)
-            grads = (torch.autograd.grad(out, leaves, torch.where(valid, coef, 0.0).to(out.dtype),
+            grads = (torch.autograd.grad(out, leaves, coef.to(out.dtype),
                                          allow_unused=True)
                      if out.requires_grad else [None] * len(leaves))  # a transform constant in its inputs
         grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
@@ -136,12 +136,6 @@ def _flat(input, target, extras):
     lead = target.dim()
     return (input.reshape(n, input.shape[-1]), target.reshape(n),
             [e.reshape((n,) + tuple(e.shape[lead:])) for e in extras])
-
-
-def _denominator(valid: Tensor, num_items: Optional[Tensor], cdt: torch.dtype) -> Tensor:
-    if num_items is not None:
-        return num_items.to(device=valid.device, dtype=cdt)
-    return valid.sum().to(cdt)
 
 
 def _outputs(gx, gw, gb, gextras, input, weight, bias, extras):
@@ -171,20 +165,13 @@ def linear_transform(input: Tensor, weight: Tensor, target: Tensor, bias: Option
     x2d, t1d, e2d = _flat(input, target, extras)
     cdt = engine.compute_dtype(input.dtype)
     valid = t1d != ignore_index
-    upstream, need = None, [False] * len(grad_mask)
+    up, need = None, [False] * len(grad_mask)
     if reduction != "none" and any(grad_mask):
-        need = list(grad_mask)
-        upstream = (torch.ones((), dtype=cdt, device=input.device) if reduction == "sum"
-                    else 1.0 / _denominator(valid, num_items, cdt))
+        need, up = list(grad_mask), engine.upstream(None, reduction, valid, num_items, cdt)
     loss_rows, gx, gw, gb, gex = _transform_chunks(
-        x2d, weight, t1d, bias, e2d, upstream, need, tf=get_transform(transform), options=decode_options(options),
+        x2d, weight, t1d, bias, e2d, up, need, tf=get_transform(transform), options=decode_options(options),
         ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size)
-    if reduction == "none":
-        loss = loss_rows.view(target.shape)
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() / _denominator(valid, num_items, cdt)
+    loss = engine.reduce_rows(loss_rows, reduction, valid, num_items, target.shape)
     return (loss, *_outputs(gx, gw, gb, gex, input, weight, bias, extras))
 
 
@@ -201,28 +188,16 @@ def linear_transform_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, 
                logit_scale, chunk_size, need)
     cdt = engine.compute_dtype(input.dtype)
     saved = [saved_grad_input, saved_grad_weight, saved_grad_bias, *saved_grad_extras]
-    out = [None] * len(need)
-    for i, (nd, hv) in enumerate(zip(need, have)):
-        if nd and hv:
-            out[i] = (saved[i] * grad_loss.to(cdt)).to(saved[i].dtype)
-    missing = [bool(nd and not hv) for nd, hv in zip(need, have)]
+    out, missing = engine.scale_saved(grad_loss, saved, need, have, cdt)
     if any(missing):
         x2d, t1d, e2d = _flat(input, target, extras)
-        g = grad_loss.to(cdt)
-        if reduction == "none":
-            upstream = g.reshape(-1)
-        elif reduction == "mean":
-            upstream = g / _denominator(t1d != ignore_index, num_items, cdt)
-        else:
-            upstream = g
+        up = engine.upstream(grad_loss, reduction, t1d != ignore_index, num_items, cdt)
         _, gx, gw, gb, gex = _transform_chunks(
-            x2d, weight, t1d, bias, e2d, upstream, missing, tf=get_transform(transform),
+            x2d, weight, t1d, bias, e2d, up, missing, tf=get_transform(transform),
             options=decode_options(options), ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
             chunk_size=chunk_size)
-        gx, gw, gb, gex = _outputs(gx, gw, gb, gex, input, weight, bias, extras)
-        for i, fresh in enumerate([gx, gw, gb, *gex]):
-            if missing[i]:
-                out[i] = fresh
+        fresh = _outputs(gx, gw, gb, gex, input, weight, bias, extras)
+        out = [f if m else o for o, f, m in zip(out, [*fresh[:3], *fresh[3]], missing)]
     out = [input.new_empty((0,)) if o is None else o for o in out]
     return out[0], out[1], out[2], out[3:]
 
