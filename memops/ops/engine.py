@@ -37,20 +37,28 @@ def _cuda_mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _accumulate_weight_grad(gw: torch.Tensor, dz: torch.Tensor, xc: torch.Tensor) -> None:
-    """``gw += dz.T @ xc`` with ``gw`` and the sum kept in the compute dtype."""
+def _accumulate_weight_grad(gw: torch.Tensor, dz: torch.Tensor, xc: torch.Tensor, first: bool) -> None:
+    """``gw (+)= dz.T @ xc`` (``first``: overwrite) with ``gw`` and the sum kept in the compute dtype."""
     if xc.dtype == gw.dtype:
-        gw.addmm_(dz.t(), xc)
+        if first:
+            torch.mm(dz.t(), xc, out=gw)
+        else:
+            gw.addmm_(dz.t(), xc)
         return
     if xc.device.type == "cuda":
         part = _cuda_mm_f32(dz.t().to(xc.dtype), xc)
-        if part is not None:
+        if part is None:
+            part = torch.mm(dz.t().to(xc.dtype), xc)
+        if first:
+            gw.copy_(part)
+        else:
             gw.add_(part)
-            return
-        gw.add_(torch.mm(dz.t().to(xc.dtype), xc))
         return
     # CPU: chunk-sized upcast; fp32 GEMM is the fast path on CPUs anyway.
-    gw.addmm_(dz.t(), xc.to(gw.dtype))
+    if first:
+        torch.mm(dz.t(), xc.to(gw.dtype), out=gw)
+    else:
+        gw.addmm_(dz.t(), xc.to(gw.dtype))
 
 
 def _input_grad(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
@@ -107,11 +115,11 @@ def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head
     vocab = weight.shape[0]
     cdt = compute_dtype(x2d.dtype)
     want = grad_input or grad_weight or grad_bias
-    gx = torch.zeros(x2d.shape, dtype=x2d.dtype, device=x2d.device) if grad_input else None
-    gw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if grad_weight else None
+    # input/weight gradients are written whole by the first chunk that computes them (no zero fill)
+    gx = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device) if grad_input else None
+    gw = torch.empty(weight.shape, dtype=cdt, device=weight.device) if grad_weight else None
     gb = torch.zeros(vocab, dtype=cdt, device=weight.device) if (grad_bias and bias is not None) else None
-    if n == 0:
-        return gx, gw, gb
+    written = False
     rows = config.chunk_rows(n, vocab, d, x2d.dtype, x2d.device, chunk_size)
     sub = _sub_rows(rows, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
     buf = torch.empty((rows, vocab), dtype=cdt, device=x2d.device)
@@ -152,7 +160,12 @@ def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head
         if gx is not None:
             _input_grad(z, weight, gx[start:stop])
         if gw is not None:
-            _accumulate_weight_grad(gw, z, xc)
+            _accumulate_weight_grad(gw, z, xc, first=not written)
+        written = True
+    if not written:  # no rows, or a head that computed no gradient
+        for g in (gx, gw):
+            if g is not None:
+                g.zero_()
     return gx, gw, gb
 
 
