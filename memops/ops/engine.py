@@ -211,3 +211,17 @@ def row_coef(up: torch.Tensor, start: int, stop: int, valid: torch.Tensor) -> to
     """The factor for rows ``start:stop`` of a chunk (0 where the target is ignored)."""
     coef = up[start:stop] if up.dim() else up.expand(stop - start)
     return torch.where(valid, coef, 0.0)
+
+
+def flatten(input: torch.Tensor, target: torch.Tensor, extras=()):
+    """``[..., D]`` input, ``[...]`` target and per-token extras as rows: ``[N, D]``, ``[N]``, ``[N, *]``."""
+    n, lead = target.numel(), target.dim()
+    return (input.reshape(n, input.shape[-1]), target.reshape(n),
+            [e.reshape((n,) + tuple(e.shape[lead:])) for e in extras])
+
+
+def grads_out(gx, gw, gb, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Engine gradients as op outputs: input's shape, parameter dtypes, ``[0]`` where not computed."""
+    return (input.new_empty((0,)) if gx is None else gx.view(input.shape),
+            input.new_empty((0,)) if gw is None else gw.to(weight.dtype),
+            input.new_empty((0,)) if gb is None else gb.to(bias.dtype))

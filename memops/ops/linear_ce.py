@@ -19,10 +19,6 @@ from .. import validation as V
 from . import _autograd, engine
 
 
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty((0,))
-
-
 def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, ignore_index, label_smoothing,
                z_loss, softcap, logit_scale, chunk_size):
     """Per-row loss and lse for all rows; gradients when ``upstream`` is given.
@@ -77,17 +73,6 @@ def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, igno
     return loss_rows, lse_rows, gx, gw, gb
 
 
-def _flat(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    n = target.numel()
-    return input.reshape(n, input.shape[-1]), target.reshape(n)
-
-
-def _cast_grads(gx, gw, gb, input, weight, bias):
-    return (_empty(input) if gx is None else gx.view(input.shape),
-            _empty(weight) if gw is None else gw.to(weight.dtype),
-            _empty(input) if gb is None else gb.to(bias.dtype))
-
-
 @torch.library.custom_op("memops::linear_ce", mutates_args=())
 def linear_ce(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], num_items: Optional[Tensor],
               ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
@@ -96,7 +81,7 @@ def linear_ce(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tens
     V.check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
                       logit_scale, chunk_size)
     V.check_target_range(target, weight.shape[0], ignore_index)
-    x2d, t1d = _flat(input, target)
+    x2d, t1d, _ = engine.flatten(input, target)
     cdt = engine.compute_dtype(input.dtype)
     valid = t1d != ignore_index
     up, need = None, (False, False, False)
@@ -106,7 +91,7 @@ def linear_ce(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tens
         x2d, weight, t1d, bias, up, need, ignore_index=ignore_index, label_smoothing=label_smoothing,
         z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size)
     loss = engine.reduce_rows(loss_rows, reduction, valid, num_items, target.shape)
-    return (loss, lse_rows.view(target.shape)) + _cast_grads(gx, gw, gb, input, weight, bias)
+    return (loss, lse_rows.view(target.shape)) + engine.grads_out(gx, gw, gb, input, weight, bias)
 
 
 @torch.library.custom_op("memops::linear_ce_backward", mutates_args=())
@@ -122,15 +107,15 @@ def linear_ce_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target:
     out, missing = engine.scale_saved(grad_loss, (saved_grad_input, saved_grad_weight, saved_grad_bias), need,
                                       have, cdt)
     if any(missing):
-        x2d, t1d = _flat(input, target)
+        x2d, t1d, _ = engine.flatten(input, target)
         up = engine.upstream(grad_loss, reduction, t1d != ignore_index, num_items, cdt)
         _, _, gx, gw, gb = _ce_chunks(
             x2d, weight, t1d, bias, up, missing, ignore_index=ignore_index,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
             chunk_size=chunk_size)
-        fresh = _cast_grads(gx, gw, gb, input, weight, bias)
+        fresh = engine.grads_out(gx, gw, gb, input, weight, bias)
         out = [f if m else o for o, f, m in zip(out, fresh, missing)]
-    return tuple(_empty(input) if o is None else o for o in out)
+    return tuple(input.new_empty((0,)) if o is None else o for o in out)
 
 
 def _setup_context(ctx, inputs, output):

@@ -131,17 +131,8 @@ def _transform_chunks(x2d, weight, t1d, bias, extras2d, upstream: Optional[Tenso
     return loss_rows, gx, gw, gb, gextras
 
 
-def _flat(input, target, extras):
-    n = target.numel()
-    lead = target.dim()
-    return (input.reshape(n, input.shape[-1]), target.reshape(n),
-            [e.reshape((n,) + tuple(e.shape[lead:])) for e in extras])
-
-
 def _outputs(gx, gw, gb, gextras, input, weight, bias, extras):
-    return (input.new_empty((0,)) if gx is None else gx.view(input.shape),
-            input.new_empty((0,)) if gw is None else gw.to(weight.dtype),
-            input.new_empty((0,)) if gb is None else gb.to(bias.dtype),
+    return (*engine.grads_out(gx, gw, gb, input, weight, bias),
             [input.new_empty((0,)) if g is None else g.view(e.shape) for g, e in zip(gextras, extras)])
 
 
@@ -162,7 +153,7 @@ def linear_transform(input: Tensor, weight: Tensor, target: Tensor, bias: Option
     _check_all(input, weight, target, bias, extras, num_items, transform, options, reduction, softcap,
                logit_scale, chunk_size, grad_mask)
     V.check_target_range(target, weight.shape[0], ignore_index)
-    x2d, t1d, e2d = _flat(input, target, extras)
+    x2d, t1d, e2d = engine.flatten(input, target, extras)
     cdt = engine.compute_dtype(input.dtype)
     valid = t1d != ignore_index
     up, need = None, [False] * len(grad_mask)
@@ -190,7 +181,7 @@ def linear_transform_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, 
     saved = [saved_grad_input, saved_grad_weight, saved_grad_bias, *saved_grad_extras]
     out, missing = engine.scale_saved(grad_loss, saved, need, have, cdt)
     if any(missing):
-        x2d, t1d, e2d = _flat(input, target, extras)
+        x2d, t1d, e2d = engine.flatten(input, target, extras)
         up = engine.upstream(grad_loss, reduction, t1d != ignore_index, num_items, cdt)
         _, gx, gw, gb, gex = _transform_chunks(
             x2d, weight, t1d, bias, e2d, up, missing, tf=get_transform(transform),
