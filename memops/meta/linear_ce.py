@@ -12,12 +12,11 @@ import torch
 
 from .. import validation as V
 from ..ops.engine import compute_dtype
+from ._common import grads_like
 
 
 def _grads(input, weight, bias, mask):
-    return (input.new_empty(input.shape) if mask[0] else input.new_empty((0,)),
-            weight.new_empty(weight.shape) if mask[1] else input.new_empty((0,)),
-            bias.new_empty(bias.shape) if (mask[2] and bias is not None) else input.new_empty((0,)))
+    return tuple(grads_like(input, (input, weight, bias), mask))
 
 
 @torch.library.register_fake("memops::linear_ce")

@@ -13,13 +13,12 @@ import torch
 from .. import validation as V
 from ..ops.engine import compute_dtype
 from ..ops.transform import get_transform
+from ._common import grads_like
 
 
 def _grads(input, weight, bias, extras, mask):
-    def one(t, m):
-        return t.new_empty(t.shape) if (m and t is not None) else input.new_empty((0,))
-    return (one(input, mask[0]), one(weight, mask[1]), one(bias, mask[2]),
-            [one(e, m) for e, m in zip(extras, mask[3:])])
+    g = grads_like(input, (input, weight, bias, *extras), mask)
+    return g[0], g[1], g[2], g[3:]
 
 
 @torch.library.register_fake("memops::linear_transform")

@@ -23,6 +23,12 @@ def plain_eager(t: Tensor) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0)
 
 
+def grad_mask(*tensors) -> list[bool]:
+    """Which op inputs will need a gradient: grad mode on and the tensor requires grad."""
+    on = torch.is_grad_enabled()
+    return [on and t is not None and t.requires_grad for t in tensors]
+
+
 def setup(ctx, grads: Sequence[Tensor], have: Sequence[bool], non_differentiable: Sequence[Tensor]) -> None:
     """Record the forward's gradients (``have[i]``: grads[i] holds a real gradient)."""
     ctx.mark_non_differentiable(*non_differentiable, *grads)

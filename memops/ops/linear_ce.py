@@ -160,9 +160,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     num_items, chunk_size = V.as_num_items(num_items), V.as_chunk_size(chunk_size)
     V.check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
                       logit_scale, chunk_size)
-    grad_on = torch.is_grad_enabled()
-    mask = [grad_on and input.requires_grad, grad_on and weight.requires_grad,
-            grad_on and bias is not None and bias.requires_grad]
+    mask = _autograd.grad_mask(input, weight, bias)
     loss, lse, _, _, _ = torch.ops.memops.linear_ce(
         input, weight, target, bias, num_items, int(ignore_index), reduction, float(label_smoothing),
         float(z_loss), None if softcap is None else float(softcap), float(logit_scale), chunk_size, mask)

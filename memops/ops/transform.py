@@ -248,9 +248,7 @@ def linear_loss(input: Tensor, weight: Tensor, target: Tensor, transform: str, b
     V.check_linear_transform(input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale,
                              chunk_size)
     get_transform(transform)
-    grad_on = torch.is_grad_enabled()
-    mask = [grad_on and input.requires_grad, grad_on and weight.requires_grad,
-            grad_on and bias is not None and bias.requires_grad] + [grad_on and e.requires_grad for e in extras]
+    mask = _autograd.grad_mask(input, weight, bias, *extras)
     loss, *_ = torch.ops.memops.linear_transform(
         input, weight, target, bias, list(extras), num_items, transform, encode_options(options),
         int(ignore_index), reduction, None if softcap is None else float(softcap), float(logit_scale), chunk_size,
