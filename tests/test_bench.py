@@ -1,7 +1,8 @@
-"""The benchmark entry point, end to end on a tiny shape."""
+"""``python -m memops bench`` end to end on tiny shapes: table, JSON, plot, sweeps, skips, OOM, errors."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,6 +10,11 @@ import sys
 import pytest
 
 from memops import bench
+from memops.bench import report
+from memops.bench.methods import unavailable
+
+FIELDS = {"method", "status", "time_s", "times_s", "peak_extra_bytes", "loss", "err_loss", "err_grad_input",
+          "err_grad_weight", "x_eager", "x_compile", "x_eager_mem"}
 
 
 def _run(*args, timeout=600):
@@ -16,47 +22,116 @@ def _run(*args, timeout=600):
                           timeout=timeout)
 
 
+def _row(stdout: str, method: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith(f"| {method} |"))
+
+
 def test_bench_tiny_end_to_end(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = _run("--tokens", "64", "--hidden", "16", "--vocab", "101", "--reps", "2", "--json", str(out))
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = _run("--tokens", "64", "--hidden", "16", "--vocab", "101", "--reps", "2", "--json", str(out),
+                "--plot", str(png))
     assert proc.returncode == 0, proc.stderr
-    assert "| memops |" in proc.stdout and "| eager |" in proc.stdout and "| compile |" in proc.stdout
+    for m in ("eager", "compile", "chunked", "memops"):
+        assert f"| {m} |" in proc.stdout
+    assert "| liger | skipped: CUDA only |" in proc.stdout
+    cce = unavailable("cce", "cross_entropy", "cpu") is None  # runs when installed
+    # progress: the reference + each runnable method's warm-up and 2 steps
+    assert f"{1 + (4 + cce) * 3}/{1 + (4 + cce) * 3} " in proc.stderr
     data = json.loads(out.read_text())
     assert data["config"]["tokens"] == 64 and data["config"]["loss"] == "cross_entropy"
-    rows = {r["method"]: r for r in data["rows"]}
-    assert set(rows) == {"eager", "compile", "memops"}
-    for r in rows.values():
-        assert r["time_s"] > 0 and len(r["times_s"]) == 2
-        assert r["peak_extra_bytes"] is not None
-        assert r["err_loss"] < 1e-5 and r["err_grad_input"] < 1e-5 and r["err_grad_weight"] < 1e-5
+    assert data["torch"] and data["device_name"] == "cpu" and data["threads"] >= 1
+    (run,) = data["runs"]
+    assert (run["tokens"], run["hidden"], run["vocab"]) == (64, 16, 101)
+    rows = {r["method"]: r for r in run["rows"]}
+    assert list(rows) == ["eager", "compile", "chunked", "memops", "cce", "liger"]
+    assert rows["liger"]["status"] == "skipped"
+    assert rows["cce"]["status"] == ("ok" if cce else "skipped")
+    for m in ("eager", "compile", "chunked", "memops") + (("cce",) if cce else ()):
+        r = rows[m]
+        assert set(r) == FIELDS, set(r) ^ FIELDS
+        assert r["status"] == "ok" and r["time_s"] > 0 and len(r["times_s"]) == 2
+        assert r["peak_extra_bytes"] is not None and r["peak_extra_bytes"] >= 0
+        assert max(r["err_loss"], r["err_grad_input"], r["err_grad_weight"]) < 1e-5
+    assert rows["eager"]["x_eager"] == 1.0 and rows["compile"]["x_compile"] == 1.0
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_transform_loss():
+def test_bench_sweep_softcap_and_transform(tmp_path):
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     proc = _run("--tokens", "32", "--hidden", "8", "--vocab", "50", "--reps", "1", "--loss", "focal",
-                "--methods", "eager,memops")
+                "--softcap", "5", "--methods", "eager,chunked,memops,cce", "--sweep", "tokens",
+                "--sweep-values", "16,40", "--json", str(out), "--plot", str(png))
     assert proc.returncode == 0, proc.stderr
-    assert "(focal)" in proc.stdout
-    memops_row = next(line for line in proc.stdout.splitlines() if line.startswith("| memops |"))
-    errs = [float(c) for c in memops_row.strip("|").split("|")[-3:]]
-    assert max(errs) < 1e-5
+    assert "(focal softcap=5)" in proc.stdout and "## N=16 " in proc.stdout and "## N=40 " in proc.stdout
+    assert "| cce | skipped: cross-entropy only |" in proc.stdout
+    data = json.loads(out.read_text())
+    assert [r["tokens"] for r in data["runs"]] == [16, 40] and data["config"]["sweep"] == "tokens"
+    for run in data["runs"]:
+        for r in run["rows"]:
+            if r["method"] != "cce":
+                assert r["status"] == "ok"
+                assert max(r["err_loss"], r["err_grad_input"], r["err_grad_weight"]) < 1e-5
+    assert png.stat().st_size > 1000
+
+
+def test_bench_oom_is_reported_and_the_run_goes_on(tmp_path):
+    # eager needs ~3 x 256 MiB of logits here; memops' chunk budget is 96 MiB
+    out = tmp_path / "oom.json"
+    proc = _run("--tokens", "4096", "--hidden", "32", "--vocab", "16384", "--reps", "1", "--methods",
+                "eager,memops", "--memory-cap-mib", "200", "--no-check", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "| eager | OOM at 4096 tokens |" in proc.stdout
+    rows = {r["method"]: r for r in json.loads(out.read_text())["runs"][0]["rows"]}
+    assert rows["eager"]["status"] == "oom" and "allocate" in rows["eager"]["message"]
+    assert rows["memops"]["status"] == "ok" and rows["memops"]["peak_extra_bytes"] < 200 * 2**20
 
 
 @pytest.mark.parametrize("args,message", [
     (["--methods", "eager,bogus"], "unknown ['bogus']"),
     (["--tokens", "0"], "--tokens must be >= 1"),
     (["--loss", "nope"], "unknown transform 'nope'"),
+    (["--softcap", "0"], "--softcap must be > 0"),
+    (["--sweep-values", "1,2"], "--sweep-values needs --sweep"),
+    (["--sweep", "vocab", "--sweep-values", "a,b"], "--sweep-values must be comma-separated integers"),
+    (["--memory-cap-mib", "-1"], "--memory-cap-mib must be > 0"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--preset", "gpt5"], "invalid choice"),
 ])
 def test_bench_argument_errors(args, message):
+    if args == ["--device", "cuda"]:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
     proc = _run(*args)
     assert proc.returncode != 0
     assert message in proc.stderr
 
 
-def test_format_table_reports_failed_method():
-    table = bench.format_table([
-        {"method": "eager", "time_s": 2.0, "peak_extra_bytes": 4 << 20},
-        {"method": "memops", "time_s": 1.0, "peak_extra_bytes": 1 << 20},
-        {"method": "compile", "error": "RuntimeError: boom"},
+def _parse(*argv):
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_presets_and_default_sweep():
+    args = _parse("--preset", "gemma2-2b")
+    assert bench._resolve(args) == [{"tokens": 2048, "hidden": 2304, "vocab": 256000}] and args.softcap == 30.0
+    args = _parse("--preset", "llama3-8b", "--vocab", "1000", "--sweep", "tokens", "--tokens", "1024")
+    shapes = bench._resolve(args)
+    assert [s["tokens"] for s in shapes] == [128, 256, 512, 1024] and args.softcap is None
+    assert all(s["hidden"] == 4096 and s["vocab"] == 1000 for s in shapes)
+    assert bench._resolve(_parse())[0] == bench.DEFAULT
+
+
+def test_format_table_reports_failed_oom_and_skipped_methods():
+    table = report.format_table([
+        {"method": "eager", "status": "ok", "time_s": 2.0, "peak_extra_bytes": 4 << 20},
+        {"method": "memops", "status": "ok", "time_s": 1.0, "peak_extra_bytes": 1 << 20},
+        {"method": "compile", "status": "failed", "error": "RuntimeError: boom"},
+        {"method": "chunked", "status": "oom", "error": "OOM at 8 tokens"},
+        {"method": "cce", "status": "skipped", "error": "not installed"},
     ])
-    assert "| memops | 1.000 | 0.500 |" in table
-    assert "failed: RuntimeError: boom" in table
+    assert "| memops | 1.000 | 0.500 | n/a | 1.0 | 0.250 |" in table
+    assert "| compile | failed: RuntimeError: boom |" in table
+    assert "| chunked | OOM at 8 tokens |" in table
+    assert "| cce | skipped: not installed |" in table

@@ -1,0 +1,200 @@
+"""``python -m memops bench``: time, peak memory and error of projection + loss, memops vs the baselines.
+
+Every (method, shape) runs in its own subprocess (see ``worker``); on CPU all methods of a shape are
+started and warmed up first and their timed steps then run round-robin, one at a time, so slow drifts of
+the machine's speed hit every method alike; on CUDA methods run one after another.  Time is the median
+of ``--reps`` steps after a warm-up (which includes compilation).  See BENCHMARKS.md for the columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+
+from .methods import METHODS, unavailable
+from .report import add_ratios, format_table, plot
+from .worker import Worker, run_worker
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+DEFAULT = {"tokens": 2048, "hidden": 1024, "vocab": 32000}
+# Real model heads: hidden size, vocabulary, final-logit soft-capping.
+PRESETS = {
+    "llama3-8b": {"hidden": 4096, "vocab": 128256, "softcap": None},
+    "gemma2-2b": {"hidden": 2304, "vocab": 256000, "softcap": 30.0},
+    "qwen2.5-7b": {"hidden": 3584, "vocab": 152064, "softcap": None},
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=DEFAULT["tokens"], help="rows N (default %(default)s)")
+    p.add_argument("--hidden", type=int, help=f"hidden size D (default {DEFAULT['hidden']} or the preset's)")
+    p.add_argument("--vocab", type=int, help=f"vocabulary size V (default {DEFAULT['vocab']} or the preset's)")
+    p.add_argument("--softcap", type=float, help="final-logit soft-capping (default none or the preset's)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a real model head's D, V and soft-capping")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per method (default 3)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of %(default)s; peers that are not installed are skipped")
+    p.add_argument("--loss", default="cross_entropy",
+                   help="cross_entropy (memops.linear_cross_entropy) or any registered transform, e.g. focal "
+                        "(memops.linear_loss; the baselines apply the same function to the full logits)")
+    p.add_argument("--sweep", choices=("tokens", "vocab"),
+                   help="run every method at several sizes (default: 1/8, 1/4, 1/2 and 1x the size)")
+    p.add_argument("--sweep-values", help="comma-separated sizes for --sweep")
+    p.add_argument("--memory-cap-mib", type=float,
+                   help="let each method use at most this much memory above its inputs; methods that need "
+                        "more are reported as OOM (simulates a smaller machine)")
+    p.add_argument("--no-check", action="store_true", help="skip the float64 reference and error columns")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--plot", metavar="PATH", help="also write a PNG of time and peak memory (needs matplotlib)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--ref-file", help=argparse.SUPPRESS)
+
+
+class Progress:
+    """A progress bar on stderr (one line per update when stderr is not a terminal)."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.done, self.stream = max(total, 1), 0, stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def update(self, label: str) -> None:
+        self.done = min(self.done + 1, self.total)
+        filled = 30 * self.done // self.total
+        bar = f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {label}"
+        self.stream.write(("\r" + bar.ljust(90)) if self.tty else bar + "\n")
+        if self.tty and self.done == self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _resolve(args) -> list[dict]:
+    """Fill preset defaults, check every argument, return the shapes to run."""
+    preset = PRESETS.get(args.preset, {})
+    args.hidden = args.hidden if args.hidden is not None else preset.get("hidden", DEFAULT["hidden"])
+    args.vocab = args.vocab if args.vocab is not None else preset.get("vocab", DEFAULT["vocab"])
+    if args.softcap is None:
+        args.softcap = preset.get("softcap")
+    for name in ("tokens", "hidden", "vocab", "reps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1")
+    if args.softcap is not None and not args.softcap > 0:
+        raise SystemExit("--softcap must be > 0")
+    if args.memory_cap_mib is not None and not args.memory_cap_mib > 0:
+        raise SystemExit("--memory-cap-mib must be > 0")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    args.method_list = methods
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("--plot needs matplotlib: pip install 'memops[bench]'")
+    if args.sweep_values and not args.sweep:
+        raise SystemExit("--sweep-values needs --sweep tokens|vocab")
+    base = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
+    if not args.sweep:
+        return [base]
+    if args.sweep_values:
+        try:
+            values = [int(v) for v in args.sweep_values.split(",") if v.strip()]
+        except ValueError:
+            raise SystemExit(f"--sweep-values must be comma-separated integers, got {args.sweep_values!r}")
+        if not values or min(values) < 1:
+            raise SystemExit("--sweep-values must be integers >= 1")
+    else:
+        values = [max(1, base[args.sweep] // f) for f in (8, 4, 2, 1)]
+    return [dict(base, **{args.sweep: v}) for v in sorted(set(values))]
+
+
+def _run_shape(args, shape: dict, methods: list[str], progress: Progress, tmp: str) -> list[dict]:
+    rows: dict[str, dict] = {}
+    runnable = []
+    for m in methods:
+        why = unavailable(m, args.loss, args.device)
+        if why:
+            rows[m] = {"method": m, "status": "skipped", "error": why}
+        else:
+            runnable.append(m)
+    ref_file = None
+    if not args.no_check:
+        ref_file = os.path.join(tmp, f"ref-{shape['tokens']}-{shape['vocab']}.pt")
+        ref = Worker(args, "reference", shape, ref_file, tmp)
+        if ref.read() is None:
+            print(f"float64 reference failed ({ref.failure['message']}); error columns left out", flush=True)
+            ref_file = None
+        ref.proc.wait()
+        progress.update("float64 reference")
+
+    def steps(workers):
+        for rep in range(args.reps):
+            for wk in workers:
+                if not wk.failure:
+                    wk.request("step")
+                progress.update(f"{wk.method} step {rep + 1}/{args.reps}")
+
+    if args.device == "cpu":  # all warm first, then round-robin
+        workers = []
+        for m in runnable:
+            wk = Worker(args, m, shape, ref_file, tmp)
+            wk.read()
+            progress.update(f"{m} warm-up")
+            workers.append(wk)
+        steps(workers)
+        for wk in workers:
+            rows[wk.method] = wk.result()
+    else:  # one process at a time: no other method's memory on the device
+        for m in runnable:
+            wk = Worker(args, m, shape, ref_file, tmp)
+            wk.read()
+            progress.update(f"{m} warm-up")
+            steps([wk])
+            rows[m] = wk.result()
+    return add_ratios([rows[m] for m in methods])
+
+
+def main(args) -> int:
+    if args.worker:
+        run_worker(args)
+        return 0
+    shapes = _resolve(args)
+    import torch
+
+    import memops
+    try:
+        memops.ops.transform.get_transform(args.loss)  # unknown names fail here, before any worker starts
+    except (KeyError, ValueError) as exc:
+        raise SystemExit(f"--loss: {exc}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available in this torch build")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    softcap = f" softcap={args.softcap:g}" if args.softcap is not None else ""
+    print(f"# memops bench ({args.loss}{softcap}): D={args.hidden} V={args.vocab} {args.dtype} on {device_name}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    methods = args.method_list
+    runnable = [m for m in methods if not unavailable(m, args.loss, args.device)]
+    progress = Progress(len(shapes) * ((0 if args.no_check else 1) + len(runnable) * (1 + args.reps)))
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in shapes:
+            rows = _run_shape(args, shape, methods, progress, tmp)
+            runs.append(dict(shape, rows=rows))
+            print(f"\n## N={shape['tokens']} D={shape['hidden']} V={shape['vocab']}\n", flush=True)
+            print(format_table(rows), flush=True)
+    if args.json:
+        config = {k: getattr(args, k) for k in ("tokens", "hidden", "vocab", "softcap", "preset", "dtype", "device",
+                                                "reps", "loss", "sweep", "memory_cap_mib")}
+        config["methods"] = methods
+        with open(args.json, "w") as f:
+            json.dump({"config": config, "torch": torch.__version__, "device_name": device_name,
+                       "threads": torch.get_num_threads(), "runs": runs}, f, indent=2)
+    if args.plot:
+        plot(runs, args.sweep, args.plot,
+             f"{args.loss}{softcap}, D={args.hidden} V={args.vocab} {args.dtype}, {device_name}")
+    return 0

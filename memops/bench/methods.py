@@ -1,0 +1,99 @@
+"""The methods ``python -m memops bench`` compares, each a function ``fn(x, w, t) -> scalar loss``.
+
+* ``eager``: unfused ``F.linear`` then the loss on fp32-upcast full logits (Hugging Face style);
+* ``compile``: the same function under ``torch.compile``;
+* ``chunked``: the chunked baseline users already have (torchtune style): the projection applied to 8
+  row chunks, each chunk's logits upcast and its loss summed, divided by the non-ignored count at the end
+  (autograd keeps every chunk's logits for backward);
+* ``memops``: ``memops.linear_cross_entropy`` / ``memops.linear_loss``;
+* ``cce``: Apple's ``cut_cross_entropy.linear_cross_entropy`` (``torch_compile`` impl on CPU, ``cce`` on
+  CUDA), when installed;
+* ``liger``: Liger-Kernel's fused linear cross-entropy, CUDA only, when installed;
+* ``reference``: the unfused function in float64 (the error columns' reference).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+IGNORE = -100
+METHODS = ("eager", "compile", "chunked", "memops", "cce", "liger")
+PEERS = {"cce": ("cut_cross_entropy", "pip install cut-cross-entropy"),
+         "liger": ("liger_kernel", "pip install liger-kernel")}
+CHUNKS = 8  # torchtune's CEWithChunkedOutputLoss default
+
+
+def unavailable(method: str, loss: str, device: str) -> str | None:
+    """Why ``method`` cannot run here (the row is reported as skipped), or None."""
+    if method in PEERS:
+        if loss != "cross_entropy":
+            return "cross-entropy only"
+        if method == "liger" and not device.startswith("cuda"):
+            return "CUDA only"
+        module, hint = PEERS[method]
+        if importlib.util.find_spec(module) is None:
+            return f"not installed ({hint})"
+    return None
+
+
+def _per_token(loss: str):
+    """``f(logits [n, V] fp32, target [n] with ignored rows) -> per-row loss`` (0 on ignored rows)."""
+    import torch
+    import torch.nn.functional as F
+
+    import memops
+    if loss == "cross_entropy":
+        return lambda logits, t: F.cross_entropy(logits, t, reduction="none", ignore_index=IGNORE)
+    fn = memops.ops.transform.get_transform(loss).fn
+
+    def per_token(logits, t):
+        valid = t != IGNORE
+        return torch.where(valid, fn(logits, torch.where(valid, t, 0)), 0.0)
+    return per_token
+
+
+def _logits(x, w, softcap, upcast=True):
+    import torch
+    import torch.nn.functional as F
+    z = F.linear(x, w)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z.float() if upcast else z
+
+
+def build(method: str, loss: str, softcap: float | None, device: str):
+    """The step function of ``method``: ``fn(x, w, t) -> scalar loss`` (mean over non-ignored tokens)."""
+    import torch
+
+    per_token = _per_token(loss)
+
+    def unfused(x, w, t, upcast=True):
+        return per_token(_logits(x, w, softcap, upcast), t).sum() / (t != IGNORE).sum()
+
+    if method == "eager":
+        return unfused
+    if method == "compile":
+        return torch.compile(unfused)
+    if method == "reference":
+        return lambda x, w, t: unfused(x.double(), w.double(), t, upcast=False)
+    if method == "chunked":
+        def chunked(x, w, t):
+            total = sum(per_token(_logits(xc, w, softcap), tc).sum()
+                        for xc, tc in zip(x.chunk(CHUNKS), t.chunk(CHUNKS)))
+            return total / (t != IGNORE).sum()
+        return chunked
+    if method == "memops":
+        import memops
+        if loss == "cross_entropy":
+            return lambda x, w, t: memops.linear_cross_entropy(x, w, t, softcap=softcap)
+        return lambda x, w, t: memops.linear_loss(x, w, t, loss, softcap=softcap)
+    if method == "cce":
+        from cut_cross_entropy import linear_cross_entropy as cce
+        impl = "cce" if device.startswith("cuda") else "torch_compile"
+        return lambda x, w, t: cce(x, w, t, softcap=softcap, ignore_index=IGNORE, impl=impl)
+    if method == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        kwargs = {"softcap": softcap} if softcap is not None else {}
+        module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, **kwargs)
+        return lambda x, w, t: module(w, x, t)
+    raise ValueError(f"unknown method {method!r}")

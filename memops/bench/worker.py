@@ -1,0 +1,217 @@
+"""One (method, shape) per subprocess.
+
+The parent starts a worker with ``python -m memops bench --worker METHOD ...`` and
+``MALLOC_MMAP_THRESHOLD_=65536`` (so freed tensors go back to the OS), then sends ``step`` lines on its
+stdin; the worker answers each with one protocol line on stdout.  A worker warms up (compiles) before it
+reports ready.  Peak memory is measured on the first timed step: on CPU the process's peak RSS
+(``VmHWM`` after resetting it through ``/proc/self/clear_refs``) minus the RSS before the step minus the
+bytes of the gradients the step returns; on CUDA the same from ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+_MSG = "@@memops "  # prefix of protocol lines on a worker's stdout
+_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc")
+
+
+def _say(obj) -> None:
+    print(_MSG + json.dumps(obj), flush=True)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    return any(s in str(exc).lower() for s in _OOM_TEXT)
+
+
+def make_inputs(shape: dict, dtype_name: str, device_name: str, torch):
+    device = torch.device(device_name)
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(0)
+    n, d, v = shape["tokens"], shape["hidden"], shape["vocab"]
+    x = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn(v, d, generator=g) / d**0.5).to(device=device, dtype=dtype)
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    t[::10] = -100  # some padding, as in real batches
+    return x.requires_grad_(True), w.requires_grad_(True), t
+
+
+def _cap_memory(cap_mib: float, cuda: bool, torch) -> None:
+    """Let this process use at most ``cap_mib`` MiB more than it holds now (simulates a smaller machine)."""
+    extra = int(cap_mib * 2**20)
+    if cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated() + extra) / total))
+        return
+    import resource
+    limit = _status_kib("VmSize") * 1024 + extra
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+
+
+def run_worker(args) -> None:
+    import torch
+
+    from .methods import build
+    torch.manual_seed(0)
+    cuda = args.device.startswith("cuda")
+    shape = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
+    x, w, t = make_inputs(shape, args.dtype, args.device, torch)
+    fn = build(args.worker, args.loss, args.softcap, args.device)
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def step():
+        x.grad = w.grad = None
+        loss = fn(x, w, t)
+        loss.backward()
+        return loss
+
+    if args.worker == "reference":
+        loss = step()
+        torch.save({"loss": loss.detach().double().cpu(), "gx": x.grad.double().cpu(),
+                    "gw": w.grad.double().cpu()}, args.ref_file)
+        _say({"done": True})
+        return
+    if args.memory_cap_mib is not None:
+        _cap_memory(args.memory_cap_mib, cuda, torch)
+    try:
+        step()  # warm-up (and compilation)
+        if cuda:
+            torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001  (reported in the method's row)
+        _say({"oom": is_oom(exc), "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"})
+        return
+    _say({"ready": True})
+    times, peak, loss = [], None, None
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        first = not times
+        x.grad = w.grad = None
+        gc.collect()
+        base = None
+        if first:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            elif _reset_peak_rss():
+                base = _status_kib("VmRSS") * 1024
+        try:
+            if cuda:
+                start.record()
+                loss = step()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1000)
+            else:
+                t0 = time.perf_counter()
+                loss = step()
+                times.append(time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001
+            _say({"oom": is_oom(exc), "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"})
+            return
+        if first and base is not None:
+            grads = sum(g.numel() * g.element_size() for g in (x.grad, w.grad))
+            if cuda:
+                peak = torch.cuda.max_memory_allocated() - base - grads
+            else:  # RSS moves in pages: a tiny step can read slightly below zero
+                peak = max(0, _status_kib("VmHWM") * 1024 - base - grads)
+        _say({"time_s": times[-1]})
+    out = {"method": args.worker, "status": "ok", "time_s": statistics.median(times), "times_s": times,
+           "peak_extra_bytes": peak, "loss": loss.item()}
+    if args.ref_file:
+        ref = torch.load(args.ref_file)
+        out["err_loss"] = abs(loss.item() - ref["loss"].item())
+        out["err_grad_input"] = (x.grad.double().cpu() - ref["gx"]).abs().max().item()
+        out["err_grad_weight"] = (w.grad.double().cpu() - ref["gw"]).abs().max().item()
+    _say(out)
+
+
+class Worker:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, args, method: str, shape: dict, ref_file: str | None, tmp: str):
+        cmd = [sys.executable, "-m", "memops", "bench", "--worker", method,
+               "--tokens", str(shape["tokens"]), "--hidden", str(shape["hidden"]), "--vocab", str(shape["vocab"]),
+               "--dtype", args.dtype, "--device", args.device, "--loss", args.loss]
+        if args.softcap is not None:
+            cmd += ["--softcap", repr(args.softcap)]
+        if args.memory_cap_mib is not None and method != "reference":
+            cmd += ["--memory-cap-mib", repr(args.memory_cap_mib)]
+        if ref_file:
+            cmd += ["--ref-file", ref_file]
+        self.method, self.shape = method, shape
+        self.failure: dict | None = None
+        self._stderr = open(os.path.join(tmp, f"{method}-{shape['tokens']}-{shape['vocab']}.stderr"), "w+")
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     text=True, env=env)
+
+    def _fail(self, oom: bool, message: str) -> None:
+        n = self.shape["tokens"]
+        self.failure = {"method": self.method, "status": "oom" if oom else "failed",
+                        "error": f"OOM at {n} tokens" if oom else message, "message": message}
+
+    def read(self):
+        for line in self.proc.stdout:
+            if line.startswith(_MSG):
+                msg = json.loads(line[len(_MSG):])
+                if "error" in msg and "status" not in msg:
+                    self._fail(msg["oom"], msg["error"])
+                    self.proc.wait()
+                    return None
+                return msg
+        rc = self.proc.wait()
+        self._stderr.seek(0)
+        tail = [ln for ln in self._stderr.read().strip().splitlines() if ln.strip()]
+        if rc == -signal.SIGKILL:  # the kernel's OOM killer
+            self._fail(True, "killed by SIGKILL (out of memory)")
+        else:
+            self._fail(bool(tail) and is_oom(RuntimeError(tail[-1])),
+                       tail[-1] if tail else f"exited with code {rc}")
+        return None
+
+    def request(self, command: str):
+        if self.failure:
+            return None
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        return self.read()
+
+    def result(self) -> dict:
+        out = self.request("done")
+        self.proc.wait()
+        self._stderr.close()
+        return out if out is not None else self.failure
