@@ -8,6 +8,7 @@ from . import meta  # noqa: F401  (registers the fake kernels)
 from .config import chunking, set_chunk_budget, set_chunk_size
 from .modules import LinearCrossEntropy
 from .ops.linear_ce import linear_cross_entropy
+from .ops.logprobs import linear_grpo_loss, linear_logprobs
 from .ops.transform import linear_loss, registered_transforms, transform
 from . import transforms  # noqa: F401  (registers the built-in transforms)
 
@@ -17,6 +18,8 @@ __all__ = [
     "LinearCrossEntropy",
     "chunking",
     "linear_cross_entropy",
+    "linear_grpo_loss",
+    "linear_logprobs",
     "linear_loss",
     "registered_transforms",
     "set_chunk_budget",

@@ -63,14 +63,17 @@ def check_target(input: torch.Tensor, target: torch.Tensor, name: str = "target"
         _fail(f"{name} is on {target.device} but input is on {input.device}")
 
 
-def check_target_range(target: torch.Tensor, vocab: int, ignore_index: int, name: str = "target") -> None:
-    """Every entry is in ``[0, vocab)`` or equals ``ignore_index`` (reads tensor data)."""
+def check_target_range(target: torch.Tensor, vocab: int, ignore_index: int | None, name: str = "target") -> None:
+    """Every entry is in ``[0, vocab)`` or equals ``ignore_index`` when there is one (reads tensor data)."""
     if target.numel() == 0:
         return
-    bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+    bad = (target < 0) | (target >= vocab)
+    if ignore_index is not None:
+        bad &= target != ignore_index
     if bool(bad.any()):
         value = int(target[bad].flatten()[0])
-        _fail(f"{name} value {value} is out of range [0, {vocab}) and is not ignore_index ({ignore_index})")
+        also = "" if ignore_index is None else f" and is not ignore_index ({ignore_index})"
+        _fail(f"{name} value {value} is out of range [0, {vocab}){also}")
 
 
 def check_finite(name: str, value: float) -> None:
@@ -181,3 +184,76 @@ def check_linear_transform(input, weight, target, bias, extras, num_items, reduc
     check_finite("logit_scale", logit_scale)
     check_chunk_size(chunk_size)
     check_num_items(num_items, reduction)
+
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def check_temperature(temperature: float) -> None:
+    check_finite("temperature", temperature)
+    if temperature <= 0:
+        _fail(f"temperature must be > 0, got {temperature}")
+
+
+def check_linear_logprobs(input, weight, target, bias, temperature, chunk_size) -> None:
+    """Everything ``memops::linear_logprobs`` and its backward check without reading tensor data."""
+    check_projection(input, weight, bias)
+    check_target(input, target)
+    check_temperature(temperature)
+    check_chunk_size(chunk_size)
+
+
+def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.shape != ref.shape:
+        _fail(f"{name} shape {tuple(t.shape)} must equal {ref_name} shape {tuple(ref.shape)}")
+    if t.device != ref.device:
+        _fail(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_per_token_float(name: str, t: torch.Tensor, target: torch.Tensor) -> None:
+    _check_like(name, t, target, "completion_ids")
+    if t.dtype not in _FLOATS:
+        _fail(f"{name} must be a float tensor, got {t.dtype}")
+
+
+def check_linear_grpo(input, weight, target, bias, token_weight, advantages, old_logprobs, ref_logprobs, beta,
+                      epsilon_low, epsilon_high, temperature, chunk_size) -> None:
+    """Everything ``memops::linear_grpo`` and its backward check without reading tensor data
+    (``token_weight`` and ``advantages`` are per token here, shaped like ``target``)."""
+    check_projection(input, weight, bias)
+    check_target(input, target, "completion_ids")
+    check_per_token_float("token_weight", token_weight, target)
+    check_per_token_float("advantages", advantages, target)
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if t is not None:
+            check_per_token_float(name, t, target)
+    for name, v in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
+        check_finite(name, v)
+    if beta != 0 and ref_logprobs is None:
+        _fail("beta != 0 needs ref_logprobs (the reference model's per-token log-probabilities)")
+    if not 0 <= epsilon_low < 1 or epsilon_high < 0:
+        _fail(f"need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {epsilon_low}, {epsilon_high}")
+    check_temperature(temperature)
+    check_chunk_size(chunk_size)
+
+
+def check_grpo_front(input, completion_ids, completion_mask, advantages, loss_type, max_completion_length) -> None:
+    """The shapes ``memops.linear_grpo_loss`` takes: ``input [B, T, D]``, ids/mask ``[B, T]``, advantages ``[B]``."""
+    if not isinstance(input, torch.Tensor) or input.dim() != 3:
+        _fail(f"input must be the completion hidden states [B, T, D], got shape "
+              f"{tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}")
+    check_target(input, completion_ids, "completion_ids")
+    _check_like("completion_mask", completion_mask, completion_ids, "completion_ids")
+    if not isinstance(advantages, torch.Tensor) or advantages.shape != completion_ids.shape[:1]:
+        got = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+        _fail(f"advantages must have shape [B]=[{completion_ids.shape[0]}] (one per completion), got {got}")
+    if advantages.device != input.device:
+        _fail(f"advantages is on {advantages.device} but input is on {input.device}")
+    if loss_type not in GRPO_LOSS_TYPES:
+        _fail(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
+    if max_completion_length is not None and (not isinstance(max_completion_length, int)
+                                              or isinstance(max_completion_length, bool)
+                                              or max_completion_length < 1):
+        _fail(f"max_completion_length must be a positive int or None, got {max_completion_length!r}")

@@ -49,3 +49,33 @@ def ref_linear_loss(input, weight, target, fn, bias=None, *, extras=(), reductio
     if reduction == "sum":
         return out.sum()
     return out.sum() / (num_items if num_items is not None else valid.sum())
+
+
+def ref_linear_logprobs(input, weight, target, bias=None, *, temperature=1.0):
+    """Per-token ``log p(target)`` and entropy of ``softmax(logits / temperature)``."""
+    logp_all = torch.log_softmax(ref_logits(input, weight, bias) / temperature, dim=-1)
+    logp = logp_all.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def ref_grpo_loss(input, weight, completion_ids, completion_mask, advantages, *, bias=None, old_logprobs=None,
+                  ref_logprobs=None, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, temperature=1.0,
+                  loss_type="grpo", max_completion_length=None):
+    """TRL's GRPOTrainer loss, written from its published formulas, on full logits."""
+    logp, _ = ref_linear_logprobs(input, weight, completion_ids, bias, temperature=temperature)
+    old = logp.detach() if old_logprobs is None else old_logprobs
+    coef_1 = torch.exp(logp - old)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    per_token_loss = -torch.min(coef_1 * advantages.unsqueeze(1), coef_2 * advantages.unsqueeze(1))
+    if beta != 0.0:
+        per_token_kl = torch.exp(ref_logprobs - logp) - (ref_logprobs - logp) - 1
+        per_token_loss = per_token_loss + beta * per_token_kl
+    mask = completion_mask.to(per_token_loss.dtype)
+    if loss_type == "grpo":
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "dr_grpo":
+        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * (max_completion_length or mask.size(1)))
+    else:  # bnpo; dapo with the batch's own active-token count as num_items_in_batch
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss, logp

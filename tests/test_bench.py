@@ -135,3 +135,15 @@ def test_format_table_reports_failed_oom_and_skipped_methods():
     assert "| compile | failed: RuntimeError: boom |" in table
     assert "| chunked | OOM at 8 tokens |" in table
     assert "| cce | skipped: not installed |" in table
+
+
+def test_bench_grpo_step():
+    proc = _run("--loss", "grpo", "--batch", "4", "--tokens", "32", "--hidden", "8", "--vocab", "50", "--reps", "1",
+                "--methods", "eager,chunked,memops,liger")
+    assert proc.returncode == 0, proc.stderr
+    assert "(grpo)" in proc.stdout and "| liger | skipped: cross-entropy only |" in proc.stdout
+    for m in ("eager", "chunked", "memops"):
+        errs = [float(c) for c in _row(proc.stdout, m).strip("|").split("|")[-3:]]
+        assert max(errs) < 1e-5, m
+    bad = _run("--loss", "grpo", "--batch", "3", "--tokens", "32")
+    assert bad.returncode != 0 and "divisible by --batch (3)" in bad.stderr

@@ -41,8 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated subset of %(default)s; peers that are not installed are skipped")
     p.add_argument("--loss", default="cross_entropy",
-                   help="cross_entropy (memops.linear_cross_entropy) or any registered transform, e.g. focal "
+                   help="cross_entropy (memops.linear_cross_entropy), grpo (memops.linear_grpo_loss: a GRPO "
+                        "step on --batch completions) or any registered transform, e.g. focal "
                         "(memops.linear_loss; the baselines apply the same function to the full logits)")
+    p.add_argument("--batch", type=int, default=8, help="completions B of --loss grpo (tokens = B x T; default 8)")
     p.add_argument("--sweep", choices=("tokens", "vocab"),
                    help="run every method at several sizes (default: 1/8, 1/4, 1/2 and 1x the size)")
     p.add_argument("--sweep-values", help="comma-separated sizes for --sweep")
@@ -85,6 +87,11 @@ def _resolve(args) -> list[dict]:
             raise SystemExit(f"--{name} must be >= 1")
     if args.softcap is not None and not args.softcap > 0:
         raise SystemExit("--softcap must be > 0")
+    if args.loss == "grpo":
+        if args.softcap is not None:
+            raise SystemExit("--loss grpo takes no --softcap")
+        if args.batch < 1:
+            raise SystemExit("--batch must be >= 1")
     if args.memory_cap_mib is not None and not args.memory_cap_mib > 0:
         raise SystemExit("--memory-cap-mib must be > 0")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -98,7 +105,7 @@ def _resolve(args) -> list[dict]:
         raise SystemExit("--sweep-values needs --sweep tokens|vocab")
     base = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
     if not args.sweep:
-        return [base]
+        return _check_grpo([base], args)
     if args.sweep_values:
         try:
             values = [int(v) for v in args.sweep_values.split(",") if v.strip()]
@@ -108,7 +115,15 @@ def _resolve(args) -> list[dict]:
             raise SystemExit("--sweep-values must be integers >= 1")
     else:
         values = [max(1, base[args.sweep] // f) for f in (8, 4, 2, 1)]
-    return [dict(base, **{args.sweep: v}) for v in sorted(set(values))]
+    return _check_grpo([dict(base, **{args.sweep: v}) for v in sorted(set(values))], args)
+
+
+def _check_grpo(shapes: list[dict], args) -> list[dict]:
+    if args.loss == "grpo":
+        for s in shapes:
+            if s["tokens"] % args.batch:
+                raise SystemExit(f"--loss grpo needs tokens ({s['tokens']}) divisible by --batch ({args.batch})")
+    return shapes
 
 
 def _run_shape(args, shape: dict, methods: list[str], progress: Progress, tmp: str) -> list[dict]:
@@ -165,10 +180,11 @@ def main(args) -> int:
     import torch
 
     import memops
-    try:
-        memops.ops.transform.get_transform(args.loss)  # unknown names fail here, before any worker starts
-    except (KeyError, ValueError) as exc:
-        raise SystemExit(f"--loss: {exc}")
+    if args.loss != "grpo":
+        try:
+            memops.ops.transform.get_transform(args.loss)  # unknown names fail here, before any worker starts
+        except (KeyError, ValueError) as exc:
+            raise SystemExit(f"--loss: {exc}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available in this torch build")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
@@ -189,7 +205,7 @@ def main(args) -> int:
             print(format_table(rows), flush=True)
     if args.json:
         config = {k: getattr(args, k) for k in ("tokens", "hidden", "vocab", "softcap", "preset", "dtype", "device",
-                                                "reps", "loss", "sweep", "memory_cap_mib")}
+                                                "reps", "loss", "batch", "sweep", "memory_cap_mib")}
         config["methods"] = methods
         with open(args.json, "w") as f:
             json.dump({"config": config, "torch": torch.__version__, "device_name": device_name,

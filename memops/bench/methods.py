@@ -10,6 +10,10 @@
   CUDA), when installed;
 * ``liger``: Liger-Kernel's fused linear cross-entropy, CUDA only, when installed;
 * ``reference``: the unfused function in float64 (the error columns' reference).
+
+``--loss grpo`` benchmarks a GRPO step (TRL's formulas, ``loss_type="grpo"``, ``beta=0.04``, old and
+reference log-probs given): the baselines materialize the logits, take ``log_softmax`` and gather the
+completion tokens' log-probabilities; memops runs ``memops.linear_grpo_loss``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ METHODS = ("eager", "compile", "chunked", "memops", "cce", "liger")
 PEERS = {"cce": ("cut_cross_entropy", "pip install cut-cross-entropy"),
          "liger": ("liger_kernel", "pip install liger-kernel")}
 CHUNKS = 8  # torchtune's CEWithChunkedOutputLoss default
+
+
+GRPO_BETA = 0.04
 
 
 def unavailable(method: str, loss: str, device: str) -> str | None:
@@ -61,10 +68,72 @@ def _logits(x, w, softcap, upcast=True):
     return z.float() if upcast else z
 
 
-def build(method: str, loss: str, softcap: float | None, device: str):
+def grpo_data(tokens: int, vocab: int, batch: int, device: str):
+    """Completion mask, advantages, old and reference log-probs of a GRPO step (fixed seed)."""
+    import math
+
+    import torch
+    g = torch.Generator().manual_seed(1)
+    steps = tokens // batch
+    mask = (torch.rand(batch, steps, generator=g) < 0.9).float()
+    adv = torch.randn(batch, generator=g)
+    old = -math.log(vocab) + 0.3 * torch.randn(batch, steps, generator=g)
+    ref = -math.log(vocab) + 0.3 * torch.randn(batch, steps, generator=g)
+    return tuple(t.to(device) for t in (mask, adv, old, ref))
+
+
+def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str):
+    import torch
+
+    fixed = grpo_data(tokens, vocab, batch, device)
+
+    def data(x):
+        mask, adv, old, ref = fixed
+        if x.dtype == torch.float64:
+            return mask, adv.double(), old.double(), ref.double()
+        return mask, adv, old, ref
+
+    def formula(logp, x):  # TRL GRPOTrainer, loss_type="grpo"
+        m, a, o, r = data(x)
+        coef_1 = torch.exp(logp - o)
+        coef_2 = torch.clamp(coef_1, 0.8, 1.2)
+        per_token = -torch.min(coef_1 * a[:, None], coef_2 * a[:, None])
+        per_token = per_token + GRPO_BETA * (torch.exp(r - logp) - (r - logp) - 1)
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+
+    def logp_of(x, w, t, upcast=True):
+        return torch.log_softmax(_logits(x, w, None, upcast), -1).gather(-1, t[:, None]).squeeze(-1)
+
+    def unfused(x, w, t, upcast=True):
+        return formula(logp_of(x, w, t, upcast).view(batch, -1), x)
+
+    if method == "eager":
+        return unfused
+    if method == "compile":
+        return torch.compile(unfused)
+    if method == "reference":
+        return lambda x, w, t: unfused(x.double(), w.double(), t, upcast=False)
+    if method == "chunked":
+        return lambda x, w, t: formula(torch.cat([logp_of(xc, w, tc) for xc, tc in zip(x.chunk(CHUNKS),
+                                                                                       t.chunk(CHUNKS))]).view(batch, -1), x)
+    if method == "memops":
+        import memops
+
+        def fused(x, w, t):
+            m, a, o, r = data(x)
+            return memops.linear_grpo_loss(x.view(batch, -1, x.shape[-1]), w, t.view(batch, -1), m, a,
+                                           old_logprobs=o, ref_logprobs=r, beta=GRPO_BETA)[0]
+        return fused
+    raise ValueError(f"method {method!r} does not run --loss grpo")
+
+
+def build(method: str, loss: str, softcap: float | None, device: str, tokens: int = 0, vocab: int = 0,
+          batch: int = 1):
     """The step function of ``method``: ``fn(x, w, t) -> scalar loss`` (mean over non-ignored tokens)."""
     import torch
 
+    if loss == "grpo":
+        return _build_grpo(method, tokens, vocab, batch, device)
     per_token = _per_token(loss)
 
     def unfused(x, w, t, upcast=True):

@@ -53,7 +53,7 @@ def is_oom(exc: BaseException) -> bool:
     return any(s in str(exc).lower() for s in _OOM_TEXT)
 
 
-def make_inputs(shape: dict, dtype_name: str, device_name: str, torch):
+def make_inputs(shape: dict, dtype_name: str, device_name: str, torch, loss: str = "cross_entropy"):
     device = torch.device(device_name)
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
@@ -61,7 +61,8 @@ def make_inputs(shape: dict, dtype_name: str, device_name: str, torch):
     x = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
     w = (torch.randn(v, d, generator=g) / d**0.5).to(device=device, dtype=dtype)
     t = torch.randint(0, v, (n,), generator=g).to(device)
-    t[::10] = -100  # some padding, as in real batches
+    if loss != "grpo":  # GRPO masks tokens through its completion mask instead
+        t[::10] = -100  # some padding, as in real batches
     return x.requires_grad_(True), w.requires_grad_(True), t
 
 
@@ -84,8 +85,9 @@ def run_worker(args) -> None:
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")
     shape = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
-    x, w, t = make_inputs(shape, args.dtype, args.device, torch)
-    fn = build(args.worker, args.loss, args.softcap, args.device)
+    x, w, t = make_inputs(shape, args.dtype, args.device, torch, args.loss)
+    fn = build(args.worker, args.loss, args.softcap, args.device, tokens=args.tokens,
+               vocab=args.vocab, batch=args.batch)
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
@@ -162,7 +164,7 @@ class Worker:
     def __init__(self, args, method: str, shape: dict, ref_file: str | None, tmp: str):
         cmd = [sys.executable, "-m", "memops", "bench", "--worker", method,
                "--tokens", str(shape["tokens"]), "--hidden", str(shape["hidden"]), "--vocab", str(shape["vocab"]),
-               "--dtype", args.dtype, "--device", args.device, "--loss", args.loss]
+               "--dtype", args.dtype, "--device", args.device, "--loss", args.loss, "--batch", str(args.batch)]
         if args.softcap is not None:
             cmd += ["--softcap", repr(args.softcap)]
         if args.memory_cap_mib is not None and method != "reference":

@@ -2,3 +2,4 @@
 
 from . import linear_ce  # noqa: F401
 from . import transform  # noqa: F401
+from . import logprobs  # noqa: F401

@@ -1,0 +1,350 @@
+"""memops.linear_logprobs and memops.linear_grpo_loss against the float64 references on full logits."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch._dynamo
+from hypothesis import given, strategies as st
+
+import memops
+from helpers import MatmulFlops, projection_flops
+from reference import ref_grpo_loss, ref_linear_logprobs
+
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
+
+
+def _close(a, b, what, tol=1e-9):
+    assert a.shape == b.shape, f"{what}: shape {a.shape} vs {b.shape}"
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def _params(g, lead, d, v, bias, dtype=torch.float64, needs=(True, True, True)):
+    x = torch.randn(*lead, d, generator=g, dtype=dtype)
+    w = torch.randn(v, d, generator=g, dtype=dtype) * (2 / math.sqrt(d))
+    b = torch.randn(v, generator=g, dtype=dtype) if bias else None
+    for t, n in zip((x, w, b), needs):
+        if t is not None:
+            t.requires_grad_(bool(n))
+    return x, w, b
+
+
+def _grads(out, tensors, grad_out=None):
+    tensors = [t for t in tensors if t is not None and t.requires_grad]
+    return list(torch.autograd.grad(out, tensors, grad_out)) if tensors else []
+
+
+@st.composite
+def logprob_case(draw):
+    b, t = draw(st.integers(0, 6)), draw(st.integers(1, 40))
+    return dict(lead=draw(st.sampled_from([(b, t), (b * t,)])), d=draw(st.integers(1, 16)),
+                v=draw(st.sampled_from([1, 2, 7, 31, 97]) | st.integers(1, 130)), bias=draw(st.booleans()),
+                temperature=draw(st.sampled_from([1.0, 0.7]) | st.floats(0.05, 4.0)),
+                chunk_size=draw(st.none() | st.integers(1, 64)),
+                outputs=draw(st.sampled_from(["logp", "entropy", "both"])),
+                needs=draw(st.sampled_from([(1, 1, 1), (1, 0, 0), (0, 1, 1)])), seed=draw(st.integers(0, 2**16)))
+
+
+@given(logprob_case())
+def test_logprobs_and_entropy_match_reference(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    x, w, b = _params(g, case["lead"], case["d"], case["v"], case["bias"], needs=case["needs"])
+    target = torch.randint(0, case["v"], case["lead"], generator=g)
+    if case["seed"] % 2:
+        target = target.int()
+    kw = dict(temperature=case["temperature"])
+    logp, ent = memops.linear_logprobs(x, w, target, b, return_entropy=True, chunk_size=case["chunk_size"], **kw)
+    ref_logp, ref_ent = ref_linear_logprobs(x, w, target, b, **kw)
+    _close(logp, ref_logp, "logprobs")
+    _close(ent, ref_ent, "entropy")
+    assert logp.dtype == torch.float64
+    # random per-token grad_output on either output, or both
+    g1, g2 = torch.randn(target.shape, generator=g, dtype=torch.float64), torch.randn(
+        target.shape, generator=g, dtype=torch.float64)
+    if case["outputs"] == "logp":
+        ours, ref = (logp * g1).sum(), (ref_logp * g1).sum()
+    elif case["outputs"] == "entropy":
+        ours, ref = (ent * g2).sum(), (ref_ent * g2).sum()
+    else:
+        ours, ref = (logp * g1 + ent * g2).sum(), (ref_logp * g1 + ref_ent * g2).sum()
+    for a, r, name in zip(_grads(ours, (x, w, b)), _grads(ref, (x, w, b)), ("x", "w", "b")):
+        _close(a, r, f"grad {name}")
+
+
+def test_logprobs_without_entropy_and_fp32():
+    g = torch.Generator().manual_seed(3)
+    x, w, b = _params(g, (3, 9), 12, 50, True, dtype=torch.float32)
+    t = torch.randint(0, 50, (3, 9), generator=g)
+    logp = memops.linear_logprobs(x, w, t, b, temperature=0.9, chunk_size=4)
+    ref, _ = ref_linear_logprobs(x.double(), w.double(), t, b.double(), temperature=0.9)
+    assert logp.dtype == torch.float32 and logp.shape == t.shape
+    _close(logp.double(), ref, "fp32 logprobs", tol=1e-5)
+
+
+@st.composite
+def grpo_case(draw):
+    b, t = draw(st.integers(1, 5)), draw(st.integers(1, 24))
+    mask_kind = draw(st.sampled_from(["random", "all", "none", "rows"]))
+    return dict(b=b, t=t, d=draw(st.integers(1, 12)), v=draw(st.sampled_from([2, 13, 61]) | st.integers(1, 90)),
+                bias=draw(st.booleans()), loss_type=draw(st.sampled_from(LOSS_TYPES)), mask=mask_kind,
+                old=draw(st.booleans()), ref=draw(st.booleans()), beta=draw(st.sampled_from([0.0, 0.04, 0.5])),
+                eps=(draw(st.sampled_from([0.2, 0.1, 0.0])), draw(st.sampled_from([0.2, 0.28, 1.0]))),
+                temperature=draw(st.sampled_from([1.0, 0.6, 1.3])), chunk_size=draw(st.none() | st.integers(1, 40)),
+                max_len=draw(st.none() | st.integers(24, 40)), seed=draw(st.integers(0, 2**16)))
+
+
+def _grpo_inputs(case, g):
+    b, t, v = case["b"], case["t"], case["v"]
+    x, w, bias = _params(g, (b, t), case["d"], v, case["bias"])
+    ids = torch.randint(0, v, (b, t), generator=g)
+    mask = {"random": torch.rand(b, t, generator=g) < 0.7, "all": torch.ones(b, t, dtype=torch.bool),
+            "none": torch.zeros(b, t, dtype=torch.bool),
+            "rows": (torch.rand(b, 1, generator=g) < 0.5).expand(b, t)}[case["mask"]].long()
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        logp, _ = ref_linear_logprobs(x, w, ids, bias, temperature=case["temperature"])
+    # old / ref log-probs near the current ones, so some ratios fall inside and some outside the clip range
+    old = logp + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64) if case["old"] else None
+    ref = logp + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64) if (case["ref"] or case["beta"]) else None
+    return x, w, bias, ids, mask, adv, old, ref
+
+
+@given(grpo_case())
+def test_grpo_loss_and_gradients_match_trl_formulas(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    x, w, bias, ids, mask, adv, old, ref = _grpo_inputs(case, g)
+    kw = dict(bias=bias, old_logprobs=old, ref_logprobs=ref, beta=case["beta"], epsilon_low=case["eps"][0],
+              epsilon_high=case["eps"][1], temperature=case["temperature"], loss_type=case["loss_type"],
+              max_completion_length=case["max_len"])
+    loss, metrics = memops.linear_grpo_loss(x, w, ids, mask, adv, chunk_size=case["chunk_size"], **kw)
+    ref_loss, ref_logp = ref_grpo_loss(x, w, ids, mask, adv, **kw)
+    _close(loss, ref_loss, "loss")
+    for a, r, name in zip(_grads(loss, (x, w, bias)), _grads(ref_loss, (x, w, bias)), ("x", "w", "b")):
+        _close(a, r, f"grad {name}")
+    # metrics, from the published definitions
+    m = mask.double()
+    denom = m.sum().clamp(min=1)
+    ratio = torch.exp(ref_logp - old) if old is not None else torch.ones_like(ref_logp)
+    low = ((ratio < 1 - case["eps"][0]) & (adv[:, None] < 0)).double()
+    high = ((ratio > 1 + case["eps"][1]) & (adv[:, None] > 0)).double()
+    _close(metrics["clip_ratio/low_mean"], (low * m).sum() / denom, "low clip ratio", tol=1e-12)
+    _close(metrics["clip_ratio/high_mean"], (high * m).sum() / denom, "high clip ratio", tol=1e-12)
+    _close(metrics["clip_ratio/region_mean"], (((low + high) > 0) * m).sum() / denom, "region clip ratio", tol=1e-12)
+    if ref is not None:
+        k3 = torch.exp(ref - ref_logp) - (ref - ref_logp) - 1
+        _close(metrics["kl"], (k3 * m).sum() / denom, "kl")
+    else:
+        assert "kl" not in metrics
+
+
+def test_grpo_dapo_num_items_and_no_old_gives_plain_policy_gradient():
+    g = torch.Generator().manual_seed(5)
+    x, w, _ = _params(g, (2, 6), 5, 17, False)
+    ids = torch.randint(0, 17, (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, loss_type="dapo", num_items=24)
+    logp, _ = ref_linear_logprobs(x, w, ids)
+    # without old log-probs the ratio is exp(logp - logp.detach()) = 1: loss = -mean(adv), grad = -adv * dlogp
+    _close(loss, -(adv[:, None].expand(2, 6)).sum() / 24, "dapo loss")
+    (gx,) = torch.autograd.grad(loss, x)
+    (rx,) = torch.autograd.grad(-(adv[:, None] * logp).sum() / 24, x)
+    _close(gx, rx, "policy gradient")
+
+
+def test_matmul_work():
+    n, d, v = 48, 8, 40
+    g = torch.Generator().manual_seed(0)
+    x, w, b = _params(g, (4, 12), d, v, True, dtype=torch.float32)
+    ids = torch.randint(0, v, (4, 12), generator=g)
+    mask, adv = torch.ones(4, 12), torch.randn(4, generator=g)
+    with torch.no_grad(), MatmulFlops() as m:
+        memops.linear_logprobs(x, w, ids, b, return_entropy=True, chunk_size=7)
+    assert m.flops == projection_flops(n, v, d)  # no_grad: forward only
+    with MatmulFlops() as m:
+        loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, bias=b, old_logprobs=torch.randn(4, 12), chunk_size=7)
+        loss.backward()
+    assert m.flops == 3 * projection_flops(n, v, d)  # as the unfused baseline: no second projection pass
+    x.grad = w.grad = None
+    with MatmulFlops() as m:
+        logp = memops.linear_logprobs(x, w, ids, b, chunk_size=7)
+        (logp * torch.randn(4, 12)).sum().backward()
+    assert m.flops == 4 * projection_flops(n, v, d)  # per-token grad_output: recompute bound
+    w.requires_grad_(False)
+    with MatmulFlops() as m:
+        loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, chunk_size=7)
+        loss.backward()
+    assert m.flops == 2 * projection_flops(n, v, d)  # frozen head: no weight-gradient matmul
+
+
+def test_grpo_backward_retain_graph_and_scaled_grad():
+    g = torch.Generator().manual_seed(2)
+    x, w, b = _params(g, (3, 5), 4, 11, True)
+    ids, mask, adv = torch.randint(0, 11, (3, 5), generator=g), torch.ones(3, 5), torch.randn(3, generator=g,
+                                                                                              dtype=torch.float64)
+    loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, bias=b, chunk_size=4)
+    (3 * loss).backward(retain_graph=True)
+    first = x.grad.clone()
+    x.grad = None
+    (3 * loss).backward()  # second backward recomputes
+    _close(x.grad, first, "second backward")
+    ref, _ = ref_grpo_loss(x, w, ids, mask, adv, bias=b)
+    _close(first, torch.autograd.grad(3 * ref, x)[0], "scaled grad")
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m[:, :-1], a), "completion_mask shape"),
+    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i[:, :-1], m, a), "completion_ids shape"),
+    (lambda x, w, i, m, a: memops.linear_grpo_loss(x[0], w, i, m, a), "input must be the completion hidden states"),
+    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a[:-1]), "advantages must have shape [B]=[2]"),
+    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a, loss_type="ppo"), "loss_type must be one of"),
+    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a, temperature=0.0), "temperature must be > 0"),
+    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a, beta=0.1), "beta != 0 needs ref_logprobs"),
+    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a, old_logprobs=m[:1].float()), "old_logprobs shape"),
+    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i + 100, m, a), "completion_ids value 100 is out of range"),
+    (lambda x, w, i, m, a: memops.linear_logprobs(x, w, i, temperature=-1.0), "temperature must be > 0"),
+    (lambda x, w, i, m, a: memops.linear_logprobs(x, w, i.float()), "target must hold int64 or int32"),
+    (lambda x, w, i, m, a: memops.linear_logprobs(x, w[:, :-1], i), "input's last dim"),
+    (lambda x, w, i, m, a: memops.linear_logprobs(x, w, i - 1), "target value -1 is out of range [0, 7)"),
+])
+def test_errors_name_the_argument(call, message):
+    x, w = torch.randn(2, 3, 4), torch.randn(7, 4)
+    ids, mask, adv = torch.randint(0, 7, (2, 3)), torch.ones(2, 3), torch.randn(2)
+    ids[0, 0] = 0
+    with pytest.raises(ValueError) as info:
+        call(x, w, ids, mask, adv)
+    assert message in str(info.value)
+
+
+def _small(dtype=torch.float32, bias=True, lead=(3, 5)):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = _params(g, lead, 6, 11, bias, dtype=dtype, needs=(False, False, False))
+    t = torch.randint(0, 11, lead, generator=g)
+    return x, w, b, t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(3, 5), (0,)])
+def test_opcheck_logprobs_ops(dtype, lead):
+    x, w, b, t = _small(dtype, lead=lead)
+    for ent in (False, True):
+        torch.library.opcheck(torch.ops.memops.linear_logprobs.default, (x.requires_grad_(), w.requires_grad_(), t,
+                                                                         b.requires_grad_(), 0.8, ent, 4))
+    g1 = torch.randn(t.shape)
+    for g2 in (None, torch.randn(t.shape)):
+        torch.library.opcheck(torch.ops.memops.linear_logprobs_backward.default,
+                              (g1, g2, x.detach(), w.detach(), t, b.detach(), 0.8, 4, [True, True, True]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(3, 5), (1, 0)])
+def test_opcheck_grpo_ops(dtype, lead):
+    x, w, b, t = _small(dtype, lead=lead)
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    tw = torch.rand(t.shape, dtype=cdt)
+    adv, old, ref = (torch.randn(t.shape, dtype=cdt) for _ in range(3))
+    mask = [True, True, True]
+    args = (x.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), tw, adv, old, ref, 0.04, 0.2, 0.28, 0.9,
+            4, mask)
+    torch.library.opcheck(torch.ops.memops.linear_grpo.default, args)
+    saved = torch.ops.memops.linear_grpo(*args)[2:]
+    torch.library.opcheck(torch.ops.memops.linear_grpo_backward.default,
+                          (torch.tensor(1.5, dtype=cdt), x.detach(), w.detach(), t, b.detach(), tw, adv, old, ref,
+                           *saved, 0.04, 0.2, 0.28, 0.9, 4, mask, [True, True, True]))
+
+
+def test_gradcheck_float64():
+    x, w, b, t = _small(torch.float64, lead=(2, 3))
+    for tensor in (x, w, b):
+        tensor.requires_grad_(True)
+    g2 = torch.randn(t.shape, dtype=torch.float64)
+
+    def lp(x, w, b):
+        logp, ent = memops.linear_logprobs(x, w, t, b, temperature=0.7, return_entropy=True, chunk_size=4)
+        return logp, ent * g2
+    assert torch.autograd.gradcheck(lp, (x, w, b))
+    mask, adv = torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.tensor([0.5, -1.0], dtype=torch.float64)
+    old = torch.randn(2, 3, dtype=torch.float64) * 0.1 - 2.4
+    ref = torch.randn(2, 3, dtype=torch.float64) * 0.1 - 2.4
+
+    def grpo(x, w, b):
+        return memops.linear_grpo_loss(x, w, t, mask, adv, bias=b, old_logprobs=old, ref_logprobs=ref, beta=0.1,
+                                       epsilon_high=10.0, chunk_size=4)[0]
+    assert torch.autograd.gradcheck(grpo, (x, w, b))
+
+
+def _grpo_step(x, w, ids, mask, adv, old, ref):
+    loss, metrics = memops.linear_grpo_loss(x, w, ids, mask, adv, old_logprobs=old, ref_logprobs=ref, beta=0.04,
+                                            temperature=0.9, chunk_size=5)
+    ent = memops.linear_logprobs(x, w, ids, temperature=0.9, return_entropy=True, chunk_size=5)[1]
+    return loss - 0.01 * (ent * mask).sum() / mask.sum(), metrics["kl"]
+
+
+def _rl_inputs(t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, t, 8, generator=g, requires_grad=True)
+    w = torch.randn(29, 8, generator=g, requires_grad=True)
+    ids = torch.randint(0, 29, (2, t), generator=g)
+    mask = (torch.rand(2, t, generator=g) < 0.8).float()
+    adv, old, ref = torch.randn(2, generator=g), -3 + torch.randn(2, t, generator=g), -3 + torch.randn(2, t, generator=g)
+    return x, w, ids, mask, adv, old, ref
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_dynamic(backend):
+    torch._dynamo.reset()
+    cf = torch.compile(_grpo_step, backend=backend, fullgraph=True, dynamic=True)
+    for t in (7, 11):
+        args = _rl_inputs(t)
+        loss, kl = cf(*args)
+        grads = torch.autograd.grad(loss, args[:2])
+        e_loss, e_kl = _grpo_step(*args)
+        e_grads = torch.autograd.grad(e_loss, args[:2])
+        torch.testing.assert_close(loss, e_loss)
+        torch.testing.assert_close(kl, e_kl)
+        for a, b in zip(grads, e_grads):
+            torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+
+
+class TinyPolicy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(29, 8)
+        self.lm_head = torch.nn.Linear(8, 29, bias=False)
+
+    def forward(self, ids, mask, adv, old, ref):
+        h = self.embed(ids)
+        loss, metrics = memops.linear_grpo_loss(h, self.lm_head.weight, ids, mask, adv, old_logprobs=old,
+                                                ref_logprobs=ref, beta=0.04, chunk_size=4)
+        return loss, memops.linear_logprobs(h, self.lm_head.weight, ids, chunk_size=4), metrics["kl"]
+
+
+def test_export_round_trip_in_fresh_process(tmp_path):
+    torch.manual_seed(0)
+    model = TinyPolicy()
+    _, _, ids, mask, adv, old, ref = _rl_inputs(6)
+    args = (ids, mask, adv, old, ref)
+    ep = torch.export.export(model, args)
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert torch.ops.memops.linear_grpo.default in targets and torch.ops.memops.linear_logprobs.default in targets
+    expected = model(*args)
+    path = tmp_path / "policy.pt2"
+    torch.export.save(ep, str(path))
+    torch.save(args, tmp_path / "args.pt")
+    script = textwrap.dedent(f"""
+        import torch, memops
+        ep = torch.export.load({str(path)!r})
+        args = torch.load({str(tmp_path / 'args.pt')!r})
+        loss, logp, kl = ep.module()(*args)
+        torch.save((loss, logp, kl), {str(tmp_path / 'out.pt')!r})
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for a, b in zip(torch.load(tmp_path / "out.pt"), expected):
+        torch.testing.assert_close(a, b)
