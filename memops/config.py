@@ -54,15 +54,14 @@ def chunking(*, chunk_size: int | None = None, budget_bytes: int | None = None):
 def default_budget(device: torch.device) -> int:
     """Bytes one chunk's work buffers may take when no budget is set.
 
-    CPU: 96 MiB (about 740 rows at V=32000): the forward GEMM of a chunk spreads
-    over the BLAS threads less well as its row count shrinks, and this keeps
-    the peak small.  CUDA: 1/32 of the device memory, between 256 MiB and
+    CPU: 112 MiB (at most about 860 rows at V=32000): a chunk's GEMMs lose
+    efficiency as its row count shrinks, and this keeps the peak small.  CUDA: 1/32 of the device memory, between 256 MiB and
     2 GiB, so matmuls stay large enough to saturate the tensor cores.
     """
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         return int(min(max(total // 32, 256 << 20), 2 << 30))
-    return 96 << 20
+    return 112 << 20
 
 
 def chunk_rows(n_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device,
@@ -72,7 +71,9 @@ def chunk_rows(n_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device:
     ``requested`` (per call) wins, then ``set_chunk_size``, then the budget: each
     row costs one ``vocab``-long row of the compute dtype (fp32, fp64 for fp64
     inputs), plus one in the input dtype when that differs (the matmul output),
-    plus its ``hidden``-sized input and gradient rows.
+    plus its ``hidden``-sized input and gradient rows.  Budget-sized chunks are
+    balanced (``n_rows`` split into equal chunks of at most the budget's rows)
+    so no small ragged chunk pays a full pass over the weight gradient.
     """
     if requested and requested > 0:
         rows = requested
@@ -83,4 +84,6 @@ def chunk_rows(n_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device:
         work = 8 if dtype == torch.float64 else 4
         per_row = vocab * (work + (dtype.itemsize if dtype.itemsize != work else 0)) + 2 * hidden * work
         rows = max(_MIN_ROWS, budget // max(per_row, 1))
+        if n_rows > rows:
+            rows = -(-n_rows // -(-n_rows // rows))
     return int(max(1, min(rows, max(n_rows, 1))))

@@ -75,7 +75,7 @@ def test_bench_sweep_softcap_and_transform(tmp_path):
 
 
 def test_bench_oom_is_reported_and_the_run_goes_on(tmp_path):
-    # eager needs ~3 x 256 MiB of logits here; memops' chunk budget is 96 MiB
+    # eager needs ~3 x 256 MiB of logits here; memops' chunk budget is 112 MiB
     out = tmp_path / "oom.json"
     proc = _run("--tokens", "4096", "--hidden", "32", "--vocab", "16384", "--reps", "1", "--methods",
                 "eager,memops", "--memory-cap-mib", "200", "--no-check", "--json", str(out))

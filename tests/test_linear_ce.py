@@ -217,6 +217,10 @@ def test_chunk_rows_follow_budget():
     assert config.chunk_rows(1000, 10, 10, torch.float32, cpu, requested=7) == 7
     with memops.chunking(budget_bytes=1 << 30):
         assert config.chunk_rows(100_000, 128_000, 4096, torch.float32, cpu) > big
+    # budget-sized chunks are balanced: 4096 rows at V=32000 in 5 equal chunks, not 4 full ones and a stub
+    per_row = 32000 * 4 + 2 * 1024 * 4
+    with memops.chunking(budget_bytes=862 * per_row):
+        assert config.chunk_rows(4096, 32000, 1024, torch.float32, cpu) == 820
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
