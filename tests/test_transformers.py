@@ -180,3 +180,22 @@ def test_trainer_gradient_accumulation_matches_unpatched(tmp_path, monkeypatch):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(base_losses), rtol=1e-5, atol=1e-6)
     for k in base_state:
         torch.testing.assert_close(state[k], base_state[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+
+
+def test_train_demo_tiny_end_to_end(tmp_path):
+    import json
+    import subprocess
+    import sys
+    pytest.importorskip("tokenizers")
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "memops", "train-demo", "--steps", "3", "--vocab", "600",
+                           "--corpus-mb", "0.3", "--seq", "32", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "(fp32 threshold 1e-4: OK)" in proc.stdout
+    data = json.loads((out / "train_demo.json").read_text())
+    assert data["parity_ok"] is True and data["max_rel_diff"] < 1e-4
+    for run in ("unpatched", "memops"):
+        assert len(data["runs"][run]["losses"]) == 3 and data["runs"][run]["peak_bytes"] > 0
+    assert "| memops |" in (out / "train_demo.md").read_text()
+    assert (out / "loss_curves.png").stat().st_size > 1000
