@@ -11,6 +11,7 @@ from .ops.linear_ce import linear_cross_entropy
 from .ops.logprobs import linear_grpo_loss, linear_logprobs
 from .ops.transform import linear_loss, registered_transforms, transform
 from . import transforms  # noqa: F401  (registers the built-in transforms)
+from . import distributed  # noqa: F401  (memops.distributed.*)
 
 __version__ = "0.1.0"
 

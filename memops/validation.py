@@ -257,3 +257,17 @@ def check_grpo_front(input, completion_ids, completion_mask, advantages, loss_ty
                                               or isinstance(max_completion_length, bool)
                                               or max_completion_length < 1):
         _fail(f"max_completion_length must be a positive int or None, got {max_completion_length!r}")
+
+
+def check_vocab_parallel_ce(input, weight, target, bias, num_items, vocab_start, vocab_size, reduction,
+                            label_smoothing, z_loss, softcap, logit_scale, chunk_size) -> None:
+    """``memops::vocab_parallel_ce``: the CE checks, with ``weight`` holding rows
+    ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-row weight."""
+    check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
+                    logit_scale, chunk_size)
+    for name, v in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if not (0 <= vocab_start and vocab_start + weight.shape[0] <= vocab_size):
+        _fail(f"this rank's weight shard rows [{vocab_start}, {vocab_start + weight.shape[0]}) must lie in "
+              f"[0, vocab_size={vocab_size})")

@@ -3,3 +3,4 @@
 from . import linear_ce  # noqa: F401
 from . import transform  # noqa: F401
 from . import logprobs  # noqa: F401
+from . import vocab_parallel  # noqa: F401

@@ -19,15 +19,28 @@ from .. import validation as V
 from . import _autograd, engine
 
 
+class Shard:
+    """This process's slice ``[start, start + rows)`` of a ``vocab``-row weight split over a process group
+    (vocab parallelism); ``max_`` and ``sum_`` all-reduce per-row statistics across the group in place."""
+
+    def __init__(self, start: int, vocab: int, max_, sum_):
+        self.start, self.vocab, self.max_, self.sum_ = start, vocab, max_, sum_
+
+
 def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, ignore_index, label_smoothing,
-               z_loss, softcap, logit_scale, chunk_size):
+               z_loss, softcap, logit_scale, chunk_size, shard: Optional[Shard] = None):
     """Per-row loss and lse for all rows; gradients when ``upstream`` is given.
 
     ``upstream`` is the per-row (``[N]``) or shared (0-dim) factor that multiplies
-    each non-ignored row's d(loss)/d(logits); ignored rows get factor 0.
+    each non-ignored row's d(loss)/d(logits); ignored rows get factor 0.  With a
+    ``shard``, ``weight`` holds rows ``shard.start ...`` of the vocabulary: the row
+    max, the sum of exponentials, the target logit and the logit sum are reduced
+    across the group, and the gradients are this shard's (input gradient: its
+    partial sum).
     """
     n = x2d.shape[0]
-    vocab = weight.shape[0]
+    local = weight.shape[0]
+    vocab, first = (shard.vocab, shard.start) if shard is not None else (local, 0)
     cdt = engine.compute_dtype(x2d.dtype)
     loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
     lse_rows = torch.empty(n, dtype=cdt, device=x2d.device)
@@ -36,13 +49,20 @@ def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, igno
     def head(z: Tensor, start: int, stop: int):
         t = t1d[start:stop].long()
         valid = t != ignore_index
-        safe = torch.where(valid, t, 0).unsqueeze(1)
+        mine = valid if shard is None else valid & (t >= first) & (t < first + local)
+        safe = torch.where(mine, t - first, 0).unsqueeze(1)
         z_target = z.gather(1, safe).squeeze(1)
-        z_mean = z.mean(dim=1) if eps else None
+        if shard is not None:
+            z_target = torch.where(mine, z_target, 0.0)
+        z_sum = z.sum(dim=1) if eps else None
         # softmax numerator in place over the logits: z <- exp(z - rowmax)
         zmax = z.amax(dim=1, keepdim=True)
+        if shard is not None:
+            shard.max_(zmax)
         z.sub_(zmax).exp_()
         total = z.sum(dim=1)
+        if shard is not None:
+            shard.sum_([x for x in (total, z_target, z_sum) if x is not None])
         zmax = zmax.squeeze(1)
         # logsumexp as torch.logsumexp gives it (a +-inf row max is the answer) ...
         lse_out = torch.where(zmax.isinf(), zmax, zmax + total.log())
@@ -50,7 +70,7 @@ def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, igno
         lse = torch.where(lse_out.isfinite(), lse_out, torch.nan)
         loss = lse - z_target
         if eps:
-            loss = (1.0 - eps) * loss + eps * (lse - z_mean)
+            loss = (1.0 - eps) * loss + eps * (lse - z_sum / vocab)
         if zl:
             loss = loss + zl * lse.square()
         loss_rows[start:stop] = torch.where(valid, loss, 0.0)
@@ -65,7 +85,8 @@ def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, igno
         z.mul_(row.unsqueeze(1))
         if eps:
             z.sub_((coef * (eps / vocab)).unsqueeze(1))
-        return z.scatter_add_(1, safe, (coef * (eps - 1.0)).unsqueeze(1))
+        hit = coef * (eps - 1.0)
+        return z.scatter_add_(1, safe, (hit if shard is None else torch.where(mine, hit, 0.0)).unsqueeze(1))
 
     gx, gw, gb = engine.run(x2d, weight, bias, head, logit_scale=logit_scale, softcap=softcap,
                             chunk_size=chunk_size, grad_input=need[0], grad_weight=need[1],
