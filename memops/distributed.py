@@ -58,10 +58,9 @@ def _dtensor_parts(weight, bias, input):
 
 def _shard_layout(weight: Tensor, group) -> tuple[int, int]:
     """``(vocab_start, vocab_size)`` from every rank's shard row count, in rank order."""
-    import torch.distributed._functional_collectives as funcol
+    from .ops.vocab_parallel import all_gather
     rows = torch.tensor([weight.shape[0]], dtype=torch.int64, device=weight.device)
-    sizes = funcol.all_gather_tensor(rows, 0, group)
-    sizes = (sizes.wait() if hasattr(sizes, "wait") else sizes).tolist()
+    sizes = all_gather(rows, group).tolist()
     rank = torch.distributed.get_rank(group)
     return int(sum(sizes[:rank])), int(sum(sizes))
 

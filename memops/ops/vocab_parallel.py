@@ -32,13 +32,19 @@ def _all_reduce(t: Tensor, op: str, group) -> Tensor:
     return out.wait() if hasattr(out, "wait") else out
 
 
+def all_gather(t: Tensor, group) -> Tensor:
+    """Functional all-gather along dim 0 (``all_gather_single`` where the build has it)."""
+    import torch.distributed._functional_collectives as funcol
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+    out = gather(t, 0, group)
+    return out.wait() if hasattr(out, "wait") else out
+
+
 def _shard(group_name: str, vocab_start: int, vocab_size: int, local: int, device) -> Shard:
     """Check that the ranks' ``[start, start + rows)`` tile ``[0, vocab_size)``; the group's reducers."""
-    import torch.distributed._functional_collectives as funcol
     group = _group(group_name)
     mine = torch.tensor([vocab_start, local, vocab_size], dtype=torch.int64, device=device)
-    everyone = funcol.all_gather_tensor(mine, 0, group)
-    everyone = (everyone.wait() if hasattr(everyone, "wait") else everyone).view(-1, 3).tolist()
+    everyone = all_gather(mine, group).view(-1, 3).tolist()
     spans = sorted((s, s + n) for s, n, _ in everyone)
     sizes = {v for _, _, v in everyone}
     tiled = spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] in sizes
