@@ -116,15 +116,27 @@ def case_compile():
     _close(gw, ew, "compiled grad weight")
 
 
+class MixedHead(torch.nn.Linear):
+    """A head whose forward runs the transform and log-prob ops too (all inside the module's forward)."""
+
+    def forward(self, h, labels):
+        ce = memops.linear_cross_entropy(h, self.weight, labels, self.bias, label_smoothing=0.05, chunk_size=5)
+        focal = memops.linear_loss(h, self.weight, labels, "focal", self.bias, chunk_size=5, gamma=1.5)
+        logp = memops.linear_logprobs(h, self.weight, labels.clamp(min=0), self.bias, chunk_size=5)
+        return ce + 0.5 * focal - 0.01 * (logp * (labels >= 0)).sum() / labels.numel()
+
+
 class TinyLM(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, head=LinearCrossEntropyHead):
         super().__init__()
         self.embed = torch.nn.Embedding(V, D)
         self.mlp = torch.nn.Linear(D, D)
-        self.lm_head = LinearCrossEntropyHead(D, V, bias=True)
+        self.lm_head = head(D, V, bias=True)
 
     def forward(self, tokens, labels):
         h = torch.tanh(self.mlp(self.embed(tokens)))
+        if isinstance(self.lm_head, MixedHead):
+            return self.lm_head(h, labels)
         return self.lm_head(h, labels, label_smoothing=0.05, chunk_size=5)
 
 
@@ -136,9 +148,9 @@ def _batches(world):
     return tokens, labels
 
 
-def _single(world):
+def _single(world, head):
     torch.manual_seed(0)
-    model = TinyLM().double()
+    model = TinyLM(head).double()
     tokens, labels = _batches(world)
     # DDP / FSDP average the per-rank gradients: the mean of the per-rank losses
     loss = sum(model(tokens[2 * r:2 * r + 2], labels[2 * r:2 * r + 2]) for r in range(world)) / world
@@ -148,27 +160,29 @@ def _single(world):
 
 def case_ddp():
     rank, world = dist.get_rank(), dist.get_world_size()
-    expected = _single(world)
-    torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(TinyLM().double())
-    tokens, labels = _batches(world)
-    model(tokens[2 * rank:2 * rank + 2], labels[2 * rank:2 * rank + 2]).backward()
-    for k, p in model.module.named_parameters():
-        _close(p.grad, expected[k], f"ddp grad {k}")
+    for head in (LinearCrossEntropyHead, MixedHead):
+        expected = _single(world, head)
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(TinyLM(head).double())
+        tokens, labels = _batches(world)
+        model(tokens[2 * rank:2 * rank + 2], labels[2 * rank:2 * rank + 2]).backward()
+        for k, p in model.module.named_parameters():
+            _close(p.grad, expected[k], f"ddp {head.__name__} grad {k}")
 
 
 def case_fsdp():
     from torch.distributed.fsdp import fully_shard
     rank, world = dist.get_rank(), dist.get_world_size()
-    expected = _single(world)
-    torch.manual_seed(0)
-    model = TinyLM().double()
-    fully_shard(model.lm_head)
-    fully_shard(model)
-    tokens, labels = _batches(world)
-    model(tokens[2 * rank:2 * rank + 2], labels[2 * rank:2 * rank + 2]).backward()
-    for k, p in model.named_parameters():
-        _close(p.grad.full_tensor(), expected[k], f"fsdp grad {k}")
+    for head in (LinearCrossEntropyHead, MixedHead):
+        expected = _single(world, head)
+        torch.manual_seed(0)
+        model = TinyLM(head).double()
+        fully_shard(model.lm_head)
+        fully_shard(model)
+        tokens, labels = _batches(world)
+        model(tokens[2 * rank:2 * rank + 2], labels[2 * rank:2 * rank + 2]).backward()
+        for k, p in model.named_parameters():
+            _close(p.grad.full_tensor(), expected[k], f"fsdp {head.__name__} grad {k}")
 
 
 def _hf_llama():

@@ -199,3 +199,10 @@ def test_train_demo_tiny_end_to_end(tmp_path):
         assert len(data["runs"][run]["losses"]) == 3 and data["runs"][run]["peak_bytes"] > 0
     assert "| memops |" in (out / "train_demo.md").read_text()
     assert (out / "loss_curves.png").stat().st_size > 1000
+
+
+def test_llama_3_2_1b_config_builds_the_1b_architecture():
+    from memops.integrations.train_demo import CONFIGS
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIGS["llama-3.2-1b"]))
+    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400  # Llama 3.2 1B, tied embeddings

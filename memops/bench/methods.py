@@ -82,6 +82,18 @@ def grpo_data(tokens: int, vocab: int, batch: int, device: str):
     return tuple(t.to(device) for t in (mask, adv, old, ref))
 
 
+def _unfused_family(method: str, unfused):
+    """eager / compile / float64 reference of an unfused ``fn(x, w, t, upcast=True)``, else None."""
+    import torch
+    if method == "eager":
+        return unfused
+    if method == "compile":
+        return torch.compile(unfused)
+    if method == "reference":
+        return lambda x, w, t: unfused(x.double(), w.double(), t, upcast=False)
+    return None
+
+
 def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str):
     import torch
 
@@ -107,12 +119,9 @@ def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str):
     def unfused(x, w, t, upcast=True):
         return formula(logp_of(x, w, t, upcast).view(batch, -1), x)
 
-    if method == "eager":
-        return unfused
-    if method == "compile":
-        return torch.compile(unfused)
-    if method == "reference":
-        return lambda x, w, t: unfused(x.double(), w.double(), t, upcast=False)
+    base = _unfused_family(method, unfused)
+    if base is not None:
+        return base
     if method == "chunked":
         return lambda x, w, t: formula(torch.cat([logp_of(xc, w, tc) for xc, tc in zip(x.chunk(CHUNKS),
                                                                                        t.chunk(CHUNKS))]).view(batch, -1), x)
@@ -139,12 +148,9 @@ def build(method: str, loss: str, softcap: float | None, device: str, tokens: in
     def unfused(x, w, t, upcast=True):
         return per_token(_logits(x, w, softcap, upcast), t).sum() / (t != IGNORE).sum()
 
-    if method == "eager":
-        return unfused
-    if method == "compile":
-        return torch.compile(unfused)
-    if method == "reference":
-        return lambda x, w, t: unfused(x.double(), w.double(), t, upcast=False)
+    base = _unfused_family(method, unfused)
+    if base is not None:
+        return base
     if method == "chunked":
         def chunked(x, w, t):
             total = sum(per_token(_logits(xc, w, softcap), tc).sum()

@@ -64,6 +64,16 @@ def for_backward_op(ctx, empty: Tensor) -> tuple[list[bool], tuple]:
     return list(ctx.have), ctx.grads
 
 
+def backward_grads(ctx, grad_loss: Tensor, need: Sequence[bool], backward_op, tensors: Sequence) -> list:
+    """The gradients ``need`` asks for (None elsewhere): the forward's, scaled (eager fast path), or from
+    ``backward_op(grad_loss, *tensors, *saved_grads, *ctx.options, need, have)``."""
+    grads = take_precomputed(ctx, grad_loss, need)
+    if grads is None:
+        have, saved = for_backward_op(ctx, tensors[0])
+        grads = backward_op(grad_loss, *tensors, *saved, *ctx.options, need, have)
+    return [g if n else None for g, n in zip(grads, need)]
+
+
 _AUTOGRAD_KEYS = ("AutogradCPU", "AutogradCUDA", "AutogradOther", "ADInplaceOrView")
 
 

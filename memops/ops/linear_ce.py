@@ -153,12 +153,8 @@ def _backward(ctx, grad_loss, _grad_lse, _ggx, _ggw, _ggb):
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
     if grad_loss is None or not any(need):
         return (None,) * 13
-    grads = _autograd.take_precomputed(ctx, grad_loss, need)
-    if grads is None:
-        have, saved = _autograd.for_backward_op(ctx, input)
-        grads = torch.ops.memops.linear_ce_backward(
-            grad_loss, input, weight, target, bias, num_items, *saved, *ctx.options, need, have)
-    dx, dw, db = (g if n else None for g, n in zip(grads, need))
+    dx, dw, db = _autograd.backward_grads(ctx, grad_loss, need, torch.ops.memops.linear_ce_backward,
+                                          (input, weight, target, bias, num_items))
     return (dx, dw, None, db) + (None,) * 9
 
 

@@ -241,12 +241,8 @@ def _grpo_backward(ctx, grad_loss, _grad_logp, _ggx, _ggw, _ggb):
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
     if grad_loss is None or not any(need):
         return (None,) * 14
-    grads = _autograd.take_precomputed(ctx, grad_loss, need)
-    if grads is None:
-        have, saved = _autograd.for_backward_op(ctx, input)
-        grads = torch.ops.memops.linear_grpo_backward(grad_loss, input, weight, target, bias, token_weight,
-                                                      advantages, old, ref, *saved, *ctx.options, need, have)
-    dx, dw, db = (g if n else None for g, n in zip(grads, need))
+    dx, dw, db = _autograd.backward_grads(ctx, grad_loss, need, torch.ops.memops.linear_grpo_backward,
+                                          (input, weight, target, bias, token_weight, advantages, old, ref))
     return (dx, dw, None, db) + (None,) * 10
 
 
