@@ -126,15 +126,10 @@ def _check_grpo(shapes: list[dict], args) -> list[dict]:
     return shapes
 
 
-def _run_shape(args, shape: dict, methods: list[str], progress: Progress, tmp: str) -> list[dict]:
-    rows: dict[str, dict] = {}
-    runnable = []
-    for m in methods:
-        why = unavailable(m, args.loss, args.device)
-        if why:
-            rows[m] = {"method": m, "status": "skipped", "error": why}
-        else:
-            runnable.append(m)
+def _run_shape(args, shape: dict, methods: list[str], skipped: dict[str, str], progress: Progress,
+               tmp: str) -> list[dict]:
+    rows = {m: {"method": m, "status": "skipped", "error": why} for m, why in skipped.items()}
+    runnable = [m for m in methods if m not in skipped]
     ref_file = None
     if not args.no_check:
         ref_file = os.path.join(tmp, f"ref-{shape['tokens']}-{shape['vocab']}.pt")
@@ -194,12 +189,13 @@ def main(args) -> int:
     print(f"# memops bench ({args.loss}{softcap}): D={args.hidden} V={args.vocab} {args.dtype} on {device_name}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     methods = args.method_list
-    runnable = [m for m in methods if not unavailable(m, args.loss, args.device)]
-    progress = Progress(len(shapes) * ((0 if args.no_check else 1) + len(runnable) * (1 + args.reps)))
+    skipped = {m: why for m in methods if (why := unavailable(m, args.loss, args.device))}
+    runnable = len(methods) - len(skipped)
+    progress = Progress(len(shapes) * ((0 if args.no_check else 1) + runnable * (1 + args.reps)))
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
-            rows = _run_shape(args, shape, methods, progress, tmp)
+            rows = _run_shape(args, shape, methods, skipped, progress, tmp)
             runs.append(dict(shape, rows=rows))
             print(f"\n## N={shape['tokens']} D={shape['hidden']} V={shape['vocab']}\n", flush=True)
             print(format_table(rows), flush=True)
