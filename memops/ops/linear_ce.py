@@ -139,26 +139,32 @@ def linear_ce_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target:
     return tuple(input.new_empty((0,)) if o is None else o for o in out)
 
 
-def _setup_context(ctx, inputs, output):
-    (input, weight, target, bias, num_items, ignore_index, reduction, label_smoothing, z_loss, softcap,
-     logit_scale, chunk_size, grad_mask) = inputs
-    _, lse, gx, gw, gb = output
-    ctx.save_for_backward(input, weight, target, bias, num_items)
-    ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size)
-    _autograd.setup(ctx, (gx, gw, gb), [reduction != "none" and bool(m) for m in grad_mask], (lse,))
+def register_ce_autograd(op_name: str, backward_op, reduction_at: int) -> None:
+    """Autograd for a CE-family op with inputs ``(input, weight, target, bias, num_items, *options,
+    grad_mask)`` (``inputs[reduction_at]`` the reduction) and outputs ``(loss, lse, *grads)``; its
+    backward op takes ``(grad_loss, input, weight, target, bias, num_items, *saved, *options, need, have)``."""
+    def setup_context(ctx, inputs, output):
+        input, weight, target, bias, num_items = inputs[:5]
+        _, lse, gx, gw, gb = output
+        ctx.save_for_backward(input, weight, target, bias, num_items)
+        ctx.options = tuple(inputs[5:-1])
+        scalar = inputs[reduction_at] != "none"
+        _autograd.setup(ctx, (gx, gw, gb), [scalar and bool(m) for m in inputs[-1]], (lse,))
+
+    def backward(ctx, grad_loss, _grad_lse, _ggx, _ggw, _ggb):
+        input, weight, target, bias, num_items = ctx.saved_tensors
+        n_inputs = 6 + len(ctx.options)
+        need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
+        if grad_loss is None or not any(need):
+            return (None,) * n_inputs
+        dx, dw, db = _autograd.backward_grads(ctx, grad_loss, need, backward_op,
+                                              (input, weight, target, bias, num_items))
+        return (dx, dw, None, db) + (None,) * (n_inputs - 4)
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad_loss, _grad_lse, _ggx, _ggw, _ggb):
-    input, weight, target, bias, num_items = ctx.saved_tensors
-    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
-    if grad_loss is None or not any(need):
-        return (None,) * 13
-    dx, dw, db = _autograd.backward_grads(ctx, grad_loss, need, torch.ops.memops.linear_ce_backward,
-                                          (input, weight, target, bias, num_items))
-    return (dx, dw, None, db) + (None,) * 9
-
-
-torch.library.register_autograd("memops::linear_ce", _backward, setup_context=_setup_context)
+register_ce_autograd("memops::linear_ce", torch.ops.memops.linear_ce_backward, reduction_at=6)
 
 
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,

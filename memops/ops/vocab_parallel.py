@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from .. import validation as V
-from . import _autograd, engine
-from .linear_ce import Shard, _ce_chunks
+from . import engine
+from .linear_ce import Shard, _ce_chunks, register_ce_autograd
 
 
 def _group(name: str):
@@ -120,24 +120,4 @@ def vocab_parallel_ce_backward(grad_loss: Tensor, input: Tensor, weight: Tensor,
     return tuple(input.new_empty((0,)) if o is None else o for o in out)
 
 
-def _setup_context(ctx, inputs, output):
-    (input, weight, target, bias, num_items, vocab_start, vocab_size, group_name, ignore_index, reduction,
-     label_smoothing, z_loss, softcap, logit_scale, chunk_size, grad_mask) = inputs
-    _, lse, gx, gw, gb = output
-    ctx.save_for_backward(input, weight, target, bias, num_items)
-    ctx.options = (vocab_start, vocab_size, group_name, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                   logit_scale, chunk_size)
-    _autograd.setup(ctx, (gx, gw, gb), [reduction != "none" and bool(m) for m in grad_mask], (lse,))
-
-
-def _backward(ctx, grad_loss, _grad_lse, _ggx, _ggw, _ggb):
-    input, weight, target, bias, num_items = ctx.saved_tensors
-    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
-    if grad_loss is None or not any(need):
-        return (None,) * 16
-    dx, dw, db = _autograd.backward_grads(ctx, grad_loss, need, torch.ops.memops.vocab_parallel_ce_backward,
-                                          (input, weight, target, bias, num_items))
-    return (dx, dw, None, db) + (None,) * 12
-
-
-torch.library.register_autograd("memops::vocab_parallel_ce", _backward, setup_context=_setup_context)
+register_ce_autograd("memops::vocab_parallel_ce", torch.ops.memops.vocab_parallel_ce_backward, reduction_at=9)
