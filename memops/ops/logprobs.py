@@ -58,7 +58,9 @@ def _chunks(x2d, weight, t1d, bias, *, temperature, entropy: bool, coef: Optiona
             if c1 is not None:
                 z.add_(c1.unsqueeze(1))
             z.mul_(e).mul_((-1.0 / total).unsqueeze(1))
-        else:  # z holds e^s: -p * c1
+        else:  # -p * c1
+            if entropy:  # z still holds s
+                z.copy_(e)
             z.mul_((-c1 / total).unsqueeze(1))
         if c1 is not None:
             z.scatter_add_(1, t, c1.unsqueeze(1))
