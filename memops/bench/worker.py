@@ -27,7 +27,7 @@ def _say(obj) -> None:
     print(_MSG + json.dumps(obj), flush=True)
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -38,7 +38,7 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -74,7 +74,7 @@ def _cap_memory(cap_mib: float, cuda: bool, torch) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated() + extra) / total))
         return
     import resource
-    limit = _status_kib("VmSize") * 1024 + extra
+    limit = status_kib("VmSize") * 1024 + extra
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
 
 
@@ -125,8 +125,8 @@ def run_worker(args) -> None:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            elif _reset_peak_rss():
-                base = _status_kib("VmRSS") * 1024
+            elif reset_peak_rss():
+                base = status_kib("VmRSS") * 1024
         try:
             if cuda:
                 start.record()
@@ -146,7 +146,7 @@ def run_worker(args) -> None:
             if cuda:
                 peak = torch.cuda.max_memory_allocated() - base - grads
             else:  # RSS moves in pages: a tiny step can read slightly below zero
-                peak = max(0, _status_kib("VmHWM") * 1024 - base - grads)
+                peak = max(0, status_kib("VmHWM") * 1024 - base - grads)
         _say({"time_s": times[-1]})
     out = {"method": args.worker, "status": "ok", "time_s": statistics.median(times), "times_s": times,
            "peak_extra_bytes": peak, "loss": loss.item()}

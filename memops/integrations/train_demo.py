@@ -19,6 +19,8 @@ import sys
 import sysconfig
 import time
 
+from ..bench.worker import reset_peak_rss, status_kib
+
 CONFIGS = {
     # a small Llama for CPUs
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
@@ -89,26 +91,16 @@ def _peak_reset(device):
     import torch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    else:
+        reset_peak_rss()
 
 
 def _peak_bytes(device) -> int | None:
     import torch
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    kib = status_kib("VmHWM")
+    return None if kib is None else kib * 1024
 
 
 def _run_variant(args) -> None:

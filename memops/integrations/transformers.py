@@ -179,7 +179,8 @@ def revert(target: Any):
         if _PATCHED in target.__dict__:
             target.forward = target.__dict__[_PATCHED]
             delattr(target, _PATCHED)
-            target.__dict__.get("_memops_eval") is not None and delattr(target, "_memops_eval")
+            if "_memops_eval" in target.__dict__:
+                delattr(target, "_memops_eval")
         return target
     if isinstance(target, torch.nn.Module):
         if _PATCHED in target.__dict__:
