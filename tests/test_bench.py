@@ -39,6 +39,7 @@ def test_bench_tiny_end_to_end(tmp_path):
     assert f"{1 + (4 + cce) * 3}/{1 + (4 + cce) * 3} " in proc.stderr
     data = json.loads(out.read_text())
     assert data["config"]["tokens"] == 64 and data["config"]["loss"] == "cross_entropy"
+    assert data["config"]["ignored"] == 0.1 and "10% of targets ignored" in proc.stdout
     assert data["torch"] and data["device_name"] == "cpu" and data["threads"] >= 1
     (run,) = data["runs"]
     assert (run["tokens"], run["hidden"], run["vocab"]) == (64, 16, 101)
@@ -60,9 +61,9 @@ def test_bench_sweep_softcap_and_transform(tmp_path):
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     proc = _run("--tokens", "32", "--hidden", "8", "--vocab", "50", "--reps", "1", "--loss", "focal",
                 "--softcap", "5", "--methods", "eager,chunked,memops,cce", "--sweep", "tokens",
-                "--sweep-values", "16,40", "--json", str(out), "--plot", str(png))
+                "--sweep-values", "16,40", "--ignored", "0", "--json", str(out), "--plot", str(png))
     assert proc.returncode == 0, proc.stderr
-    assert "(focal softcap=5)" in proc.stdout and "## N=16 " in proc.stdout and "## N=40 " in proc.stdout
+    assert "(focal softcap=5, 0% of targets ignored)" in proc.stdout and "## N=16 " in proc.stdout and "## N=40 " in proc.stdout
     assert "| cce | skipped: cross-entropy only |" in proc.stdout
     data = json.loads(out.read_text())
     assert [r["tokens"] for r in data["runs"]] == [16, 40] and data["config"]["sweep"] == "tokens"
@@ -94,6 +95,7 @@ def test_bench_oom_is_reported_and_the_run_goes_on(tmp_path):
     (["--sweep-values", "1,2"], "--sweep-values needs --sweep"),
     (["--sweep", "vocab", "--sweep-values", "a,b"], "--sweep-values must be comma-separated integers"),
     (["--memory-cap-mib", "-1"], "--memory-cap-mib must be > 0"),
+    (["--ignored", "1.5"], "--ignored must be a fraction in [0, 1]"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--preset", "gpt5"], "invalid choice"),
 ])

@@ -237,3 +237,29 @@ def test_backward_twice_with_retain_graph(reduction):
         want = torch.autograd.grad(ref, (x, w, b), go, retain_graph=True)
         for a, r in zip(got, want):
             _assert_close(a, r, 1e-12, f"grad at scale {scale}")
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_ignored_row_overflowing_to_inf_matches_reference(softcap):
+    # finite inputs whose logits overflow: the reference's gradients turn NaN, memops' too
+    x = torch.randn(5, 4, dtype=torch.float64)
+    w = torch.randn(6, 4, dtype=torch.float64).abs()
+    x[3] = torch.tensor([1e308, 1e308, 0.0, 0.0], dtype=torch.float64)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    t = torch.tensor([0, 1, 2, IGNORE, 4])
+    ref = ref_linear_cross_entropy(x, w, t, softcap=softcap)
+    out = memops.linear_cross_entropy(x, w, t, softcap=softcap, chunk_size=2)
+    _assert_close(out, ref, 1e-12, "loss")
+    for a, r in zip(torch.autograd.grad(out, (x, w)), torch.autograd.grad(ref, (x, w))):
+        assert torch.equal(a.isnan(), r.isnan())
+        _assert_close(a, r, 1e-12, "grad")
+
+
+def test_return_lse_of_ignored_tokens_is_their_logsumexp():
+    x = torch.randn(7, 5, dtype=torch.float64)
+    w = torch.randn(9, 5, dtype=torch.float64)
+    t = torch.tensor([1, IGNORE, 2, IGNORE, IGNORE, 0, 8])
+    loss, lse = memops.linear_cross_entropy(x, w, t, return_lse=True, chunk_size=3)
+    _assert_close(lse, torch.logsumexp(x @ w.T, -1), 1e-12, "lse")
+    _assert_close(loss, ref_linear_cross_entropy(x, w, t), 1e-12, "loss")

@@ -38,9 +38,10 @@ OPTIONS = {
 }
 
 
+@pytest.mark.parametrize("all_lse", [False, True], ids=["skip-ignored", "all-lse"])
 @pytest.mark.parametrize("sample", list(SAMPLES))
 @pytest.mark.parametrize("opts", list(OPTIONS))
-def test_opcheck_linear_ce(sample, opts):
+def test_opcheck_linear_ce(sample, opts, all_lse):
     x, w, b, t = _sample(**SAMPLES[sample])
     x.requires_grad_(True)
     w.requires_grad_(True)
@@ -49,14 +50,14 @@ def test_opcheck_linear_ce(sample, opts):
     reduction, ls, zl, cap, scale, chunk = OPTIONS[opts]
     # opcheck compares without equal_nan: the mean over zero tokens (NaN) gets an explicit divisor
     num_items = torch.tensor(3.0) if (reduction == "mean" and t.numel() == 0) else None
-    args = (x, w, t, b, num_items, IGNORE, reduction, ls, zl, cap, scale, chunk, [True, True, b is not None])
+    args = (x, w, t, b, num_items, IGNORE, reduction, ls, zl, cap, scale, chunk, all_lse, [True, True, b is not None])
     torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
 
 
 @pytest.mark.parametrize("sample", ["fp32-bias", "fp64-nobias", "empty"])
 def test_opcheck_linear_ce_num_items_and_no_grad_mask(sample):
     x, w, b, t = _sample(**SAMPLES[sample])
-    args = (x, w, t, b, torch.tensor(7.0), IGNORE, "mean", 0.0, 0.0, None, 1.0, 0, [False, False, False])
+    args = (x, w, t, b, torch.tensor(7.0), IGNORE, "mean", 0.0, 0.0, None, 1.0, 0, False, [False, False, False])
     torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
 
 
@@ -69,9 +70,9 @@ def test_opcheck_linear_ce_backward(sample, opts):
     has_b = b is not None
     num_items = torch.tensor(3.0) if (reduction == "mean" and t.numel() == 0) else None
     saved = torch.ops.memops.linear_ce(x, w, t, b, num_items, IGNORE, reduction, ls, zl, cap, scale, chunk,
-                                       [True, True, has_b])[2:]
+                                       False, [True, True, has_b])[2:]
     have = [reduction != "none"] * 2 + [reduction != "none" and has_b]
-    args = (grad_loss, x, w, t, b, num_items, *saved, IGNORE, reduction, ls, zl, cap, scale, chunk,
+    args = (grad_loss, x, w, t, b, num_items, *saved, IGNORE, reduction, ls, zl, cap, scale, chunk, False,
             [True, True, has_b], have)
     torch.library.opcheck(torch.ops.memops.linear_ce_backward.default, args)
 

@@ -73,3 +73,48 @@ def test_no_grad_is_forward_only():
 def test_per_token_loss_recomputes_in_backward():
     # forward logits, then backward: logits again, input grad, weight grad
     assert _train((True, True, True), "none") == 4 * projection_flops(N, V, D)
+
+
+def _ignored_inputs(k=30):
+    x, w, b, t = _inputs()
+    t[torch.randperm(N)[:k]] = -100
+    return x, w, b, t, N - k
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_ignored_tokens_cost_no_matmul_work(reduction):
+    x, w, b, t, live = _ignored_inputs()
+
+    def step():
+        loss = memops.linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_size=17)
+        (loss if reduction == "mean" else (loss * torch.randn_like(loss)).sum()).backward()
+    passes = 3 if reduction == "mean" else 4
+    assert _count(step) == passes * projection_flops(live, V, D)
+    with torch.no_grad():
+        assert _count(lambda: memops.linear_cross_entropy(x, w, t, b, chunk_size=17)) == projection_flops(live, V, D)
+
+
+def test_transform_skips_ignored_tokens():
+    x, w, b, t, live = _ignored_inputs()
+    step = lambda: memops.linear_loss(x, w, t, "focal", b, gamma=2.0, chunk_size=17).backward()  # noqa: E731
+    assert _count(step) == 3 * projection_flops(live, V, D)
+
+
+def test_return_lse_computes_every_token():
+    # the logsumexp of ignored tokens is returned too, so their logits are computed
+    x, w, b, t, _ = _ignored_inputs()
+    step = lambda: memops.linear_cross_entropy(x, w, t, b, chunk_size=17, return_lse=True)[0].backward()  # noqa: E731
+    assert _count(step) == 3 * projection_flops(N, V, D)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e37])
+def test_non_finite_or_overflowing_ignored_rows_are_computed(bad):
+    # such rows make the reference's gradients NaN, so they cannot be skipped
+    x, w, b, t, _ = _ignored_inputs()
+    with torch.no_grad():
+        x[(t == -100).nonzero()[0, 0], 0] = bad
+    assert _train_on(x, w, b, t) == 3 * projection_flops(N, V, D)
+
+
+def _train_on(x, w, b, t):
+    return _count(lambda: memops.linear_cross_entropy(x, w, t, b, chunk_size=17).backward())

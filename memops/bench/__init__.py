@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cross_entropy (memops.linear_cross_entropy), grpo (memops.linear_grpo_loss: a GRPO "
                         "step on --batch completions) or any registered transform, e.g. focal "
                         "(memops.linear_loss; the baselines apply the same function to the full logits)")
+    p.add_argument("--ignored", type=float, default=0.1,
+                   help="fraction of targets set to ignore_index, as padding / prompt tokens (default %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="completions B of --loss grpo (tokens = B x T; default 8)")
     p.add_argument("--sweep", choices=("tokens", "vocab"),
                    help="run every method at several sizes (default: 1/8, 1/4, 1/2 and 1x the size)")
@@ -92,6 +94,8 @@ def _resolve(args) -> list[dict]:
             raise SystemExit("--loss grpo takes no --softcap")
         if args.batch < 1:
             raise SystemExit("--batch must be >= 1")
+    if not 0.0 <= args.ignored <= 1.0:
+        raise SystemExit(f"--ignored must be a fraction in [0, 1], got {args.ignored!r}")
     if args.memory_cap_mib is not None and not args.memory_cap_mib > 0:
         raise SystemExit("--memory-cap-mib must be > 0")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -186,6 +190,8 @@ def main(args) -> int:
         raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     softcap = f" softcap={args.softcap:g}" if args.softcap is not None else ""
+    if args.loss != "grpo":
+        softcap += f", {args.ignored:.0%} of targets ignored"
     print(f"# memops bench ({args.loss}{softcap}): D={args.hidden} V={args.vocab} {args.dtype} on {device_name}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     methods = args.method_list
@@ -201,7 +207,7 @@ def main(args) -> int:
             print(format_table(rows), flush=True)
     if args.json:
         config = {k: getattr(args, k) for k in ("tokens", "hidden", "vocab", "softcap", "preset", "dtype", "device",
-                                                "reps", "loss", "batch", "sweep", "memory_cap_mib")}
+                                                "reps", "loss", "ignored", "batch", "sweep", "memory_cap_mib")}
         config["methods"] = methods
         with open(args.json, "w") as f:
             json.dump({"config": config, "torch": torch.__version__, "device_name": device_name,

@@ -53,7 +53,8 @@ def is_oom(exc: BaseException) -> bool:
     return any(s in str(exc).lower() for s in _OOM_TEXT)
 
 
-def make_inputs(shape: dict, dtype_name: str, device_name: str, torch, loss: str = "cross_entropy"):
+def make_inputs(shape: dict, dtype_name: str, device_name: str, torch, loss: str = "cross_entropy",
+                ignored: float = 0.1):
     device = torch.device(device_name)
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
@@ -62,7 +63,8 @@ def make_inputs(shape: dict, dtype_name: str, device_name: str, torch, loss: str
     w = (torch.randn(v, d, generator=g) / d**0.5).to(device=device, dtype=dtype)
     t = torch.randint(0, v, (n,), generator=g).to(device)
     if loss != "grpo":  # GRPO masks tokens through its completion mask instead
-        t[::10] = -100  # some padding, as in real batches
+        # padding / prompt tokens, as in real batches: a random ``ignored`` fraction of the targets
+        t[torch.randperm(n, generator=g)[:round(ignored * n)].to(device)] = -100
     return x.requires_grad_(True), w.requires_grad_(True), t
 
 
@@ -85,7 +87,7 @@ def run_worker(args) -> None:
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")
     shape = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
-    x, w, t = make_inputs(shape, args.dtype, args.device, torch, args.loss)
+    x, w, t = make_inputs(shape, args.dtype, args.device, torch, args.loss, args.ignored)
     fn = build(args.worker, args.loss, args.softcap, args.device, tokens=args.tokens,
                vocab=args.vocab, batch=args.batch)
     if cuda:
@@ -164,7 +166,8 @@ class Worker:
     def __init__(self, args, method: str, shape: dict, ref_file: str | None, tmp: str):
         cmd = [sys.executable, "-m", "memops", "bench", "--worker", method,
                "--tokens", str(shape["tokens"]), "--hidden", str(shape["hidden"]), "--vocab", str(shape["vocab"]),
-               "--dtype", args.dtype, "--device", args.device, "--loss", args.loss, "--batch", str(args.batch)]
+               "--dtype", args.dtype, "--device", args.device, "--loss", args.loss, "--batch", str(args.batch),
+               "--ignored", repr(args.ignored)]
         if args.softcap is not None:
             cmd += ["--softcap", repr(args.softcap)]
         if args.memory_cap_mib is not None and method != "reference":

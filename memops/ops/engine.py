@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 from .. import config
 
-# head(z, start, stop) -> dz or None.  ``z`` is the chunk's final logits in the
-# compute dtype; the head may overwrite it and return it as ``dz``.
-Head = Callable[[torch.Tensor, int, int], Optional[torch.Tensor]]
+# head(z, sel) -> dz or None.  ``z`` is a block of final logits in the compute dtype, ``sel`` the
+# block's rows of the ``[N]`` per-row tensors (a slice, or an index tensor when rows are skipped:
+# ``t[sel]`` and ``out[sel] = v`` work either way); the head may overwrite ``z`` and return it as ``dz``.
+Head = Callable[[torch.Tensor, "slice | torch.Tensor"], Optional[torch.Tensor]]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,35 +98,75 @@ def _sub_rows(rows: int, vocab: int, elem: int, device: torch.device, sub_block_
     return max(1, min(rows, sub_block_bytes // max(vocab * elem, 1)))
 
 
+def _abs_max(t: torch.Tensor | None) -> float:
+    """``max |t|`` without a temporary the size of ``t`` (NaN if ``t`` holds one; 0 when empty)."""
+    if t is None or t.numel() == 0:
+        return 0.0
+    return max(float(t.amax()), -float(t.amin()))
+
+
+def live_rows(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor,
+              logit_scale: float = 1.0) -> torch.Tensor | None:
+    """Indices of the rows to compute when only the ``keep`` rows' results matter, or None for all rows.
+
+    A row whose result is discarded (an ignored target) still turns the unfused
+    reference's gradients NaN when its logits hold NaN or +inf (softmax backward
+    multiplies its zero upstream by ``exp(nan)``).  Rows are skipped only when
+    that cannot happen: ``|logit_scale| * (D * max|x| * max|W| + max|b|)``, a
+    bound on every logit, is finite and far below the dtype's largest value
+    (inputs, weight and bias free of NaN and inf).  fp16, whose range is small,
+    may fail the bound and then computes every row.
+    """
+    n_keep = int(keep.sum())
+    if n_keep == keep.numel():
+        return None
+    bound = abs(logit_scale) * (x2d.shape[1] * _abs_max(x2d) * _abs_max(weight) + _abs_max(bias))
+    if not bound < torch.finfo(x2d.dtype).max / 4:  # also catches NaN / inf
+        return None
+    return keep.nonzero().squeeze(1)
+
+
 def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: Head, *,
         logit_scale: float = 1.0, softcap: float | None = None, chunk_size: int = 0,
         grad_input: bool = False, grad_weight: bool = False, grad_bias: bool = False,
-        sub_block_bytes: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        sub_block_bytes: int | None = None, rows: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Run ``head`` over ``x2d [N, D]`` in row chunks; return (grad_input, grad_weight, grad_bias).
 
-    One ``[rows, V]`` buffer in the compute dtype is reused by every chunk.  The
-    elementwise work (scaling, soft-capping, the head, the chain rule back
-    through them) runs on cache-sized sub-blocks of it; the head may overwrite
-    its block in place and return it as ``dz`` (another tensor is copied in).
-    The three gradients are ``None`` unless asked for; grad_input has
-    ``x2d``'s dtype, grad_weight and grad_bias the compute dtype (callers cast
-    at the end).  A head that returns ``None`` gets no gradient work.
+    ``rows`` (sorted indices, from :func:`live_rows`) limits the work to those
+    rows; the others get no head call and a zero input gradient.  One ``[rows, V]``
+    buffer in the compute dtype is reused by every chunk.  The elementwise work
+    (scaling, soft-capping, the head, the chain rule back through them) runs on
+    cache-sized sub-blocks of it; the head may overwrite its block in place and
+    return it as ``dz`` (another tensor is copied in).  The three gradients are
+    ``None`` unless asked for; grad_input has ``x2d``'s dtype, grad_weight and
+    grad_bias the compute dtype (callers cast at the end).  A head that returns
+    ``None`` gets no gradient work.
     """
     n, d = x2d.shape
+    m = n if rows is None else rows.numel()
     vocab = weight.shape[0]
     cdt = compute_dtype(x2d.dtype)
     want = grad_input or grad_weight or grad_bias
-    # input/weight gradients are written whole by the first chunk that computes them (no zero fill)
-    gx = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device) if grad_input else None
+    # input/weight gradients are written whole by the first chunk that computes them (no zero fill),
+    # except the input gradient's skipped rows
+    gx = None
+    if grad_input:
+        gx = (torch.empty if rows is None else torch.zeros)(x2d.shape, dtype=x2d.dtype, device=x2d.device)
     gw = torch.empty(weight.shape, dtype=cdt, device=weight.device) if grad_weight else None
     gb = torch.zeros(vocab, dtype=cdt, device=weight.device) if (grad_bias and bias is not None) else None
     written = False
-    rows = config.chunk_rows(n, vocab, d, x2d.dtype, x2d.device, chunk_size)
-    sub = _sub_rows(rows, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
-    buf = torch.empty((rows, vocab), dtype=cdt, device=x2d.device)
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        xc = x2d[start:stop]
+    size = config.chunk_rows(m, vocab, d, x2d.dtype, x2d.device, chunk_size)
+    sub = _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
+    buf = torch.empty((size, vocab), dtype=cdt, device=x2d.device)
+    for start in range(0, m, size):
+        stop = min(start + size, m)
+        if rows is None:
+            sel = slice(start, stop)
+            xc = x2d[sel]
+        else:
+            sel = rows[start:stop]
+            xc = x2d.index_select(0, sel)
         z = buf[: stop - start]
         if x2d.dtype != cdt:
             z.copy_(F.linear(xc, weight, bias))
@@ -143,7 +184,9 @@ def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head
                 zs.div_(softcap).tanh_()
                 slope = zs.square().neg_().add_(1.0)  # d softcap(u) / du = 1 - tanh^2
                 zs.mul_(softcap)
-            dz = head(zs, start + lo, start + lo + zs.shape[0])
+            part = (slice(start + lo, start + lo + zs.shape[0]) if rows is None
+                    else sel[lo:lo + zs.shape[0]])
+            dz = head(zs, part)
             if dz is None:
                 grads = False
                 continue
@@ -158,7 +201,12 @@ def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head
         if gb is not None:
             gb.add_(z.sum(0))
         if gx is not None:
-            _input_grad(z, weight, gx[start:stop])
+            if rows is None:
+                _input_grad(z, weight, gx[sel])
+            else:
+                part_gx = torch.empty((stop - start, d), dtype=x2d.dtype, device=x2d.device)
+                _input_grad(z, weight, part_gx)
+                gx.index_copy_(0, sel, part_gx)
         if gw is not None:
             _accumulate_weight_grad(gw, z, xc, first=not written)
         written = True
@@ -207,9 +255,9 @@ def scale_saved(grad_loss: torch.Tensor, saved, need, have, cdt: torch.dtype) ->
     return out, [bool(n and not h) for n, h in zip(need, have)]
 
 
-def row_coef(up: torch.Tensor, start: int, stop: int, valid: torch.Tensor) -> torch.Tensor:
-    """The factor for rows ``start:stop`` of a chunk (0 where the target is ignored)."""
-    coef = up[start:stop] if up.dim() else up.expand(stop - start)
+def row_coef(up: torch.Tensor, sel, valid: torch.Tensor) -> torch.Tensor:
+    """The factor for rows ``sel`` of a chunk (0 where the target is ignored)."""
+    coef = up[sel] if up.dim() else up.expand(valid.shape[0])
     return torch.where(valid, coef, 0.0)
 
 

@@ -28,8 +28,12 @@ class Shard:
 
 
 def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, ignore_index, label_smoothing,
-               z_loss, softcap, logit_scale, chunk_size, shard: Optional[Shard] = None):
-    """Per-row loss and lse for all rows; gradients when ``upstream`` is given.
+               z_loss, softcap, logit_scale, chunk_size, shard: Optional[Shard] = None, all_lse: bool = True):
+    """Per-row loss and lse; gradients when ``upstream`` is given.
+
+    With ``all_lse=False`` rows whose target is ``ignore_index`` are skipped where
+    that is exact (``engine.live_rows``): their loss and gradients are zero and
+    their lse is left 0.
 
     ``upstream`` is the per-row (``[N]``) or shared (0-dim) factor that multiplies
     each non-ignored row's d(loss)/d(logits); ignored rows get factor 0.  With a
@@ -43,11 +47,17 @@ def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, igno
     vocab, first = (shard.vocab, shard.start) if shard is not None else (local, 0)
     cdt = engine.compute_dtype(x2d.dtype)
     loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
-    lse_rows = torch.empty(n, dtype=cdt, device=x2d.device)
     eps, zl = label_smoothing, z_loss
+    rows = None
+    if shard is None and not all_lse:
+        rows = engine.live_rows(x2d, weight, bias, t1d != ignore_index, logit_scale)
+    if rows is None:
+        lse_rows = torch.empty(n, dtype=cdt, device=x2d.device)
+    else:
+        lse_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
 
-    def head(z: Tensor, start: int, stop: int):
-        t = t1d[start:stop].long()
+    def head(z: Tensor, sel):
+        t = t1d[sel].long()
         valid = t != ignore_index
         mine = valid if shard is None else valid & (t >= first) & (t < first + local)
         safe = torch.where(mine, t - first, 0).unsqueeze(1)
@@ -73,11 +83,11 @@ def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, igno
             loss = (1.0 - eps) * loss + eps * (lse - z_sum / vocab)
         if zl:
             loss = loss + zl * lse.square()
-        loss_rows[start:stop] = torch.where(valid, loss, 0.0)
-        lse_rows[start:stop] = lse_out
+        loss_rows[sel] = torch.where(valid, loss, 0.0)
+        lse_rows[sel] = lse_out
         if upstream is None:
             return None
-        coef = engine.row_coef(upstream, start, stop, valid)
+        coef = engine.row_coef(upstream, sel, valid)
         # d loss / d z = coef * [softmax * (1 + 2 zl lse) - eps / V - (1 - eps) onehot(target)]
         row = coef / total
         if zl:
@@ -90,15 +100,16 @@ def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, igno
 
     gx, gw, gb = engine.run(x2d, weight, bias, head, logit_scale=logit_scale, softcap=softcap,
                             chunk_size=chunk_size, grad_input=need[0], grad_weight=need[1],
-                            grad_bias=need[2] and bias is not None)
+                            grad_bias=need[2] and bias is not None, rows=rows)
     return loss_rows, lse_rows, gx, gw, gb
 
 
 @torch.library.custom_op("memops::linear_ce", mutates_args=())
 def linear_ce(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], num_items: Optional[Tensor],
               ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-              logit_scale: float, chunk_size: int, grad_mask: list[bool]
+              logit_scale: float, chunk_size: int, all_lse: bool, grad_mask: list[bool]
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, lse, grad_input, grad_weight, grad_bias)``; ``lse`` of ignored tokens may be 0 unless ``all_lse``."""
     V.check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
                       logit_scale, chunk_size)
     V.check_target_range(target, weight.shape[0], ignore_index)
@@ -110,7 +121,7 @@ def linear_ce(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tens
         need, up = tuple(grad_mask), engine.upstream(None, reduction, valid, num_items, cdt)
     loss_rows, lse_rows, gx, gw, gb = _ce_chunks(
         x2d, weight, t1d, bias, up, need, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size)
+        z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size, all_lse=all_lse)
     loss = engine.reduce_rows(loss_rows, reduction, valid, num_items, target.shape)
     return (loss, lse_rows.view(target.shape)) + engine.grads_out(gx, gw, gb, input, weight, bias)
 
@@ -120,8 +131,9 @@ def linear_ce_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target:
                        num_items: Optional[Tensor], saved_grad_input: Tensor, saved_grad_weight: Tensor,
                        saved_grad_bias: Tensor, ignore_index: int, reduction: str, label_smoothing: float,
                        z_loss: float, softcap: Optional[float], logit_scale: float, chunk_size: int,
-                       need: list[bool], have: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``linear_ce``'s loss: scale what the forward computed, recompute the rest."""
+                       all_lse: bool, need: list[bool], have: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``linear_ce``'s loss: scale what the forward computed, recompute the rest
+    (``all_lse`` is the forward's option; gradients never need the ignored tokens' lse)."""
     V.check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
                       logit_scale, chunk_size)
     cdt = engine.compute_dtype(input.dtype)
@@ -133,7 +145,7 @@ def linear_ce_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target:
         _, _, gx, gw, gb = _ce_chunks(
             x2d, weight, t1d, bias, up, missing, ignore_index=ignore_index,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
-            chunk_size=chunk_size)
+            chunk_size=chunk_size, all_lse=False)
         fresh = engine.grads_out(gx, gw, gb, input, weight, bias)
         out = [f if m else o for o, f, m in zip(out, fresh, missing)]
     return tuple(input.new_empty((0,)) if o is None else o for o in out)
@@ -178,7 +190,9 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     where ``logits`` are soft-capped to ``softcap * tanh(logits / softcap)`` when ``softcap``
     is set.  ``num_items`` replaces the token count as the divisor of ``reduction="mean"``.
     With ``return_lse=True`` also returns the per-token logsumexp (shaped like
-    ``target``, detached) from the same pass.
+    ``target``, detached) from the same pass.  Otherwise tokens whose target is
+    ``ignore_index`` are not computed at all (when that is exact: see
+    ``engine.live_rows``), so padding and prompt tokens cost no matmul work.
     """
     num_items, chunk_size = V.as_num_items(num_items), V.as_chunk_size(chunk_size)
     V.check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
@@ -186,5 +200,6 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     mask = _autograd.grad_mask(input, weight, bias)
     loss, lse, _, _, _ = torch.ops.memops.linear_ce(
         input, weight, target, bias, num_items, int(ignore_index), reduction, float(label_smoothing),
-        float(z_loss), None if softcap is None else float(softcap), float(logit_scale), chunk_size, mask)
+        float(z_loss), None if softcap is None else float(softcap), float(logit_scale), chunk_size,
+        bool(return_lse), mask)
     return (loss, lse) if return_lse else loss

@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import validation as V
 from . import _autograd, engine
 
-# coef(start, stop, logp, entropy) -> (c1 [n] or None, c2 [n] or None); None means no gradient.
+# coef(sel, logp, entropy) -> (c1 [n] or None, c2 [n] or None); None means no gradient.
 Coef = Callable[[int, int, Tensor, Optional[Tensor]], Optional[tuple]]
 
 
@@ -32,8 +32,8 @@ def _chunks(x2d, weight, t1d, bias, *, temperature, entropy: bool, coef: Optiona
     logp_rows = torch.empty(n, dtype=cdt, device=x2d.device)
     ent_rows = torch.empty(n, dtype=cdt, device=x2d.device) if entropy else None
 
-    def head(z: Tensor, start: int, stop: int):
-        t = t1d[start:stop].long().unsqueeze(1)
+    def head(z: Tensor, sel):
+        t = t1d[sel].long().unsqueeze(1)
         zmax = z.amax(dim=1, keepdim=True)
         z.sub_(zmax)  # z <- s = z - rowmax
         s_t = z.gather(1, t).squeeze(1)
@@ -42,14 +42,14 @@ def _chunks(x2d, weight, t1d, bias, *, temperature, entropy: bool, coef: Optiona
             total = e.sum(dim=1)
             log_total = total.log()
             ent = log_total - (e * z).sum(dim=1) / total  # H = log sum e^s - sum p s
-            ent_rows[start:stop] = ent
+            ent_rows[sel] = ent
         else:
             z.exp_()
             e, total, ent = z, z.sum(dim=1), None
             log_total = total.log()
         logp = s_t - log_total
-        logp_rows[start:stop] = logp
-        c = coef(start, stop, logp, ent) if coef is not None else None
+        logp_rows[sel] = logp
+        c = coef(sel, logp, ent) if coef is not None else None
         if c is None:
             return None
         c1, c2 = c
@@ -94,8 +94,8 @@ def linear_logprobs_backward(grad_logprobs: Optional[Tensor], grad_entropy: Opti
     g1 = None if grad_logprobs is None else grad_logprobs.reshape(-1).to(cdt)
     g2 = None if grad_entropy is None else grad_entropy.reshape(-1).to(cdt)
 
-    def coef(start, stop, logp, ent):
-        return (None if g1 is None else g1[start:stop]), (None if g2 is None else g2[start:stop])
+    def coef(sel, logp, ent):
+        return (None if g1 is None else g1[sel]), (None if g2 is None else g2[sel])
 
     _, _, gx, gw, gb = _chunks(x2d, weight, t1d, bias, temperature=temperature, entropy=g2 is not None,
                                coef=coef, need=need, chunk_size=chunk_size)
@@ -165,8 +165,7 @@ def _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, upstream, need, *, be
                  temperature, chunk_size):
     """Per-token log-probs for every row; when ``upstream`` is given, also the gradients of
     ``upstream * sum(w * token_loss)``, each chunk's coefficient by autograd of ``grpo_token_loss``."""
-    def coef(start, stop, logp, ent):
-        sl = slice(start, stop)
+    def coef(sl, logp, ent):
         with _autograd.autograd_inside_kernel():
             leaf = logp.detach().requires_grad_(True)
             tok = grpo_token_loss(leaf, adv[sl], None if old is None else old[sl], None if ref is None else ref[sl],

@@ -97,37 +97,39 @@ def _transform_chunks(x2d, weight, t1d, bias, extras2d, upstream: Optional[Tenso
                for e, ne in zip(extras2d, need_extra)]
     diff = [i for i, ne in enumerate(need_extra) if ne]
 
-    def head(z: Tensor, start: int, stop: int):
-        t = t1d[start:stop].long()
+    def head(z: Tensor, sel):
+        t = t1d[sel].long()
         valid = t != ignore_index
         safe = torch.where(valid, t, 0)
-        rows = [e[start:stop] for e in extras2d]
+        rows = [e[sel] for e in extras2d]
+        n_rows = z.shape[0]
         if upstream is None:
-            out = _check_rows(tf.name, tf.fn(z, safe, *rows, **options), stop - start)
-            loss_rows[start:stop] = torch.where(valid, out, 0.0)
+            out = _check_rows(tf.name, tf.fn(z, safe, *rows, **options), n_rows)
+            loss_rows[sel] = torch.where(valid, out, 0.0)
             return None
 
-        coef = engine.row_coef(upstream, start, stop, valid)
+        coef = engine.row_coef(upstream, sel, valid)
         with _autograd.autograd_inside_kernel():
             leaves = [z.detach().requires_grad_(True)] + [rows[i].detach().requires_grad_(True) for i in diff]
             args = list(rows)
             for i, leaf in zip(diff, leaves[1:]):
                 args[i] = leaf
-            out = _check_rows(tf.name, tf.fn(leaves[0], safe, *args, **options), stop - start)
+            out = _check_rows(tf.name, tf.fn(leaves[0], safe, *args, **options), n_rows)
             grads = (torch.autograd.grad(out, leaves, coef.to(out.dtype),
                                          allow_unused=True)
                      if out.requires_grad else [None] * len(leaves))  # a transform constant in its inputs
         grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
         out = out.detach()
-        loss_rows[start:stop] = torch.where(valid, out, 0.0)
+        loss_rows[sel] = torch.where(valid, out, 0.0)
         for i, g in zip(diff, grads[1:]):
-            gextras[i][start:stop] = g
+            gextras[i][sel] = g
         return grads[0]
 
     sub = _SUB_BLOCK_BYTES["cpu" if x2d.device.type == "cpu" else "other"]
+    rows = engine.live_rows(x2d, weight, bias, t1d != ignore_index, logit_scale)
     gx, gw, gb = engine.run(x2d, weight, bias, head, logit_scale=logit_scale, softcap=softcap,
                             chunk_size=chunk_size, grad_input=need[0], grad_weight=need[1],
-                            grad_bias=need[2] and bias is not None, sub_block_bytes=sub)
+                            grad_bias=need[2] and bias is not None, sub_block_bytes=sub, rows=rows)
     return loss_rows, gx, gw, gb, gextras
 
 
