@@ -332,3 +332,20 @@ def test_export_round_trip_with_user_transform(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(model(h, y).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_extra_on_an_ignored_row_matches_reference(bad):
+    # the reference's gradient sees 0 * inf there (NaN), so that row is computed, not skipped
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, IGNORE, 2, 3, IGNORE, 6])
+    weight = torch.rand(6, dtype=torch.float64)
+    weight[1] = bad
+    fn = memops.transforms.weighted_cross_entropy
+    ref = ref_linear_loss(x, w, t, fn, extras=(weight,))
+    out = memops.linear_loss(x, w, t, "weighted_cross_entropy", extras=(weight,), chunk_size=4)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, equal_nan=True)
+    for a, r in zip(torch.autograd.grad(out, (x, w)), torch.autograd.grad(ref, (x, w))):
+        assert torch.equal(a.isnan(), r.isnan()) and a.isnan().any()
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, equal_nan=True)

@@ -2,8 +2,10 @@
 
 A *transform* is a function ``fn(logits, target, *extras, **options) -> [n]``:
 ``logits`` is one fp32 (fp64 for fp64 inputs) chunk ``[n, V]`` of the final
-logits, ``target`` the chunk's ``[n]`` int64 targets (ignored rows carry 0;
-their result is discarded), each extra the chunk's rows of a per-token tensor.
+logits, ``target`` the chunk's ``[n]`` int64 targets, each extra the chunk's rows
+of a per-token tensor.  Rows whose target is ``ignore_index`` are normally not
+passed at all (``engine.live_rows``); where they must be, they carry target 0
+and their result is discarded.
 It is registered by name with :func:`transform`; the op takes the name and
 the options (encoded as a string) so it traces and exports like any op.
 Gradients come from ``torch.autograd.grad`` applied to ``fn`` one sub-block at a
@@ -126,7 +128,9 @@ def _transform_chunks(x2d, weight, t1d, bias, extras2d, upstream: Optional[Tenso
         return grads[0]
 
     sub = _SUB_BLOCK_BYTES["cpu" if x2d.device.type == "cpu" else "other"]
-    rows = engine.live_rows(x2d, weight, bias, t1d != ignore_index, logit_scale)
+    rows = None  # a NaN/inf extra on an ignored row reaches the reference's gradient (0 * inf): compute it
+    if all(bool(e.isfinite().all()) for e in extras2d if e.is_floating_point()):
+        rows = engine.live_rows(x2d, weight, bias, t1d != ignore_index, logit_scale)
     gx, gw, gb = engine.run(x2d, weight, bias, head, logit_scale=logit_scale, softcap=softcap,
                             chunk_size=chunk_size, grad_input=need[0], grad_weight=need[1],
                             grad_bias=need[2] and bias is not None, sub_block_bytes=sub, rows=rows)
