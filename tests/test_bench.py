@@ -149,3 +149,10 @@ def test_bench_grpo_step():
         assert max(errs) < 1e-5, m
     bad = _run("--loss", "grpo", "--batch", "3", "--tokens", "32")
     assert bad.returncode != 0 and "divisible by --batch (3)" in bad.stderr
+
+
+def test_timed_steps_get_glibc_steady_state_malloc():
+    # memory is measured under MALLOC_MMAP_THRESHOLD_=65536; timed steps run with the threshold glibc's
+    # dynamic rule reaches in a long-running process (mallopt succeeded)
+    from memops.bench.worker import steady_state_malloc
+    assert steady_state_malloc()

@@ -2,10 +2,11 @@
 
 The parent starts a worker with ``python -m memops bench --worker METHOD ...`` and
 ``MALLOC_MMAP_THRESHOLD_=65536`` (so freed tensors go back to the OS), then sends ``step`` lines on its
-stdin; the worker answers each with one protocol line on stdout.  A worker warms up (compiles) before it
-reports ready.  Peak memory is measured on the first timed step: on CPU the process's peak RSS
-(``VmHWM`` after resetting it through ``/proc/self/clear_refs``) minus the RSS before the step minus the
-bytes of the gradients the step returns; on CUDA the same from ``torch.cuda.max_memory_allocated``.
+stdin; the worker answers each with one protocol line on stdout.  A worker warms up (compiles), then
+measures peak memory on one untimed step, then reports ready: on CPU the process's peak RSS (``VmHWM``
+after resetting it through ``/proc/self/clear_refs``) minus the RSS before the step minus the bytes of
+the gradients the step returns; on CUDA the same from ``torch.cuda.max_memory_allocated``.  Timed steps
+then run with glibc's steady-state malloc settings (``steady_state_malloc``), as a training process has.
 """
 
 from __future__ import annotations
@@ -80,6 +81,43 @@ def _cap_memory(cap_mib: float, cuda: bool, torch) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
 
 
+def _peak_extra_bytes(step, x, w, cuda: bool, torch) -> int | None:
+    """Run one (untimed) step and return its peak memory above the memory before it, less the gradients
+    it returns.  On CPU the process runs with ``MALLOC_MMAP_THRESHOLD_=65536`` up to here, so freed
+    tensors have gone back to the OS and resident memory tracks live tensors."""
+    x.grad = w.grad = None
+    gc.collect()
+    base = None
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    elif reset_peak_rss():
+        base = status_kib("VmRSS") * 1024
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    if base is None:
+        return None
+    grads = sum(g.numel() * g.element_size() for g in (x.grad, w.grad))
+    if cuda:
+        return torch.cuda.max_memory_allocated() - base - grads
+    return max(0, status_kib("VmHWM") * 1024 - base - grads)  # RSS moves in pages: tiny steps can dip below 0
+
+
+def steady_state_malloc() -> bool:
+    """Give glibc malloc the settings its dynamic rule reaches in a long-running process (mmap threshold
+    32 MiB, its maximum; trim threshold twice that) instead of ``MALLOC_MMAP_THRESHOLD_=65536``, under
+    which every allocation over 64 KiB is a fresh, page-faulting mmap.  Timed steps run like this."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
 def run_worker(args) -> None:
     import torch
 
@@ -109,26 +147,18 @@ def run_worker(args) -> None:
         _cap_memory(args.memory_cap_mib, cuda, torch)
     try:
         step()  # warm-up (and compilation)
-        if cuda:
-            torch.cuda.synchronize()
+        peak = _peak_extra_bytes(step, x, w, cuda, torch)
     except Exception as exc:  # noqa: BLE001  (reported in the method's row)
         _say({"oom": is_oom(exc), "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"})
         return
+    steady_state_malloc()
     _say({"ready": True})
-    times, peak, loss = [], None, None
+    times, loss = [], None
     for line in sys.stdin:
         if line.strip() != "step":
             break
-        first = not times
         x.grad = w.grad = None
         gc.collect()
-        base = None
-        if first:
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            elif reset_peak_rss():
-                base = status_kib("VmRSS") * 1024
         try:
             if cuda:
                 start.record()
@@ -143,12 +173,6 @@ def run_worker(args) -> None:
         except Exception as exc:  # noqa: BLE001
             _say({"oom": is_oom(exc), "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"})
             return
-        if first and base is not None:
-            grads = sum(g.numel() * g.element_size() for g in (x.grad, w.grad))
-            if cuda:
-                peak = torch.cuda.max_memory_allocated() - base - grads
-            else:  # RSS moves in pages: a tiny step can read slightly below zero
-                peak = max(0, status_kib("VmHWM") * 1024 - base - grads)
         _say({"time_s": times[-1]})
     out = {"method": args.worker, "status": "ok", "time_s": statistics.median(times), "times_s": times,
            "peak_extra_bytes": peak, "loss": loss.item()}
