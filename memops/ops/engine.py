@@ -99,10 +99,11 @@ def _sub_rows(rows: int, vocab: int, elem: int, device: torch.device, sub_block_
 
 
 def _abs_max(t: torch.Tensor | None) -> float:
-    """``max |t|`` without a temporary the size of ``t`` (NaN if ``t`` holds one; 0 when empty)."""
+    """``max |t|`` in one pass, without a temporary the size of ``t`` (NaN if ``t`` holds one; 0 when empty)."""
     if t is None or t.numel() == 0:
         return 0.0
-    return max(float(t.amax()), -float(t.amin()))
+    lo, hi = torch.aminmax(t)
+    return max(float(hi), -float(lo))
 
 
 def live_rows(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor,
@@ -159,6 +160,9 @@ def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head
     size = config.chunk_rows(m, vocab, d, x2d.dtype, x2d.device, chunk_size)
     sub = _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
     buf = torch.empty((size, vocab), dtype=cdt, device=x2d.device)
+    gx_part = None  # with skipped rows a chunk's input gradient is made here, then scattered to its rows
+    if gx is not None and rows is not None:
+        gx_part = torch.empty((size, d), dtype=x2d.dtype, device=x2d.device)
     for start in range(0, m, size):
         stop = min(start + size, m)
         if rows is None:
@@ -204,9 +208,8 @@ def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head
             if rows is None:
                 _input_grad(z, weight, gx[sel])
             else:
-                part_gx = torch.empty((stop - start, d), dtype=x2d.dtype, device=x2d.device)
-                _input_grad(z, weight, part_gx)
-                gx.index_copy_(0, sel, part_gx)
+                _input_grad(z, weight, gx_part[: stop - start])
+                gx.index_copy_(0, sel, gx_part[: stop - start])
         if gw is not None:
             _accumulate_weight_grad(gw, z, xc, first=not written)
         written = True
