@@ -23,7 +23,7 @@ from .. import validation as V
 from . import _autograd, engine
 
 # coef(sel, logp, entropy) -> (c1 [n] or None, c2 [n] or None); None means no gradient.
-Coef = Callable[[int, int, Tensor, Optional[Tensor]], Optional[tuple]]
+Coef = Callable[["slice | Tensor", Tensor, Optional[Tensor]], Optional[tuple]]
 
 
 def _chunks(x2d, weight, t1d, bias, *, temperature, entropy: bool, coef: Optional[Coef], need, chunk_size):

@@ -128,12 +128,12 @@ def _transform_chunks(x2d, weight, t1d, bias, extras2d, upstream: Optional[Tenso
         return grads[0]
 
     sub = _SUB_BLOCK_BYTES["cpu" if x2d.device.type == "cpu" else "other"]
-    rows = None  # a NaN/inf extra on an ignored row reaches the reference's gradient (0 * inf): compute it
+    live = None  # a NaN/inf extra on an ignored row reaches the reference's gradient (0 * inf): compute it
     if all(bool(e.isfinite().all()) for e in extras2d if e.is_floating_point()):
-        rows = engine.live_rows(x2d, weight, bias, t1d != ignore_index, logit_scale)
+        live = engine.live_rows(x2d, weight, bias, t1d != ignore_index, logit_scale)
     gx, gw, gb = engine.run(x2d, weight, bias, head, logit_scale=logit_scale, softcap=softcap,
                             chunk_size=chunk_size, grad_input=need[0], grad_weight=need[1],
-                            grad_bias=need[2] and bias is not None, sub_block_bytes=sub, rows=rows)
+                            grad_bias=need[2] and bias is not None, sub_block_bytes=sub, rows=live)
     return loss_rows, gx, gw, gb, gextras
 
 
