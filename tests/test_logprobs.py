@@ -182,6 +182,71 @@ def test_matmul_work():
     assert m.flops == 2 * projection_flops(n, v, d)  # frozen head: no weight-gradient matmul
 
 
+def test_masked_tokens_cost_forward_work_only():
+    n, d, v, k = 48, 8, 40, 13
+    g = torch.Generator().manual_seed(1)
+    x, w, b = _params(g, (4, 12), d, v, True, dtype=torch.float32)
+    ids = torch.randint(0, v, (4, 12), generator=g)
+    mask = torch.ones(4, 12)
+    mask.view(-1)[torch.randperm(n, generator=g)[:k]] = 0
+    adv, old, ref = torch.randn(4, generator=g), torch.randn(4, 12, generator=g) - 3, torch.randn(4, 12, generator=g) - 3
+    with MatmulFlops() as m:
+        loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, bias=b, old_logprobs=old, ref_logprobs=ref,
+                                          beta=0.04, chunk_size=7)
+        loss.backward()
+    # every token's log-prob (the loss and metrics read them), gradient matmuls for unmasked ones only
+    assert m.flops == projection_flops(n, v, d) + 2 * projection_flops(n - k, v, d)
+    # a caller's own masked loss on linear_logprobs: zero-gradient tokens are not recomputed in backward
+    x.grad = w.grad = b.grad = None
+    with MatmulFlops() as m:
+        logp = memops.linear_logprobs(x, w, ids, b, chunk_size=7)
+        (logp * torch.randn(4, 12, generator=g) * mask).sum().backward()
+    assert m.flops == projection_flops(n, v, d) + 3 * projection_flops(n - k, v, d)
+
+
+# A masked token whose per-token loss or its derivative is not finite turns the reference's loss or
+# gradients NaN (0 * inf): such tokens must be computed in full, the others cost forward work only.
+@pytest.mark.parametrize("bad", ["old=-1e4", "old=-inf", "old=nan", "ref=1e4", "adv=inf", "x=nan", "x=inf",
+                                 "x=1e300"])
+@pytest.mark.parametrize("adv_sign", [1.0, -1.0])
+def test_masked_token_with_non_finite_terms_matches_reference(bad, adv_sign):
+    g = torch.Generator().manual_seed(4)
+    x, w, b = _params(g, (2, 6), 5, 17, True)
+    ids = torch.randint(0, 17, (2, 6), generator=g)
+    mask = torch.ones(2, 6)
+    mask[0, 2] = mask[1, 4] = 0
+    adv = torch.tensor([adv_sign, 0.5], dtype=torch.float64)
+    old = torch.randn(2, 6, generator=g, dtype=torch.float64) - 3
+    ref = torch.randn(2, 6, generator=g, dtype=torch.float64) - 3
+    what, value = bad.split("=")
+    with torch.no_grad():
+        {"old": old[0, 2:3], "ref": ref[0, 2:3], "x": x[0, 2, :1], "adv": adv[:1]}[what].fill_(float(value))
+    kw = dict(bias=b, old_logprobs=old, ref_logprobs=ref, beta=0.04)
+    loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, chunk_size=4, **kw)
+    ref_loss, _ = ref_grpo_loss(x, w, ids, mask, adv, **kw)
+    torch.testing.assert_close(loss, ref_loss, equal_nan=True, rtol=1e-9, atol=1e-9)
+    for a, r, name in zip(_grads(loss, (x, w, b)), _grads(ref_loss, (x, w, b)), ("x", "w", "b")):
+        torch.testing.assert_close(a, r, equal_nan=True, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e300, 0.5])
+def test_zero_gradient_token_with_non_finite_logits_matches_reference(value):
+    # linear_logprobs' backward skips tokens with zero grad_output only where their logits are finite
+    g = torch.Generator().manual_seed(6)
+    x, w, b = _params(g, (2, 6), 5, 17, True)
+    ids = torch.randint(0, 17, (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.float64)
+    mask[1, 3] = 0
+    with torch.no_grad():
+        x[1, 3, 0] = value
+    go = torch.randn(2, 6, generator=g, dtype=torch.float64) * mask
+    logp, ent = memops.linear_logprobs(x, w, ids, b, return_entropy=True, chunk_size=4)
+    ref_logp, ref_ent = ref_linear_logprobs(x, w, ids, b)
+    ours, theirs = (logp * go + ent * go).sum(), (ref_logp * go + ref_ent * go).sum()
+    for a, r, name in zip(_grads(ours, (x, w, b)), _grads(theirs, (x, w, b)), ("x", "w", "b")):
+        torch.testing.assert_close(a, r, equal_nan=True, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
 def test_grpo_backward_retain_graph_and_scaled_grad():
     g = torch.Generator().manual_seed(2)
     x, w, b = _params(g, (3, 5), 4, 11, True)

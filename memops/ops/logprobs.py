@@ -6,14 +6,17 @@ Given per-row coefficients ``c1`` on the log-probability and ``c2`` on the entro
 ``d/dz = c1 * (onehot - p) - c2 * p * (log p + H)``.
 
 * ``linear_logprobs`` does forward work only; its backward op recomputes the chunks with the per-token
-  ``grad_output`` of either output (four projection-sized matmuls: the per-token bound).
+  ``grad_output`` of either output (four projection-sized matmuls: the per-token bound), leaving out
+  tokens whose ``grad_output`` is 0 where that is exact (``engine.live_rows``).
 * ``linear_grpo`` knows each token's coefficient as soon as the chunk's log-probabilities are known
   (autograd of the per-token GRPO loss with respect to the log-probability, a ``[rows]`` computation), so
-  its forward also returns the loss's gradients: three matmuls in all, as in the unfused baseline.
+  its forward also returns the loss's gradients: three matmuls in all, as in the unfused baseline, and
+  one for masked tokens (see ``_grpo_chunks``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -26,11 +29,16 @@ from . import _autograd, engine
 Coef = Callable[["slice | Tensor", Tensor, Optional[Tensor]], Optional[tuple]]
 
 
-def _chunks(x2d, weight, t1d, bias, *, temperature, entropy: bool, coef: Optional[Coef], need, chunk_size):
+def _chunks(x2d, weight, t1d, bias, *, temperature, entropy: bool, coef: Optional[Coef], need, chunk_size,
+            rows: Optional[Tensor] = None, out: Optional[tuple] = None):
+    """Run the head over ``x2d`` (only ``rows`` when given; see ``engine.run``), writing the per-row
+    log-probs (and entropy) into ``out`` when given, else into new ``[N]`` tensors."""
     n = x2d.shape[0]
     cdt = engine.compute_dtype(x2d.dtype)
-    logp_rows = torch.empty(n, dtype=cdt, device=x2d.device)
-    ent_rows = torch.empty(n, dtype=cdt, device=x2d.device) if entropy else None
+    if out is None:
+        new = torch.empty if rows is None else torch.zeros
+        out = (new(n, dtype=cdt, device=x2d.device), new(n, dtype=cdt, device=x2d.device) if entropy else None)
+    logp_rows, ent_rows = out
 
     def head(z: Tensor, sel):
         t = t1d[sel].long().unsqueeze(1)
@@ -67,7 +75,8 @@ def _chunks(x2d, weight, t1d, bias, *, temperature, entropy: bool, coef: Optiona
         return z
 
     gx, gw, gb = engine.run(x2d, weight, bias, head, logit_scale=1.0 / temperature, chunk_size=chunk_size,
-                            grad_input=need[0], grad_weight=need[1], grad_bias=need[2] and bias is not None)
+                            grad_input=need[0], grad_weight=need[1], grad_bias=need[2] and bias is not None,
+                            rows=rows)
     return logp_rows, ent_rows, gx, gw, gb
 
 
@@ -97,8 +106,11 @@ def linear_logprobs_backward(grad_logprobs: Optional[Tensor], grad_entropy: Opti
     def coef(sel, logp, ent):
         return (None if g1 is None else g1[sel]), (None if g2 is None else g2[sel])
 
+    # tokens with no incoming gradient (masked by the caller's loss) are skipped where that is exact
+    keep = functools.reduce(torch.logical_or, [g != 0 for g in (g1, g2) if g is not None])
+    rows = engine.live_rows(x2d, weight, bias, keep, 1.0 / temperature)
     _, _, gx, gw, gb = _chunks(x2d, weight, t1d, bias, temperature=temperature, entropy=g2 is not None,
-                               coef=coef, need=need, chunk_size=chunk_size)
+                               coef=coef, need=need, chunk_size=chunk_size, rows=rows)
     return engine.grads_out(gx, gw, gb, input, weight, bias)
 
 
@@ -164,17 +176,42 @@ def _rows(t: Optional[Tensor], cdt) -> Optional[Tensor]:
 def _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, upstream, need, *, beta, epsilon_low, epsilon_high,
                  temperature, chunk_size):
     """Per-token log-probs for every row; when ``upstream`` is given, also the gradients of
-    ``upstream * sum(w * token_loss)``, each chunk's coefficient by autograd of ``grpo_token_loss``."""
-    def coef(sl, logp, ent):
+    ``upstream * sum(w * token_loss)``, each chunk's coefficient by autograd of ``grpo_token_loss``.
+
+    A token of weight 0 (masked) has the gradient coefficient ``0 * d token_loss / d logp``: exactly 0
+    unless that derivative is not finite, and then its logits' gradient is ``0 * (onehot - p) = 0``
+    unless its logits are not finite.  So masked tokens get forward work only (their log-probs feed the
+    loss and the metrics); the few whose coefficient turns out not to be 0 or whose log-prob is NaN,
+    where the reference's gradients turn NaN, are then computed in full.
+    """
+    def c1_of(sel, logp):
         with _autograd.autograd_inside_kernel():
             leaf = logp.detach().requires_grad_(True)
-            tok = grpo_token_loss(leaf, adv[sl], None if old is None else old[sl], None if ref is None else ref[sl],
-                                  beta, epsilon_low, epsilon_high)
-            (c1,) = torch.autograd.grad((tok * w[sl]).sum(), leaf)
-        return (c1 * upstream).detach(), None
+            tok = grpo_token_loss(leaf, adv[sel], None if old is None else old[sel],
+                                  None if ref is None else ref[sel], beta, epsilon_low, epsilon_high)
+            (c1,) = torch.autograd.grad((tok * w[sel]).sum(), leaf)
+        return (c1 * upstream).detach()
 
-    return _chunks(x2d, weight, t1d, bias, temperature=temperature, entropy=False,
-                   coef=coef if upstream is not None else None, need=need, chunk_size=chunk_size)
+    def coef(sel, logp, ent):
+        return c1_of(sel, logp), None
+
+    run = functools.partial(_chunks, x2d, weight, t1d, bias, temperature=temperature, entropy=False,
+                            chunk_size=chunk_size)
+    masked = w == 0
+    if upstream is None or not bool(masked.any()):
+        return run(coef=coef if upstream is not None else None, need=need)
+    bad = torch.zeros_like(masked)
+
+    def probe(sel, logp, ent):  # forward only: which masked tokens have a gradient after all
+        bad[sel] = (c1_of(sel, logp) != 0) | logp.isnan()
+        return None
+
+    logp, _, gx, gw, gb = run(coef=coef, need=need, rows=(~masked).nonzero().squeeze(1))
+    run(coef=probe, need=(False, False, False), rows=masked.nonzero().squeeze(1), out=(logp, None))
+    if bool(bad.any()):
+        _, _, *extra = run(coef=coef, need=need, rows=bad.nonzero().squeeze(1), out=(logp, None))
+        gx, gw, gb = (g if e is None else g + e for g, e in zip((gx, gw, gb), extra))
+    return logp, None, gx, gw, gb
 
 
 def _grpo_rows(input, target, token_weight, advantages, old_logprobs, ref_logprobs):
