@@ -11,7 +11,7 @@ import pytest
 
 from memops import bench
 from memops.bench import report
-from memops.bench.methods import unavailable
+from memops.bench.methods import grpo_data, unavailable
 
 FIELDS = {"method", "status", "time_s", "times_s", "peak_extra_bytes", "loss", "err_loss", "err_grad_input",
           "err_grad_weight", "x_eager", "x_compile", "x_eager_mem"}
@@ -143,12 +143,19 @@ def test_bench_grpo_step():
     proc = _run("--loss", "grpo", "--batch", "4", "--tokens", "32", "--hidden", "8", "--vocab", "50", "--reps", "1",
                 "--methods", "eager,chunked,memops,liger")
     assert proc.returncode == 0, proc.stderr
-    assert "(grpo)" in proc.stdout and "| liger | skipped: cross-entropy only |" in proc.stdout
+    assert "(grpo, 10% of completion tokens masked)" in proc.stdout
+    assert "| liger | skipped: cross-entropy only |" in proc.stdout
     for m in ("eager", "chunked", "memops"):
         errs = [float(c) for c in _row(proc.stdout, m).strip("|").split("|")[-3:]]
         assert max(errs) < 1e-5, m
     bad = _run("--loss", "grpo", "--batch", "3", "--tokens", "32")
     assert bad.returncode != 0 and "divisible by --batch (3)" in bad.stderr
+
+
+@pytest.mark.parametrize("masked,zeros", [(0.0, 0), (0.25, 20), (1.0, 80)])
+def test_grpo_data_masks_the_asked_fraction(masked, zeros):
+    mask = grpo_data(80, 50, 4, "cpu", masked)[0]
+    assert mask.shape == (4, 20) and int((mask == 0).sum()) == zeros and bool(((mask == 0) | (mask == 1)).all())
 
 
 def test_timed_steps_get_glibc_steady_state_malloc():

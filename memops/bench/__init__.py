@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "step on --batch completions) or any registered transform, e.g. focal "
                         "(memops.linear_loss; the baselines apply the same function to the full logits)")
     p.add_argument("--ignored", type=float, default=0.1,
-                   help="fraction of targets set to ignore_index, as padding / prompt tokens (default %(default)s)")
+                   help="fraction of targets set to ignore_index, as padding / prompt tokens; with --loss grpo "
+                        "the fraction of completion tokens masked out (default %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="completions B of --loss grpo (tokens = B x T; default 8)")
     p.add_argument("--sweep", choices=("tokens", "vocab"),
                    help="run every method at several sizes (default: 1/8, 1/4, 1/2 and 1x the size)")
@@ -190,8 +191,7 @@ def main(args) -> int:
         raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     softcap = f" softcap={args.softcap:g}" if args.softcap is not None else ""
-    if args.loss != "grpo":
-        softcap += f", {args.ignored:.0%} of targets ignored"
+    softcap += f", {args.ignored:.0%} of " + ("completion tokens masked" if args.loss == "grpo" else "targets ignored")
     print(f"# memops bench ({args.loss}{softcap}): D={args.hidden} V={args.vocab} {args.dtype} on {device_name}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     methods = args.method_list

@@ -68,14 +68,17 @@ def _logits(x, w, softcap, upcast=True):
     return z.float() if upcast else z
 
 
-def grpo_data(tokens: int, vocab: int, batch: int, device: str):
-    """Completion mask, advantages, old and reference log-probs of a GRPO step (fixed seed)."""
+def grpo_data(tokens: int, vocab: int, batch: int, device: str, masked: float = 0.1):
+    """Completion mask (a random ``masked`` fraction of tokens masked out, as padding after shorter
+    completions), advantages, old and reference log-probs of a GRPO step (fixed seed)."""
     import math
 
     import torch
     g = torch.Generator().manual_seed(1)
     steps = tokens // batch
-    mask = (torch.rand(batch, steps, generator=g) < 0.9).float()
+    mask = torch.ones(batch * steps)
+    mask[torch.randperm(batch * steps, generator=g)[:round(masked * batch * steps)]] = 0
+    mask = mask.view(batch, steps)
     adv = torch.randn(batch, generator=g)
     old = -math.log(vocab) + 0.3 * torch.randn(batch, steps, generator=g)
     ref = -math.log(vocab) + 0.3 * torch.randn(batch, steps, generator=g)
@@ -94,10 +97,10 @@ def _unfused_family(method: str, unfused):
     return None
 
 
-def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str):
+def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, masked: float):
     import torch
 
-    fixed = grpo_data(tokens, vocab, batch, device)
+    fixed = grpo_data(tokens, vocab, batch, device, masked)
 
     def data(x):
         mask, adv, old, ref = fixed
@@ -137,12 +140,12 @@ def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str):
 
 
 def build(method: str, loss: str, softcap: float | None, device: str, tokens: int = 0, vocab: int = 0,
-          batch: int = 1):
+          batch: int = 1, ignored: float = 0.1):
     """The step function of ``method``: ``fn(x, w, t) -> scalar loss`` (mean over non-ignored tokens)."""
     import torch
 
     if loss == "grpo":
-        return _build_grpo(method, tokens, vocab, batch, device)
+        return _build_grpo(method, tokens, vocab, batch, device, ignored)
     per_token = _per_token(loss)
 
     def unfused(x, w, t, upcast=True):

@@ -127,7 +127,7 @@ def run_worker(args) -> None:
     shape = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
     x, w, t = make_inputs(shape, args.dtype, args.device, torch, args.loss, args.ignored)
     fn = build(args.worker, args.loss, args.softcap, args.device, tokens=args.tokens,
-               vocab=args.vocab, batch=args.batch)
+               vocab=args.vocab, batch=args.batch, ignored=args.ignored)
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
