@@ -229,6 +229,33 @@ def test_masked_token_with_non_finite_terms_matches_reference(bad, adv_sign):
         torch.testing.assert_close(a, r, equal_nan=True, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
 
 
+@given(st.data())
+def test_masked_tokens_with_random_extreme_terms_match_reference(data):
+    # masked tokens skip their gradient matmuls; whatever their old/ref log-probs or hidden states,
+    # the loss and gradients (NaN pattern included) are those of the reference
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    b, t, v = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 8)), data.draw(st.integers(2, 20))
+    x, w, bias = _params(g, (b, t), 4, v, data.draw(st.booleans()))
+    ids = torch.randint(0, v, (b, t), generator=g)
+    mask = (torch.rand(b, t, generator=g) < 0.6).long()
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    old = torch.randn(b, t, generator=g, dtype=torch.float64) - 3
+    ref = torch.randn(b, t, generator=g, dtype=torch.float64) - 3
+    extreme = st.sampled_from([-1e4, 1e4, -800.0, 800.0, float("inf"), -float("inf"), float("nan"), 0.0])
+    with torch.no_grad():
+        for _ in range(data.draw(st.integers(0, 3))):
+            i, j = data.draw(st.integers(0, b - 1)), data.draw(st.integers(0, t - 1))
+            where = data.draw(st.sampled_from(["old", "ref", "x"]))
+            {"old": old[i, j:j + 1], "ref": ref[i, j:j + 1], "x": x[i, j, :1]}[where].fill_(data.draw(extreme))
+    kw = dict(bias=bias, old_logprobs=old, ref_logprobs=ref, beta=data.draw(st.sampled_from([0.0, 0.04])),
+              loss_type=data.draw(st.sampled_from(LOSS_TYPES)), temperature=data.draw(st.sampled_from([1.0, 0.7])))
+    loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, chunk_size=data.draw(st.integers(1, 9)), **kw)
+    ref_loss, _ = ref_grpo_loss(x, w, ids, mask, adv, **kw)
+    torch.testing.assert_close(loss, ref_loss, equal_nan=True, rtol=1e-9, atol=1e-9)
+    for a, r, name in zip(_grads(loss, (x, w, bias)), _grads(ref_loss, (x, w, bias)), ("x", "w", "b")):
+        torch.testing.assert_close(a, r, equal_nan=True, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e300, 0.5])
 def test_zero_gradient_token_with_non_finite_logits_matches_reference(value):
     # linear_logprobs' backward skips tokens with zero grad_output only where their logits are finite
