@@ -19,9 +19,16 @@ from reference import ref_grpo_loss, ref_linear_logprobs
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 
 
-def _close(a, b, what, tol=1e-9):
+def _close(a, b, what, tol=1e-9, equal_nan=False):
     assert a.shape == b.shape, f"{what}: shape {a.shape} vs {b.shape}"
-    torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=equal_nan, msg=lambda m: f"{what}: {m}")
+
+
+def _same_grads(ours, ref, tensors, equal_nan=False):
+    """The gradients of two scalars with respect to those of ``tensors`` that require grad agree."""
+    names = [n for n, t in zip(("x", "w", "b"), tensors) if t is not None and t.requires_grad]
+    for a, r, name in zip(_grads(ours, tensors), _grads(ref, tensors), names):
+        _close(a, r, f"grad {name}", equal_nan=equal_nan)
 
 
 def _params(g, lead, d, v, bias, dtype=torch.float64, needs=(True, True, True)):
@@ -72,8 +79,7 @@ def test_logprobs_and_entropy_match_reference(case):
         ours, ref = (ent * g2).sum(), (ref_ent * g2).sum()
     else:
         ours, ref = (logp * g1 + ent * g2).sum(), (ref_logp * g1 + ref_ent * g2).sum()
-    for a, r, name in zip(_grads(ours, (x, w, b)), _grads(ref, (x, w, b)), ("x", "w", "b")):
-        _close(a, r, f"grad {name}")
+    _same_grads(ours, ref, (x, w, b))
 
 
 def test_logprobs_without_entropy_and_fp32():
@@ -124,8 +130,7 @@ def test_grpo_loss_and_gradients_match_trl_formulas(case):
     loss, metrics = memops.linear_grpo_loss(x, w, ids, mask, adv, chunk_size=case["chunk_size"], **kw)
     ref_loss, ref_logp = ref_grpo_loss(x, w, ids, mask, adv, **kw)
     _close(loss, ref_loss, "loss")
-    for a, r, name in zip(_grads(loss, (x, w, bias)), _grads(ref_loss, (x, w, bias)), ("x", "w", "b")):
-        _close(a, r, f"grad {name}")
+    _same_grads(loss, ref_loss, (x, w, bias))
     # metrics, from the published definitions
     m = mask.double()
     denom = m.sum().clamp(min=1)
@@ -224,9 +229,8 @@ def test_masked_token_with_non_finite_terms_matches_reference(bad, adv_sign):
     kw = dict(bias=b, old_logprobs=old, ref_logprobs=ref, beta=0.04)
     loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, chunk_size=4, **kw)
     ref_loss, _ = ref_grpo_loss(x, w, ids, mask, adv, **kw)
-    torch.testing.assert_close(loss, ref_loss, equal_nan=True, rtol=1e-9, atol=1e-9)
-    for a, r, name in zip(_grads(loss, (x, w, b)), _grads(ref_loss, (x, w, b)), ("x", "w", "b")):
-        torch.testing.assert_close(a, r, equal_nan=True, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+    _close(loss, ref_loss, "loss", equal_nan=True)
+    _same_grads(loss, ref_loss, (x, w, b), equal_nan=True)
 
 
 @given(st.data())
@@ -251,9 +255,8 @@ def test_masked_tokens_with_random_extreme_terms_match_reference(data):
               loss_type=data.draw(st.sampled_from(LOSS_TYPES)), temperature=data.draw(st.sampled_from([1.0, 0.7])))
     loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, chunk_size=data.draw(st.integers(1, 9)), **kw)
     ref_loss, _ = ref_grpo_loss(x, w, ids, mask, adv, **kw)
-    torch.testing.assert_close(loss, ref_loss, equal_nan=True, rtol=1e-9, atol=1e-9)
-    for a, r, name in zip(_grads(loss, (x, w, bias)), _grads(ref_loss, (x, w, bias)), ("x", "w", "b")):
-        torch.testing.assert_close(a, r, equal_nan=True, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+    _close(loss, ref_loss, "loss", equal_nan=True)
+    _same_grads(loss, ref_loss, (x, w, bias), equal_nan=True)
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e300, 0.5])
@@ -270,8 +273,7 @@ def test_zero_gradient_token_with_non_finite_logits_matches_reference(value):
     logp, ent = memops.linear_logprobs(x, w, ids, b, return_entropy=True, chunk_size=4)
     ref_logp, ref_ent = ref_linear_logprobs(x, w, ids, b)
     ours, theirs = (logp * go + ent * go).sum(), (ref_logp * go + ref_ent * go).sum()
-    for a, r, name in zip(_grads(ours, (x, w, b)), _grads(theirs, (x, w, b)), ("x", "w", "b")):
-        torch.testing.assert_close(a, r, equal_nan=True, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+    _same_grads(ours, theirs, (x, w, b), equal_nan=True)
 
 
 def test_grpo_backward_retain_graph_and_scaled_grad():
