@@ -178,11 +178,12 @@ def _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, upstream, need, *, be
     """Per-token log-probs for every row; when ``upstream`` is given, also the gradients of
     ``upstream * sum(w * token_loss)``, each chunk's coefficient by autograd of ``grpo_token_loss``.
 
-    A token of weight 0 (masked) has the gradient coefficient ``0 * d token_loss / d logp``: exactly 0
-    unless that derivative is not finite, and then its logits' gradient is ``0 * (onehot - p) = 0``
-    unless its logits are not finite.  So masked tokens get forward work only (their log-probs feed the
-    loss and the metrics); the few whose coefficient turns out not to be 0 or whose log-prob is NaN,
-    where the reference's gradients turn NaN, are then computed in full.
+    A token of weight 0 (masked) has the gradient coefficient ``0 * d token_loss / d logp``, exactly 0
+    unless that derivative is not finite; with a zero coefficient its logits' gradient
+    ``0 * (onehot - p)`` is 0 unless its logits hold NaN or +inf (then its log-prob is NaN).  So masked
+    tokens get forward work only (their log-probs feed the loss and the metrics); the few whose
+    coefficient turns out not to be 0 or whose log-prob is NaN, where the reference's gradients turn NaN,
+    are then computed in full.
     """
     def c1_of(sel, logp):
         with _autograd.autograd_inside_kernel():
