@@ -106,6 +106,18 @@ def _abs_max(t: torch.Tensor | None) -> float:
     return max(float(hi), -float(lo))
 
 
+def logits_bounded(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   logit_scale: float = 1.0) -> bool:
+    """Whether every logit is certainly finite and far from overflow.
+
+    ``|logit_scale| * (D * max|x| * max|W| + max|b|)``, a bound on every logit,
+    must be finite and far below the dtype's largest value (so inputs, weight
+    and bias are free of NaN and inf).  fp16, whose range is small, may fail it.
+    """
+    bound = abs(logit_scale) * (x2d.shape[1] * _abs_max(x2d) * _abs_max(weight) + _abs_max(bias))
+    return bound < torch.finfo(x2d.dtype).max / 4  # also False for NaN / inf
+
+
 def live_rows(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor,
               logit_scale: float = 1.0) -> torch.Tensor | None:
     """Indices of the rows to compute when only the ``keep`` rows' results matter, or None for all rows.
@@ -113,16 +125,9 @@ def live_rows(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     A row whose result is discarded (an ignored target) still turns the unfused
     reference's gradients NaN when its logits hold NaN or +inf (softmax backward
     multiplies its zero upstream by ``exp(nan)``).  Rows are skipped only when
-    that cannot happen: ``|logit_scale| * (D * max|x| * max|W| + max|b|)``, a
-    bound on every logit, is finite and far below the dtype's largest value
-    (inputs, weight and bias free of NaN and inf).  fp16, whose range is small,
-    may fail the bound and then computes every row.
+    that cannot happen (:func:`logits_bounded`); otherwise every row is computed.
     """
-    n_keep = int(keep.sum())
-    if n_keep == keep.numel():
-        return None
-    bound = abs(logit_scale) * (x2d.shape[1] * _abs_max(x2d) * _abs_max(weight) + _abs_max(bias))
-    if not bound < torch.finfo(x2d.dtype).max / 4:  # also catches NaN / inf
+    if bool(keep.all()) or not logits_bounded(x2d, weight, bias, logit_scale):
         return None
     return keep.nonzero().squeeze(1)
 
