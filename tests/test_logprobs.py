@@ -209,12 +209,36 @@ def test_masked_tokens_cost_forward_work_only():
     assert m.flops == projection_flops(n, v, d) + 3 * projection_flops(n - k, v, d)
 
 
+@pytest.mark.parametrize("ref_given", [False, True])
+def test_masked_tokens_cost_nothing_without_kl(ref_given):
+    # beta = 0 (TRL's default): a masked token's log-prob reaches neither the loss nor its gradients
+    # when exp(-old) * |adv| is finite and the logits are, so it is not computed at all; the kl metric
+    # (ref_logprobs given) reads every token's log-prob, so then they are computed
+    n, d, v, k = 48, 8, 40, 13
+    g = torch.Generator().manual_seed(1)
+    x, w, b = _params(g, (4, 12), d, v, True, dtype=torch.float32)
+    ids = torch.randint(0, v, (4, 12), generator=g)
+    mask = torch.ones(4, 12)
+    mask.view(-1)[torch.randperm(n, generator=g)[:k]] = 0
+    adv, old = torch.randn(4, generator=g), torch.randn(4, 12, generator=g) - 3
+    ref = torch.randn(4, 12, generator=g) - 3 if ref_given else None
+    with MatmulFlops() as m:
+        loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, bias=b, old_logprobs=old, ref_logprobs=ref,
+                                          chunk_size=7)
+        loss.backward()
+    assert m.flops == (projection_flops(k, v, d) if ref_given else 0) + 3 * projection_flops(n - k, v, d)
+    with torch.no_grad(), MatmulFlops() as m:
+        memops.linear_grpo_loss(x, w, ids, mask, adv, bias=b, old_logprobs=old, ref_logprobs=ref, chunk_size=7)
+    assert m.flops == projection_flops(n if ref_given else n - k, v, d)
+
+
 # A masked token whose per-token loss or its derivative is not finite turns the reference's loss or
 # gradients NaN (0 * inf): such tokens must be computed in full, the others cost forward work only.
 @pytest.mark.parametrize("bad", ["old=-1e4", "old=-inf", "old=nan", "ref=1e4", "adv=inf", "x=nan", "x=inf",
                                  "x=1e300"])
 @pytest.mark.parametrize("adv_sign", [1.0, -1.0])
-def test_masked_token_with_non_finite_terms_matches_reference(bad, adv_sign):
+@pytest.mark.parametrize("kl", [True, False])  # False: beta = 0 and no ref, where masked tokens may be skipped
+def test_masked_token_with_non_finite_terms_matches_reference(bad, adv_sign, kl):
     g = torch.Generator().manual_seed(4)
     x, w, b = _params(g, (2, 6), 5, 17, True)
     ids = torch.randint(0, 17, (2, 6), generator=g)
@@ -226,7 +250,7 @@ def test_masked_token_with_non_finite_terms_matches_reference(bad, adv_sign):
     what, value = bad.split("=")
     with torch.no_grad():
         {"old": old[0, 2:3], "ref": ref[0, 2:3], "x": x[0, 2, :1], "adv": adv[:1]}[what].fill_(float(value))
-    kw = dict(bias=b, old_logprobs=old, ref_logprobs=ref, beta=0.04)
+    kw = dict(bias=b, old_logprobs=old, ref_logprobs=ref if kl else None, beta=0.04 if kl else 0.0)
     loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, chunk_size=4, **kw)
     ref_loss, _ = ref_grpo_loss(x, w, ids, mask, adv, **kw)
     _close(loss, ref_loss, "loss", equal_nan=True)
@@ -249,10 +273,17 @@ def test_masked_tokens_with_random_extreme_terms_match_reference(data):
     with torch.no_grad():
         for _ in range(data.draw(st.integers(0, 3))):
             i, j = data.draw(st.integers(0, b - 1)), data.draw(st.integers(0, t - 1))
-            where = data.draw(st.sampled_from(["old", "ref", "x"]))
-            {"old": old[i, j:j + 1], "ref": ref[i, j:j + 1], "x": x[i, j, :1]}[where].fill_(data.draw(extreme))
-    kw = dict(bias=bias, old_logprobs=old, ref_logprobs=ref, beta=data.draw(st.sampled_from([0.0, 0.04])),
-              loss_type=data.draw(st.sampled_from(LOSS_TYPES)), temperature=data.draw(st.sampled_from([1.0, 0.7])))
+            where = data.draw(st.sampled_from(["old", "ref", "x", "adv"]))
+            {"old": old[i, j:j + 1], "ref": ref[i, j:j + 1], "x": x[i, j, :1], "adv": adv[i:i + 1]}[where].fill_(
+                data.draw(extreme))
+    beta = data.draw(st.sampled_from([0.0, 0.04]))
+    if beta == 0 and data.draw(st.booleans()):
+        ref = None  # masked tokens then need not be computed at all (where provably exact)
+    if data.draw(st.booleans()):
+        old = None
+    kw = dict(bias=bias, old_logprobs=old, ref_logprobs=ref, beta=beta, epsilon_high=data.draw(st.sampled_from(
+              [0.2, 1e38])), loss_type=data.draw(st.sampled_from(LOSS_TYPES)),
+              temperature=data.draw(st.sampled_from([1.0, 0.7])))
     loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, chunk_size=data.draw(st.integers(1, 9)), **kw)
     ref_loss, _ = ref_grpo_loss(x, w, ids, mask, adv, **kw)
     _close(loss, ref_loss, "loss", equal_nan=True)
@@ -337,19 +368,26 @@ def test_opcheck_logprobs_ops(dtype, lead):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("lead", [(3, 5), (1, 0)])
-def test_opcheck_grpo_ops(dtype, lead):
+@pytest.mark.parametrize("beta,all_logprobs", [(0.04, True), (0.0, False)])
+def test_opcheck_grpo_ops(dtype, lead, beta, all_logprobs):
     x, w, b, t = _small(dtype, lead=lead)
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    tw = torch.rand(t.shape, dtype=cdt)
-    adv, old, ref = (torch.randn(t.shape, dtype=cdt) for _ in range(3))
+    g = torch.Generator().manual_seed(7)
+    tw = torch.rand(t.shape, generator=g, dtype=cdt) * (torch.rand(t.shape, generator=g) < 0.7)  # some masked
+    # opcheck's AOT check differentiates |sum(output)|: with a negative loss the eager fast path would
+    # scale the forward's gradient outputs by -1 in place (memops/ops/_autograd.py) before it compares
+    # them, so the advantages are negative, which makes the loss positive
+    adv = -torch.rand(t.shape, generator=g, dtype=cdt) - 0.1
+    old, ref = (torch.randn(t.shape, generator=g, dtype=cdt) for _ in range(2))
     mask = [True, True, True]
-    args = (x.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), tw, adv, old, ref, 0.04, 0.2, 0.28, 0.9,
-            4, mask)
+    options = (beta, 0.2, 0.28, 0.9, 4)
+    args = (x.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), tw, adv, old, ref, *options,
+            all_logprobs, mask)
     torch.library.opcheck(torch.ops.memops.linear_grpo.default, args)
     saved = torch.ops.memops.linear_grpo(*args)[2:]
     torch.library.opcheck(torch.ops.memops.linear_grpo_backward.default,
                           (torch.tensor(1.5, dtype=cdt), x.detach(), w.detach(), t, b.detach(), tw, adv, old, ref,
-                           *saved, 0.04, 0.2, 0.28, 0.9, 4, mask, [True, True, True]))
+                           *saved, *options, mask, [True, True, True]))
 
 
 def test_gradcheck_float64():

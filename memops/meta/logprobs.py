@@ -2,7 +2,7 @@
 
 * log-probabilities and entropy: compute dtype (fp64 for fp64 inputs, else fp32), ``target``'s shape;
   the entropy is an empty ``[0]`` tensor unless asked for.
-* GRPO loss: compute dtype, 0-dim.
+* GRPO loss: compute dtype, 0-dim (``all_logprobs`` changes values only).
 * gradients: contiguous, shaped and typed like input / weight / bias when produced, else an empty ``[0]``
   tensor of input's dtype.
 """
@@ -33,7 +33,7 @@ def linear_logprobs_backward_fake(grad_logprobs, grad_entropy, input, weight, ta
 
 @torch.library.register_fake("memops::linear_grpo")
 def linear_grpo_fake(input, weight, target, bias, token_weight, advantages, old_logprobs, ref_logprobs, beta,
-                     epsilon_low, epsilon_high, temperature, chunk_size, grad_mask):
+                     epsilon_low, epsilon_high, temperature, chunk_size, all_logprobs, grad_mask):
     V.check_linear_grpo(input, weight, target, bias, token_weight, advantages, old_logprobs, ref_logprobs, beta,
                         epsilon_low, epsilon_high, temperature, chunk_size)
     cdt = compute_dtype(input.dtype)

@@ -10,8 +10,8 @@ Given per-row coefficients ``c1`` on the log-probability and ``c2`` on the entro
   tokens whose ``grad_output`` is 0 where that is exact (``engine.live_rows``).
 * ``linear_grpo`` knows each token's coefficient as soon as the chunk's log-probabilities are known
   (autograd of the per-token GRPO loss with respect to the log-probability, a ``[rows]`` computation), so
-  its forward also returns the loss's gradients: three matmuls in all, as in the unfused baseline, and
-  one for masked tokens (see ``_grpo_chunks``).
+  its forward also returns the loss's gradients: three matmuls in all, as in the unfused baseline, one
+  for masked tokens, none for masked tokens with ``beta == 0`` where exact (see ``_grpo_chunks``).
 """
 
 from __future__ import annotations
@@ -174,9 +174,9 @@ def _rows(t: Optional[Tensor], cdt) -> Optional[Tensor]:
 
 
 def _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, upstream, need, *, beta, epsilon_low, epsilon_high,
-                 temperature, chunk_size):
-    """Per-token log-probs for every row; when ``upstream`` is given, also the gradients of
-    ``upstream * sum(w * token_loss)``, each chunk's coefficient by autograd of ``grpo_token_loss``.
+                 temperature, chunk_size, all_logprobs=True):
+    """Per-token log-probs; when ``upstream`` is given, also the gradients of ``upstream * sum(w *
+    token_loss)``, each chunk's coefficient by autograd of ``grpo_token_loss``.
 
     A token of weight 0 (masked) has the gradient coefficient ``0 * d token_loss / d logp``, exactly 0
     unless that derivative is not finite; with a zero coefficient its logits' gradient
@@ -184,6 +184,10 @@ def _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, upstream, need, *, be
     tokens get forward work only (their log-probs feed the loss and the metrics); the few whose
     coefficient turns out not to be 0 or whose log-prob is NaN, where the reference's gradients turn NaN,
     are then computed in full.
+
+    With ``beta == 0`` and ``all_logprobs=False`` masked tokens are not computed at all where their
+    log-prob provably cannot reach the loss or its gradients (:func:`_unreachable`); their log-prob is
+    left 0.
     """
     def c1_of(sel, logp):
         with _autograd.autograd_inside_kernel():
@@ -199,8 +203,16 @@ def _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, upstream, need, *, be
     run = functools.partial(_chunks, x2d, weight, t1d, bias, temperature=temperature, entropy=False,
                             chunk_size=chunk_size)
     masked = w == 0
-    if upstream is None or not bool(masked.any()):
-        return run(coef=coef if upstream is not None else None, need=need)
+    skip = masked.clone() if (beta == 0 and not all_logprobs) else torch.zeros_like(masked)
+    if bool(skip.any()):
+        skip[masked] = _unreachable(adv[masked], None if old is None else old[masked], epsilon_low,
+                                    epsilon_high)
+        if engine.live_rows(x2d, weight, bias, ~skip, 1.0 / temperature) is None:
+            skip.zero_()  # logits not certainly finite: a skipped row could hide the reference's NaN
+    if upstream is None:
+        return run(coef=None, need=need, rows=(~skip).nonzero().squeeze(1) if bool(skip.any()) else None)
+    if not bool(masked.any()):
+        return run(coef=coef, need=need)
     bad = torch.zeros_like(masked)
 
     def probe(sel, logp, ent):  # forward only: which masked tokens have a gradient after all
@@ -208,11 +220,22 @@ def _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, upstream, need, *, be
         return None
 
     logp, _, gx, gw, gb = run(coef=coef, need=need, rows=(~masked).nonzero().squeeze(1))
-    run(coef=probe, need=(False, False, False), rows=masked.nonzero().squeeze(1), out=(logp, None))
+    run(coef=probe, need=(False, False, False), rows=(masked & ~skip).nonzero().squeeze(1), out=(logp, None))
     if bool(bad.any()):
         _, _, *extra = run(coef=coef, need=need, rows=bad.nonzero().squeeze(1), out=(logp, None))
         gx, gw, gb = (g if e is None else g + e for g, e in zip((gx, gw, gb), extra))
     return logp, None, gx, gw, gb
+
+
+def _unreachable(adv: Tensor, old: Optional[Tensor], epsilon_low: float, epsilon_high: float) -> Tensor:
+    """For masked tokens with ``beta == 0`` and finite logits: whether ``grpo_token_loss`` and its
+    derivative are finite for every log-prob ``<= 0`` (then ``0 * loss`` and ``0 * derivative`` are 0,
+    whatever the log-prob).  Both are at most ``|adv|`` times the ratio ``exp(logp - old) <= exp(-old)``
+    or a clip bound."""
+    a = adv.double()
+    ratio = torch.ones_like(a) if old is None else torch.exp(-old.double())  # NaN old: NaN, never < below
+    clip = max(1.0, abs(1.0 - epsilon_low), abs(1.0 + epsilon_high))
+    return torch.maximum(ratio, torch.full_like(a, clip)) * (1.0 + a.abs()) < torch.finfo(adv.dtype).max / 16
 
 
 def _grpo_rows(input, target, token_weight, advantages, old_logprobs, ref_logprobs):
@@ -225,9 +248,10 @@ def _grpo_rows(input, target, token_weight, advantages, old_logprobs, ref_logpro
 @torch.library.custom_op("memops::linear_grpo", mutates_args=())
 def linear_grpo(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], token_weight: Tensor,
                 advantages: Tensor, old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor], beta: float,
-                epsilon_low: float, epsilon_high: float, temperature: float, chunk_size: int, grad_mask: list[bool]
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(sum(token_weight * grpo_token_loss), logprobs, grad_input, grad_weight, grad_bias)``."""
+                epsilon_low: float, epsilon_high: float, temperature: float, chunk_size: int, all_logprobs: bool,
+                grad_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(sum(token_weight * grpo_token_loss), logprobs, grad_input, grad_weight, grad_bias)``; with
+    ``beta == 0`` the log-prob of a token of weight 0 may be 0 unless ``all_logprobs``."""
     args = (beta, epsilon_low, epsilon_high, temperature, chunk_size)
     V.check_linear_grpo(input, weight, target, bias, token_weight, advantages, old_logprobs, ref_logprobs, *args)
     V.check_target_range(target, weight.shape[0], None, "completion_ids")
@@ -237,7 +261,7 @@ def linear_grpo(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Te
     up = torch.ones((), dtype=cdt, device=input.device) if any(need) else None
     logp, _, gx, gw, gb = _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, up, need, beta=beta,
                                        epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                                       temperature=temperature, chunk_size=chunk_size)
+                                       temperature=temperature, chunk_size=chunk_size, all_logprobs=all_logprobs)
     loss = (grpo_token_loss(logp, adv, old, ref, beta, epsilon_low, epsilon_high) * w).sum()
     return (loss, logp.view(target.shape)) + engine.grads_out(gx, gw, gb, input, weight, bias)
 
@@ -260,7 +284,7 @@ def linear_grpo_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, targe
                                                      ref_logprobs)
         _, _, gx, gw, gb = _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, grad_loss.to(cdt), missing,
                                         beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                                        temperature=temperature, chunk_size=chunk_size)
+                                        temperature=temperature, chunk_size=chunk_size, all_logprobs=False)
         fresh = engine.grads_out(gx, gw, gb, input, weight, bias)
         out = [f if m else o for o, f, m in zip(out, fresh, missing)]
     return tuple(input.new_empty((0,)) if o is None else o for o in out)
@@ -268,7 +292,7 @@ def linear_grpo_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, targe
 
 def _grpo_setup(ctx, inputs, output):
     (input, weight, target, bias, token_weight, advantages, old_logprobs, ref_logprobs, beta, epsilon_low,
-     epsilon_high, temperature, chunk_size, grad_mask) = inputs
+     epsilon_high, temperature, chunk_size, _all_logprobs, grad_mask) = inputs
     _, logp, gx, gw, gb = output
     ctx.save_for_backward(input, weight, target, bias, token_weight, advantages, old_logprobs, ref_logprobs)
     ctx.options = (beta, epsilon_low, epsilon_high, temperature, chunk_size)
@@ -279,10 +303,10 @@ def _grpo_backward(ctx, grad_loss, _grad_logp, _ggx, _ggw, _ggb):
     input, weight, target, bias, token_weight, advantages, old, ref = ctx.saved_tensors
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
     if grad_loss is None or not any(need):
-        return (None,) * 14
+        return (None,) * 15
     dx, dw, db = _autograd.backward_grads(ctx, grad_loss, need, torch.ops.memops.linear_grpo_backward,
                                           (input, weight, target, bias, token_weight, advantages, old, ref))
-    return (dx, dw, None, db) + (None,) * 10
+    return (dx, dw, None, db) + (None,) * 11
 
 
 torch.library.register_autograd("memops::linear_grpo", _grpo_backward, setup_context=_grpo_setup)
@@ -320,10 +344,12 @@ def linear_grpo_loss(input: Tensor, weight: Tensor, completion_ids: Tensor, comp
     old = None if old_logprobs is None else old_logprobs.detach().to(cdt)
     ref = None if ref_logprobs is None else ref_logprobs.detach().to(cdt)
     mask = _autograd.grad_mask(input, weight, bias)
+    m = completion_mask.to(cdt)
+    # the metrics read the log-probs of every token with mask 1, and the kl metric those of every token
+    all_logprobs = ref is not None or bool(((w == 0) & (m != 0)).any())
     loss, logp, _, _, _ = torch.ops.memops.linear_grpo(
         input, weight, completion_ids, bias, w, adv, old, ref, float(beta), float(epsilon_low),
-        float(epsilon_high), float(temperature), chunk_size, mask)
-    m = completion_mask.to(cdt)
+        float(epsilon_high), float(temperature), chunk_size, all_logprobs, mask)
     denom = m.sum().clamp(min=1.0)
     ratio = torch.ones_like(logp) if old is None else torch.exp(logp - old)
     low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(cdt)
