@@ -143,13 +143,26 @@ def test_bench_grpo_step():
     proc = _run("--loss", "grpo", "--batch", "4", "--tokens", "32", "--hidden", "8", "--vocab", "50", "--reps", "1",
                 "--methods", "eager,chunked,memops,liger")
     assert proc.returncode == 0, proc.stderr
-    assert "(grpo, 10% of completion tokens masked)" in proc.stdout
+    assert "(grpo, 10% of completion tokens masked, beta=0.04)" in proc.stdout
     assert "| liger | skipped: cross-entropy only |" in proc.stdout
     for m in ("eager", "chunked", "memops"):
         errs = [float(c) for c in _row(proc.stdout, m).strip("|").split("|")[-3:]]
         assert max(errs) < 1e-5, m
     bad = _run("--loss", "grpo", "--batch", "3", "--tokens", "32")
     assert bad.returncode != 0 and "divisible by --batch (3)" in bad.stderr
+    bad = _run("--loss", "grpo", "--beta", "nan")
+    assert bad.returncode != 0 and "--beta must be finite" in bad.stderr
+
+
+def test_bench_grpo_without_kl():
+    # beta = 0: no reference log-probs, as in TRL; every method still matches the float64 reference
+    proc = _run("--loss", "grpo", "--beta", "0", "--batch", "4", "--tokens", "32", "--hidden", "8", "--vocab", "50",
+                "--reps", "1", "--methods", "eager,memops")
+    assert proc.returncode == 0, proc.stderr
+    assert "(grpo, 10% of completion tokens masked, beta=0)" in proc.stdout
+    for m in ("eager", "memops"):
+        errs = [float(c) for c in _row(proc.stdout, m).strip("|").split("|")[-3:]]
+        assert max(errs) < 1e-5, m
 
 
 @pytest.mark.parametrize("masked,zeros", [(0.0, 0), (0.25, 20), (1.0, 80)])

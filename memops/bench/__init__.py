@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import tempfile
 
-from .methods import METHODS, unavailable
+from .methods import GRPO_BETA, METHODS, unavailable
 from .report import add_ratios, format_table, plot
 from .worker import Worker, run_worker
 
@@ -48,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of targets set to ignore_index, as padding / prompt tokens; with --loss grpo "
                         "the fraction of completion tokens masked out (default %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="completions B of --loss grpo (tokens = B x T; default 8)")
+    p.add_argument("--beta", type=float, default=GRPO_BETA,
+                   help="KL coefficient of --loss grpo (default %(default)s; 0: no reference log-probs, as in TRL)")
     p.add_argument("--sweep", choices=("tokens", "vocab"),
                    help="run every method at several sizes (default: 1/8, 1/4, 1/2 and 1x the size)")
     p.add_argument("--sweep-values", help="comma-separated sizes for --sweep")
@@ -95,6 +98,8 @@ def _resolve(args) -> list[dict]:
             raise SystemExit("--loss grpo takes no --softcap")
         if args.batch < 1:
             raise SystemExit("--batch must be >= 1")
+        if not math.isfinite(args.beta):
+            raise SystemExit(f"--beta must be finite, got {args.beta!r}")
     if not 0.0 <= args.ignored <= 1.0:
         raise SystemExit(f"--ignored must be a fraction in [0, 1], got {args.ignored!r}")
     if args.memory_cap_mib is not None and not args.memory_cap_mib > 0:
@@ -191,7 +196,10 @@ def main(args) -> int:
         raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     softcap = f" softcap={args.softcap:g}" if args.softcap is not None else ""
-    softcap += f", {args.ignored:.0%} of " + ("completion tokens masked" if args.loss == "grpo" else "targets ignored")
+    if args.loss == "grpo":
+        softcap += f", {args.ignored:.0%} of completion tokens masked, beta={args.beta:g}"
+    else:
+        softcap += f", {args.ignored:.0%} of targets ignored"
     print(f"# memops bench ({args.loss}{softcap}): D={args.hidden} V={args.vocab} {args.dtype} on {device_name}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     methods = args.method_list
@@ -207,7 +215,8 @@ def main(args) -> int:
             print(format_table(rows), flush=True)
     if args.json:
         config = {k: getattr(args, k) for k in ("tokens", "hidden", "vocab", "softcap", "preset", "dtype", "device",
-                                                "reps", "loss", "ignored", "batch", "sweep", "memory_cap_mib")}
+                                                "reps", "loss", "ignored", "batch", "beta", "sweep",
+                                                "memory_cap_mib")}
         config["methods"] = methods
         with open(args.json, "w") as f:
             json.dump({"config": config, "torch": torch.__version__, "device_name": device_name,

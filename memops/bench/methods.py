@@ -11,8 +11,8 @@
 * ``liger``: Liger-Kernel's fused linear cross-entropy, CUDA only, when installed;
 * ``reference``: the unfused function in float64 (the error columns' reference).
 
-``--loss grpo`` benchmarks a GRPO step (TRL's formulas, ``loss_type="grpo"``, ``beta=0.04``, old and
-reference log-probs given): the baselines materialize the logits, take ``log_softmax`` and gather the
+``--loss grpo`` benchmarks a GRPO step (TRL's formulas, ``loss_type="grpo"``, ``--beta`` (default 0.04),
+old log-probs given, reference log-probs given unless ``beta`` is 0, as in TRL): the baselines materialize the logits, take ``log_softmax`` and gather the
 completion tokens' log-probabilities; memops runs ``memops.linear_grpo_loss``.
 """
 
@@ -27,7 +27,7 @@ PEERS = {"cce": ("cut_cross_entropy", "pip install cut-cross-entropy"),
 CHUNKS = 8  # torchtune's CEWithChunkedOutputLoss default
 
 
-GRPO_BETA = 0.04
+GRPO_BETA = 0.04  # the default of --beta
 
 
 def unavailable(method: str, loss: str, device: str) -> str | None:
@@ -97,7 +97,7 @@ def _unfused_family(method: str, unfused):
     return None
 
 
-def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, masked: float):
+def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, masked: float, beta: float):
     import torch
 
     fixed = grpo_data(tokens, vocab, batch, device, masked)
@@ -113,7 +113,8 @@ def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, m
         coef_1 = torch.exp(logp - o)
         coef_2 = torch.clamp(coef_1, 0.8, 1.2)
         per_token = -torch.min(coef_1 * a[:, None], coef_2 * a[:, None])
-        per_token = per_token + GRPO_BETA * (torch.exp(r - logp) - (r - logp) - 1)
+        if beta != 0:
+            per_token = per_token + beta * (torch.exp(r - logp) - (r - logp) - 1)
         return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
 
     def logp_of(x, w, t, upcast=True):
@@ -134,18 +135,18 @@ def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, m
         def fused(x, w, t):
             m, a, o, r = data(x)
             return memops.linear_grpo_loss(x.view(batch, -1, x.shape[-1]), w, t.view(batch, -1), m, a,
-                                           old_logprobs=o, ref_logprobs=r, beta=GRPO_BETA)[0]
+                                           old_logprobs=o, ref_logprobs=r if beta != 0 else None, beta=beta)[0]
         return fused
     raise ValueError(f"method {method!r} does not run --loss grpo")
 
 
 def build(method: str, loss: str, softcap: float | None, device: str, tokens: int = 0, vocab: int = 0,
-          batch: int = 1, ignored: float = 0.1):
+          batch: int = 1, ignored: float = 0.1, beta: float = GRPO_BETA):
     """The step function of ``method``: ``fn(x, w, t) -> scalar loss`` (mean over non-ignored tokens)."""
     import torch
 
     if loss == "grpo":
-        return _build_grpo(method, tokens, vocab, batch, device, ignored)
+        return _build_grpo(method, tokens, vocab, batch, device, ignored, beta)
     per_token = _per_token(loss)
 
     def unfused(x, w, t, upcast=True):

@@ -127,7 +127,7 @@ def run_worker(args) -> None:
     shape = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
     x, w, t = make_inputs(shape, args.dtype, args.device, torch, args.loss, args.ignored)
     fn = build(args.worker, args.loss, args.softcap, args.device, tokens=args.tokens,
-               vocab=args.vocab, batch=args.batch, ignored=args.ignored)
+               vocab=args.vocab, batch=args.batch, ignored=args.ignored, beta=args.beta)
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
@@ -191,7 +191,7 @@ class Worker:
         cmd = [sys.executable, "-m", "memops", "bench", "--worker", method,
                "--tokens", str(shape["tokens"]), "--hidden", str(shape["hidden"]), "--vocab", str(shape["vocab"]),
                "--dtype", args.dtype, "--device", args.device, "--loss", args.loss, "--batch", str(args.batch),
-               "--ignored", repr(args.ignored)]
+               "--ignored", repr(args.ignored), "--beta", repr(args.beta)]
         if args.softcap is not None:
             cmd += ["--softcap", repr(args.softcap)]
         if args.memory_cap_mib is not None and method != "reference":
