@@ -187,14 +187,23 @@ def test_matmul_work():
     assert m.flops == 2 * projection_flops(n, v, d)  # frozen head: no weight-gradient matmul
 
 
-def test_masked_tokens_cost_forward_work_only():
-    n, d, v, k = 48, 8, 40, 13
+N_MASKED, D_MASKED, V_MASKED, K_MASKED = 48, 8, 40, 13
+
+
+def _masked_inputs():
+    """fp32 GRPO inputs, [4, 12] tokens of which K_MASKED are masked, and the generator for more."""
     g = torch.Generator().manual_seed(1)
-    x, w, b = _params(g, (4, 12), d, v, True, dtype=torch.float32)
-    ids = torch.randint(0, v, (4, 12), generator=g)
+    x, w, b = _params(g, (4, 12), D_MASKED, V_MASKED, True, dtype=torch.float32)
+    ids = torch.randint(0, V_MASKED, (4, 12), generator=g)
     mask = torch.ones(4, 12)
-    mask.view(-1)[torch.randperm(n, generator=g)[:k]] = 0
+    mask.view(-1)[torch.randperm(N_MASKED, generator=g)[:K_MASKED]] = 0
     adv, old, ref = torch.randn(4, generator=g), torch.randn(4, 12, generator=g) - 3, torch.randn(4, 12, generator=g) - 3
+    return g, x, w, b, ids, mask, adv, old, ref
+
+
+def test_masked_tokens_cost_forward_work_only():
+    n, d, v, k = N_MASKED, D_MASKED, V_MASKED, K_MASKED
+    g, x, w, b, ids, mask, adv, old, ref = _masked_inputs()
     with MatmulFlops() as m:
         loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, bias=b, old_logprobs=old, ref_logprobs=ref,
                                           beta=0.04, chunk_size=7)
@@ -214,14 +223,9 @@ def test_masked_tokens_cost_nothing_without_kl(ref_given):
     # beta = 0 (TRL's default): a masked token's log-prob reaches neither the loss nor its gradients
     # when exp(-old) * |adv| is finite and the logits are, so it is not computed at all; the kl metric
     # (ref_logprobs given) reads every token's log-prob, so then they are computed
-    n, d, v, k = 48, 8, 40, 13
-    g = torch.Generator().manual_seed(1)
-    x, w, b = _params(g, (4, 12), d, v, True, dtype=torch.float32)
-    ids = torch.randint(0, v, (4, 12), generator=g)
-    mask = torch.ones(4, 12)
-    mask.view(-1)[torch.randperm(n, generator=g)[:k]] = 0
-    adv, old = torch.randn(4, generator=g), torch.randn(4, 12, generator=g) - 3
-    ref = torch.randn(4, 12, generator=g) - 3 if ref_given else None
+    n, d, v, k = N_MASKED, D_MASKED, V_MASKED, K_MASKED
+    _, x, w, b, ids, mask, adv, old, ref = _masked_inputs()
+    ref = ref if ref_given else None
     with MatmulFlops() as m:
         loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, bias=b, old_logprobs=old, ref_logprobs=ref,
                                           chunk_size=7)
