@@ -12,8 +12,9 @@
 * ``reference``: the unfused function in float64 (the error columns' reference).
 
 ``--loss grpo`` benchmarks a GRPO step (TRL's formulas, ``loss_type="grpo"``, ``--beta`` (default 0.04),
-old log-probs given, reference log-probs given unless ``beta`` is 0, as in TRL): the baselines materialize the logits, take ``log_softmax`` and gather the
-completion tokens' log-probabilities; memops runs ``memops.linear_grpo_loss``.
+old log-probs given, reference log-probs given unless ``beta`` is 0, as in TRL): the baselines
+materialize the logits, take ``log_softmax`` and gather the completion tokens' log-probabilities;
+memops runs ``memops.linear_grpo_loss``.
 """
 
 from __future__ import annotations

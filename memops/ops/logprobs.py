@@ -203,12 +203,12 @@ def _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, upstream, need, *, be
     run = functools.partial(_chunks, x2d, weight, t1d, bias, temperature=temperature, entropy=False,
                             chunk_size=chunk_size)
     masked = w == 0
-    skip = masked.clone() if (beta == 0 and not all_logprobs) else torch.zeros_like(masked)
-    if bool(skip.any()):
+    skip = torch.zeros_like(masked)
+    # a skipped row could hide the reference's NaN unless its logits are finite
+    if (beta == 0 and not all_logprobs and bool(masked.any())
+            and engine.logits_bounded(x2d, weight, bias, 1.0 / temperature)):
         skip[masked] = _unreachable(adv[masked], None if old is None else old[masked], epsilon_low,
                                     epsilon_high)
-        if engine.live_rows(x2d, weight, bias, ~skip, 1.0 / temperature) is None:
-            skip.zero_()  # logits not certainly finite: a skipped row could hide the reference's NaN
     if upstream is None:
         return run(coef=None, need=need, rows=(~skip).nonzero().squeeze(1) if bool(skip.any()) else None)
     if not bool(masked.any()):
