@@ -132,6 +132,12 @@ def live_rows(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return keep.nonzero().squeeze(1)
 
 
+def rows_out(shape, dtype: torch.dtype, device: torch.device, rows: torch.Tensor | None) -> torch.Tensor:
+    """A per-row output of ``run``: left uninitialised when every row is computed (each gets written),
+    zero-filled when ``rows`` leaves some out."""
+    return (torch.empty if rows is None else torch.zeros)(shape, dtype=dtype, device=device)
+
+
 def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: Head, *,
         logit_scale: float = 1.0, softcap: float | None = None, chunk_size: int = 0,
         grad_input: bool = False, grad_weight: bool = False, grad_bias: bool = False,
@@ -158,7 +164,7 @@ def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head
     # except the input gradient's skipped rows
     gx = None
     if grad_input:
-        gx = (torch.empty if rows is None else torch.zeros)(x2d.shape, dtype=x2d.dtype, device=x2d.device)
+        gx = rows_out(x2d.shape, x2d.dtype, x2d.device, rows)
     gw = torch.empty(weight.shape, dtype=cdt, device=weight.device) if grad_weight else None
     gb = torch.zeros(vocab, dtype=cdt, device=weight.device) if (grad_bias and bias is not None) else None
     written = False

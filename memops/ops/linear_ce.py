@@ -51,10 +51,7 @@ def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, igno
     rows = None
     if shard is None and not all_lse:
         rows = engine.live_rows(x2d, weight, bias, t1d != ignore_index, logit_scale)
-    if rows is None:
-        lse_rows = torch.empty(n, dtype=cdt, device=x2d.device)
-    else:
-        lse_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
+    lse_rows = engine.rows_out(n, cdt, x2d.device, rows)
 
     def head(z: Tensor, sel):
         t = t1d[sel].long()

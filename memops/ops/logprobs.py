@@ -36,8 +36,8 @@ def _chunks(x2d, weight, t1d, bias, *, temperature, entropy: bool, coef: Optiona
     n = x2d.shape[0]
     cdt = engine.compute_dtype(x2d.dtype)
     if out is None:
-        new = torch.empty if rows is None else torch.zeros
-        out = (new(n, dtype=cdt, device=x2d.device), new(n, dtype=cdt, device=x2d.device) if entropy else None)
+        out = (engine.rows_out(n, cdt, x2d.device, rows),
+               engine.rows_out(n, cdt, x2d.device, rows) if entropy else None)
     logp_rows, ent_rows = out
 
     def head(z: Tensor, sel):
