@@ -3,15 +3,17 @@
 Importing memops registers every op under ``torch.ops.memops``.
 """
 
-from . import ops  # noqa: F401  (registers the ops and their autograd)
-from . import meta  # noqa: F401  (registers the fake kernels)
+from . import (
+    distributed,  # noqa: F401  (memops.distributed.*)
+    meta,  # noqa: F401  (registers the fake kernels)
+    ops,  # noqa: F401  (registers the ops and their autograd)
+    transforms,  # noqa: F401  (registers the built-in transforms)
+)
 from .config import chunking, set_chunk_budget, set_chunk_size
 from .modules import LinearCrossEntropy
 from .ops.linear_ce import linear_cross_entropy
 from .ops.logprobs import linear_grpo_loss, linear_logprobs
 from .ops.transform import linear_loss, registered_transforms, transform
-from . import transforms  # noqa: F401  (registers the built-in transforms)
-from . import distributed  # noqa: F401  (memops.distributed.*)
 
 __version__ = "0.1.0"
 

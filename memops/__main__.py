@@ -10,10 +10,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m memops", description="memops command line")
     sub = parser.add_subparsers(dest="command", required=True)
     from . import bench
+
     bench.add_arguments(sub.add_parser("bench", help="time and peak memory: memops vs unfused baselines"))
     from .integrations import train_demo
-    train_demo.add_arguments(sub.add_parser("train-demo", help="train a small Llama unpatched and patched: "
-                                            "loss parity, step time, peak memory (needs memops[hf])"))
+
+    train_demo.add_arguments(
+        sub.add_parser(
+            "train-demo",
+            help="train a small Llama unpatched and patched: loss parity, step time, peak memory (needs memops[hf])",
+        )
+    )
     args = parser.parse_args(argv)
     if args.command == "train-demo":
         return train_demo.main(args)

@@ -55,8 +55,8 @@ def default_budget(device: torch.device) -> int:
     """Bytes one chunk's work buffers may take when no budget is set.
 
     CPU: 112 MiB (at most about 860 rows at V=32000): a chunk's GEMMs lose
-    efficiency as its row count shrinks, and this keeps the peak small.  CUDA: 1/32 of the device memory, between 256 MiB and
-    2 GiB, so matmuls stay large enough to saturate the tensor cores.
+    efficiency as its row count shrinks, and this keeps the peak small.  CUDA: 1/32 of the device
+    memory, between 256 MiB and 2 GiB, so matmuls stay large enough to saturate the tensor cores.
     """
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -64,8 +64,9 @@ def default_budget(device: torch.device) -> int:
     return 112 << 20
 
 
-def chunk_rows(n_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device,
-               requested: int = 0) -> int:
+def chunk_rows(
+    n_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device, requested: int = 0
+) -> int:
     """Rows per chunk for ``n_rows`` rows of ``[*, vocab]`` logits.
 
     ``requested`` (per call) wins, then ``set_chunk_size``, then the budget: each

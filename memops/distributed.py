@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -30,7 +28,7 @@ class LinearCrossEntropyHead(nn.Linear):
     module's forward, where FSDP2 has unsharded the weight.
     """
 
-    def forward(self, input: Tensor, target: Optional[Tensor] = None, **options) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor | None = None, **options) -> Tensor:
         if target is None:
             return super().forward(input)
         return linear_cross_entropy(input, self.weight, target, self.bias, **options)
@@ -40,10 +38,13 @@ def _dtensor_parts(weight, bias, input):
     """``(local weight, local bias, input, group, vocab_start, vocab_size)`` for a ``Shard(0)`` DTensor weight."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     mesh = weight.device_mesh
     if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
-        raise ValueError(f"a DTensor weight must be sharded as (Shard(0),) on a 1-D mesh, got {weight.placements} "
-                         f"on a {mesh.ndim}-D mesh")
+        raise ValueError(
+            f"a DTensor weight must be sharded as (Shard(0),) on a 1-D mesh, got {weight.placements} "
+            f"on a {mesh.ndim}-D mesh"
+        )
     _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
     if bias is not None:
         if not isinstance(bias, DTensor) or tuple(bias.placements) != (Shard(0),):
@@ -59,17 +60,32 @@ def _dtensor_parts(weight, bias, input):
 def _shard_layout(weight: Tensor, group) -> tuple[int, int]:
     """``(vocab_start, vocab_size)`` from every rank's shard row count, in rank order."""
     from .ops.vocab_parallel import all_gather
+
     rows = torch.tensor([weight.shape[0]], dtype=torch.int64, device=weight.device)
     sizes = all_gather(rows, group).tolist()
     rank = torch.distributed.get_rank(group)
     return int(sum(sizes[:rank])), int(sum(sizes))
 
 
-def vocab_parallel_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
-                                 group=None, vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
-                                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                                 z_loss: float = 0.0, softcap: Optional[float] = None, logit_scale: float = 1.0,
-                                 num_items=None, chunk_size: Optional[int] = None, return_lse: bool = False):
+def vocab_parallel_cross_entropy(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    num_items=None,
+    chunk_size: int | None = None,
+    return_lse: bool = False,
+):
     """``memops.linear_cross_entropy`` with ``weight`` (and ``bias``) split by rows over ``group``.
 
     Each rank passes the same ``input`` and ``target`` and its own ``[V_local, D]`` shard holding rows
@@ -80,6 +96,7 @@ def vocab_parallel_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, 
     loss; the input gradient is the full one; the weight/bias gradients are the rank's shard's.
     """
     from torch.distributed.tensor import DTensor
+
     if isinstance(weight, DTensor):
         if group is not None or vocab_start is not None or vocab_size is not None:
             raise ValueError("with a DTensor weight, group / vocab_start / vocab_size come from its mesh")
@@ -90,11 +107,38 @@ def vocab_parallel_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, 
     if vocab_start is None:
         vocab_start, vocab_size = _shard_layout(weight, group)
     num_items, chunk_size = V.as_num_items(num_items), V.as_chunk_size(chunk_size)
-    V.check_vocab_parallel_ce(input, weight, target, bias, num_items, vocab_start, vocab_size, reduction,
-                              label_smoothing, z_loss, softcap, logit_scale, chunk_size)
+    V.check_vocab_parallel_ce(
+        input,
+        weight,
+        target,
+        bias,
+        num_items,
+        vocab_start,
+        vocab_size,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        logit_scale,
+        chunk_size,
+    )
     mask = _autograd.grad_mask(input, weight, bias)
     loss, lse, _, _, _ = torch.ops.memops.vocab_parallel_ce(
-        input, weight, target, bias, num_items, int(vocab_start), int(vocab_size), group.group_name,
-        int(ignore_index), reduction, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
-        float(logit_scale), chunk_size, mask)
+        input,
+        weight,
+        target,
+        bias,
+        num_items,
+        int(vocab_start),
+        int(vocab_size),
+        group.group_name,
+        int(ignore_index),
+        reduction,
+        float(label_smoothing),
+        float(z_loss),
+        None if softcap is None else float(softcap),
+        float(logit_scale),
+        chunk_size,
+        mask,
+    )
     return (loss, lse) if return_lse else loss

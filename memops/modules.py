@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 from torch import Tensor, nn
 
 from . import validation as V
@@ -18,9 +15,18 @@ class LinearCrossEntropy(nn.Module):
     parameters, so it works with any ``lm_head`` (tied, wrapped or sharded).
     """
 
-    def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, softcap: Optional[float] = None, logit_scale: float = 1.0,
-                 chunk_size: Optional[int] = None, return_lse: bool = False):
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        chunk_size: int | None = None,
+        return_lse: bool = False,
+    ):
         super().__init__()
         V.check_ce_options(reduction, label_smoothing, z_loss, softcap, logit_scale, V.as_chunk_size(chunk_size))
         self.ignore_index = ignore_index
@@ -32,15 +38,26 @@ class LinearCrossEntropy(nn.Module):
         self.chunk_size = chunk_size
         self.return_lse = return_lse
 
-    def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
-                num_items=None):
+    def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, num_items=None):
         return linear_cross_entropy(
-            input, weight, target, bias, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            logit_scale=self.logit_scale, num_items=num_items, chunk_size=self.chunk_size,
-            return_lse=self.return_lse)
+            input,
+            weight,
+            target,
+            bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            num_items=num_items,
+            chunk_size=self.chunk_size,
+            return_lse=self.return_lse,
+        )
 
     def extra_repr(self) -> str:
-        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
-                f"logit_scale={self.logit_scale}, chunk_size={self.chunk_size}")
+        return (
+            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+            f"logit_scale={self.logit_scale}, chunk_size={self.chunk_size}"
+        )

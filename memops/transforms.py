@@ -7,15 +7,19 @@ chunk's targets ``[n]`` and optional per-token extras, returning a per-row loss
     memops.linear_loss(h, W, y, "focal", gamma=2.0)
     memops.linear_loss(h, W, y, "weighted_cross_entropy", extras=(token_weight,))
 
-| name | per-row value | options / extras |
-|---|---|---|
-| ``cross_entropy`` | ``-log softmax(z)[y]`` (routed to the fused CE op when it has no extras) | ``label_smoothing=0.0`` |
-| ``z_loss`` | cross-entropy ``+ z_loss * logsumexp(z)**2`` | ``z_loss=1e-4`` |
-| ``label_smoothing`` | cross-entropy with label smoothing | ``label_smoothing=0.1`` |
-| ``weighted_cross_entropy`` | ``weight * cross-entropy``; for class weights pass ``class_weight[target]`` and, to match ``F.cross_entropy(weight=...)``'s mean, ``num_items=`` the summed weight of the non-ignored tokens | extra: ``weight [*]`` |
-| ``focal`` | ``-alpha * (1 - p_y)**gamma * log p_y`` | ``gamma=2.0``, ``alpha=1.0`` |
-| ``target_logprob`` | ``log softmax(z / temperature)[y]`` (a log-probability, not a loss: use ``reduction="none"``) | ``temperature=1.0`` |
-| ``entropy`` | ``-sum softmax(z) * log softmax(z)`` | ``temperature=1.0`` |
+Built-in transforms (name: per-row value; options or extras):
+
+* ``cross_entropy``: ``-log softmax(z)[y]`` (routed to the fused CE op when it has no extras);
+  ``label_smoothing=0.0``
+* ``z_loss``: cross-entropy ``+ z_loss * logsumexp(z)**2``; ``z_loss=1e-4``
+* ``label_smoothing``: cross-entropy with label smoothing; ``label_smoothing=0.1``
+* ``weighted_cross_entropy``: ``weight * cross-entropy``; for class weights pass ``class_weight[target]``
+  and, to match ``F.cross_entropy(weight=...)``'s mean, ``num_items=`` the summed weight of the
+  non-ignored tokens; extra: ``weight [*]``
+* ``focal``: ``-alpha * (1 - p_y)**gamma * log p_y``; ``gamma=2.0``, ``alpha=1.0``
+* ``target_logprob``: ``log softmax(z / temperature)[y]`` (a log-probability, not a loss: use
+  ``reduction="none"``); ``temperature=1.0``
+* ``entropy``: ``-sum softmax(z) * log softmax(z)``; ``temperature=1.0``
 """
 
 from __future__ import annotations

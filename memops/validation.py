@@ -35,8 +35,10 @@ def check_projection(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if weight.shape[0] < 1:
         _fail("weight must have at least one row (V >= 1)")
     if weight.shape[1] != input.shape[-1]:
-        _fail(f"input's last dim (D={input.shape[-1]}) must equal weight.shape[1] ({weight.shape[1]}): "
-              f"input {tuple(input.shape)}, weight {tuple(weight.shape)}")
+        _fail(
+            f"input's last dim (D={input.shape[-1]}) must equal weight.shape[1] ({weight.shape[1]}): "
+            f"input {tuple(input.shape)}, weight {tuple(weight.shape)}"
+        )
     if weight.device != input.device:
         _fail(f"weight is on {weight.device} but input is on {input.device}")
     if bias is not None:
@@ -57,8 +59,10 @@ def check_target(input: torch.Tensor, target: torch.Tensor, name: str = "target"
     if target.dtype not in _INDEX:
         _fail(f"{name} must hold int64 or int32 class indices, got {target.dtype}")
     if target.shape != input.shape[:-1]:
-        _fail(f"{name} shape {tuple(target.shape)} must equal input's leading shape "
-              f"{tuple(input.shape[:-1])} (input {tuple(input.shape)})")
+        _fail(
+            f"{name} shape {tuple(target.shape)} must equal input's leading shape "
+            f"{tuple(input.shape[:-1])} (input {tuple(input.shape)})"
+        )
     if target.device != input.device:
         _fail(f"{name} is on {target.device} but input is on {input.device}")
 
@@ -103,8 +107,9 @@ def check_num_items(num_items: torch.Tensor | None, reduction: str) -> None:
         _fail(f"num_items must be a real number, got dtype {num_items.dtype}")
 
 
-def check_ce_options(reduction: str, label_smoothing: float, z_loss: float, softcap: float | None,
-                     logit_scale: float, chunk_size: int) -> None:
+def check_ce_options(
+    reduction: str, label_smoothing: float, z_loss: float, softcap: float | None, logit_scale: float, chunk_size: int
+) -> None:
     check_reduction(reduction)
     check_finite("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
@@ -115,8 +120,9 @@ def check_ce_options(reduction: str, label_smoothing: float, z_loss: float, soft
     check_chunk_size(chunk_size)
 
 
-def check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
-                    logit_scale, chunk_size) -> None:
+def check_linear_ce(
+    input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size
+) -> None:
     """Everything ``memops::linear_ce`` and its backward check without reading tensor data."""
     check_projection(input, weight, bias)
     check_target(input, target)
@@ -167,14 +173,17 @@ def check_options(name: str, options: dict) -> None:
     """Transform options: Python scalars and strings only; floats finite."""
     for key, value in options.items():
         if not isinstance(value, _OPTION_TYPES):
-            raise TypeError(f"option {key}={value!r} of transform {name!r} must be a bool, int, float, str "
-                            f"or None, got {type(value).__name__}")
+            raise TypeError(
+                f"option {key}={value!r} of transform {name!r} must be a bool, int, float, str "
+                f"or None, got {type(value).__name__}"
+            )
         if isinstance(value, float):
             check_finite(f"option {key} of transform {name!r}", value)
 
 
-def check_linear_transform(input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale,
-                           chunk_size) -> None:
+def check_linear_transform(
+    input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale, chunk_size
+) -> None:
     """Everything ``memops::linear_transform`` and its backward check without reading tensor data."""
     check_projection(input, weight, bias)
     check_target(input, target)
@@ -218,8 +227,21 @@ def check_per_token_float(name: str, t: torch.Tensor, target: torch.Tensor) -> N
         _fail(f"{name} must be a float tensor, got {t.dtype}")
 
 
-def check_linear_grpo(input, weight, target, bias, token_weight, advantages, old_logprobs, ref_logprobs, beta,
-                      epsilon_low, epsilon_high, temperature, chunk_size) -> None:
+def check_linear_grpo(
+    input,
+    weight,
+    target,
+    bias,
+    token_weight,
+    advantages,
+    old_logprobs,
+    ref_logprobs,
+    beta,
+    epsilon_low,
+    epsilon_high,
+    temperature,
+    chunk_size,
+) -> None:
     """Everything ``memops::linear_grpo`` and its backward check without reading tensor data
     (``token_weight`` and ``advantages`` are per token here, shaped like ``target``)."""
     check_projection(input, weight, bias)
@@ -242,8 +264,10 @@ def check_linear_grpo(input, weight, target, bias, token_weight, advantages, old
 def check_grpo_front(input, completion_ids, completion_mask, advantages, loss_type, max_completion_length) -> None:
     """The shapes ``memops.linear_grpo_loss`` takes: ``input [B, T, D]``, ids/mask ``[B, T]``, advantages ``[B]``."""
     if not isinstance(input, torch.Tensor) or input.dim() != 3:
-        _fail(f"input must be the completion hidden states [B, T, D], got shape "
-              f"{tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}")
+        _fail(
+            f"input must be the completion hidden states [B, T, D], got shape "
+            f"{tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}"
+        )
     check_target(input, completion_ids, "completion_ids")
     _check_like("completion_mask", completion_mask, completion_ids, "completion_ids")
     if not isinstance(advantages, torch.Tensor) or advantages.shape != completion_ids.shape[:1]:
@@ -253,21 +277,39 @@ def check_grpo_front(input, completion_ids, completion_mask, advantages, loss_ty
         _fail(f"advantages is on {advantages.device} but input is on {input.device}")
     if loss_type not in GRPO_LOSS_TYPES:
         _fail(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
-    if max_completion_length is not None and (not isinstance(max_completion_length, int)
-                                              or isinstance(max_completion_length, bool)
-                                              or max_completion_length < 1):
+    if max_completion_length is not None and (
+        not isinstance(max_completion_length, int)
+        or isinstance(max_completion_length, bool)
+        or max_completion_length < 1
+    ):
         _fail(f"max_completion_length must be a positive int or None, got {max_completion_length!r}")
 
 
-def check_vocab_parallel_ce(input, weight, target, bias, num_items, vocab_start, vocab_size, reduction,
-                            label_smoothing, z_loss, softcap, logit_scale, chunk_size) -> None:
+def check_vocab_parallel_ce(
+    input,
+    weight,
+    target,
+    bias,
+    num_items,
+    vocab_start,
+    vocab_size,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    logit_scale,
+    chunk_size,
+) -> None:
     """``memops::vocab_parallel_ce``: the CE checks, with ``weight`` holding rows
     ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-row weight."""
-    check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
-                    logit_scale, chunk_size)
+    check_linear_ce(
+        input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size
+    )
     for name, v in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
         if not isinstance(v, int) or isinstance(v, bool):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if not (0 <= vocab_start and vocab_start + weight.shape[0] <= vocab_size):
-        _fail(f"this rank's weight shard rows [{vocab_start}, {vocab_start + weight.shape[0]}) must lie in "
-              f"[0, vocab_size={vocab_size})")
+        _fail(
+            f"this rank's weight shard rows [{vocab_start}, {vocab_start + weight.shape[0]}) must lie in "
+            f"[0, vocab_size={vocab_size})"
+        )

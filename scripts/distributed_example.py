@@ -20,11 +20,13 @@ full_weight = torch.randn(1000, 64) / 8
 target = torch.randint(0, 1000, (512,))
 
 rows = full_weight.shape[0] // world
-shard = full_weight[rank * rows:(rank + 1) * rows].clone().requires_grad_()
+shard = full_weight[rank * rows : (rank + 1) * rows].clone().requires_grad_()
 loss = vocab_parallel_cross_entropy(hidden, shard, target, label_smoothing=0.1)
 loss.backward()
 
 reference = memops.linear_cross_entropy(hidden.detach(), full_weight, target, label_smoothing=0.1)
-print(f"rank {rank}: loss {loss.item():.6f} (single process {reference.item():.6f}), "
-      f"weight shard grad {tuple(shard.grad.shape)}, input grad norm {hidden.grad.norm():.4f}")
+print(
+    f"rank {rank}: loss {loss.item():.6f} (single process {reference.item():.6f}), "
+    f"weight shard grad {tuple(shard.grad.shape)}, input grad norm {hidden.grad.norm():.4f}"
+)
 dist.destroy_process_group()

@@ -79,6 +79,7 @@ def case_vocab():
 def case_dtensor():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     x, w, b, t = _data(2)
     wd = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
@@ -104,6 +105,7 @@ def case_compile():
 
     def f(x, w, t):
         return vocab_parallel_cross_entropy(x, w, t, group=group, vocab_start=lo, vocab_size=V, z_loss=1e-3)
+
     cf = torch.compile(f, backend="aot_eager", fullgraph=True)
     xs, ws = x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_()
     loss = cf(xs, ws, t)
@@ -153,7 +155,7 @@ def _single(world, head):
     model = TinyLM(head).double()
     tokens, labels = _batches(world)
     # DDP / FSDP average the per-rank gradients: the mean of the per-rank losses
-    loss = sum(model(tokens[2 * r:2 * r + 2], labels[2 * r:2 * r + 2]) for r in range(world)) / world
+    loss = sum(model(tokens[2 * r : 2 * r + 2], labels[2 * r : 2 * r + 2]) for r in range(world)) / world
     loss.backward()
     return {k: p.grad for k, p in model.named_parameters()}
 
@@ -165,13 +167,14 @@ def case_ddp():
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(TinyLM(head).double())
         tokens, labels = _batches(world)
-        model(tokens[2 * rank:2 * rank + 2], labels[2 * rank:2 * rank + 2]).backward()
+        model(tokens[2 * rank : 2 * rank + 2], labels[2 * rank : 2 * rank + 2]).backward()
         for k, p in model.module.named_parameters():
             _close(p.grad, expected[k], f"ddp {head.__name__} grad {k}")
 
 
 def case_fsdp():
     from torch.distributed.fsdp import fully_shard
+
     rank, world = dist.get_rank(), dist.get_world_size()
     for head in (LinearCrossEntropyHead, MixedHead):
         expected = _single(world, head)
@@ -180,16 +183,24 @@ def case_fsdp():
         fully_shard(model.lm_head)
         fully_shard(model)
         tokens, labels = _batches(world)
-        model(tokens[2 * rank:2 * rank + 2], labels[2 * rank:2 * rank + 2]).backward()
+        model(tokens[2 * rank : 2 * rank + 2], labels[2 * rank : 2 * rank + 2]).backward()
         for k, p in model.named_parameters():
             _close(p.grad.full_tensor(), expected[k], f"fsdp {head.__name__} grad {k}")
 
 
 def _hf_llama():
     import transformers
+
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     return transformers.LlamaForCausalLM(cfg).double().train()
 
 
@@ -198,29 +209,37 @@ def case_hf_fsdp():
     from torch.distributed.fsdp import fully_shard
 
     from memops.integrations import transformers as mt
+
     rank, world = dist.get_rank(), dist.get_world_size()
     tokens, labels = _batches(world)
     single = _hf_llama()
-    loss = sum(single(input_ids=tokens[2 * r:2 * r + 2], labels=labels[2 * r:2 * r + 2]).loss
-               for r in range(world)) / world
+    loss = (
+        sum(single(input_ids=tokens[2 * r : 2 * r + 2], labels=labels[2 * r : 2 * r + 2]).loss for r in range(world))
+        / world
+    )
     loss.backward()
     model = mt.apply(_hf_llama())
     fully_shard(model.lm_head)
     fully_shard(model)
-    out = model(input_ids=tokens[2 * rank:2 * rank + 2], labels=labels[2 * rank:2 * rank + 2])
+    out = model(input_ids=tokens[2 * rank : 2 * rank + 2], labels=labels[2 * rank : 2 * rank + 2])
     assert out.logits is None
     out.loss.backward()
     for (k, p), (_, q) in zip(model.named_parameters(), single.named_parameters()):
         # the unpatched model's loss upcasts to fp32: compare at fp32 precision
-        torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def case_mismatch():
     rank = dist.get_rank()
     x, w, b, t = _data()
     try:  # rank 0 claims a vocabulary one row larger than the shards cover
-        vocab_parallel_cross_entropy(x, w[:10] if rank == 0 else w[10:], t.clamp(max=9), vocab_start=0 if rank == 0
-                                     else 10, vocab_size=V + (1 if rank == 0 else 0))
+        vocab_parallel_cross_entropy(
+            x,
+            w[:10] if rank == 0 else w[10:],
+            t.clamp(max=9),
+            vocab_start=0 if rank == 0 else 10,
+            vocab_size=V + (1 if rank == 0 else 0),
+        )
     except ValueError as exc:
         assert "do not tile the vocabulary" in str(exc), exc
         return

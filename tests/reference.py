@@ -13,8 +13,20 @@ def ref_logits(input, weight, bias=None, *, softcap=None, logit_scale=1.0):
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
-def ref_linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
-                             label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0, num_items=None):
+def ref_linear_cross_entropy(
+    input,
+    weight,
+    target,
+    bias=None,
+    *,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    logit_scale=1.0,
+    num_items=None,
+):
     logits = ref_logits(input, weight, bias, softcap=softcap, logit_scale=logit_scale)
     flat = logits.reshape(-1, weight.shape[0])
     t = target.reshape(-1).long()
@@ -34,14 +46,27 @@ def ref_linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
-def ref_linear_loss(input, weight, target, fn, bias=None, *, extras=(), reduction="mean", ignore_index=-100,
-                    num_items=None, softcap=None, logit_scale=1.0, **options):
+def ref_linear_loss(
+    input,
+    weight,
+    target,
+    fn,
+    bias=None,
+    *,
+    extras=(),
+    reduction="mean",
+    ignore_index=-100,
+    num_items=None,
+    softcap=None,
+    logit_scale=1.0,
+    **options,
+):
     """``fn`` on the full logits, ignored rows zeroed, then reduced."""
     logits = ref_logits(input, weight, bias, softcap=softcap, logit_scale=logit_scale)
     n = target.numel()
     t = target.reshape(n).long()
     valid = t != ignore_index
-    rows = [e.reshape((n,) + tuple(e.shape[target.dim():])) for e in extras]
+    rows = [e.reshape((n,) + tuple(e.shape[target.dim() :])) for e in extras]
     out = fn(logits.reshape(n, weight.shape[0]), torch.where(valid, t, 0), *rows, **options)
     out = torch.where(valid, out, 0.0)
     if reduction == "none":
@@ -59,9 +84,23 @@ def ref_linear_logprobs(input, weight, target, bias=None, *, temperature=1.0):
     return logp, entropy
 
 
-def ref_grpo_loss(input, weight, completion_ids, completion_mask, advantages, *, bias=None, old_logprobs=None,
-                  ref_logprobs=None, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, temperature=1.0,
-                  loss_type="grpo", max_completion_length=None):
+def ref_grpo_loss(
+    input,
+    weight,
+    completion_ids,
+    completion_mask,
+    advantages,
+    *,
+    bias=None,
+    old_logprobs=None,
+    ref_logprobs=None,
+    beta=0.0,
+    epsilon_low=0.2,
+    epsilon_high=0.2,
+    temperature=1.0,
+    loss_type="grpo",
+    max_completion_length=None,
+):
     """TRL's GRPOTrainer loss, written from its published formulas, on full logits."""
     logp, _ = ref_linear_logprobs(input, weight, completion_ids, bias, temperature=temperature)
     old = logp.detach() if old_logprobs is None else old_logprobs

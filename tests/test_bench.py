@@ -13,13 +13,26 @@ from memops import bench
 from memops.bench import report
 from memops.bench.methods import grpo_data, unavailable
 
-FIELDS = {"method", "status", "time_s", "times_s", "peak_extra_bytes", "loss", "err_loss", "err_grad_input",
-          "err_grad_weight", "x_eager", "x_compile", "x_eager_mem"}
+FIELDS = {
+    "method",
+    "status",
+    "time_s",
+    "times_s",
+    "peak_extra_bytes",
+    "loss",
+    "err_loss",
+    "err_grad_input",
+    "err_grad_weight",
+    "x_eager",
+    "x_compile",
+    "x_eager_mem",
+}
 
 
 def _run(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "memops", "bench", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "memops", "bench", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _row(stdout: str, method: str) -> str:
@@ -28,8 +41,9 @@ def _row(stdout: str, method: str) -> str:
 
 def test_bench_tiny_end_to_end(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    proc = _run("--tokens", "64", "--hidden", "16", "--vocab", "101", "--reps", "2", "--json", str(out),
-                "--plot", str(png))
+    proc = _run(
+        "--tokens", "64", "--hidden", "16", "--vocab", "101", "--reps", "2", "--json", str(out), "--plot", str(png)
+    )
     assert proc.returncode == 0, proc.stderr
     for m in ("eager", "compile", "chunked", "memops"):
         assert f"| {m} |" in proc.stdout
@@ -59,11 +73,38 @@ def test_bench_tiny_end_to_end(tmp_path):
 
 def test_bench_sweep_softcap_and_transform(tmp_path):
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
-    proc = _run("--tokens", "32", "--hidden", "8", "--vocab", "50", "--reps", "1", "--loss", "focal",
-                "--softcap", "5", "--methods", "eager,chunked,memops,cce", "--sweep", "tokens",
-                "--sweep-values", "16,40", "--ignored", "0", "--json", str(out), "--plot", str(png))
+    proc = _run(
+        "--tokens",
+        "32",
+        "--hidden",
+        "8",
+        "--vocab",
+        "50",
+        "--reps",
+        "1",
+        "--loss",
+        "focal",
+        "--softcap",
+        "5",
+        "--methods",
+        "eager,chunked,memops,cce",
+        "--sweep",
+        "tokens",
+        "--sweep-values",
+        "16,40",
+        "--ignored",
+        "0",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    )
     assert proc.returncode == 0, proc.stderr
-    assert "(focal softcap=5, 0% of targets ignored)" in proc.stdout and "## N=16 " in proc.stdout and "## N=40 " in proc.stdout
+    assert (
+        "(focal softcap=5, 0% of targets ignored)" in proc.stdout
+        and "## N=16 " in proc.stdout
+        and "## N=40 " in proc.stdout
+    )
     assert "| cce | skipped: cross-entropy only |" in proc.stdout
     data = json.loads(out.read_text())
     assert [r["tokens"] for r in data["runs"]] == [16, 40] and data["config"]["sweep"] == "tokens"
@@ -78,8 +119,23 @@ def test_bench_sweep_softcap_and_transform(tmp_path):
 def test_bench_oom_is_reported_and_the_run_goes_on(tmp_path):
     # eager needs ~3 x 256 MiB of logits here; memops' chunk budget is 112 MiB
     out = tmp_path / "oom.json"
-    proc = _run("--tokens", "4096", "--hidden", "32", "--vocab", "16384", "--reps", "1", "--methods",
-                "eager,memops", "--memory-cap-mib", "200", "--no-check", "--json", str(out))
+    proc = _run(
+        "--tokens",
+        "4096",
+        "--hidden",
+        "32",
+        "--vocab",
+        "16384",
+        "--reps",
+        "1",
+        "--methods",
+        "eager,memops",
+        "--memory-cap-mib",
+        "200",
+        "--no-check",
+        "--json",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| eager | OOM at 4096 tokens |" in proc.stdout
     rows = {r["method"]: r for r in json.loads(out.read_text())["runs"][0]["rows"]}
@@ -87,21 +143,25 @@ def test_bench_oom_is_reported_and_the_run_goes_on(tmp_path):
     assert rows["memops"]["status"] == "ok" and rows["memops"]["peak_extra_bytes"] < 200 * 2**20
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--methods", "eager,bogus"], "unknown ['bogus']"),
-    (["--tokens", "0"], "--tokens must be >= 1"),
-    (["--loss", "nope"], "unknown transform 'nope'"),
-    (["--softcap", "0"], "--softcap must be > 0"),
-    (["--sweep-values", "1,2"], "--sweep-values needs --sweep"),
-    (["--sweep", "vocab", "--sweep-values", "a,b"], "--sweep-values must be comma-separated integers"),
-    (["--memory-cap-mib", "-1"], "--memory-cap-mib must be > 0"),
-    (["--ignored", "1.5"], "--ignored must be a fraction in [0, 1]"),
-    (["--device", "cuda"], "CUDA is not available"),
-    (["--preset", "gpt5"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--methods", "eager,bogus"], "unknown ['bogus']"),
+        (["--tokens", "0"], "--tokens must be >= 1"),
+        (["--loss", "nope"], "unknown transform 'nope'"),
+        (["--softcap", "0"], "--softcap must be > 0"),
+        (["--sweep-values", "1,2"], "--sweep-values needs --sweep"),
+        (["--sweep", "vocab", "--sweep-values", "a,b"], "--sweep-values must be comma-separated integers"),
+        (["--memory-cap-mib", "-1"], "--memory-cap-mib must be > 0"),
+        (["--ignored", "1.5"], "--ignored must be a fraction in [0, 1]"),
+        (["--device", "cuda"], "CUDA is not available"),
+        (["--preset", "gpt5"], "invalid choice"),
+    ],
+)
 def test_bench_argument_errors(args, message):
     if args == ["--device", "cuda"]:
         import torch
+
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
     proc = _run(*args)
@@ -126,13 +186,15 @@ def test_presets_and_default_sweep():
 
 
 def test_format_table_reports_failed_oom_and_skipped_methods():
-    table = report.format_table([
-        {"method": "eager", "status": "ok", "time_s": 2.0, "peak_extra_bytes": 4 << 20},
-        {"method": "memops", "status": "ok", "time_s": 1.0, "peak_extra_bytes": 1 << 20},
-        {"method": "compile", "status": "failed", "error": "RuntimeError: boom"},
-        {"method": "chunked", "status": "oom", "error": "OOM at 8 tokens"},
-        {"method": "cce", "status": "skipped", "error": "not installed"},
-    ])
+    table = report.format_table(
+        [
+            {"method": "eager", "status": "ok", "time_s": 2.0, "peak_extra_bytes": 4 << 20},
+            {"method": "memops", "status": "ok", "time_s": 1.0, "peak_extra_bytes": 1 << 20},
+            {"method": "compile", "status": "failed", "error": "RuntimeError: boom"},
+            {"method": "chunked", "status": "oom", "error": "OOM at 8 tokens"},
+            {"method": "cce", "status": "skipped", "error": "not installed"},
+        ]
+    )
     assert "| memops | 1.000 | 0.500 | n/a | 1.0 | 0.250 |" in table
     assert "| compile | failed: RuntimeError: boom |" in table
     assert "| chunked | OOM at 8 tokens |" in table
@@ -140,8 +202,22 @@ def test_format_table_reports_failed_oom_and_skipped_methods():
 
 
 def test_bench_grpo_step():
-    proc = _run("--loss", "grpo", "--batch", "4", "--tokens", "32", "--hidden", "8", "--vocab", "50", "--reps", "1",
-                "--methods", "eager,chunked,memops,liger")
+    proc = _run(
+        "--loss",
+        "grpo",
+        "--batch",
+        "4",
+        "--tokens",
+        "32",
+        "--hidden",
+        "8",
+        "--vocab",
+        "50",
+        "--reps",
+        "1",
+        "--methods",
+        "eager,chunked,memops,liger",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "(grpo, 10% of completion tokens masked, beta=0.04)" in proc.stdout
     assert "| liger | skipped: cross-entropy only |" in proc.stdout
@@ -156,8 +232,24 @@ def test_bench_grpo_step():
 
 def test_bench_grpo_without_kl():
     # beta = 0: no reference log-probs, as in TRL; every method still matches the float64 reference
-    proc = _run("--loss", "grpo", "--beta", "0", "--batch", "4", "--tokens", "32", "--hidden", "8", "--vocab", "50",
-                "--reps", "1", "--methods", "eager,memops")
+    proc = _run(
+        "--loss",
+        "grpo",
+        "--beta",
+        "0",
+        "--batch",
+        "4",
+        "--tokens",
+        "32",
+        "--hidden",
+        "8",
+        "--vocab",
+        "50",
+        "--reps",
+        "1",
+        "--methods",
+        "eager,memops",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "(grpo, 10% of completion tokens masked, beta=0)" in proc.stdout
     for m in ("eager", "memops"):
@@ -175,4 +267,5 @@ def test_timed_steps_get_glibc_steady_state_malloc():
     # memory is measured under MALLOC_MMAP_THRESHOLD_=65536; timed steps run with the threshold glibc's
     # dynamic rule reaches in a long-running process (mallopt succeeded)
     from memops.bench.worker import steady_state_malloc
+
     assert steady_state_malloc()

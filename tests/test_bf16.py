@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import ref_linear_cross_entropy
 
 import memops
-from reference import ref_linear_cross_entropy
 
 OPTIONS = [dict(), dict(softcap=30.0, label_smoothing=0.1), dict(z_loss=1e-4, logit_scale=0.5)]
 

@@ -9,9 +9,9 @@ import textwrap
 import pytest
 import torch
 import torch._dynamo
+from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
-from functorch.compile import make_boxed_func
 
 import memops
 
@@ -20,9 +20,11 @@ D, V = 8, 29
 
 def _loss_fn(reduction):
     def f(x, w, b, t):
-        loss = memops.linear_cross_entropy(x, w, t, b, reduction=reduction, label_smoothing=0.1, z_loss=1e-3,
-                                           softcap=4.0, chunk_size=5)
+        loss = memops.linear_cross_entropy(
+            x, w, t, b, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=4.0, chunk_size=5
+        )
         return loss.sum() if reduction == "none" else loss
+
     return f
 
 
@@ -73,6 +75,7 @@ def test_backward_graph_holds_memops_backward_op():
         def compiler(gm, example_inputs):
             graphs[kind].append(gm)
             return make_boxed_func(gm)
+
         return compiler
 
     backend = aot_autograd(fw_compiler=grab("fw"), bw_compiler=grab("bw"))
@@ -110,8 +113,9 @@ class TinyLM(torch.nn.Module):
 
     def forward(self, tokens, labels):
         h = self.mlp(self.embed(tokens))
-        return memops.linear_cross_entropy(h, self.lm_head.weight, labels, self.lm_head.bias,
-                                           label_smoothing=0.05, chunk_size=8)
+        return memops.linear_cross_entropy(
+            h, self.lm_head.weight, labels, self.lm_head.bias, label_smoothing=0.05, chunk_size=8
+        )
 
 
 def test_export_graph_holds_op_and_round_trips_in_fresh_process(tmp_path):
@@ -132,7 +136,7 @@ def test_export_graph_holds_op_and_round_trips_in_fresh_process(tmp_path):
     script = textwrap.dedent(f"""
         import torch, memops
         ep = torch.export.load({str(path)!r})
-        inp = torch.load({str(tmp_path / 'inputs.pt')!r})
+        inp = torch.load({str(tmp_path / "inputs.pt")!r})
         assert any(n.target is torch.ops.memops.linear_ce.default for n in ep.graph.nodes)
         print(repr(ep.module()(inp["tokens"], inp["labels"]).item()))
     """)

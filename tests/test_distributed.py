@@ -22,11 +22,25 @@ def _port() -> int:
 
 
 def _launch(case: str, world: int, timeout: float = 240, dist_timeout: float = 60):
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), WORLD_SIZE=str(world),
-               DIST_TIMEOUT=str(dist_timeout), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, WORKER, case], env=dict(env, RANK=str(r)), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_port()),
+        WORLD_SIZE=str(world),
+        DIST_TIMEOUT=str(dist_timeout),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, case],
+            env=dict(env, RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     deadline = time.monotonic() + timeout
     results = []
     try:

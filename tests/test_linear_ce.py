@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import ref_linear_cross_entropy
 
 import memops
-from reference import ref_linear_cross_entropy
 
 IGNORE = -100
 PRIMES_AND_SMALL = [1, 2, 3, 5, 7, 13, 31, 61, 97, 127, 211]
@@ -50,10 +51,17 @@ def ce_case(draw):
     if reduction == "mean" and draw(st.booleans()):
         opts["num_items"] = draw(st.integers(1, 400) | st.integers(1, 400).map(torch.tensor))
     ignore_p = draw(st.sampled_from([0.0, 0.3, 1.0]))
-    return dict(lead=lead, d=d, v=v, opts=opts, ignore_p=ignore_p,
-                bias=draw(st.booleans()), int32=draw(st.booleans()),
-                needs=draw(st.sampled_from([(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)])),
-                seed=draw(st.integers(0, 2**16)))
+    return dict(
+        lead=lead,
+        d=d,
+        v=v,
+        opts=opts,
+        ignore_p=ignore_p,
+        bias=draw(st.booleans()),
+        int32=draw(st.booleans()),
+        needs=draw(st.sampled_from([(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)])),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def _make(case, dtype=torch.float64):
@@ -209,6 +217,7 @@ def test_global_chunk_settings_do_not_change_results():
 
 def test_chunk_rows_follow_budget():
     from memops import config
+
     cpu = torch.device("cpu")
     big = config.chunk_rows(100_000, 128_000, 4096, torch.float32, cpu)
     small_v = config.chunk_rows(100_000, 1_000, 4096, torch.float32, cpu)

@@ -10,11 +10,12 @@ import textwrap
 import pytest
 import torch
 import torch._dynamo
-from hypothesis import given, strategies as st
+from helpers import MatmulFlops, projection_flops
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import ref_grpo_loss, ref_linear_logprobs
 
 import memops
-from helpers import MatmulFlops, projection_flops
-from reference import ref_grpo_loss, ref_linear_logprobs
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 
@@ -49,12 +50,17 @@ def _grads(out, tensors, grad_out=None):
 @st.composite
 def logprob_case(draw):
     b, t = draw(st.integers(0, 6)), draw(st.integers(1, 40))
-    return dict(lead=draw(st.sampled_from([(b, t), (b * t,)])), d=draw(st.integers(1, 16)),
-                v=draw(st.sampled_from([1, 2, 7, 31, 97]) | st.integers(1, 130)), bias=draw(st.booleans()),
-                temperature=draw(st.sampled_from([1.0, 0.7]) | st.floats(0.05, 4.0)),
-                chunk_size=draw(st.none() | st.integers(1, 64)),
-                outputs=draw(st.sampled_from(["logp", "entropy", "both"])),
-                needs=draw(st.sampled_from([(1, 1, 1), (1, 0, 0), (0, 1, 1)])), seed=draw(st.integers(0, 2**16)))
+    return dict(
+        lead=draw(st.sampled_from([(b, t), (b * t,)])),
+        d=draw(st.integers(1, 16)),
+        v=draw(st.sampled_from([1, 2, 7, 31, 97]) | st.integers(1, 130)),
+        bias=draw(st.booleans()),
+        temperature=draw(st.sampled_from([1.0, 0.7]) | st.floats(0.05, 4.0)),
+        chunk_size=draw(st.none() | st.integers(1, 64)),
+        outputs=draw(st.sampled_from(["logp", "entropy", "both"])),
+        needs=draw(st.sampled_from([(1, 1, 1), (1, 0, 0), (0, 1, 1)])),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 @given(logprob_case())
@@ -71,8 +77,10 @@ def test_logprobs_and_entropy_match_reference(case):
     _close(ent, ref_ent, "entropy")
     assert logp.dtype == torch.float64
     # random per-token grad_output on either output, or both
-    g1, g2 = torch.randn(target.shape, generator=g, dtype=torch.float64), torch.randn(
-        target.shape, generator=g, dtype=torch.float64)
+    g1, g2 = (
+        torch.randn(target.shape, generator=g, dtype=torch.float64),
+        torch.randn(target.shape, generator=g, dtype=torch.float64),
+    )
     if case["outputs"] == "logp":
         ours, ref = (logp * g1).sum(), (ref_logp * g1).sum()
     elif case["outputs"] == "entropy":
@@ -96,21 +104,35 @@ def test_logprobs_without_entropy_and_fp32():
 def grpo_case(draw):
     b, t = draw(st.integers(1, 5)), draw(st.integers(1, 24))
     mask_kind = draw(st.sampled_from(["random", "all", "none", "rows"]))
-    return dict(b=b, t=t, d=draw(st.integers(1, 12)), v=draw(st.sampled_from([2, 13, 61]) | st.integers(1, 90)),
-                bias=draw(st.booleans()), loss_type=draw(st.sampled_from(LOSS_TYPES)), mask=mask_kind,
-                old=draw(st.booleans()), ref=draw(st.booleans()), beta=draw(st.sampled_from([0.0, 0.04, 0.5])),
-                eps=(draw(st.sampled_from([0.2, 0.1, 0.0])), draw(st.sampled_from([0.2, 0.28, 1.0]))),
-                temperature=draw(st.sampled_from([1.0, 0.6, 1.3])), chunk_size=draw(st.none() | st.integers(1, 40)),
-                max_len=draw(st.none() | st.integers(24, 40)), seed=draw(st.integers(0, 2**16)))
+    return dict(
+        b=b,
+        t=t,
+        d=draw(st.integers(1, 12)),
+        v=draw(st.sampled_from([2, 13, 61]) | st.integers(1, 90)),
+        bias=draw(st.booleans()),
+        loss_type=draw(st.sampled_from(LOSS_TYPES)),
+        mask=mask_kind,
+        old=draw(st.booleans()),
+        ref=draw(st.booleans()),
+        beta=draw(st.sampled_from([0.0, 0.04, 0.5])),
+        eps=(draw(st.sampled_from([0.2, 0.1, 0.0])), draw(st.sampled_from([0.2, 0.28, 1.0]))),
+        temperature=draw(st.sampled_from([1.0, 0.6, 1.3])),
+        chunk_size=draw(st.none() | st.integers(1, 40)),
+        max_len=draw(st.none() | st.integers(24, 40)),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def _grpo_inputs(case, g):
     b, t, v = case["b"], case["t"], case["v"]
     x, w, bias = _params(g, (b, t), case["d"], v, case["bias"])
     ids = torch.randint(0, v, (b, t), generator=g)
-    mask = {"random": torch.rand(b, t, generator=g) < 0.7, "all": torch.ones(b, t, dtype=torch.bool),
-            "none": torch.zeros(b, t, dtype=torch.bool),
-            "rows": (torch.rand(b, 1, generator=g) < 0.5).expand(b, t)}[case["mask"]].long()
+    mask = {
+        "random": torch.rand(b, t, generator=g) < 0.7,
+        "all": torch.ones(b, t, dtype=torch.bool),
+        "none": torch.zeros(b, t, dtype=torch.bool),
+        "rows": (torch.rand(b, 1, generator=g) < 0.5).expand(b, t),
+    }[case["mask"]].long()
     adv = torch.randn(b, generator=g, dtype=torch.float64)
     with torch.no_grad():
         logp, _ = ref_linear_logprobs(x, w, ids, bias, temperature=case["temperature"])
@@ -124,9 +146,17 @@ def _grpo_inputs(case, g):
 def test_grpo_loss_and_gradients_match_trl_formulas(case):
     g = torch.Generator().manual_seed(case["seed"])
     x, w, bias, ids, mask, adv, old, ref = _grpo_inputs(case, g)
-    kw = dict(bias=bias, old_logprobs=old, ref_logprobs=ref, beta=case["beta"], epsilon_low=case["eps"][0],
-              epsilon_high=case["eps"][1], temperature=case["temperature"], loss_type=case["loss_type"],
-              max_completion_length=case["max_len"])
+    kw = dict(
+        bias=bias,
+        old_logprobs=old,
+        ref_logprobs=ref,
+        beta=case["beta"],
+        epsilon_low=case["eps"][0],
+        epsilon_high=case["eps"][1],
+        temperature=case["temperature"],
+        loss_type=case["loss_type"],
+        max_completion_length=case["max_len"],
+    )
     loss, metrics = memops.linear_grpo_loss(x, w, ids, mask, adv, chunk_size=case["chunk_size"], **kw)
     ref_loss, ref_logp = ref_grpo_loss(x, w, ids, mask, adv, **kw)
     _close(loss, ref_loss, "loss")
@@ -197,7 +227,11 @@ def _masked_inputs():
     ids = torch.randint(0, V_MASKED, (4, 12), generator=g)
     mask = torch.ones(4, 12)
     mask.view(-1)[torch.randperm(N_MASKED, generator=g)[:K_MASKED]] = 0
-    adv, old, ref = torch.randn(4, generator=g), torch.randn(4, 12, generator=g) - 3, torch.randn(4, 12, generator=g) - 3
+    adv, old, ref = (
+        torch.randn(4, generator=g),
+        torch.randn(4, 12, generator=g) - 3,
+        torch.randn(4, 12, generator=g) - 3,
+    )
     return g, x, w, b, ids, mask, adv, old, ref
 
 
@@ -205,8 +239,9 @@ def test_masked_tokens_cost_forward_work_only():
     n, d, v, k = N_MASKED, D_MASKED, V_MASKED, K_MASKED
     g, x, w, b, ids, mask, adv, old, ref = _masked_inputs()
     with MatmulFlops() as m:
-        loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, bias=b, old_logprobs=old, ref_logprobs=ref,
-                                          beta=0.04, chunk_size=7)
+        loss, _ = memops.linear_grpo_loss(
+            x, w, ids, mask, adv, bias=b, old_logprobs=old, ref_logprobs=ref, beta=0.04, chunk_size=7
+        )
         loss.backward()
     # every token's log-prob (the loss and metrics read them), gradient matmuls for unmasked ones only
     assert m.flops == projection_flops(n, v, d) + 2 * projection_flops(n - k, v, d)
@@ -227,8 +262,9 @@ def test_masked_tokens_cost_nothing_without_kl(ref_given):
     _, x, w, b, ids, mask, adv, old, ref = _masked_inputs()
     ref = ref if ref_given else None
     with MatmulFlops() as m:
-        loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, bias=b, old_logprobs=old, ref_logprobs=ref,
-                                          chunk_size=7)
+        loss, _ = memops.linear_grpo_loss(
+            x, w, ids, mask, adv, bias=b, old_logprobs=old, ref_logprobs=ref, chunk_size=7
+        )
         loss.backward()
     assert m.flops == (projection_flops(k, v, d) if ref_given else 0) + 3 * projection_flops(n - k, v, d)
     with torch.no_grad(), MatmulFlops() as m:
@@ -238,8 +274,7 @@ def test_masked_tokens_cost_nothing_without_kl(ref_given):
 
 # A masked token whose per-token loss or its derivative is not finite turns the reference's loss or
 # gradients NaN (0 * inf): such tokens must be computed in full, the others cost forward work only.
-@pytest.mark.parametrize("bad", ["old=-1e4", "old=-inf", "old=nan", "ref=1e4", "adv=inf", "x=nan", "x=inf",
-                                 "x=1e300"])
+@pytest.mark.parametrize("bad", ["old=-1e4", "old=-inf", "old=nan", "ref=1e4", "adv=inf", "x=nan", "x=inf", "x=1e300"])
 @pytest.mark.parametrize("adv_sign", [1.0, -1.0])
 @pytest.mark.parametrize("kl", [True, False])  # False: beta = 0 and no ref, where masked tokens may be skipped
 def test_masked_token_with_non_finite_terms_matches_reference(bad, adv_sign, kl):
@@ -278,16 +313,23 @@ def test_masked_tokens_with_random_extreme_terms_match_reference(data):
         for _ in range(data.draw(st.integers(0, 3))):
             i, j = data.draw(st.integers(0, b - 1)), data.draw(st.integers(0, t - 1))
             where = data.draw(st.sampled_from(["old", "ref", "x", "adv"]))
-            {"old": old[i, j:j + 1], "ref": ref[i, j:j + 1], "x": x[i, j, :1], "adv": adv[i:i + 1]}[where].fill_(
-                data.draw(extreme))
+            {"old": old[i, j : j + 1], "ref": ref[i, j : j + 1], "x": x[i, j, :1], "adv": adv[i : i + 1]}[where].fill_(
+                data.draw(extreme)
+            )
     beta = data.draw(st.sampled_from([0.0, 0.04]))
     if beta == 0 and data.draw(st.booleans()):
         ref = None  # masked tokens then need not be computed at all (where provably exact)
     if data.draw(st.booleans()):
         old = None
-    kw = dict(bias=bias, old_logprobs=old, ref_logprobs=ref, beta=beta, epsilon_high=data.draw(st.sampled_from(
-              [0.2, 1e38])), loss_type=data.draw(st.sampled_from(LOSS_TYPES)),
-              temperature=data.draw(st.sampled_from([1.0, 0.7])))
+    kw = dict(
+        bias=bias,
+        old_logprobs=old,
+        ref_logprobs=ref,
+        beta=beta,
+        epsilon_high=data.draw(st.sampled_from([0.2, 1e38])),
+        loss_type=data.draw(st.sampled_from(LOSS_TYPES)),
+        temperature=data.draw(st.sampled_from([1.0, 0.7])),
+    )
     loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, chunk_size=data.draw(st.integers(1, 9)), **kw)
     ref_loss, _ = ref_grpo_loss(x, w, ids, mask, adv, **kw)
     _close(loss, ref_loss, "loss", equal_nan=True)
@@ -314,8 +356,11 @@ def test_zero_gradient_token_with_non_finite_logits_matches_reference(value):
 def test_grpo_backward_retain_graph_and_scaled_grad():
     g = torch.Generator().manual_seed(2)
     x, w, b = _params(g, (3, 5), 4, 11, True)
-    ids, mask, adv = torch.randint(0, 11, (3, 5), generator=g), torch.ones(3, 5), torch.randn(3, generator=g,
-                                                                                              dtype=torch.float64)
+    ids, mask, adv = (
+        torch.randint(0, 11, (3, 5), generator=g),
+        torch.ones(3, 5),
+        torch.randn(3, generator=g, dtype=torch.float64),
+    )
     loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, bias=b, chunk_size=4)
     (3 * loss).backward(retain_graph=True)
     first = x.grad.clone()
@@ -326,21 +371,30 @@ def test_grpo_backward_retain_graph_and_scaled_grad():
     _close(first, torch.autograd.grad(3 * ref, x)[0], "scaled grad")
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m[:, :-1], a), "completion_mask shape"),
-    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i[:, :-1], m, a), "completion_ids shape"),
-    (lambda x, w, i, m, a: memops.linear_grpo_loss(x[0], w, i, m, a), "input must be the completion hidden states"),
-    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a[:-1]), "advantages must have shape [B]=[2]"),
-    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a, loss_type="ppo"), "loss_type must be one of"),
-    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a, temperature=0.0), "temperature must be > 0"),
-    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a, beta=0.1), "beta != 0 needs ref_logprobs"),
-    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a, old_logprobs=m[:1].float()), "old_logprobs shape"),
-    (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i + 100, m, a), "completion_ids value 100 is out of range"),
-    (lambda x, w, i, m, a: memops.linear_logprobs(x, w, i, temperature=-1.0), "temperature must be > 0"),
-    (lambda x, w, i, m, a: memops.linear_logprobs(x, w, i.float()), "target must hold int64 or int32"),
-    (lambda x, w, i, m, a: memops.linear_logprobs(x, w[:, :-1], i), "input's last dim"),
-    (lambda x, w, i, m, a: memops.linear_logprobs(x, w, i - 1), "target value -1 is out of range [0, 7)"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m[:, :-1], a), "completion_mask shape"),
+        (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i[:, :-1], m, a), "completion_ids shape"),
+        (lambda x, w, i, m, a: memops.linear_grpo_loss(x[0], w, i, m, a), "input must be the completion hidden states"),
+        (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a[:-1]), "advantages must have shape [B]=[2]"),
+        (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a, loss_type="ppo"), "loss_type must be one of"),
+        (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a, temperature=0.0), "temperature must be > 0"),
+        (lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a, beta=0.1), "beta != 0 needs ref_logprobs"),
+        (
+            lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i, m, a, old_logprobs=m[:1].float()),
+            "old_logprobs shape",
+        ),
+        (
+            lambda x, w, i, m, a: memops.linear_grpo_loss(x, w, i + 100, m, a),
+            "completion_ids value 100 is out of range",
+        ),
+        (lambda x, w, i, m, a: memops.linear_logprobs(x, w, i, temperature=-1.0), "temperature must be > 0"),
+        (lambda x, w, i, m, a: memops.linear_logprobs(x, w, i.float()), "target must hold int64 or int32"),
+        (lambda x, w, i, m, a: memops.linear_logprobs(x, w[:, :-1], i), "input's last dim"),
+        (lambda x, w, i, m, a: memops.linear_logprobs(x, w, i - 1), "target value -1 is out of range [0, 7)"),
+    ],
+)
 def test_errors_name_the_argument(call, message):
     x, w = torch.randn(2, 3, 4), torch.randn(7, 4)
     ids, mask, adv = torch.randint(0, 7, (2, 3)), torch.ones(2, 3), torch.randn(2)
@@ -362,12 +416,16 @@ def _small(dtype=torch.float32, bias=True, lead=(3, 5)):
 def test_opcheck_logprobs_ops(dtype, lead):
     x, w, b, t = _small(dtype, lead=lead)
     for ent in (False, True):
-        torch.library.opcheck(torch.ops.memops.linear_logprobs.default, (x.requires_grad_(), w.requires_grad_(), t,
-                                                                         b.requires_grad_(), 0.8, ent, 4))
+        torch.library.opcheck(
+            torch.ops.memops.linear_logprobs.default,
+            (x.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), 0.8, ent, 4),
+        )
     g1 = torch.randn(t.shape)
     for g2 in (None, torch.randn(t.shape)):
-        torch.library.opcheck(torch.ops.memops.linear_logprobs_backward.default,
-                              (g1, g2, x.detach(), w.detach(), t, b.detach(), 0.8, 4, [True, True, True]))
+        torch.library.opcheck(
+            torch.ops.memops.linear_logprobs_backward.default,
+            (g1, g2, x.detach(), w.detach(), t, b.detach(), 0.8, 4, [True, True, True]),
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -385,13 +443,39 @@ def test_opcheck_grpo_ops(dtype, lead, beta, all_logprobs):
     old, ref = (torch.randn(t.shape, generator=g, dtype=cdt) for _ in range(2))
     mask = [True, True, True]
     options = (beta, 0.2, 0.28, 0.9, 4)
-    args = (x.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), tw, adv, old, ref, *options,
-            all_logprobs, mask)
+    args = (
+        x.requires_grad_(),
+        w.requires_grad_(),
+        t,
+        b.requires_grad_(),
+        tw,
+        adv,
+        old,
+        ref,
+        *options,
+        all_logprobs,
+        mask,
+    )
     torch.library.opcheck(torch.ops.memops.linear_grpo.default, args)
     saved = torch.ops.memops.linear_grpo(*args)[2:]
-    torch.library.opcheck(torch.ops.memops.linear_grpo_backward.default,
-                          (torch.tensor(1.5, dtype=cdt), x.detach(), w.detach(), t, b.detach(), tw, adv, old, ref,
-                           *saved, *options, mask, [True, True, True]))
+    torch.library.opcheck(
+        torch.ops.memops.linear_grpo_backward.default,
+        (
+            torch.tensor(1.5, dtype=cdt),
+            x.detach(),
+            w.detach(),
+            t,
+            b.detach(),
+            tw,
+            adv,
+            old,
+            ref,
+            *saved,
+            *options,
+            mask,
+            [True, True, True],
+        ),
+    )
 
 
 def test_gradcheck_float64():
@@ -403,20 +487,24 @@ def test_gradcheck_float64():
     def lp(x, w, b):
         logp, ent = memops.linear_logprobs(x, w, t, b, temperature=0.7, return_entropy=True, chunk_size=4)
         return logp, ent * g2
+
     assert torch.autograd.gradcheck(lp, (x, w, b))
     mask, adv = torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.tensor([0.5, -1.0], dtype=torch.float64)
     old = torch.randn(2, 3, dtype=torch.float64) * 0.1 - 2.4
     ref = torch.randn(2, 3, dtype=torch.float64) * 0.1 - 2.4
 
     def grpo(x, w, b):
-        return memops.linear_grpo_loss(x, w, t, mask, adv, bias=b, old_logprobs=old, ref_logprobs=ref, beta=0.1,
-                                       epsilon_high=10.0, chunk_size=4)[0]
+        return memops.linear_grpo_loss(
+            x, w, t, mask, adv, bias=b, old_logprobs=old, ref_logprobs=ref, beta=0.1, epsilon_high=10.0, chunk_size=4
+        )[0]
+
     assert torch.autograd.gradcheck(grpo, (x, w, b))
 
 
 def _grpo_step(x, w, ids, mask, adv, old, ref):
-    loss, metrics = memops.linear_grpo_loss(x, w, ids, mask, adv, old_logprobs=old, ref_logprobs=ref, beta=0.04,
-                                            temperature=0.9, chunk_size=5)
+    loss, metrics = memops.linear_grpo_loss(
+        x, w, ids, mask, adv, old_logprobs=old, ref_logprobs=ref, beta=0.04, temperature=0.9, chunk_size=5
+    )
     ent = memops.linear_logprobs(x, w, ids, temperature=0.9, return_entropy=True, chunk_size=5)[1]
     return loss - 0.01 * (ent * mask).sum() / mask.sum(), metrics["kl"]
 
@@ -427,7 +515,11 @@ def _rl_inputs(t, seed=0):
     w = torch.randn(29, 8, generator=g, requires_grad=True)
     ids = torch.randint(0, 29, (2, t), generator=g)
     mask = (torch.rand(2, t, generator=g) < 0.8).float()
-    adv, old, ref = torch.randn(2, generator=g), -3 + torch.randn(2, t, generator=g), -3 + torch.randn(2, t, generator=g)
+    adv, old, ref = (
+        torch.randn(2, generator=g),
+        -3 + torch.randn(2, t, generator=g),
+        -3 + torch.randn(2, t, generator=g),
+    )
     return x, w, ids, mask, adv, old, ref
 
 
@@ -456,8 +548,9 @@ class TinyPolicy(torch.nn.Module):
 
     def forward(self, ids, mask, adv, old, ref):
         h = self.embed(ids)
-        loss, metrics = memops.linear_grpo_loss(h, self.lm_head.weight, ids, mask, adv, old_logprobs=old,
-                                                ref_logprobs=ref, beta=0.04, chunk_size=4)
+        loss, metrics = memops.linear_grpo_loss(
+            h, self.lm_head.weight, ids, mask, adv, old_logprobs=old, ref_logprobs=ref, beta=0.04, chunk_size=4
+        )
         return loss, memops.linear_logprobs(h, self.lm_head.weight, ids, chunk_size=4), metrics["kl"]
 
 
@@ -476,9 +569,9 @@ def test_export_round_trip_in_fresh_process(tmp_path):
     script = textwrap.dedent(f"""
         import torch, memops
         ep = torch.export.load({str(path)!r})
-        args = torch.load({str(tmp_path / 'args.pt')!r})
+        args = torch.load({str(tmp_path / "args.pt")!r})
         loss, logp, kl = ep.module()(*args)
-        torch.save((loss, logp, kl), {str(tmp_path / 'out.pt')!r})
+        torch.save((loss, logp, kl), {str(tmp_path / "out.pt")!r})
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

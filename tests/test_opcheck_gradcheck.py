@@ -69,11 +69,29 @@ def test_opcheck_linear_ce_backward(sample, opts):
     grad_loss = torch.randn(t.shape if reduction == "none" else ())
     has_b = b is not None
     num_items = torch.tensor(3.0) if (reduction == "mean" and t.numel() == 0) else None
-    saved = torch.ops.memops.linear_ce(x, w, t, b, num_items, IGNORE, reduction, ls, zl, cap, scale, chunk,
-                                       False, [True, True, has_b])[2:]
+    saved = torch.ops.memops.linear_ce(
+        x, w, t, b, num_items, IGNORE, reduction, ls, zl, cap, scale, chunk, False, [True, True, has_b]
+    )[2:]
     have = [reduction != "none"] * 2 + [reduction != "none" and has_b]
-    args = (grad_loss, x, w, t, b, num_items, *saved, IGNORE, reduction, ls, zl, cap, scale, chunk, False,
-            [True, True, has_b], have)
+    args = (
+        grad_loss,
+        x,
+        w,
+        t,
+        b,
+        num_items,
+        *saved,
+        IGNORE,
+        reduction,
+        ls,
+        zl,
+        cap,
+        scale,
+        chunk,
+        False,
+        [True, True, has_b],
+        have,
+    )
     torch.library.opcheck(torch.ops.memops.linear_ce_backward.default, args)
 
 
@@ -92,7 +110,9 @@ GRAD_OPTIONS = [
 GRAD_CASES = [(r, o) for r in ("mean", "sum", "none") for o in GRAD_OPTIONS if r == "mean" or "num_items" not in o]
 
 
-@pytest.mark.parametrize("reduction,opts", GRAD_CASES, ids=lambda o: (",".join(o) or "plain") if isinstance(o, dict) else o)
+@pytest.mark.parametrize(
+    "reduction,opts", GRAD_CASES, ids=lambda o: (",".join(o) or "plain") if isinstance(o, dict) else o
+)
 def test_gradcheck_float64(reduction, opts):
     x, w, b, t = _sample(n_lead=(3, 3), d=4, v=7, dtype=torch.float64, seed=1)
     t = torch.where(t == IGNORE, opts.get("ignore_index", IGNORE), t)
@@ -101,4 +121,5 @@ def test_gradcheck_float64(reduction, opts):
 
     def f(x, w, b):
         return memops.linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_size=4, **opts)
+
     assert torch.autograd.gradcheck(f, (x, w, b))

@@ -10,11 +10,12 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from helpers import MatmulFlops, projection_flops
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import ref_linear_loss
 
 import memops
-from helpers import MatmulFlops, projection_flops
-from reference import ref_linear_loss
 
 IGNORE = -100
 
@@ -53,6 +54,7 @@ def make_transform(maps, reduction, gather, extra_modes):
             else:  # "vector": a per-token vector extra [n, 3]
                 out = out + (e * z[:, :1]).sum(-1)
         return out
+
     return fn
 
 
@@ -109,6 +111,7 @@ def test_random_transforms_match_unfused_float64(case):
 
 
 # ---- the seed use case: a transform written as a user writes it for full logits ----
+
 
 @memops.transform("_test_user_ce")
 def user_ce(logits, target):
@@ -174,8 +177,7 @@ def test_class_weighted_cross_entropy_matches_torch_weight_argument():
     t[::6] = IGNORE
     valid = t != IGNORE
     tok_w = torch.where(valid, cw[t.clamp_min(0)], 0.0)
-    out = memops.linear_loss(x, w, t, "weighted_cross_entropy", extras=(tok_w,), num_items=tok_w.sum(),
-                             chunk_size=7)
+    out = memops.linear_loss(x, w, t, "weighted_cross_entropy", extras=(tok_w,), num_items=tok_w.sum(), chunk_size=7)
     ref = F.cross_entropy(x @ w.T, t, weight=cw)
     torch.testing.assert_close(out, ref)
     for a, r in zip(torch.autograd.grad(out, (x, w)), torch.autograd.grad(ref, (x, w))):
@@ -183,6 +185,7 @@ def test_class_weighted_cross_entropy_matches_torch_weight_argument():
 
 
 # ---- work: a scalar-reduced transform costs the three projection matmuls ----
+
 
 @pytest.mark.parametrize("reduction,expected", [("mean", 3), ("sum", 3), ("none", 4)])
 def test_transform_matmul_work(reduction, expected):
@@ -207,6 +210,7 @@ def test_frozen_weight_transform_skips_weight_gradient():
 
 
 # ---- errors ----
+
 
 def _xwt():
     return torch.randn(5, 4), torch.randn(7, 4), torch.randint(0, 7, (5,))
@@ -244,6 +248,7 @@ def test_duplicate_registration_needs_replace():
 
 # ---- opcheck, compile, export ----
 
+
 @memops.transform("_test_weighted_focal")
 def weighted_focal(logits, target, weight, gamma: float = 2.0):
     logp = torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -266,9 +271,28 @@ def test_opcheck_linear_transform(reduction, chunk, dtype):
     saved = torch.ops.memops.linear_transform(*args)[1:]
     have = [reduction != "none"] * 4
     x, w, b, e = (p.detach() for p in (x, w, b, e))  # the backward op itself has no derivative
-    bargs = (torch.randn(t.shape if reduction == "none" else ()).to(dtype), x, w, t, b, [e], None,
-             saved[0], saved[1], saved[2], list(saved[3]), "_test_weighted_focal", opts, IGNORE, reduction, None,
-             1.0, chunk, [True] * 4, have)
+    bargs = (
+        torch.randn(t.shape if reduction == "none" else ()).to(dtype),
+        x,
+        w,
+        t,
+        b,
+        [e],
+        None,
+        saved[0],
+        saved[1],
+        saved[2],
+        list(saved[3]),
+        "_test_weighted_focal",
+        opts,
+        IGNORE,
+        reduction,
+        None,
+        1.0,
+        chunk,
+        [True] * 4,
+        have,
+    )
     torch.library.opcheck(torch.ops.memops.linear_transform_backward.default, bargs)
 
 
@@ -292,14 +316,16 @@ def test_compile_fullgraph_with_user_transform():
 
 
 def test_export_round_trip_with_user_transform(tmp_path):
-    (tmp_path / "my_losses.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_losses.py").write_text(
+        textwrap.dedent("""
         import torch, memops
 
         @memops.transform("_test_exported_focal")
         def focal(logits, target, gamma: float = 2.0):
             logp = torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
             return -(1 - logp.exp()).pow(gamma) * logp
-    """))
+    """)
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         import my_losses  # noqa: F401
@@ -325,8 +351,8 @@ def test_export_round_trip_with_user_transform(tmp_path):
         import sys, torch
         sys.path.insert(0, {str(tmp_path)!r})
         import memops, my_losses   # the module that registers the transform
-        ep = torch.export.load({str(tmp_path / 'm.pt2')!r})
-        inp = torch.load({str(tmp_path / 'in.pt')!r})
+        ep = torch.export.load({str(tmp_path / "m.pt2")!r})
+        inp = torch.load({str(tmp_path / "in.pt")!r})
         print(repr(ep.module()(inp["h"], inp["y"]).item()))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -8,13 +8,21 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-import memops  # noqa: E402
-from memops.integrations import transformers as mt  # noqa: E402
 from reference import ref_linear_cross_entropy  # noqa: E402
 
+import memops  # noqa: E402
+from memops.integrations import transformers as mt  # noqa: E402
+
 V = 97
-COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
+COMMON = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
@@ -82,7 +90,7 @@ def test_patched_model_matches_unpatched(family, mode):
         mt.revert(model)
     torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-10)
     for (name, _), a, r in zip(model.named_parameters(), grads, ref_grads):
-        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10, msg=lambda m: f"{family} {name}: {m}")
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"{family} {name}: {m}")
 
 
 def test_unchanged_without_labels_in_eval_and_after_revert():
@@ -129,11 +137,14 @@ def test_class_level_apply_and_revert():
     assert model(input_ids=ids, labels=labels).logits is not None
 
 
-@pytest.mark.parametrize("target,message", [
-    ("gpt2", "is not supported"),
-    ("granite", "is not supported"),
-    ("no_such_model", "unknown causal LM model_type"),
-])
+@pytest.mark.parametrize(
+    "target,message",
+    [
+        ("gpt2", "is not supported"),
+        ("granite", "is not supported"),
+        ("no_such_model", "unknown causal LM model_type"),
+    ],
+)
 def test_unsupported_models_get_a_clear_error(target, message):
     with pytest.raises(ValueError, match=message):
         mt.apply(target)
@@ -147,6 +158,7 @@ def test_trainer_gradient_accumulation_matches_unpatched(tmp_path, monkeypatch):
     def counting(*args, **kwargs):
         calls.append(kwargs.get("num_items"))
         return fused(*args, **kwargs)
+
     monkeypatch.setattr(memops, "linear_cross_entropy", counting)
     from transformers import Trainer, TrainingArguments
 
@@ -164,10 +176,20 @@ def test_trainer_gradient_accumulation_matches_unpatched(tmp_path, monkeypatch):
         model = _model("llama", seed=5)
         if patched:
             mt.apply(model)
-        args = TrainingArguments(output_dir=str(tmp_path / str(patched)), per_device_train_batch_size=2,
-                                 gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-3, logging_steps=1,
-                                 report_to=[], save_strategy="no", seed=0, use_cpu=True, dataloader_num_workers=0,
-                                 disable_tqdm=True)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(patched)),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=3,
+            learning_rate=1e-3,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            seed=0,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=rows)
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -179,18 +201,37 @@ def test_trainer_gradient_accumulation_matches_unpatched(tmp_path, monkeypatch):
     assert len(calls) == 6 and all(n is not None for n in calls)  # 3 steps x 2 micro-batches, HF's num_items
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(base_losses), rtol=1e-5, atol=1e-6)
     for k in base_state:
-        torch.testing.assert_close(state[k], base_state[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(state[k], base_state[k], rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_train_demo_tiny_end_to_end(tmp_path):
     import json
     import subprocess
     import sys
+
     pytest.importorskip("tokenizers")
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "memops", "train-demo", "--steps", "3", "--vocab", "600",
-                           "--corpus-mb", "0.3", "--seq", "32", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memops",
+            "train-demo",
+            "--steps",
+            "3",
+            "--vocab",
+            "600",
+            "--corpus-mb",
+            "0.3",
+            "--seq",
+            "32",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "(fp32 threshold 1e-4: OK)" in proc.stdout
     data = json.loads((out / "train_demo.json").read_text())
@@ -203,6 +244,7 @@ def test_train_demo_tiny_end_to_end(tmp_path):
 
 def test_llama_3_2_1b_config_builds_the_1b_architecture():
     from memops.integrations.train_demo import CONFIGS
+
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIGS["llama-3.2-1b"]))
     assert sum(p.numel() for p in model.parameters()) == 1_235_814_400  # Llama 3.2 1B, tied embeddings

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import MatmulFlops, projection_flops
 
 import memops
-from helpers import MatmulFlops, projection_flops
 
 N, D, V = 96, 16, 50
 
@@ -34,6 +34,7 @@ def _train(needs, reduction="mean", bias=True, **kw):
         if reduction == "none":
             loss = (loss * torch.randn_like(loss)).sum()
         loss.backward()
+
     return _count(step)
 
 
@@ -42,6 +43,7 @@ def test_baseline_costs_three_projections():
 
     def step():
         F.cross_entropy(F.linear(x, w, b).float(), t).backward()
+
     assert _count(step) == 3 * projection_flops(N, V, D)
 
 
@@ -88,6 +90,7 @@ def test_ignored_tokens_cost_no_matmul_work(reduction):
     def step():
         loss = memops.linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_size=17)
         (loss if reduction == "mean" else (loss * torch.randn_like(loss)).sum()).backward()
+
     passes = 3 if reduction == "mean" else 4
     assert _count(step) == passes * projection_flops(live, V, D)
     with torch.no_grad():

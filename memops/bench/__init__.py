@@ -39,24 +39,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per method (default 3)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated subset of %(default)s; peers that are not installed are skipped")
-    p.add_argument("--loss", default="cross_entropy",
-                   help="cross_entropy (memops.linear_cross_entropy), grpo (memops.linear_grpo_loss: a GRPO "
-                        "step on --batch completions) or any registered transform, e.g. focal "
-                        "(memops.linear_loss; the baselines apply the same function to the full logits)")
-    p.add_argument("--ignored", type=float, default=0.1,
-                   help="fraction of targets set to ignore_index, as padding / prompt tokens; with --loss grpo "
-                        "the fraction of completion tokens masked out (default %(default)s)")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated subset of %(default)s; peers that are not installed are skipped",
+    )
+    p.add_argument(
+        "--loss",
+        default="cross_entropy",
+        help="cross_entropy (memops.linear_cross_entropy), grpo (memops.linear_grpo_loss: a GRPO "
+        "step on --batch completions) or any registered transform, e.g. focal "
+        "(memops.linear_loss; the baselines apply the same function to the full logits)",
+    )
+    p.add_argument(
+        "--ignored",
+        type=float,
+        default=0.1,
+        help="fraction of targets set to ignore_index, as padding / prompt tokens; with --loss grpo "
+        "the fraction of completion tokens masked out (default %(default)s)",
+    )
     p.add_argument("--batch", type=int, default=8, help="completions B of --loss grpo (tokens = B x T; default 8)")
-    p.add_argument("--beta", type=float, default=GRPO_BETA,
-                   help="KL coefficient of --loss grpo (default %(default)s; 0: no reference log-probs, as in TRL)")
-    p.add_argument("--sweep", choices=("tokens", "vocab"),
-                   help="run every method at several sizes (default: 1/8, 1/4, 1/2 and 1x the size)")
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=GRPO_BETA,
+        help="KL coefficient of --loss grpo (default %(default)s; 0: no reference log-probs, as in TRL)",
+    )
+    p.add_argument(
+        "--sweep",
+        choices=("tokens", "vocab"),
+        help="run every method at several sizes (default: 1/8, 1/4, 1/2 and 1x the size)",
+    )
     p.add_argument("--sweep-values", help="comma-separated sizes for --sweep")
-    p.add_argument("--memory-cap-mib", type=float,
-                   help="let each method use at most this much memory above its inputs; methods that need "
-                        "more are reported as OOM (simulates a smaller machine)")
+    p.add_argument(
+        "--memory-cap-mib",
+        type=float,
+        help="let each method use at most this much memory above its inputs; methods that need "
+        "more are reported as OOM (simulates a smaller machine)",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the float64 reference and error columns")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="also write a PNG of time and peak memory (needs matplotlib)")
@@ -120,7 +140,7 @@ def _resolve(args) -> list[dict]:
         try:
             values = [int(v) for v in args.sweep_values.split(",") if v.strip()]
         except ValueError:
-            raise SystemExit(f"--sweep-values must be comma-separated integers, got {args.sweep_values!r}")
+            raise SystemExit(f"--sweep-values must be comma-separated integers, got {args.sweep_values!r}") from None
         if not values or min(values) < 1:
             raise SystemExit("--sweep-values must be integers >= 1")
     else:
@@ -136,8 +156,9 @@ def _check_grpo(shapes: list[dict], args) -> list[dict]:
     return shapes
 
 
-def _run_shape(args, shape: dict, methods: list[str], skipped: dict[str, str], progress: Progress,
-               tmp: str) -> list[dict]:
+def _run_shape(
+    args, shape: dict, methods: list[str], skipped: dict[str, str], progress: Progress, tmp: str
+) -> list[dict]:
     rows = {m: {"method": m, "status": "skipped", "error": why} for m, why in skipped.items()}
     runnable = [m for m in methods if m not in skipped]
     ref_file = None
@@ -185,11 +206,12 @@ def main(args) -> int:
     import torch
 
     import memops
+
     if args.loss != "grpo":
         try:
             memops.ops.transform.get_transform(args.loss)  # unknown names fail here, before any worker starts
         except (KeyError, ValueError) as exc:
-            raise SystemExit(f"--loss: {exc}")
+            raise SystemExit(f"--loss: {exc}") from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available in this torch build")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
@@ -200,8 +222,11 @@ def main(args) -> int:
         softcap += f", {args.ignored:.0%} of completion tokens masked, beta={args.beta:g}"
     else:
         softcap += f", {args.ignored:.0%} of targets ignored"
-    print(f"# memops bench ({args.loss}{softcap}): D={args.hidden} V={args.vocab} {args.dtype} on {device_name}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"# memops bench ({args.loss}{softcap}): D={args.hidden} V={args.vocab} {args.dtype} on {device_name}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     methods = args.method_list
     skipped = {m: why for m in methods if (why := unavailable(m, args.loss, args.device))}
     runnable = len(methods) - len(skipped)
@@ -214,14 +239,43 @@ def main(args) -> int:
             print(f"\n## N={shape['tokens']} D={shape['hidden']} V={shape['vocab']}\n", flush=True)
             print(format_table(rows), flush=True)
     if args.json:
-        config = {k: getattr(args, k) for k in ("tokens", "hidden", "vocab", "softcap", "preset", "dtype", "device",
-                                                "reps", "loss", "ignored", "batch", "beta", "sweep",
-                                                "memory_cap_mib")}
+        config = {
+            k: getattr(args, k)
+            for k in (
+                "tokens",
+                "hidden",
+                "vocab",
+                "softcap",
+                "preset",
+                "dtype",
+                "device",
+                "reps",
+                "loss",
+                "ignored",
+                "batch",
+                "beta",
+                "sweep",
+                "memory_cap_mib",
+            )
+        }
         config["methods"] = methods
         with open(args.json, "w") as f:
-            json.dump({"config": config, "torch": torch.__version__, "device_name": device_name,
-                       "threads": torch.get_num_threads(), "runs": runs}, f, indent=2)
+            json.dump(
+                {
+                    "config": config,
+                    "torch": torch.__version__,
+                    "device_name": device_name,
+                    "threads": torch.get_num_threads(),
+                    "runs": runs,
+                },
+                f,
+                indent=2,
+            )
     if args.plot:
-        plot(runs, args.sweep, args.plot,
-             f"{args.loss}{softcap}, D={args.hidden} V={args.vocab} {args.dtype}, {device_name}")
+        plot(
+            runs,
+            args.sweep,
+            args.plot,
+            f"{args.loss}{softcap}, D={args.hidden} V={args.vocab} {args.dtype}, {device_name}",
+        )
     return 0

@@ -23,8 +23,10 @@ import importlib.util
 
 IGNORE = -100
 METHODS = ("eager", "compile", "chunked", "memops", "cce", "liger")
-PEERS = {"cce": ("cut_cross_entropy", "pip install cut-cross-entropy"),
-         "liger": ("liger_kernel", "pip install liger-kernel")}
+PEERS = {
+    "cce": ("cut_cross_entropy", "pip install cut-cross-entropy"),
+    "liger": ("liger_kernel", "pip install liger-kernel"),
+}
 CHUNKS = 8  # torchtune's CEWithChunkedOutputLoss default
 
 
@@ -50,6 +52,7 @@ def _per_token(loss: str):
     import torch.nn.functional as F
 
     import memops
+
     if loss == "cross_entropy":
         return lambda logits, t: F.cross_entropy(logits, t, reduction="none", ignore_index=IGNORE)
     fn = memops.ops.transform.get_transform(loss).fn
@@ -57,12 +60,14 @@ def _per_token(loss: str):
     def per_token(logits, t):
         valid = t != IGNORE
         return torch.where(valid, fn(logits, torch.where(valid, t, 0)), 0.0)
+
     return per_token
 
 
 def _logits(x, w, softcap, upcast=True):
     import torch
     import torch.nn.functional as F
+
     z = F.linear(x, w)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -75,10 +80,11 @@ def grpo_data(tokens: int, vocab: int, batch: int, device: str, masked: float = 
     import math
 
     import torch
+
     g = torch.Generator().manual_seed(1)
     steps = tokens // batch
     mask = torch.ones(batch * steps)
-    mask[torch.randperm(batch * steps, generator=g)[:round(masked * batch * steps)]] = 0
+    mask[torch.randperm(batch * steps, generator=g)[: round(masked * batch * steps)]] = 0
     mask = mask.view(batch, steps)
     adv = torch.randn(batch, generator=g)
     old = -math.log(vocab) + 0.3 * torch.randn(batch, steps, generator=g)
@@ -89,6 +95,7 @@ def grpo_data(tokens: int, vocab: int, batch: int, device: str, masked: float = 
 def _unfused_family(method: str, unfused):
     """eager / compile / float64 reference of an unfused ``fn(x, w, t, upcast=True)``, else None."""
     import torch
+
     if method == "eager":
         return unfused
     if method == "compile":
@@ -128,23 +135,41 @@ def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, m
     if base is not None:
         return base
     if method == "chunked":
-        return lambda x, w, t: formula(torch.cat([logp_of(xc, w, tc) for xc, tc in zip(x.chunk(CHUNKS),
-                                                                                       t.chunk(CHUNKS))]).view(batch, -1), x)
+        return lambda x, w, t: formula(
+            torch.cat([logp_of(xc, w, tc) for xc, tc in zip(x.chunk(CHUNKS), t.chunk(CHUNKS))]).view(batch, -1), x
+        )
     if method == "memops":
         import memops
 
         def fused(x, w, t):
             m, a, o, r = data(x)
-            return memops.linear_grpo_loss(x.view(batch, -1, x.shape[-1]), w, t.view(batch, -1), m, a,
-                                           old_logprobs=o, ref_logprobs=r if beta != 0 else None, beta=beta)[0]
+            return memops.linear_grpo_loss(
+                x.view(batch, -1, x.shape[-1]),
+                w,
+                t.view(batch, -1),
+                m,
+                a,
+                old_logprobs=o,
+                ref_logprobs=r if beta != 0 else None,
+                beta=beta,
+            )[0]
+
         return fused
     raise ValueError(f"method {method!r} does not run --loss grpo")
 
 
-def build(method: str, loss: str, softcap: float | None, device: str, tokens: int = 0, vocab: int = 0,
-          batch: int = 1, ignored: float = 0.1, beta: float = GRPO_BETA):
+def build(
+    method: str,
+    loss: str,
+    softcap: float | None,
+    device: str,
+    tokens: int = 0,
+    vocab: int = 0,
+    batch: int = 1,
+    ignored: float = 0.1,
+    beta: float = GRPO_BETA,
+):
     """The step function of ``method``: ``fn(x, w, t) -> scalar loss`` (mean over non-ignored tokens)."""
-    import torch
 
     if loss == "grpo":
         return _build_grpo(method, tokens, vocab, batch, device, ignored, beta)
@@ -157,22 +182,28 @@ def build(method: str, loss: str, softcap: float | None, device: str, tokens: in
     if base is not None:
         return base
     if method == "chunked":
+
         def chunked(x, w, t):
-            total = sum(per_token(_logits(xc, w, softcap), tc).sum()
-                        for xc, tc in zip(x.chunk(CHUNKS), t.chunk(CHUNKS)))
+            total = sum(
+                per_token(_logits(xc, w, softcap), tc).sum() for xc, tc in zip(x.chunk(CHUNKS), t.chunk(CHUNKS))
+            )
             return total / (t != IGNORE).sum()
+
         return chunked
     if method == "memops":
         import memops
+
         if loss == "cross_entropy":
             return lambda x, w, t: memops.linear_cross_entropy(x, w, t, softcap=softcap)
         return lambda x, w, t: memops.linear_loss(x, w, t, loss, softcap=softcap)
     if method == "cce":
         from cut_cross_entropy import linear_cross_entropy as cce
+
         impl = "cce" if device.startswith("cuda") else "torch_compile"
         return lambda x, w, t: cce(x, w, t, softcap=softcap, ignore_index=IGNORE, impl=impl)
     if method == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
         kwargs = {"softcap": softcap} if softcap is not None else {}
         module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, **kwargs)
         return lambda x, w, t: module(w, x, t)

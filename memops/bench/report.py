@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-COLUMNS = ["method", "time s", "x eager", "x compile", "peak extra MiB", "x eager mem",
-           "err loss", "err grad_input", "err grad_weight"]
+COLUMNS = [
+    "method",
+    "time s",
+    "x eager",
+    "x compile",
+    "peak extra MiB",
+    "x eager mem",
+    "err loss",
+    "err grad_input",
+    "err grad_weight",
+]
 ERRORS = ("err_loss", "err_grad_input", "err_grad_weight")
 
 
@@ -40,16 +49,28 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"| {r['method']} | {what} |" + " |" * (len(COLUMNS) - 2))
             continue
         peak = r.get("peak_extra_bytes")
-        lines.append("| " + " | ".join([
-            r["method"], f"{r['time_s']:.3f}", _f(r["x_eager"], ".3f"), _f(r["x_compile"], ".3f"),
-            "n/a" if peak is None else f"{peak / 2**20:,.1f}", _f(r["x_eager_mem"], ".3f"),
-            *[_f(r.get(k), ".2e") if k in r else "-" for k in ERRORS]]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["method"],
+                    f"{r['time_s']:.3f}",
+                    _f(r["x_eager"], ".3f"),
+                    _f(r["x_compile"], ".3f"),
+                    "n/a" if peak is None else f"{peak / 2**20:,.1f}",
+                    _f(r["x_eager_mem"], ".3f"),
+                    *[_f(r.get(k), ".2e") if k in r else "-" for k in ERRORS],
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def plot(runs: list[dict], sweep: str | None, path: str, title: str) -> None:
     """PNG: time and peak extra memory per method, against the swept size (bars for a single shape)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -65,8 +86,9 @@ def plot(runs: list[dict], sweep: str | None, path: str, title: str) -> None:
             ok = [(s, r) for s, r in pts if r.get("status") == "ok"]
             if ok:
                 ax_t.plot([s for s, _ in ok], [r["time_s"] for _, r in ok], marker="o", label=m)
-                ax_m.plot([s for s, _ in ok], [(r["peak_extra_bytes"] or 0) / 2**20 for _, r in ok],
-                          marker="o", label=m)
+                ax_m.plot(
+                    [s for s, _ in ok], [(r["peak_extra_bytes"] or 0) / 2**20 for _, r in ok], marker="o", label=m
+                )
             oom = [s for s, r in pts if r.get("status") == "oom"]
             if oom:
                 ax_m.scatter(oom, [ax_m.get_ylim()[1]] * len(oom), marker="x", color="red")

@@ -54,8 +54,9 @@ def is_oom(exc: BaseException) -> bool:
     return any(s in str(exc).lower() for s in _OOM_TEXT)
 
 
-def make_inputs(shape: dict, dtype_name: str, device_name: str, torch, loss: str = "cross_entropy",
-                ignored: float = 0.1):
+def make_inputs(
+    shape: dict, dtype_name: str, device_name: str, torch, loss: str = "cross_entropy", ignored: float = 0.1
+):
     device = torch.device(device_name)
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
@@ -65,7 +66,7 @@ def make_inputs(shape: dict, dtype_name: str, device_name: str, torch, loss: str
     t = torch.randint(0, v, (n,), generator=g).to(device)
     if loss != "grpo":  # GRPO masks tokens through its completion mask instead
         # padding / prompt tokens, as in real batches: a random ``ignored`` fraction of the targets
-        t[torch.randperm(n, generator=g)[:round(ignored * n)].to(device)] = -100
+        t[torch.randperm(n, generator=g)[: round(ignored * n)].to(device)] = -100
     return x.requires_grad_(True), w.requires_grad_(True), t
 
 
@@ -77,6 +78,7 @@ def _cap_memory(cap_mib: float, cuda: bool, torch) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated() + extra) / total))
         return
     import resource
+
     limit = status_kib("VmSize") * 1024 + extra
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
 
@@ -111,6 +113,7 @@ def steady_state_malloc() -> bool:
     which every allocation over 64 KiB is a fresh, page-faulting mmap.  Timed steps run like this."""
     try:
         import ctypes
+
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
         return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
@@ -122,12 +125,22 @@ def run_worker(args) -> None:
     import torch
 
     from .methods import build
+
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")
     shape = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
     x, w, t = make_inputs(shape, args.dtype, args.device, torch, args.loss, args.ignored)
-    fn = build(args.worker, args.loss, args.softcap, args.device, tokens=args.tokens,
-               vocab=args.vocab, batch=args.batch, ignored=args.ignored, beta=args.beta)
+    fn = build(
+        args.worker,
+        args.loss,
+        args.softcap,
+        args.device,
+        tokens=args.tokens,
+        vocab=args.vocab,
+        batch=args.batch,
+        ignored=args.ignored,
+        beta=args.beta,
+    )
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
@@ -139,8 +152,10 @@ def run_worker(args) -> None:
 
     if args.worker == "reference":
         loss = step()
-        torch.save({"loss": loss.detach().double().cpu(), "gx": x.grad.double().cpu(),
-                    "gw": w.grad.double().cpu()}, args.ref_file)
+        torch.save(
+            {"loss": loss.detach().double().cpu(), "gx": x.grad.double().cpu(), "gw": w.grad.double().cpu()},
+            args.ref_file,
+        )
         _say({"done": True})
         return
     if args.memory_cap_mib is not None:
@@ -174,8 +189,14 @@ def run_worker(args) -> None:
             _say({"oom": is_oom(exc), "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"})
             return
         _say({"time_s": times[-1]})
-    out = {"method": args.worker, "status": "ok", "time_s": statistics.median(times), "times_s": times,
-           "peak_extra_bytes": peak, "loss": loss.item()}
+    out = {
+        "method": args.worker,
+        "status": "ok",
+        "time_s": statistics.median(times),
+        "times_s": times,
+        "peak_extra_bytes": peak,
+        "loss": loss.item(),
+    }
     if args.ref_file:
         ref = torch.load(args.ref_file)
         out["err_loss"] = abs(loss.item() - ref["loss"].item())
@@ -188,10 +209,32 @@ class Worker:
     """The parent's handle on one worker process."""
 
     def __init__(self, args, method: str, shape: dict, ref_file: str | None, tmp: str):
-        cmd = [sys.executable, "-m", "memops", "bench", "--worker", method,
-               "--tokens", str(shape["tokens"]), "--hidden", str(shape["hidden"]), "--vocab", str(shape["vocab"]),
-               "--dtype", args.dtype, "--device", args.device, "--loss", args.loss, "--batch", str(args.batch),
-               "--ignored", repr(args.ignored), "--beta", repr(args.beta)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "memops",
+            "bench",
+            "--worker",
+            method,
+            "--tokens",
+            str(shape["tokens"]),
+            "--hidden",
+            str(shape["hidden"]),
+            "--vocab",
+            str(shape["vocab"]),
+            "--dtype",
+            args.dtype,
+            "--device",
+            args.device,
+            "--loss",
+            args.loss,
+            "--batch",
+            str(args.batch),
+            "--ignored",
+            repr(args.ignored),
+            "--beta",
+            repr(args.beta),
+        ]
         if args.softcap is not None:
             cmd += ["--softcap", repr(args.softcap)]
         if args.memory_cap_mib is not None and method != "reference":
@@ -202,18 +245,23 @@ class Worker:
         self.failure: dict | None = None
         self._stderr = open(os.path.join(tmp, f"{method}-{shape['tokens']}-{shape['vocab']}.stderr"), "w+")
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                     text=True, env=env)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env
+        )
 
     def _fail(self, oom: bool, message: str) -> None:
         n = self.shape["tokens"]
-        self.failure = {"method": self.method, "status": "oom" if oom else "failed",
-                        "error": f"OOM at {n} tokens" if oom else message, "message": message}
+        self.failure = {
+            "method": self.method,
+            "status": "oom" if oom else "failed",
+            "error": f"OOM at {n} tokens" if oom else message,
+            "message": message,
+        }
 
     def read(self):
         for line in self.proc.stdout:
             if line.startswith(_MSG):
-                msg = json.loads(line[len(_MSG):])
+                msg = json.loads(line[len(_MSG) :])
                 if "error" in msg and "status" not in msg:
                     self._fail(msg["oom"], msg["error"])
                     self.proc.wait()
@@ -225,8 +273,7 @@ class Worker:
         if rc == -signal.SIGKILL:  # the kernel's OOM killer
             self._fail(True, "killed by SIGKILL (out of memory)")
         else:
-            self._fail(bool(tail) and is_oom(RuntimeError(tail[-1])),
-                       tail[-1] if tail else f"exited with code {rc}")
+            self._fail(bool(tail) and is_oom(RuntimeError(tail[-1])), tail[-1] if tail else f"exited with code {rc}")
         return None
 
     def request(self, command: str):

@@ -23,12 +23,26 @@ from ..bench.worker import reset_peak_rss, status_kib
 
 CONFIGS = {
     # a small Llama for CPUs
-    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=False),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    ),
     # Llama 3.2 1B's architecture (random init), for GPUs
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, rope_theta=500000.0,
-                         vocab_size=128256),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        vocab_size=128256,
+    ),
 }
 
 
@@ -72,8 +86,9 @@ def _prepare(args) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=args.vocab, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=args.vocab, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     t0 = time.perf_counter()
     tok.train_from_iterator(texts, trainer=trainer)
     ids = [i for enc in tok.encode_batch(texts) for i in enc.ids]
@@ -82,13 +97,17 @@ def _prepare(args) -> str:
         raise SystemExit(f"corpus gives {len(ids)} tokens, the run needs {need}: raise --corpus-mb")
     path = os.path.join(args.out, "tokens.pt")
     torch.save(torch.tensor(ids[:need], dtype=torch.long), path)
-    print(f"tokenizer: {tok.get_vocab_size()} tokens trained on {sum(map(len, texts)) / 2**20:.1f} MB of "
-          f"{sysconfig.get_paths()['stdlib']} in {time.perf_counter() - t0:.1f} s; {len(ids)} tokens", flush=True)
+    print(
+        f"tokenizer: {tok.get_vocab_size()} tokens trained on {sum(map(len, texts)) / 2**20:.1f} MB of "
+        f"{sysconfig.get_paths()['stdlib']} in {time.perf_counter() - t0:.1f} s; {len(ids)} tokens",
+        flush=True,
+    )
     return path
 
 
 def _peak_reset(device):
     import torch
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
@@ -97,6 +116,7 @@ def _peak_reset(device):
 
 def _peak_bytes(device) -> int | None:
     import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
     kib = status_kib("VmHWM")
@@ -108,6 +128,7 @@ def _run_variant(args) -> None:
     import transformers
 
     from . import transformers as mt
+
     device = torch.device(args.device)
     tokens = torch.load(os.path.join(args.out, "tokens.pt"))
     cfg = dict(CONFIGS[args.config])
@@ -141,14 +162,23 @@ def _run_variant(args) -> None:
         losses.append(total)
     peak = _peak_bytes(device)
     with open(os.path.join(args.out, f"{args.variant}.json"), "w") as f:
-        json.dump({"losses": losses, "times_s": times[1:], "peak_bytes": peak,
-                   "params": sum(p.numel() for p in model.parameters())}, f)
+        json.dump(
+            {
+                "losses": losses,
+                "times_s": times[1:],
+                "peak_bytes": peak,
+                "params": sum(p.numel() for p in model.parameters()),
+            },
+            f,
+        )
 
 
 def _plot(res: dict, path: str, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in res.items():
         ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=name, linestyle="-" if name == "unpatched" else "--")
@@ -180,8 +210,10 @@ def main(args) -> int:
     for variant in ("unpatched", "memops"):
         print(f"training {variant} ...", flush=True)
         cmd = [sys.executable, "-m", "memops", "train-demo", "--variant", variant] + [
-            a for k in ("config", "steps", "accum", "batch", "seq", "vocab", "lr", "dtype", "device", "out")
-            for a in (f"--{k}", str(getattr(args, k)))]
+            a
+            for k in ("config", "steps", "accum", "batch", "seq", "vocab", "lr", "dtype", "device", "out")
+            for a in (f"--{k}", str(getattr(args, k)))
+        ]
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
         proc = subprocess.run(cmd, env=env)
         if proc.returncode:
@@ -201,7 +233,8 @@ def main(args) -> int:
         f"\n\n{args.config} Llama ({res['unpatched']['params']:,} parameters), {args.dtype} on {args.device}, "
         f"{args.steps} steps x {args.accum} micro-batches x {args.batch} x {args.seq} tokens; peak = {what} "
         f"after the first step.\nLoss parity: max relative difference {worst:.2e} over {len(rel)} steps"
-        + ("" if ok is None else f" (fp32 threshold 1e-4: {'OK' if ok else 'FAILED'})"))
+        + ("" if ok is None else f" (fp32 threshold 1e-4: {'OK' if ok else 'FAILED'})")
+    )
     print(table)
     with open(os.path.join(args.out, "train_demo.md"), "w") as f:
         f.write(table + "\n")

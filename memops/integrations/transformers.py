@@ -28,6 +28,7 @@ _PATCHED = "_memops_original_forward"
 def _causal_lm_class(model_type: str):
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     cls = getattr(transformers, name, None) if name else None
     if cls is None:
@@ -45,13 +46,17 @@ def _check_supported(cls) -> None:
         src = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         src = ""
-    generic = ("self.model(" in src and "self.lm_head(" in src
-               and not any(k in src for k in ("logit_scale", "logits_scaling", "logits * ", "logits / self.")))
+    generic = (
+        "self.model(" in src
+        and "self.lm_head(" in src
+        and not any(k in src for k in ("logit_scale", "logits_scaling", "logits * ", "logits / self."))
+    )
     if not generic:
         raise ValueError(
             f"memops.integrations.transformers: {cls.__name__} (model_type {model_type!r}) is not supported: "
             f"its forward does not compute logits as self.lm_head(self.model(...)) (supported: {SUPPORTED} and "
-            "causal LMs of that shape)")
+            "causal LMs of that shape)"
+        )
 
 
 class _Loss:
@@ -77,10 +82,19 @@ class _Loss:
 def _head_forward(head, ctx: _Loss):
     def forward(hidden_states):
         from .. import linear_cross_entropy
+
         target = ctx.targets().to(hidden_states.device)
-        ctx.loss = linear_cross_entropy(hidden_states, head.weight, target, getattr(head, "bias", None),
-                                        ignore_index=ctx.ignore_index, num_items=ctx.num_items, softcap=ctx.softcap)
+        ctx.loss = linear_cross_entropy(
+            hidden_states,
+            head.weight,
+            target,
+            getattr(head, "bias", None),
+            ignore_index=ctx.ignore_index,
+            num_items=ctx.num_items,
+            softcap=ctx.softcap,
+        )
         return hidden_states.new_zeros(hidden_states.shape[:-1] + (0,))  # stands in for the logits
+
     return forward
 
 
@@ -107,7 +121,8 @@ def _softcap(config) -> float | None:
 def _wrap(orig):
     sig = inspect.signature(orig)
     takes_return_dict = "return_dict" in sig.parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
+    )
 
     @functools.wraps(orig)
     def forward(self, *args, **kwargs):
@@ -124,8 +139,14 @@ def _wrap(orig):
         num_items = extra.pop("num_items_in_batch", None)
         ignore_index = extra.pop("ignore_index", -100)
         return_dict = arguments.pop("return_dict", extra.pop("return_dict", None))
-        ctx = _Loss(labels, shift_labels, num_items, ignore_index, _softcap(self.config),
-                    arguments.get("logits_to_keep", 0) or 0)
+        ctx = _Loss(
+            labels,
+            shift_labels,
+            num_items,
+            ignore_index,
+            _softcap(self.config),
+            arguments.get("logits_to_keep", 0) or 0,
+        )
         head = self.get_output_embeddings()
         with _loss_in_head(head, ctx):
             if takes_return_dict:
@@ -138,6 +159,7 @@ def _wrap(orig):
         if return_dict is False or (return_dict is None and not getattr(self.config, "return_dict", True)):
             return out.to_tuple()
         return out
+
     forward._memops_patched = True
     return forward
 

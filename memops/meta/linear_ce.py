@@ -21,10 +21,25 @@ def _grads(input, weight, bias, mask):
 
 
 @torch.library.register_fake("memops::linear_ce")
-def linear_ce_fake(input, weight, target, bias, num_items, ignore_index, reduction, label_smoothing, z_loss,
-                   softcap, logit_scale, chunk_size, all_lse, grad_mask):
-    V.check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
-                      logit_scale, chunk_size)
+def linear_ce_fake(
+    input,
+    weight,
+    target,
+    bias,
+    num_items,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    logit_scale,
+    chunk_size,
+    all_lse,
+    grad_mask,
+):
+    V.check_linear_ce(
+        input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size
+    )
     cdt = compute_dtype(input.dtype)
     loss = input.new_empty(target.shape if reduction == "none" else (), dtype=cdt)
     lse = input.new_empty(target.shape, dtype=cdt)
@@ -33,9 +48,28 @@ def linear_ce_fake(input, weight, target, bias, num_items, ignore_index, reducti
 
 
 @torch.library.register_fake("memops::linear_ce_backward")
-def linear_ce_backward_fake(grad_loss, input, weight, target, bias, num_items, saved_grad_input,
-                            saved_grad_weight, saved_grad_bias, ignore_index, reduction, label_smoothing, z_loss,
-                            softcap, logit_scale, chunk_size, all_lse, need, have):
-    V.check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
-                      logit_scale, chunk_size)
+def linear_ce_backward_fake(
+    grad_loss,
+    input,
+    weight,
+    target,
+    bias,
+    num_items,
+    saved_grad_input,
+    saved_grad_weight,
+    saved_grad_bias,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    logit_scale,
+    chunk_size,
+    all_lse,
+    need,
+    have,
+):
+    V.check_linear_ce(
+        input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size
+    )
     return _grads(input, weight, bias, need)

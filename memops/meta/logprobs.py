@@ -25,26 +25,89 @@ def linear_logprobs_fake(input, weight, target, bias, temperature, return_entrop
 
 
 @torch.library.register_fake("memops::linear_logprobs_backward")
-def linear_logprobs_backward_fake(grad_logprobs, grad_entropy, input, weight, target, bias, temperature, chunk_size,
-                                  need):
+def linear_logprobs_backward_fake(
+    grad_logprobs, grad_entropy, input, weight, target, bias, temperature, chunk_size, need
+):
     V.check_linear_logprobs(input, weight, target, bias, temperature, chunk_size)
     return tuple(grads_like(input, (input, weight, bias), need))
 
 
 @torch.library.register_fake("memops::linear_grpo")
-def linear_grpo_fake(input, weight, target, bias, token_weight, advantages, old_logprobs, ref_logprobs, beta,
-                     epsilon_low, epsilon_high, temperature, chunk_size, all_logprobs, grad_mask):
-    V.check_linear_grpo(input, weight, target, bias, token_weight, advantages, old_logprobs, ref_logprobs, beta,
-                        epsilon_low, epsilon_high, temperature, chunk_size)
+def linear_grpo_fake(
+    input,
+    weight,
+    target,
+    bias,
+    token_weight,
+    advantages,
+    old_logprobs,
+    ref_logprobs,
+    beta,
+    epsilon_low,
+    epsilon_high,
+    temperature,
+    chunk_size,
+    all_logprobs,
+    grad_mask,
+):
+    V.check_linear_grpo(
+        input,
+        weight,
+        target,
+        bias,
+        token_weight,
+        advantages,
+        old_logprobs,
+        ref_logprobs,
+        beta,
+        epsilon_low,
+        epsilon_high,
+        temperature,
+        chunk_size,
+    )
     cdt = compute_dtype(input.dtype)
-    return (input.new_empty((), dtype=cdt), input.new_empty(target.shape, dtype=cdt),
-            *grads_like(input, (input, weight, bias), grad_mask))
+    return (
+        input.new_empty((), dtype=cdt),
+        input.new_empty(target.shape, dtype=cdt),
+        *grads_like(input, (input, weight, bias), grad_mask),
+    )
 
 
 @torch.library.register_fake("memops::linear_grpo_backward")
-def linear_grpo_backward_fake(grad_loss, input, weight, target, bias, token_weight, advantages, old_logprobs,
-                              ref_logprobs, saved_grad_input, saved_grad_weight, saved_grad_bias, beta, epsilon_low,
-                              epsilon_high, temperature, chunk_size, need, have):
-    V.check_linear_grpo(input, weight, target, bias, token_weight, advantages, old_logprobs, ref_logprobs, beta,
-                        epsilon_low, epsilon_high, temperature, chunk_size)
+def linear_grpo_backward_fake(
+    grad_loss,
+    input,
+    weight,
+    target,
+    bias,
+    token_weight,
+    advantages,
+    old_logprobs,
+    ref_logprobs,
+    saved_grad_input,
+    saved_grad_weight,
+    saved_grad_bias,
+    beta,
+    epsilon_low,
+    epsilon_high,
+    temperature,
+    chunk_size,
+    need,
+    have,
+):
+    V.check_linear_grpo(
+        input,
+        weight,
+        target,
+        bias,
+        token_weight,
+        advantages,
+        old_logprobs,
+        ref_logprobs,
+        beta,
+        epsilon_low,
+        epsilon_high,
+        temperature,
+        chunk_size,
+    )
     return tuple(grads_like(input, (input, weight, bias), need))

@@ -22,10 +22,25 @@ def _grads(input, weight, bias, extras, mask):
 
 
 @torch.library.register_fake("memops::linear_transform")
-def linear_transform_fake(input, weight, target, bias, extras, num_items, transform, options, ignore_index,
-                          reduction, softcap, logit_scale, chunk_size, grad_mask):
-    V.check_linear_transform(input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale,
-                             chunk_size)
+def linear_transform_fake(
+    input,
+    weight,
+    target,
+    bias,
+    extras,
+    num_items,
+    transform,
+    options,
+    ignore_index,
+    reduction,
+    softcap,
+    logit_scale,
+    chunk_size,
+    grad_mask,
+):
+    V.check_linear_transform(
+        input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale, chunk_size
+    )
     get_transform(transform)
     loss = input.new_empty(target.shape if reduction == "none" else (), dtype=compute_dtype(input.dtype))
     mask = grad_mask if reduction != "none" else [False] * len(grad_mask)
@@ -33,9 +48,29 @@ def linear_transform_fake(input, weight, target, bias, extras, num_items, transf
 
 
 @torch.library.register_fake("memops::linear_transform_backward")
-def linear_transform_backward_fake(grad_loss, input, weight, target, bias, extras, num_items, saved_grad_input,
-                                   saved_grad_weight, saved_grad_bias, saved_grad_extras, transform, options,
-                                   ignore_index, reduction, softcap, logit_scale, chunk_size, need, have):
-    V.check_linear_transform(input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale,
-                             chunk_size)
+def linear_transform_backward_fake(
+    grad_loss,
+    input,
+    weight,
+    target,
+    bias,
+    extras,
+    num_items,
+    saved_grad_input,
+    saved_grad_weight,
+    saved_grad_bias,
+    saved_grad_extras,
+    transform,
+    options,
+    ignore_index,
+    reduction,
+    softcap,
+    logit_scale,
+    chunk_size,
+    need,
+    have,
+):
+    V.check_linear_transform(
+        input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale, chunk_size
+    )
     return _grads(input, weight, bias, extras, need)

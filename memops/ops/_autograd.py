@@ -11,7 +11,7 @@ backward through the same graph, the family's backward op runs instead.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -19,8 +19,7 @@ from torch import Tensor
 
 def plain_eager(t: Tensor) -> bool:
     """True outside torch.compile / export / make_fx tracing and any dispatch mode."""
-    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0)
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
 
 
 def grad_mask(*tensors) -> list[bool]:
@@ -39,7 +38,7 @@ def setup(ctx, grads: Sequence[Tensor], have: Sequence[bool], non_differentiable
     ctx.consumed = False
 
 
-def take_precomputed(ctx, grad_loss: Tensor, need: Sequence[bool]) -> Optional[tuple]:
+def take_precomputed(ctx, grad_loss: Tensor, need: Sequence[bool]) -> tuple | None:
     """Eager fast path: the forward's gradients scaled by ``grad_loss``, or None.
 
     The context's reference is dropped so autograd can take the tensors as
@@ -89,6 +88,5 @@ def autograd_inside_kernel():
     exclude = torch._C._dispatch_tls_local_exclude_set()
     for name in _AUTOGRAD_KEYS:
         exclude = exclude.remove(getattr(keys, name))
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
-            torch.enable_grad():
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
         yield

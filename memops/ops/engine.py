@@ -13,7 +13,7 @@ dtype.  Only ``[chunk, V]`` logits ever exist.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from .. import config
 # head(z, sel) -> dz or None.  ``z`` is a block of final logits in the compute dtype, ``sel`` the
 # block's rows of the ``[N]`` per-row tensors (a slice, or an index tensor when rows are skipped:
 # ``t[sel]`` and ``out[sel] = v`` work either way); the head may overwrite ``z`` and return it as ``dz``.
-Head = Callable[[torch.Tensor, "slice | torch.Tensor"], Optional[torch.Tensor]]
+Head = Callable[[torch.Tensor, "slice | torch.Tensor"], torch.Tensor | None]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,7 +80,7 @@ def _input_grad(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> No
     block = max(1, (16 << 20) // max(hidden * dz.element_size(), 1))
     acc = torch.zeros(out.shape, dtype=dz.dtype, device=dz.device)
     for lo in range(0, vocab, block):
-        acc.addmm_(dz[:, lo:lo + block], weight[lo:lo + block].to(dz.dtype))
+        acc.addmm_(dz[:, lo : lo + block], weight[lo : lo + block].to(dz.dtype))
     out.copy_(acc)
 
 
@@ -106,8 +106,9 @@ def _abs_max(t: torch.Tensor | None) -> float:
     return max(float(hi), -float(lo))
 
 
-def logits_bounded(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   logit_scale: float = 1.0) -> bool:
+def logits_bounded(
+    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, logit_scale: float = 1.0
+) -> bool:
     """Whether every logit is certainly finite and far from overflow.
 
     ``|logit_scale| * (D * max|x| * max|W| + max|b|)``, a bound on every logit,
@@ -118,8 +119,9 @@ def logits_bounded(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return bound < torch.finfo(x2d.dtype).max / 4  # also False for NaN / inf
 
 
-def live_rows(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor,
-              logit_scale: float = 1.0) -> torch.Tensor | None:
+def live_rows(
+    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor, logit_scale: float = 1.0
+) -> torch.Tensor | None:
     """Indices of the rows to compute when only the ``keep`` rows' results matter, or None for all rows.
 
     A row whose result is discarded (an ignored target) still turns the unfused
@@ -138,11 +140,21 @@ def rows_out(shape, dtype: torch.dtype, device: torch.device, rows: torch.Tensor
     return (torch.empty if rows is None else torch.zeros)(shape, dtype=dtype, device=device)
 
 
-def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: Head, *,
-        logit_scale: float = 1.0, softcap: float | None = None, chunk_size: int = 0,
-        grad_input: bool = False, grad_weight: bool = False, grad_bias: bool = False,
-        sub_block_bytes: int | None = None, rows: torch.Tensor | None = None
-        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+def run(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    head: Head,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_size: int = 0,
+    grad_input: bool = False,
+    grad_weight: bool = False,
+    grad_bias: bool = False,
+    sub_block_bytes: int | None = None,
+    rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Run ``head`` over ``x2d [N, D]`` in row chunks; return (grad_input, grad_weight, grad_bias).
 
     ``rows`` (sorted indices, from :func:`live_rows`) limits the work to those
@@ -191,7 +203,7 @@ def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head
             torch.mm(xc, weight.t(), out=z)
         grads = want
         for lo in range(0, stop - start, sub):
-            zs = z[lo:lo + sub]
+            zs = z[lo : lo + sub]
             if logit_scale != 1.0:
                 zs.mul_(logit_scale)
             slope = None
@@ -199,8 +211,7 @@ def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head
                 zs.div_(softcap).tanh_()
                 slope = zs.square().neg_().add_(1.0)  # d softcap(u) / du = 1 - tanh^2
                 zs.mul_(softcap)
-            part = (slice(start + lo, start + lo + zs.shape[0]) if rows is None
-                    else sel[lo:lo + zs.shape[0]])
+            part = slice(start + lo, start + lo + zs.shape[0]) if rows is None else sel[lo : lo + zs.shape[0]]
             dz = head(zs, part)
             if dz is None:
                 grads = False
@@ -233,6 +244,7 @@ def run(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head
 
 # ---- reductions shared by the op families ---------------------------------------------------------
 
+
 def denominator(valid: torch.Tensor, num_items: torch.Tensor | None, cdt: torch.dtype) -> torch.Tensor:
     """Divisor of ``reduction="mean"``: ``num_items`` when given, else the non-ignored row count."""
     if num_items is not None:
@@ -240,8 +252,9 @@ def denominator(valid: torch.Tensor, num_items: torch.Tensor | None, cdt: torch.
     return valid.sum().to(cdt)
 
 
-def reduce_rows(loss_rows: torch.Tensor, reduction: str, valid: torch.Tensor, num_items: torch.Tensor | None,
-                shape) -> torch.Tensor:
+def reduce_rows(
+    loss_rows: torch.Tensor, reduction: str, valid: torch.Tensor, num_items: torch.Tensor | None, shape
+) -> torch.Tensor:
     if reduction == "none":
         return loss_rows.view(shape)
     if reduction == "sum":
@@ -249,8 +262,13 @@ def reduce_rows(loss_rows: torch.Tensor, reduction: str, valid: torch.Tensor, nu
     return loss_rows.sum() / denominator(valid, num_items, loss_rows.dtype)
 
 
-def upstream(grad_loss: torch.Tensor | None, reduction: str, valid: torch.Tensor, num_items: torch.Tensor | None,
-             cdt: torch.dtype) -> torch.Tensor:
+def upstream(
+    grad_loss: torch.Tensor | None,
+    reduction: str,
+    valid: torch.Tensor,
+    num_items: torch.Tensor | None,
+    cdt: torch.dtype,
+) -> torch.Tensor:
     """Per-row (``"none"``) or shared factor on each row's d(loss)/d(logits).
 
     ``grad_loss=None`` means the forward pass of a scalar loss (incoming gradient 1).
@@ -278,12 +296,17 @@ def row_coef(up: torch.Tensor, sel, valid: torch.Tensor) -> torch.Tensor:
 def flatten(input: torch.Tensor, target: torch.Tensor, extras=()):
     """``[..., D]`` input, ``[...]`` target and per-token extras as rows: ``[N, D]``, ``[N]``, ``[N, *]``."""
     n, lead = target.numel(), target.dim()
-    return (input.reshape(n, input.shape[-1]), target.reshape(n),
-            [e.reshape((n,) + tuple(e.shape[lead:])) for e in extras])
+    return (
+        input.reshape(n, input.shape[-1]),
+        target.reshape(n),
+        [e.reshape((n,) + tuple(e.shape[lead:])) for e in extras],
+    )
 
 
 def grads_out(gx, gw, gb, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """Engine gradients as op outputs: input's shape, parameter dtypes, ``[0]`` where not computed."""
-    return (input.new_empty((0,)) if gx is None else gx.view(input.shape),
-            input.new_empty((0,)) if gw is None else gw.to(weight.dtype),
-            input.new_empty((0,)) if gb is None else gb.to(bias.dtype))
+    return (
+        input.new_empty((0,)) if gx is None else gx.view(input.shape),
+        input.new_empty((0,)) if gw is None else gw.to(weight.dtype),
+        input.new_empty((0,)) if gb is None else gb.to(bias.dtype),
+    )

@@ -10,8 +10,6 @@ per-token ``grad_output``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -27,8 +25,23 @@ class Shard:
         self.start, self.vocab, self.max_, self.sum_ = start, vocab, max_, sum_
 
 
-def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, ignore_index, label_smoothing,
-               z_loss, softcap, logit_scale, chunk_size, shard: Optional[Shard] = None, all_lse: bool = True):
+def _ce_chunks(
+    x2d,
+    weight,
+    t1d,
+    bias,
+    upstream: Tensor | None,
+    need,
+    *,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    logit_scale,
+    chunk_size,
+    shard: Shard | None = None,
+    all_lse: bool = True,
+):
     """Per-row loss and lse; gradients when ``upstream`` is given.
 
     With ``all_lse=False`` rows whose target is ``ignore_index`` are skipped where
@@ -95,20 +108,43 @@ def _ce_chunks(x2d, weight, t1d, bias, upstream: Optional[Tensor], need, *, igno
         hit = coef * (eps - 1.0)
         return z.scatter_add_(1, safe, (hit if shard is None else torch.where(mine, hit, 0.0)).unsqueeze(1))
 
-    gx, gw, gb = engine.run(x2d, weight, bias, head, logit_scale=logit_scale, softcap=softcap,
-                            chunk_size=chunk_size, grad_input=need[0], grad_weight=need[1],
-                            grad_bias=need[2] and bias is not None, rows=rows)
+    gx, gw, gb = engine.run(
+        x2d,
+        weight,
+        bias,
+        head,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        chunk_size=chunk_size,
+        grad_input=need[0],
+        grad_weight=need[1],
+        grad_bias=need[2] and bias is not None,
+        rows=rows,
+    )
     return loss_rows, lse_rows, gx, gw, gb
 
 
 @torch.library.custom_op("memops::linear_ce", mutates_args=())
-def linear_ce(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], num_items: Optional[Tensor],
-              ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-              logit_scale: float, chunk_size: int, all_lse: bool, grad_mask: list[bool]
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def linear_ce(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    num_items: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    logit_scale: float,
+    chunk_size: int,
+    all_lse: bool,
+    grad_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, lse, grad_input, grad_weight, grad_bias)``; ``lse`` of ignored tokens may be 0 unless ``all_lse``."""
-    V.check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
-                      logit_scale, chunk_size)
+    V.check_linear_ce(
+        input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size
+    )
     V.check_target_range(target, weight.shape[0], ignore_index)
     x2d, t1d, _ = engine.flatten(input, target)
     cdt = engine.compute_dtype(input.dtype)
@@ -117,32 +153,73 @@ def linear_ce(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tens
     if reduction != "none" and any(grad_mask):
         need, up = tuple(grad_mask), engine.upstream(None, reduction, valid, num_items, cdt)
     loss_rows, lse_rows, gx, gw, gb = _ce_chunks(
-        x2d, weight, t1d, bias, up, need, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size, all_lse=all_lse)
+        x2d,
+        weight,
+        t1d,
+        bias,
+        up,
+        need,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        chunk_size=chunk_size,
+        all_lse=all_lse,
+    )
     loss = engine.reduce_rows(loss_rows, reduction, valid, num_items, target.shape)
     return (loss, lse_rows.view(target.shape)) + engine.grads_out(gx, gw, gb, input, weight, bias)
 
 
 @torch.library.custom_op("memops::linear_ce_backward", mutates_args=())
-def linear_ce_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
-                       num_items: Optional[Tensor], saved_grad_input: Tensor, saved_grad_weight: Tensor,
-                       saved_grad_bias: Tensor, ignore_index: int, reduction: str, label_smoothing: float,
-                       z_loss: float, softcap: Optional[float], logit_scale: float, chunk_size: int,
-                       all_lse: bool, need: list[bool], have: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+def linear_ce_backward(
+    grad_loss: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    num_items: Tensor | None,
+    saved_grad_input: Tensor,
+    saved_grad_weight: Tensor,
+    saved_grad_bias: Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    logit_scale: float,
+    chunk_size: int,
+    all_lse: bool,
+    need: list[bool],
+    have: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``linear_ce``'s loss: scale what the forward computed, recompute the rest
     (``all_lse`` is the forward's option; gradients never need the ignored tokens' lse)."""
-    V.check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
-                      logit_scale, chunk_size)
+    V.check_linear_ce(
+        input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size
+    )
     cdt = engine.compute_dtype(input.dtype)
-    out, missing = engine.scale_saved(grad_loss, (saved_grad_input, saved_grad_weight, saved_grad_bias), need,
-                                      have, cdt)
+    out, missing = engine.scale_saved(
+        grad_loss, (saved_grad_input, saved_grad_weight, saved_grad_bias), need, have, cdt
+    )
     if any(missing):
         x2d, t1d, _ = engine.flatten(input, target)
         up = engine.upstream(grad_loss, reduction, t1d != ignore_index, num_items, cdt)
         _, _, gx, gw, gb = _ce_chunks(
-            x2d, weight, t1d, bias, up, missing, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
-            chunk_size=chunk_size, all_lse=False)
+            x2d,
+            weight,
+            t1d,
+            bias,
+            up,
+            missing,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            chunk_size=chunk_size,
+            all_lse=False,
+        )
         fresh = engine.grads_out(gx, gw, gb, input, weight, bias)
         out = [f if m else o for o, f, m in zip(out, fresh, missing)]
     return tuple(input.new_empty((0,)) if o is None else o for o in out)
@@ -152,6 +229,7 @@ def register_ce_autograd(op_name: str, backward_op, reduction_at: int) -> None:
     """Autograd for a CE-family op with inputs ``(input, weight, target, bias, num_items, *options,
     grad_mask)`` (``inputs[reduction_at]`` the reduction) and outputs ``(loss, lse, *grads)``; its
     backward op takes ``(grad_loss, input, weight, target, bias, num_items, *saved, *options, need, have)``."""
+
     def setup_context(ctx, inputs, output):
         input, weight, target, bias, num_items = inputs[:5]
         _, lse, gx, gw, gb = output
@@ -166,8 +244,9 @@ def register_ce_autograd(op_name: str, backward_op, reduction_at: int) -> None:
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
         if grad_loss is None or not any(need):
             return (None,) * n_inputs
-        dx, dw, db = _autograd.backward_grads(ctx, grad_loss, need, backward_op,
-                                              (input, weight, target, bias, num_items))
+        dx, dw, db = _autograd.backward_grads(
+            ctx, grad_loss, need, backward_op, (input, weight, target, bias, num_items)
+        )
         return (dx, dw, None, db) + (None,) * (n_inputs - 4)
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
@@ -176,10 +255,22 @@ def register_ce_autograd(op_name: str, backward_op, reduction_at: int) -> None:
 register_ce_autograd("memops::linear_ce", torch.ops.memops.linear_ce_backward, reduction_at=6)
 
 
-def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
-                         ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                         z_loss: float = 0.0, softcap: Optional[float] = None, logit_scale: float = 1.0,
-                         num_items=None, chunk_size: Optional[int] = None, return_lse: bool = False):
+def linear_cross_entropy(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    num_items=None,
+    chunk_size: int | None = None,
+    return_lse: bool = False,
+):
     """Cross-entropy of ``logit_scale * (input @ weight.T + bias)`` without materializing the logits.
 
     Equals ``F.cross_entropy(logits.float(), target, ignore_index=..., reduction=...,
@@ -192,11 +283,24 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     ``engine.live_rows``), so padding and prompt tokens cost no matmul work.
     """
     num_items, chunk_size = V.as_num_items(num_items), V.as_chunk_size(chunk_size)
-    V.check_linear_ce(input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap,
-                      logit_scale, chunk_size)
+    V.check_linear_ce(
+        input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size
+    )
     mask = _autograd.grad_mask(input, weight, bias)
     loss, lse, _, _, _ = torch.ops.memops.linear_ce(
-        input, weight, target, bias, num_items, int(ignore_index), reduction, float(label_smoothing),
-        float(z_loss), None if softcap is None else float(softcap), float(logit_scale), chunk_size,
-        bool(return_lse), mask)
+        input,
+        weight,
+        target,
+        bias,
+        num_items,
+        int(ignore_index),
+        reduction,
+        float(label_smoothing),
+        float(z_loss),
+        None if softcap is None else float(softcap),
+        float(logit_scale),
+        chunk_size,
+        bool(return_lse),
+        mask,
+    )
     return (loss, lse) if return_lse else loss

@@ -17,7 +17,7 @@ Given per-row coefficients ``c1`` on the log-probability and ``c2`` on the entro
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -26,18 +26,32 @@ from .. import validation as V
 from . import _autograd, engine
 
 # coef(sel, logp, entropy) -> (c1 [n] or None, c2 [n] or None); None means no gradient.
-Coef = Callable[["slice | Tensor", Tensor, Optional[Tensor]], Optional[tuple]]
+Coef = Callable[["slice | Tensor", Tensor, Tensor | None], tuple | None]
 
 
-def _chunks(x2d, weight, t1d, bias, *, temperature, entropy: bool, coef: Optional[Coef], need, chunk_size,
-            rows: Optional[Tensor] = None, out: Optional[tuple] = None):
+def _chunks(
+    x2d,
+    weight,
+    t1d,
+    bias,
+    *,
+    temperature,
+    entropy: bool,
+    coef: Coef | None,
+    need,
+    chunk_size,
+    rows: Tensor | None = None,
+    out: tuple | None = None,
+):
     """Run the head over ``x2d`` (only ``rows`` when given; see ``engine.run``), writing the per-row
     log-probs (and entropy) into ``out`` when given, else into new ``[N]`` tensors."""
     n = x2d.shape[0]
     cdt = engine.compute_dtype(x2d.dtype)
     if out is None:
-        out = (engine.rows_out(n, cdt, x2d.device, rows),
-               engine.rows_out(n, cdt, x2d.device, rows) if entropy else None)
+        out = (
+            engine.rows_out(n, cdt, x2d.device, rows),
+            engine.rows_out(n, cdt, x2d.device, rows) if entropy else None,
+        )
     logp_rows, ent_rows = out
 
     def head(z: Tensor, sel):
@@ -74,29 +88,63 @@ def _chunks(x2d, weight, t1d, bias, *, temperature, entropy: bool, coef: Optiona
             z.scatter_add_(1, t, c1.unsqueeze(1))
         return z
 
-    gx, gw, gb = engine.run(x2d, weight, bias, head, logit_scale=1.0 / temperature, chunk_size=chunk_size,
-                            grad_input=need[0], grad_weight=need[1], grad_bias=need[2] and bias is not None,
-                            rows=rows)
+    gx, gw, gb = engine.run(
+        x2d,
+        weight,
+        bias,
+        head,
+        logit_scale=1.0 / temperature,
+        chunk_size=chunk_size,
+        grad_input=need[0],
+        grad_weight=need[1],
+        grad_bias=need[2] and bias is not None,
+        rows=rows,
+    )
     return logp_rows, ent_rows, gx, gw, gb
 
 
 # ---- memops::linear_logprobs ---------------------------------------------------------------------------
 
+
 @torch.library.custom_op("memops::linear_logprobs", mutates_args=())
-def linear_logprobs_op(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], temperature: float,
-                       return_entropy: bool, chunk_size: int) -> tuple[Tensor, Tensor]:
+def linear_logprobs_op(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    temperature: float,
+    return_entropy: bool,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor]:
     V.check_linear_logprobs(input, weight, target, bias, temperature, chunk_size)
     V.check_target_range(target, weight.shape[0], None)
     x2d, t1d, _ = engine.flatten(input, target)
-    logp, ent, _, _, _ = _chunks(x2d, weight, t1d, bias, temperature=temperature, entropy=return_entropy,
-                                 coef=None, need=(False, False, False), chunk_size=chunk_size)
+    logp, ent, _, _, _ = _chunks(
+        x2d,
+        weight,
+        t1d,
+        bias,
+        temperature=temperature,
+        entropy=return_entropy,
+        coef=None,
+        need=(False, False, False),
+        chunk_size=chunk_size,
+    )
     return logp.view(target.shape), (ent.view(target.shape) if return_entropy else logp.new_empty((0,)))
 
 
 @torch.library.custom_op("memops::linear_logprobs_backward", mutates_args=())
-def linear_logprobs_backward(grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], input: Tensor,
-                             weight: Tensor, target: Tensor, bias: Optional[Tensor], temperature: float,
-                             chunk_size: int, need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+def linear_logprobs_backward(
+    grad_logprobs: Tensor | None,
+    grad_entropy: Tensor | None,
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    temperature: float,
+    chunk_size: int,
+    need: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
     V.check_linear_logprobs(input, weight, target, bias, temperature, chunk_size)
     x2d, t1d, _ = engine.flatten(input, target)
     cdt = engine.compute_dtype(input.dtype)
@@ -109,8 +157,18 @@ def linear_logprobs_backward(grad_logprobs: Optional[Tensor], grad_entropy: Opti
     # tokens with no incoming gradient (masked by the caller's loss) are skipped where that is exact
     keep = functools.reduce(torch.logical_or, [g != 0 for g in (g1, g2) if g is not None])
     rows = engine.live_rows(x2d, weight, bias, keep, 1.0 / temperature)
-    _, _, gx, gw, gb = _chunks(x2d, weight, t1d, bias, temperature=temperature, entropy=g2 is not None,
-                               coef=coef, need=need, chunk_size=chunk_size, rows=rows)
+    _, _, gx, gw, gb = _chunks(
+        x2d,
+        weight,
+        t1d,
+        bias,
+        temperature=temperature,
+        entropy=g2 is not None,
+        coef=coef,
+        need=need,
+        chunk_size=chunk_size,
+        rows=rows,
+    )
     return engine.grads_out(gx, gw, gb, input, weight, bias)
 
 
@@ -129,8 +187,9 @@ def _logprobs_backward(ctx, grad_logprobs, grad_entropy):
         grad_entropy = None
     if (grad_logprobs is None and grad_entropy is None) or not any(need):
         return (None,) * 7
-    grads = torch.ops.memops.linear_logprobs_backward(grad_logprobs, grad_entropy, input, weight, target, bias,
-                                                      *ctx.options, need)
+    grads = torch.ops.memops.linear_logprobs_backward(
+        grad_logprobs, grad_entropy, input, weight, target, bias, *ctx.options, need
+    )
     dx, dw, db = (g if n else None for g, n in zip(grads, need))
     return (dx, dw, None, db, None, None, None)
 
@@ -138,8 +197,16 @@ def _logprobs_backward(ctx, grad_logprobs, grad_entropy):
 torch.library.register_autograd("memops::linear_logprobs", _logprobs_backward, setup_context=_logprobs_setup)
 
 
-def linear_logprobs(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
-                    temperature: float = 1.0, return_entropy: bool = False, chunk_size: Optional[int] = None):
+def linear_logprobs(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+):
     """``log_softmax((input @ weight.T + bias) / temperature)`` at ``target``, shaped like ``target``.
 
     With ``return_entropy=True`` returns ``(logprobs, entropy)`` (the entropy of the same tempered
@@ -149,15 +216,24 @@ def linear_logprobs(input: Tensor, weight: Tensor, target: Tensor, bias: Optiona
     """
     chunk_size = V.as_chunk_size(chunk_size)
     V.check_linear_logprobs(input, weight, target, bias, temperature, chunk_size)
-    logp, ent = torch.ops.memops.linear_logprobs(input, weight, target, bias, float(temperature),
-                                                 bool(return_entropy), chunk_size)
+    logp, ent = torch.ops.memops.linear_logprobs(
+        input, weight, target, bias, float(temperature), bool(return_entropy), chunk_size
+    )
     return (logp, ent) if return_entropy else logp
 
 
 # ---- memops::linear_grpo -------------------------------------------------------------------------------
 
-def grpo_token_loss(logp: Tensor, advantages: Tensor, old_logprobs: Optional[Tensor],
-                    ref_logprobs: Optional[Tensor], beta: float, epsilon_low: float, epsilon_high: float) -> Tensor:
+
+def grpo_token_loss(
+    logp: Tensor,
+    advantages: Tensor,
+    old_logprobs: Tensor | None,
+    ref_logprobs: Tensor | None,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> Tensor:
     """TRL's per-token GRPO loss: clipped importance-ratio surrogate plus ``beta`` times the k3 KL."""
     old = logp.detach() if old_logprobs is None else old_logprobs
     ratio = torch.exp(logp - old)
@@ -169,12 +245,29 @@ def grpo_token_loss(logp: Tensor, advantages: Tensor, old_logprobs: Optional[Ten
     return loss
 
 
-def _rows(t: Optional[Tensor], cdt) -> Optional[Tensor]:
+def _rows(t: Tensor | None, cdt) -> Tensor | None:
     return None if t is None else t.reshape(-1).to(cdt)
 
 
-def _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, upstream, need, *, beta, epsilon_low, epsilon_high,
-                 temperature, chunk_size, all_logprobs=True):
+def _grpo_chunks(
+    x2d,
+    weight,
+    t1d,
+    bias,
+    w,
+    adv,
+    old,
+    ref,
+    upstream,
+    need,
+    *,
+    beta,
+    epsilon_low,
+    epsilon_high,
+    temperature,
+    chunk_size,
+    all_logprobs=True,
+):
     """Per-token log-probs; when ``upstream`` is given, also the gradients of ``upstream * sum(w *
     token_loss)``, each chunk's coefficient by autograd of ``grpo_token_loss``.
 
@@ -189,26 +282,38 @@ def _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, upstream, need, *, be
     log-prob provably cannot reach the loss or its gradients (:func:`_unreachable`); their log-prob is
     left 0.
     """
+
     def c1_of(sel, logp):
         with _autograd.autograd_inside_kernel():
             leaf = logp.detach().requires_grad_(True)
-            tok = grpo_token_loss(leaf, adv[sel], None if old is None else old[sel],
-                                  None if ref is None else ref[sel], beta, epsilon_low, epsilon_high)
+            tok = grpo_token_loss(
+                leaf,
+                adv[sel],
+                None if old is None else old[sel],
+                None if ref is None else ref[sel],
+                beta,
+                epsilon_low,
+                epsilon_high,
+            )
             (c1,) = torch.autograd.grad((tok * w[sel]).sum(), leaf)
         return (c1 * upstream).detach()
 
     def coef(sel, logp, ent):
         return c1_of(sel, logp), None
 
-    run = functools.partial(_chunks, x2d, weight, t1d, bias, temperature=temperature, entropy=False,
-                            chunk_size=chunk_size)
+    run = functools.partial(
+        _chunks, x2d, weight, t1d, bias, temperature=temperature, entropy=False, chunk_size=chunk_size
+    )
     masked = w == 0
     skip = torch.zeros_like(masked)
     # a skipped row could hide the reference's NaN unless its logits are finite
-    if (beta == 0 and not all_logprobs and bool(masked.any())
-            and engine.logits_bounded(x2d, weight, bias, 1.0 / temperature)):
-        skip[masked] = _unreachable(adv[masked], None if old is None else old[masked], epsilon_low,
-                                    epsilon_high)
+    if (
+        beta == 0
+        and not all_logprobs
+        and bool(masked.any())
+        and engine.logits_bounded(x2d, weight, bias, 1.0 / temperature)
+    ):
+        skip[masked] = _unreachable(adv[masked], None if old is None else old[masked], epsilon_low, epsilon_high)
     if upstream is None:
         return run(coef=None, need=need, rows=(~skip).nonzero().squeeze(1) if bool(skip.any()) else None)
     if not bool(masked.any()):
@@ -227,7 +332,7 @@ def _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, upstream, need, *, be
     return logp, None, gx, gw, gb
 
 
-def _unreachable(adv: Tensor, old: Optional[Tensor], epsilon_low: float, epsilon_high: float) -> Tensor:
+def _unreachable(adv: Tensor, old: Tensor | None, epsilon_low: float, epsilon_high: float) -> Tensor:
     """For masked tokens with ``beta == 0`` and finite logits: whether ``grpo_token_loss`` and its
     derivative are finite for every log-prob ``<= 0`` (then ``0 * loss`` and ``0 * derivative`` are 0,
     whatever the log-prob).  Both are at most ``|adv|`` times the ratio ``exp(logp - old) <= exp(-old)``
@@ -241,58 +346,152 @@ def _unreachable(adv: Tensor, old: Optional[Tensor], epsilon_low: float, epsilon
 def _grpo_rows(input, target, token_weight, advantages, old_logprobs, ref_logprobs):
     cdt = engine.compute_dtype(input.dtype)
     x2d, t1d, _ = engine.flatten(input, target)
-    return (x2d, t1d, cdt, _rows(token_weight, cdt), _rows(advantages, cdt), _rows(old_logprobs, cdt),
-            _rows(ref_logprobs, cdt))
+    return (
+        x2d,
+        t1d,
+        cdt,
+        _rows(token_weight, cdt),
+        _rows(advantages, cdt),
+        _rows(old_logprobs, cdt),
+        _rows(ref_logprobs, cdt),
+    )
 
 
 @torch.library.custom_op("memops::linear_grpo", mutates_args=())
-def linear_grpo(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], token_weight: Tensor,
-                advantages: Tensor, old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor], beta: float,
-                epsilon_low: float, epsilon_high: float, temperature: float, chunk_size: int, all_logprobs: bool,
-                grad_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def linear_grpo(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    token_weight: Tensor,
+    advantages: Tensor,
+    old_logprobs: Tensor | None,
+    ref_logprobs: Tensor | None,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    temperature: float,
+    chunk_size: int,
+    all_logprobs: bool,
+    grad_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(sum(token_weight * grpo_token_loss), logprobs, grad_input, grad_weight, grad_bias)``; with
     ``beta == 0`` the log-prob of a token of weight 0 may be 0 unless ``all_logprobs``."""
     args = (beta, epsilon_low, epsilon_high, temperature, chunk_size)
     V.check_linear_grpo(input, weight, target, bias, token_weight, advantages, old_logprobs, ref_logprobs, *args)
     V.check_target_range(target, weight.shape[0], None, "completion_ids")
-    x2d, t1d, cdt, w, adv, old, ref = _grpo_rows(input, target, token_weight, advantages, old_logprobs,
-                                                 ref_logprobs)
+    x2d, t1d, cdt, w, adv, old, ref = _grpo_rows(input, target, token_weight, advantages, old_logprobs, ref_logprobs)
     need = tuple(grad_mask)
     up = torch.ones((), dtype=cdt, device=input.device) if any(need) else None
-    logp, _, gx, gw, gb = _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, up, need, beta=beta,
-                                       epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                                       temperature=temperature, chunk_size=chunk_size, all_logprobs=all_logprobs)
+    logp, _, gx, gw, gb = _grpo_chunks(
+        x2d,
+        weight,
+        t1d,
+        bias,
+        w,
+        adv,
+        old,
+        ref,
+        up,
+        need,
+        beta=beta,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        all_logprobs=all_logprobs,
+    )
     loss = (grpo_token_loss(logp, adv, old, ref, beta, epsilon_low, epsilon_high) * w).sum()
     return (loss, logp.view(target.shape)) + engine.grads_out(gx, gw, gb, input, weight, bias)
 
 
 @torch.library.custom_op("memops::linear_grpo_backward", mutates_args=())
-def linear_grpo_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
-                         token_weight: Tensor, advantages: Tensor, old_logprobs: Optional[Tensor],
-                         ref_logprobs: Optional[Tensor], saved_grad_input: Tensor, saved_grad_weight: Tensor,
-                         saved_grad_bias: Tensor, beta: float, epsilon_low: float, epsilon_high: float,
-                         temperature: float, chunk_size: int, need: list[bool], have: list[bool]
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+def linear_grpo_backward(
+    grad_loss: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    token_weight: Tensor,
+    advantages: Tensor,
+    old_logprobs: Tensor | None,
+    ref_logprobs: Tensor | None,
+    saved_grad_input: Tensor,
+    saved_grad_weight: Tensor,
+    saved_grad_bias: Tensor,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    temperature: float,
+    chunk_size: int,
+    need: list[bool],
+    have: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``linear_grpo``'s loss: scale what the forward computed, recompute the rest."""
-    V.check_linear_grpo(input, weight, target, bias, token_weight, advantages, old_logprobs, ref_logprobs, beta,
-                        epsilon_low, epsilon_high, temperature, chunk_size)
+    V.check_linear_grpo(
+        input,
+        weight,
+        target,
+        bias,
+        token_weight,
+        advantages,
+        old_logprobs,
+        ref_logprobs,
+        beta,
+        epsilon_low,
+        epsilon_high,
+        temperature,
+        chunk_size,
+    )
     cdt = engine.compute_dtype(input.dtype)
-    out, missing = engine.scale_saved(grad_loss, (saved_grad_input, saved_grad_weight, saved_grad_bias), need,
-                                      have, cdt)
+    out, missing = engine.scale_saved(
+        grad_loss, (saved_grad_input, saved_grad_weight, saved_grad_bias), need, have, cdt
+    )
     if any(missing):
-        x2d, t1d, cdt, w, adv, old, ref = _grpo_rows(input, target, token_weight, advantages, old_logprobs,
-                                                     ref_logprobs)
-        _, _, gx, gw, gb = _grpo_chunks(x2d, weight, t1d, bias, w, adv, old, ref, grad_loss.to(cdt), missing,
-                                        beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                                        temperature=temperature, chunk_size=chunk_size, all_logprobs=False)
+        x2d, t1d, cdt, w, adv, old, ref = _grpo_rows(
+            input, target, token_weight, advantages, old_logprobs, ref_logprobs
+        )
+        _, _, gx, gw, gb = _grpo_chunks(
+            x2d,
+            weight,
+            t1d,
+            bias,
+            w,
+            adv,
+            old,
+            ref,
+            grad_loss.to(cdt),
+            missing,
+            beta=beta,
+            epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            all_logprobs=False,
+        )
         fresh = engine.grads_out(gx, gw, gb, input, weight, bias)
         out = [f if m else o for o, f, m in zip(out, fresh, missing)]
     return tuple(input.new_empty((0,)) if o is None else o for o in out)
 
 
 def _grpo_setup(ctx, inputs, output):
-    (input, weight, target, bias, token_weight, advantages, old_logprobs, ref_logprobs, beta, epsilon_low,
-     epsilon_high, temperature, chunk_size, _all_logprobs, grad_mask) = inputs
+    (
+        input,
+        weight,
+        target,
+        bias,
+        token_weight,
+        advantages,
+        old_logprobs,
+        ref_logprobs,
+        beta,
+        epsilon_low,
+        epsilon_high,
+        temperature,
+        chunk_size,
+        _all_logprobs,
+        grad_mask,
+    ) = inputs
     _, logp, gx, gw, gb = output
     ctx.save_for_backward(input, weight, target, bias, token_weight, advantages, old_logprobs, ref_logprobs)
     ctx.options = (beta, epsilon_low, epsilon_high, temperature, chunk_size)
@@ -304,15 +503,20 @@ def _grpo_backward(ctx, grad_loss, _grad_logp, _ggx, _ggw, _ggb):
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
     if grad_loss is None or not any(need):
         return (None,) * 15
-    dx, dw, db = _autograd.backward_grads(ctx, grad_loss, need, torch.ops.memops.linear_grpo_backward,
-                                          (input, weight, target, bias, token_weight, advantages, old, ref))
+    dx, dw, db = _autograd.backward_grads(
+        ctx,
+        grad_loss,
+        need,
+        torch.ops.memops.linear_grpo_backward,
+        (input, weight, target, bias, token_weight, advantages, old, ref),
+    )
     return (dx, dw, None, db) + (None,) * 11
 
 
 torch.library.register_autograd("memops::linear_grpo", _grpo_backward, setup_context=_grpo_setup)
 
 
-def _token_weight(mask: Tensor, loss_type: str, max_completion_length: Optional[int], num_items, cdt) -> Tensor:
+def _token_weight(mask: Tensor, loss_type: str, max_completion_length: int | None, num_items, cdt) -> Tensor:
     """Each token's share of the loss: the loss is ``sum(token_weight * per_token_loss)``."""
     m = mask.to(cdt)
     if loss_type == "grpo":  # mean over each sequence's tokens, then over sequences
@@ -324,12 +528,25 @@ def _token_weight(mask: Tensor, loss_type: str, max_completion_length: Optional[
     return m / m.sum().clamp(min=1.0)  # bnpo, and dapo within one call
 
 
-def linear_grpo_loss(input: Tensor, weight: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                     advantages: Tensor, *, bias: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None,
-                     ref_logprobs: Optional[Tensor] = None, beta: float = 0.0, epsilon_low: float = 0.2,
-                     epsilon_high: float = 0.2, temperature: float = 1.0, loss_type: str = "grpo",
-                     max_completion_length: Optional[int] = None, num_items=None,
-                     chunk_size: Optional[int] = None):
+def linear_grpo_loss(
+    input: Tensor,
+    weight: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    advantages: Tensor,
+    *,
+    bias: Tensor | None = None,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    temperature: float = 1.0,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    num_items=None,
+    chunk_size: int | None = None,
+):
     """TRL's GRPO loss on ``input [B, T, D]`` completion hidden states, without materializing logits.
 
     Returns ``(loss, metrics)``; ``metrics`` holds detached tensors: ``clip_ratio/low_mean``,
@@ -348,14 +565,31 @@ def linear_grpo_loss(input: Tensor, weight: Tensor, completion_ids: Tensor, comp
     # the metrics read the log-probs of every token with mask 1, and the kl metric those of every token
     all_logprobs = ref is not None or bool(((w == 0) & (m != 0)).any())
     loss, logp, _, _, _ = torch.ops.memops.linear_grpo(
-        input, weight, completion_ids, bias, w, adv, old, ref, float(beta), float(epsilon_low),
-        float(epsilon_high), float(temperature), chunk_size, all_logprobs, mask)
+        input,
+        weight,
+        completion_ids,
+        bias,
+        w,
+        adv,
+        old,
+        ref,
+        float(beta),
+        float(epsilon_low),
+        float(epsilon_high),
+        float(temperature),
+        chunk_size,
+        all_logprobs,
+        mask,
+    )
     denom = m.sum().clamp(min=1.0)
     ratio = torch.ones_like(logp) if old is None else torch.exp(logp - old)
     low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(cdt)
     high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(cdt)
-    metrics = {"clip_ratio/low_mean": (low * m).sum() / denom, "clip_ratio/high_mean": (high * m).sum() / denom,
-               "clip_ratio/region_mean": (torch.maximum(low, high) * m).sum() / denom}
+    metrics = {
+        "clip_ratio/low_mean": (low * m).sum() / denom,
+        "clip_ratio/high_mean": (high * m).sum() / denom,
+        "clip_ratio/region_mean": (torch.maximum(low, high) * m).sum() / denom,
+    }
     if ref is not None:
         delta = ref - logp
         metrics["kl"] = ((torch.exp(delta) - delta - 1) * m).sum() / denom

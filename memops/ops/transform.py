@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import ast
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ from .. import validation as V
 from . import _autograd, engine
 from .linear_ce import linear_cross_entropy
 
-_TRANSFORMS: dict[str, "Transform"] = {}
+_TRANSFORMS: dict[str, Transform] = {}
 # Autograd through a transform keeps several chunk-sized intermediates alive: bound each step.
 _SUB_BLOCK_BYTES = {"cpu": 4 << 20, "other": 256 << 20}
 
@@ -37,7 +37,7 @@ class Transform:
     fn: Callable[..., Tensor]
 
 
-def transform(name: str, fn: Optional[Callable] = None, *, replace: bool = False):
+def transform(name: str, fn: Callable | None = None, *, replace: bool = False):
     """Register ``fn(logits, target, *extras, **options) -> per-row loss [n]`` under ``name``.
 
     Usable as ``@memops.transform("focal")`` or ``memops.transform("focal", fn)``.
@@ -65,8 +65,10 @@ def get_transform(name: str) -> Transform:
     try:
         return _TRANSFORMS[name]
     except KeyError:
-        raise ValueError(f"unknown transform {name!r}; registered: {registered_transforms()} "
-                         "(a user transform is registered when the module defining it is imported)") from None
+        raise ValueError(
+            f"unknown transform {name!r}; registered: {registered_transforms()} "
+            "(a user transform is registered when the module defining it is imported)"
+        ) from None
 
 
 def encode_options(options: dict) -> str:
@@ -81,22 +83,38 @@ def decode_options(text: str) -> dict:
 def _check_rows(name: str, out, n: int) -> Tensor:
     if not isinstance(out, Tensor) or out.shape != (n,):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"transform {name!r} must return a per-row loss of shape [{n}] for a chunk of {n} "
-                         f"rows, got {shape}")
+        raise ValueError(
+            f"transform {name!r} must return a per-row loss of shape [{n}] for a chunk of {n} rows, got {shape}"
+        )
     if not out.is_floating_point():
         raise ValueError(f"transform {name!r} must return a floating tensor, got {out.dtype}")
     return out
 
 
-def _transform_chunks(x2d, weight, t1d, bias, extras2d, upstream: Optional[Tensor], need, *, tf: Transform,
-                      options: dict, ignore_index, softcap, logit_scale, chunk_size):
+def _transform_chunks(
+    x2d,
+    weight,
+    t1d,
+    bias,
+    extras2d,
+    upstream: Tensor | None,
+    need,
+    *,
+    tf: Transform,
+    options: dict,
+    ignore_index,
+    softcap,
+    logit_scale,
+    chunk_size,
+):
     """Per-row losses; with ``upstream``, gradients for input/weight/bias/extras as ``need`` says."""
     n = x2d.shape[0]
     cdt = engine.compute_dtype(x2d.dtype)
     loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
     need_extra = list(need[3:])
-    gextras = [torch.zeros(e.shape, dtype=e.dtype, device=e.device) if ne else None
-               for e, ne in zip(extras2d, need_extra)]
+    gextras = [
+        torch.zeros(e.shape, dtype=e.dtype, device=e.device) if ne else None for e, ne in zip(extras2d, need_extra)
+    ]
     diff = [i for i, ne in enumerate(need_extra) if ne]
 
     def head(z: Tensor, sel):
@@ -117,9 +135,11 @@ def _transform_chunks(x2d, weight, t1d, bias, extras2d, upstream: Optional[Tenso
             for i, leaf in zip(diff, leaves[1:]):
                 args[i] = leaf
             out = _check_rows(tf.name, tf.fn(leaves[0], safe, *args, **options), n_rows)
-            grads = (torch.autograd.grad(out, leaves, coef.to(out.dtype),
-                                         allow_unused=True)
-                     if out.requires_grad else [None] * len(leaves))  # a transform constant in its inputs
+            grads = (
+                torch.autograd.grad(out, leaves, coef.to(out.dtype), allow_unused=True)
+                if out.requires_grad
+                else [None] * len(leaves)
+            )  # a transform constant in its inputs
         grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
         out = out.detach()
         loss_rows[sel] = torch.where(valid, out, 0.0)
@@ -131,33 +151,85 @@ def _transform_chunks(x2d, weight, t1d, bias, extras2d, upstream: Optional[Tenso
     live = None  # a NaN/inf extra on an ignored row reaches the reference's gradient (0 * inf): compute it
     if all(bool(e.isfinite().all()) for e in extras2d if e.is_floating_point()):
         live = engine.live_rows(x2d, weight, bias, t1d != ignore_index, logit_scale)
-    gx, gw, gb = engine.run(x2d, weight, bias, head, logit_scale=logit_scale, softcap=softcap,
-                            chunk_size=chunk_size, grad_input=need[0], grad_weight=need[1],
-                            grad_bias=need[2] and bias is not None, sub_block_bytes=sub, rows=live)
+    gx, gw, gb = engine.run(
+        x2d,
+        weight,
+        bias,
+        head,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        chunk_size=chunk_size,
+        grad_input=need[0],
+        grad_weight=need[1],
+        grad_bias=need[2] and bias is not None,
+        sub_block_bytes=sub,
+        rows=live,
+    )
     return loss_rows, gx, gw, gb, gextras
 
 
 def _outputs(gx, gw, gb, gextras, input, weight, bias, extras):
-    return (*engine.grads_out(gx, gw, gb, input, weight, bias),
-            [input.new_empty((0,)) if g is None else g.view(e.shape) for g, e in zip(gextras, extras)])
+    return (
+        *engine.grads_out(gx, gw, gb, input, weight, bias),
+        [input.new_empty((0,)) if g is None else g.view(e.shape) for g, e in zip(gextras, extras)],
+    )
 
 
-def _check_all(input, weight, target, bias, extras, num_items, transform, options, reduction, softcap,
-               logit_scale, chunk_size, grad_mask):
-    V.check_linear_transform(input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale,
-                             chunk_size)
+def _check_all(
+    input,
+    weight,
+    target,
+    bias,
+    extras,
+    num_items,
+    transform,
+    options,
+    reduction,
+    softcap,
+    logit_scale,
+    chunk_size,
+    grad_mask,
+):
+    V.check_linear_transform(
+        input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale, chunk_size
+    )
     get_transform(transform)
     if len(grad_mask) != 3 + len(extras):
         raise ValueError(f"grad_mask must have 3 + len(extras) = {3 + len(extras)} entries, got {len(grad_mask)}")
 
 
 @torch.library.custom_op("memops::linear_transform", mutates_args=())
-def linear_transform(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], extras: list[Tensor],
-                     num_items: Optional[Tensor], transform: str, options: str, ignore_index: int, reduction: str,
-                     softcap: Optional[float], logit_scale: float, chunk_size: int, grad_mask: list[bool]
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    _check_all(input, weight, target, bias, extras, num_items, transform, options, reduction, softcap,
-               logit_scale, chunk_size, grad_mask)
+def linear_transform(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    extras: list[Tensor],
+    num_items: Tensor | None,
+    transform: str,
+    options: str,
+    ignore_index: int,
+    reduction: str,
+    softcap: float | None,
+    logit_scale: float,
+    chunk_size: int,
+    grad_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    _check_all(
+        input,
+        weight,
+        target,
+        bias,
+        extras,
+        num_items,
+        transform,
+        options,
+        reduction,
+        softcap,
+        logit_scale,
+        chunk_size,
+        grad_mask,
+    )
     V.check_target_range(target, weight.shape[0], ignore_index)
     x2d, t1d, e2d = engine.flatten(input, target, extras)
     cdt = engine.compute_dtype(input.dtype)
@@ -166,23 +238,63 @@ def linear_transform(input: Tensor, weight: Tensor, target: Tensor, bias: Option
     if reduction != "none" and any(grad_mask):
         need, up = list(grad_mask), engine.upstream(None, reduction, valid, num_items, cdt)
     loss_rows, gx, gw, gb, gex = _transform_chunks(
-        x2d, weight, t1d, bias, e2d, up, need, tf=get_transform(transform), options=decode_options(options),
-        ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size)
+        x2d,
+        weight,
+        t1d,
+        bias,
+        e2d,
+        up,
+        need,
+        tf=get_transform(transform),
+        options=decode_options(options),
+        ignore_index=ignore_index,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        chunk_size=chunk_size,
+    )
     loss = engine.reduce_rows(loss_rows, reduction, valid, num_items, target.shape)
     return (loss, *_outputs(gx, gw, gb, gex, input, weight, bias, extras))
 
 
 @torch.library.custom_op("memops::linear_transform_backward", mutates_args=())
-def linear_transform_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor,
-                              bias: Optional[Tensor], extras: list[Tensor], num_items: Optional[Tensor],
-                              saved_grad_input: Tensor, saved_grad_weight: Tensor, saved_grad_bias: Tensor,
-                              saved_grad_extras: list[Tensor], transform: str, options: str, ignore_index: int,
-                              reduction: str, softcap: Optional[float], logit_scale: float, chunk_size: int,
-                              need: list[bool], have: list[bool]
-                              ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+def linear_transform_backward(
+    grad_loss: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    extras: list[Tensor],
+    num_items: Tensor | None,
+    saved_grad_input: Tensor,
+    saved_grad_weight: Tensor,
+    saved_grad_bias: Tensor,
+    saved_grad_extras: list[Tensor],
+    transform: str,
+    options: str,
+    ignore_index: int,
+    reduction: str,
+    softcap: float | None,
+    logit_scale: float,
+    chunk_size: int,
+    need: list[bool],
+    have: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """Gradients of ``linear_transform``'s loss: scale what the forward computed, recompute the rest."""
-    _check_all(input, weight, target, bias, extras, num_items, transform, options, reduction, softcap,
-               logit_scale, chunk_size, need)
+    _check_all(
+        input,
+        weight,
+        target,
+        bias,
+        extras,
+        num_items,
+        transform,
+        options,
+        reduction,
+        softcap,
+        logit_scale,
+        chunk_size,
+        need,
+    )
     cdt = engine.compute_dtype(input.dtype)
     saved = [saved_grad_input, saved_grad_weight, saved_grad_bias, *saved_grad_extras]
     out, missing = engine.scale_saved(grad_loss, saved, need, have, cdt)
@@ -190,9 +302,20 @@ def linear_transform_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, 
         x2d, t1d, e2d = engine.flatten(input, target, extras)
         up = engine.upstream(grad_loss, reduction, t1d != ignore_index, num_items, cdt)
         _, gx, gw, gb, gex = _transform_chunks(
-            x2d, weight, t1d, bias, e2d, up, missing, tf=get_transform(transform),
-            options=decode_options(options), ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
-            chunk_size=chunk_size)
+            x2d,
+            weight,
+            t1d,
+            bias,
+            e2d,
+            up,
+            missing,
+            tf=get_transform(transform),
+            options=decode_options(options),
+            ignore_index=ignore_index,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            chunk_size=chunk_size,
+        )
         fresh = _outputs(gx, gw, gb, gex, input, weight, bias, extras)
         out = [f if m else o for o, f, m in zip(out, [*fresh[:3], *fresh[3]], missing)]
     out = [input.new_empty((0,)) if o is None else o for o in out]
@@ -200,8 +323,22 @@ def linear_transform_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, 
 
 
 def _setup_context(ctx, inputs, output):
-    (input, weight, target, bias, extras, num_items, transform, options, ignore_index, reduction, softcap,
-     logit_scale, chunk_size, grad_mask) = inputs
+    (
+        input,
+        weight,
+        target,
+        bias,
+        extras,
+        num_items,
+        transform,
+        options,
+        ignore_index,
+        reduction,
+        softcap,
+        logit_scale,
+        chunk_size,
+        grad_mask,
+    ) = inputs
     _, gx, gw, gb, gex = output
     ctx.save_for_backward(input, weight, target, bias, num_items, *extras)
     ctx.n_extras = len(extras)
@@ -221,8 +358,21 @@ def _backward(ctx, grad_loss, _ggx, _ggw, _ggb, _ggex):
     if grads is None:
         have, saved = _autograd.for_backward_op(ctx, input)
         dx, dw, db, dex = torch.ops.memops.linear_transform_backward(
-            grad_loss, input, weight, target, bias, extras, num_items, saved[0], saved[1], saved[2],
-            list(saved[3:]), *ctx.options, need, have)
+            grad_loss,
+            input,
+            weight,
+            target,
+            bias,
+            extras,
+            num_items,
+            saved[0],
+            saved[1],
+            saved[2],
+            list(saved[3:]),
+            *ctx.options,
+            need,
+            have,
+        )
         grads = (dx, dw, db, *dex)
     grads = [g if n else None for g, n in zip(grads, need)]
     return (grads[0], grads[1], None, grads[2], grads[3:]) + nones
@@ -231,10 +381,22 @@ def _backward(ctx, grad_loss, _ggx, _ggw, _ggb, _ggex):
 torch.library.register_autograd("memops::linear_transform", _backward, setup_context=_setup_context)
 
 
-def linear_loss(input: Tensor, weight: Tensor, target: Tensor, transform: str, bias: Optional[Tensor] = None, *,
-                extras=(), reduction: str = "mean", ignore_index: int = -100, num_items=None,
-                chunk_size: Optional[int] = None, softcap: Optional[float] = None, logit_scale: float = 1.0,
-                **options):
+def linear_loss(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    transform: str,
+    bias: Tensor | None = None,
+    *,
+    extras=(),
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    num_items=None,
+    chunk_size: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    **options,
+):
     """Loss ``transform`` of the logits ``logit_scale * (input @ weight.T + bias)``, chunk by chunk.
 
     Equals, up to rounding, ``fn(logits, target, *extras, **options)`` on the full
@@ -246,17 +408,40 @@ def linear_loss(input: Tensor, weight: Tensor, target: Tensor, transform: str, b
     extras = tuple(extras)
     if transform == "cross_entropy" and not extras and set(options) <= {"label_smoothing"}:
         # the hand-written fused head computes the same thing with less elementwise work
-        return linear_cross_entropy(input, weight, target, bias, ignore_index=ignore_index, reduction=reduction,
-                                    num_items=num_items, chunk_size=chunk_size, softcap=softcap,
-                                    logit_scale=logit_scale, **options)
+        return linear_cross_entropy(
+            input,
+            weight,
+            target,
+            bias,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            num_items=num_items,
+            chunk_size=chunk_size,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            **options,
+        )
     num_items, chunk_size = V.as_num_items(num_items), V.as_chunk_size(chunk_size)
     V.check_options(transform, options)
-    V.check_linear_transform(input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale,
-                             chunk_size)
+    V.check_linear_transform(
+        input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale, chunk_size
+    )
     get_transform(transform)
     mask = _autograd.grad_mask(input, weight, bias, *extras)
     loss, *_ = torch.ops.memops.linear_transform(
-        input, weight, target, bias, list(extras), num_items, transform, encode_options(options),
-        int(ignore_index), reduction, None if softcap is None else float(softcap), float(logit_scale), chunk_size,
-        mask)
+        input,
+        weight,
+        target,
+        bias,
+        list(extras),
+        num_items,
+        transform,
+        encode_options(options),
+        int(ignore_index),
+        reduction,
+        None if softcap is None else float(softcap),
+        float(logit_scale),
+        chunk_size,
+        mask,
+    )
     return loss

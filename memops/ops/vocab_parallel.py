@@ -11,8 +11,6 @@ the group named in the op's arguments.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -23,11 +21,13 @@ from .linear_ce import Shard, _ce_chunks, register_ce_autograd
 
 def _group(name: str):
     from torch.distributed.distributed_c10d import _resolve_process_group
+
     return _resolve_process_group(name)
 
 
 def _all_reduce(t: Tensor, op: str, group) -> Tensor:
     import torch.distributed._functional_collectives as funcol
+
     out = funcol.all_reduce(t, op, group)
     return out.wait() if hasattr(out, "wait") else out
 
@@ -35,6 +35,7 @@ def _all_reduce(t: Tensor, op: str, group) -> Tensor:
 def all_gather(t: Tensor, group) -> Tensor:
     """Functional all-gather along dim 0 (``all_gather_single`` where the build has it)."""
     import torch.distributed._functional_collectives as funcol
+
     gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
     out = gather(t, 0, group)
     return out.wait() if hasattr(out, "wait") else out
@@ -49,9 +50,11 @@ def _shard(group_name: str, vocab_start: int, vocab_size: int, local: int, devic
     sizes = {v for _, _, v in everyone}
     tiled = spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] in sizes
     if len(sizes) != 1 or not tiled:
-        raise ValueError(f"vocab shards do not tile the vocabulary: (vocab_start, rows, vocab_size) per rank = "
-                         f"{everyone}; each rank must hold a distinct contiguous slice and all must agree on "
-                         "vocab_size = the total rows")
+        raise ValueError(
+            f"vocab shards do not tile the vocabulary: (vocab_start, rows, vocab_size) per rank = "
+            f"{everyone}; each rank must hold a distinct contiguous slice and all must agree on "
+            "vocab_size = the total rows"
+        )
 
     def max_(t):
         t.copy_(_all_reduce(t, "max", group))
@@ -60,6 +63,7 @@ def _shard(group_name: str, vocab_start: int, vocab_size: int, local: int, devic
         flat = _all_reduce(torch.stack(ts), "sum", group)
         for t, r in zip(ts, flat):
             t.copy_(r)
+
     return Shard(vocab_start, vocab_size, max_, sum_)
 
 
@@ -73,18 +77,50 @@ def _chunks(input, weight, target, bias, up, need, group_name, vocab_start, voca
 
 
 def _opts(ignore_index, label_smoothing, z_loss, softcap, logit_scale, chunk_size):
-    return dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                logit_scale=logit_scale, chunk_size=chunk_size)
+    return dict(
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        chunk_size=chunk_size,
+    )
 
 
 @torch.library.custom_op("memops::vocab_parallel_ce", mutates_args=())
-def vocab_parallel_ce(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
-                      num_items: Optional[Tensor], vocab_start: int, vocab_size: int, group_name: str,
-                      ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
-                      softcap: Optional[float], logit_scale: float, chunk_size: int, grad_mask: list[bool]
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    V.check_vocab_parallel_ce(input, weight, target, bias, num_items, vocab_start, vocab_size, reduction,
-                              label_smoothing, z_loss, softcap, logit_scale, chunk_size)
+def vocab_parallel_ce(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    num_items: Tensor | None,
+    vocab_start: int,
+    vocab_size: int,
+    group_name: str,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    logit_scale: float,
+    chunk_size: int,
+    grad_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    V.check_vocab_parallel_ce(
+        input,
+        weight,
+        target,
+        bias,
+        num_items,
+        vocab_start,
+        vocab_size,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        logit_scale,
+        chunk_size,
+    )
     V.check_target_range(target, vocab_size, ignore_index)
     cdt = engine.compute_dtype(input.dtype)
     t1d = target.reshape(-1)
@@ -93,28 +129,78 @@ def vocab_parallel_ce(input: Tensor, weight: Tensor, target: Tensor, bias: Optio
     if reduction != "none" and any(grad_mask):
         need, up = tuple(grad_mask), engine.upstream(None, reduction, valid, num_items, cdt)
     loss_rows, lse_rows, gx, gw, gb = _chunks(
-        input, weight, target, bias, up, need, group_name, vocab_start, vocab_size,
-        _opts(ignore_index, label_smoothing, z_loss, softcap, logit_scale, chunk_size))
+        input,
+        weight,
+        target,
+        bias,
+        up,
+        need,
+        group_name,
+        vocab_start,
+        vocab_size,
+        _opts(ignore_index, label_smoothing, z_loss, softcap, logit_scale, chunk_size),
+    )
     loss = engine.reduce_rows(loss_rows, reduction, valid, num_items, target.shape)
     return (loss, lse_rows.view(target.shape)) + engine.grads_out(gx, gw, gb, input, weight, bias)
 
 
 @torch.library.custom_op("memops::vocab_parallel_ce_backward", mutates_args=())
-def vocab_parallel_ce_backward(grad_loss: Tensor, input: Tensor, weight: Tensor, target: Tensor,
-                               bias: Optional[Tensor], num_items: Optional[Tensor], saved_grad_input: Tensor,
-                               saved_grad_weight: Tensor, saved_grad_bias: Tensor, vocab_start: int, vocab_size: int,
-                               group_name: str, ignore_index: int, reduction: str, label_smoothing: float,
-                               z_loss: float, softcap: Optional[float], logit_scale: float, chunk_size: int,
-                               need: list[bool], have: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    V.check_vocab_parallel_ce(input, weight, target, bias, num_items, vocab_start, vocab_size, reduction,
-                              label_smoothing, z_loss, softcap, logit_scale, chunk_size)
+def vocab_parallel_ce_backward(
+    grad_loss: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    num_items: Tensor | None,
+    saved_grad_input: Tensor,
+    saved_grad_weight: Tensor,
+    saved_grad_bias: Tensor,
+    vocab_start: int,
+    vocab_size: int,
+    group_name: str,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    logit_scale: float,
+    chunk_size: int,
+    need: list[bool],
+    have: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    V.check_vocab_parallel_ce(
+        input,
+        weight,
+        target,
+        bias,
+        num_items,
+        vocab_start,
+        vocab_size,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        logit_scale,
+        chunk_size,
+    )
     cdt = engine.compute_dtype(input.dtype)
-    out, missing = engine.scale_saved(grad_loss, (saved_grad_input, saved_grad_weight, saved_grad_bias), need,
-                                      have, cdt)
+    out, missing = engine.scale_saved(
+        grad_loss, (saved_grad_input, saved_grad_weight, saved_grad_bias), need, have, cdt
+    )
     if any(missing):
         up = engine.upstream(grad_loss, reduction, target.reshape(-1) != ignore_index, num_items, cdt)
-        _, _, gx, gw, gb = _chunks(input, weight, target, bias, up, missing, group_name, vocab_start, vocab_size,
-                                   _opts(ignore_index, label_smoothing, z_loss, softcap, logit_scale, chunk_size))
+        _, _, gx, gw, gb = _chunks(
+            input,
+            weight,
+            target,
+            bias,
+            up,
+            missing,
+            group_name,
+            vocab_start,
+            vocab_size,
+            _opts(ignore_index, label_smoothing, z_loss, softcap, logit_scale, chunk_size),
+        )
         fresh = engine.grads_out(gx, gw, gb, input, weight, bias)
         out = [f if m else o for o, f, m in zip(out, fresh, missing)]
     return tuple(input.new_empty((0,)) if o is None else o for o in out)
