@@ -14,6 +14,13 @@ from dataclasses import dataclass
 import torch
 
 _MIN_ROWS = 16
+# CPU: every chunk streams the whole weight twice (logits, input gradient) and reads and writes the fp32
+# weight gradient once, about 4 * V * D * 4 bytes, against 6 * rows * V * D FLOPs of matmul: the ratio
+# depends on the row count alone.  Below about 512 rows that pass shows in the step time (V = 128256:
+# 228-row chunks 1.10x torch.compile's time, 456-row 1.01x; docs/internals.md), so the default rule raises
+# smaller chunks towards it, as long as a chunk stays within a fifth of the rows.
+_AMORTIZE_ROWS = 512
+_MAX_SHARE = 5
 
 
 @dataclass
@@ -55,7 +62,8 @@ def default_budget(device: torch.device) -> int:
     """Bytes one chunk's work buffers may take when no budget is set.
 
     CPU: 112 MiB (at most about 860 rows at V=32000): a chunk's GEMMs lose
-    efficiency as its row count shrinks, and this keeps the peak small.  CUDA: 1/32 of the device
+    efficiency as its row count shrinks, and this keeps the peak small (see
+    ``chunk_rows`` for large vocabularies).  CUDA: 1/32 of the device
     memory, between 256 MiB and 2 GiB, so matmuls stay large enough to saturate the tensor cores.
     """
     if device.type == "cuda":
@@ -72,9 +80,13 @@ def chunk_rows(
     ``requested`` (per call) wins, then ``set_chunk_size``, then the budget: each
     row costs one ``vocab``-long row of the compute dtype (fp32, fp64 for fp64
     inputs), plus one in the input dtype when that differs (the matmul output),
-    plus its ``hidden``-sized input and gradient rows.  Budget-sized chunks are
-    balanced (``n_rows`` split into equal chunks of at most the budget's rows)
-    so no small ragged chunk pays a full pass over the weight gradient.
+    plus its ``hidden``-sized input and gradient rows.  With the default CPU
+    budget, chunks smaller than ``_AMORTIZE_ROWS`` rows are raised towards it
+    (so the pass over the weight each chunk makes is amortised), but never
+    above a fifth of ``n_rows`` (so a chunk's buffer stays at most a fifth of
+    the full logits).  Budget-sized chunks are balanced (``n_rows`` split into
+    equal chunks of at most that many rows) so no small ragged chunk pays a
+    full pass over the weight gradient.
     """
     if requested and requested > 0:
         rows = requested
@@ -85,6 +97,8 @@ def chunk_rows(
         work = 8 if dtype == torch.float64 else 4
         per_row = vocab * (work + (dtype.itemsize if dtype.itemsize != work else 0)) + 2 * hidden * work
         rows = max(_MIN_ROWS, budget // max(per_row, 1))
+        if device.type == "cpu" and _settings.budget_bytes is None and rows < _AMORTIZE_ROWS:
+            rows = max(rows, min(_AMORTIZE_ROWS, -(-n_rows // _MAX_SHARE)))
         if n_rows > rows:
             rows = -(-n_rows // -(-n_rows // rows))
     return int(max(1, min(rows, max(n_rows, 1))))

@@ -26,6 +26,7 @@ FIELDS = {
     "x_eager",
     "x_compile",
     "x_eager_mem",
+    "x_floor",
 }
 
 
@@ -45,12 +46,13 @@ def test_bench_tiny_end_to_end(tmp_path):
         "--tokens", "64", "--hidden", "16", "--vocab", "101", "--reps", "2", "--json", str(out), "--plot", str(png)
     )
     assert proc.returncode == 0, proc.stderr
-    for m in ("eager", "compile", "chunked", "memops"):
+    for m in ("eager", "compile", "chunked", "torch_lce", "memops", "floor"):
         assert f"| {m} |" in proc.stdout
     assert "| liger | skipped: CUDA only |" in proc.stdout
     cce = unavailable("cce", "cross_entropy", "cpu") is None  # runs when installed
     # progress: the reference + each runnable method's warm-up and 2 steps
-    assert f"{1 + (4 + cce) * 3}/{1 + (4 + cce) * 3} " in proc.stderr
+    assert f"{1 + (6 + cce) * 3}/{1 + (6 + cce) * 3} " in proc.stderr
+    assert "Lower is better in every column" in proc.stdout and "max absolute difference from a float64" in proc.stdout
     data = json.loads(out.read_text())
     assert data["config"]["tokens"] == 64 and data["config"]["loss"] == "cross_entropy"
     assert data["config"]["ignored"] == 0.1 and "10% of targets ignored" in proc.stdout
@@ -58,16 +60,19 @@ def test_bench_tiny_end_to_end(tmp_path):
     (run,) = data["runs"]
     assert (run["tokens"], run["hidden"], run["vocab"]) == (64, 16, 101)
     rows = {r["method"]: r for r in run["rows"]}
-    assert list(rows) == ["eager", "compile", "chunked", "memops", "cce", "liger"]
+    assert list(rows) == ["eager", "compile", "chunked", "torch_lce", "memops", "floor", "cce", "liger"]
     assert rows["liger"]["status"] == "skipped"
     assert rows["cce"]["status"] == ("ok" if cce else "skipped")
-    for m in ("eager", "compile", "chunked", "memops") + (("cce",) if cce else ()):
+    for m in ("eager", "compile", "chunked", "torch_lce", "memops") + (("cce",) if cce else ()):
         r = rows[m]
         assert set(r) == FIELDS, set(r) ^ FIELDS
         assert r["status"] == "ok" and r["time_s"] > 0 and len(r["times_s"]) == 2
         assert r["peak_extra_bytes"] is not None and r["peak_extra_bytes"] >= 0
         assert max(r["err_loss"], r["err_grad_input"], r["err_grad_weight"]) < 1e-5
     assert rows["eager"]["x_eager"] == 1.0 and rows["compile"]["x_compile"] == 1.0
+    # the floor: three matmuls, no loss, no error columns
+    assert set(rows["floor"]) == FIELDS - {"err_loss", "err_grad_input", "err_grad_weight"}
+    assert rows["floor"]["x_floor"] == 1.0 and rows["memops"]["x_floor"] > 0
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -87,7 +92,7 @@ def test_bench_sweep_softcap_and_transform(tmp_path):
         "--softcap",
         "5",
         "--methods",
-        "eager,chunked,memops,cce",
+        "eager,chunked,memops,cce,torch_lce",
         "--sweep",
         "tokens",
         "--sweep-values",
@@ -106,11 +111,12 @@ def test_bench_sweep_softcap_and_transform(tmp_path):
         and "## N=40 " in proc.stdout
     )
     assert "| cce | skipped: cross-entropy only |" in proc.stdout
+    assert "| torch_lce | skipped: cross-entropy only |" in proc.stdout
     data = json.loads(out.read_text())
     assert [r["tokens"] for r in data["runs"]] == [16, 40] and data["config"]["sweep"] == "tokens"
     for run in data["runs"]:
         for r in run["rows"]:
-            if r["method"] != "cce":
+            if r["method"] not in ("cce", "torch_lce"):
                 assert r["status"] == "ok"
                 assert max(r["err_loss"], r["err_grad_input"], r["err_grad_weight"]) < 1e-5
     assert png.stat().st_size > 1000
@@ -195,7 +201,7 @@ def test_format_table_reports_failed_oom_and_skipped_methods():
             {"method": "cce", "status": "skipped", "error": "not installed"},
         ]
     )
-    assert "| memops | 1.000 | 0.500 | n/a | 1.0 | 0.250 |" in table
+    assert "| memops | 1.000 | 0.500 | n/a | n/a | 1.0 | 0.250 |" in table
     assert "| compile | failed: RuntimeError: boom |" in table
     assert "| chunked | OOM at 8 tokens |" in table
     assert "| cce | skipped: not installed |" in table
@@ -269,3 +275,9 @@ def test_timed_steps_get_glibc_steady_state_malloc():
     from memops.bench.worker import steady_state_malloc
 
     assert steady_state_malloc()
+
+
+def test_torch_lce_has_no_softcap():
+    assert unavailable("torch_lce", "cross_entropy", "cpu", softcap=30.0) == "no soft-capping option"
+    assert unavailable("torch_lce", "cross_entropy", "cpu") is None  # torch 2.13 ships it
+    assert unavailable("floor", "grpo", "cpu") is None  # the three matmuls are the same for any loss

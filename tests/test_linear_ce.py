@@ -232,6 +232,20 @@ def test_chunk_rows_follow_budget():
         assert config.chunk_rows(4096, 32000, 1024, torch.float32, cpu) == 820
 
 
+def test_default_cpu_chunks_amortise_the_weight_pass():
+    from memops import config
+
+    cpu = torch.device("cpu")
+    # V=128256: the 112 MiB budget alone gives 225 rows; raised towards 512, at most a fifth of the rows
+    assert config.chunk_rows(2048, 128256, 1024, torch.float32, cpu) == 410  # 5 chunks
+    assert config.chunk_rows(16384, 128256, 1024, torch.float32, cpu) == 512
+    assert config.chunk_rows(512, 128256, 1024, torch.float32, cpu) == 171  # 3 chunks: a fifth, balanced
+    assert config.chunk_rows(4096, 32000, 1024, torch.float32, cpu) == 820  # the budget gives more already
+    # an explicit budget is a memory bound: no raise
+    with memops.chunking(budget_bytes=112 << 20):
+        assert config.chunk_rows(2048, 128256, 1024, torch.float32, cpu) == 205  # 225 balanced over 10
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_backward_twice_with_retain_graph(reduction):
     x = torch.randn(30, 6, dtype=torch.float64, requires_grad=True)

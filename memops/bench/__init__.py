@@ -17,7 +17,7 @@ import sys
 import tempfile
 
 from .methods import GRPO_BETA, METHODS, unavailable
-from .report import add_ratios, format_table, plot
+from .report import LEGEND, add_ratios, format_table, plot
 from .worker import Worker, run_worker
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -228,7 +228,7 @@ def main(args) -> int:
         flush=True,
     )
     methods = args.method_list
-    skipped = {m: why for m in methods if (why := unavailable(m, args.loss, args.device))}
+    skipped = {m: why for m in methods if (why := unavailable(m, args.loss, args.device, args.softcap))}
     runnable = len(methods) - len(skipped)
     progress = Progress(len(shapes) * ((0 if args.no_check else 1) + runnable * (1 + args.reps)))
     runs = []
@@ -238,6 +238,7 @@ def main(args) -> int:
             runs.append(dict(shape, rows=rows))
             print(f"\n## N={shape['tokens']} D={shape['hidden']} V={shape['vocab']}\n", flush=True)
             print(format_table(rows), flush=True)
+    print(f"\n{LEGEND}", flush=True)
     if args.json:
         config = {
             k: getattr(args, k)

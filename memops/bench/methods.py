@@ -5,7 +5,12 @@
 * ``chunked``: the chunked baseline users already have (torchtune style): the projection applied to 8
   row chunks, each chunk's logits upcast and its loss summed, divided by the non-ignored count at the end
   (autograd keeps every chunk's logits for backward);
+* ``torch_lce``: PyTorch's own ``F.linear_cross_entropy`` with ``options=nn.LinearCrossEntropyOptions()``
+  (its chunked path; torch >= 2.13; cross-entropy without soft-capping only);
 * ``memops``: ``memops.linear_cross_entropy`` / ``memops.linear_loss``;
+* ``floor``: the three projection-sized matmuls alone (``x @ W.T``, ``dz @ W``, ``dz.T @ x`` on the full
+  rows, ``dz`` being the logits buffer itself, no loss): the time no method that computes the logits and
+  both gradients can beat; its loss and errors mean nothing and are not checked;
 * ``cce``: Apple's ``cut_cross_entropy.linear_cross_entropy`` (``torch_compile`` impl on CPU, ``cce`` on
   CUDA), when installed;
 * ``liger``: Liger-Kernel's fused linear cross-entropy, CUDA only, when installed;
@@ -22,7 +27,8 @@ from __future__ import annotations
 import importlib.util
 
 IGNORE = -100
-METHODS = ("eager", "compile", "chunked", "memops", "cce", "liger")
+METHODS = ("eager", "compile", "chunked", "torch_lce", "memops", "floor", "cce", "liger")
+UNCHECKED = ("floor",)  # no loss: no error columns
 PEERS = {
     "cce": ("cut_cross_entropy", "pip install cut-cross-entropy"),
     "liger": ("liger_kernel", "pip install liger-kernel"),
@@ -33,8 +39,17 @@ CHUNKS = 8  # torchtune's CEWithChunkedOutputLoss default
 GRPO_BETA = 0.04  # the default of --beta
 
 
-def unavailable(method: str, loss: str, device: str) -> str | None:
+def unavailable(method: str, loss: str, device: str, softcap: float | None = None) -> str | None:
     """Why ``method`` cannot run here (the row is reported as skipped), or None."""
+    if method == "torch_lce":
+        import torch.nn.functional as F
+
+        if loss != "cross_entropy":
+            return "cross-entropy only"
+        if softcap is not None:
+            return "no soft-capping option"
+        if not hasattr(F, "linear_cross_entropy"):
+            return "needs torch >= 2.13"
     if method in PEERS:
         if loss != "cross_entropy":
             return "cross-entropy only"
@@ -92,6 +107,25 @@ def grpo_data(tokens: int, vocab: int, batch: int, device: str, masked: float = 
     return tuple(t.to(device) for t in (mask, adv, old, ref))
 
 
+def _floor(x, w, t):
+    """The three projection-sized matmuls of a forward+backward step and nothing else (see ``floor``)."""
+    import torch
+
+    class ThreeGemms(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            z = x @ w.t()
+            ctx.save_for_backward(x, w, z)
+            return z.new_zeros(())
+
+        @staticmethod
+        def backward(ctx, _grad):
+            x, w, z = ctx.saved_tensors  # the logits buffer stands in for d loss / d logits
+            return z @ w, z.t() @ x
+
+    return ThreeGemms.apply(x, w)
+
+
 def _unfused_family(method: str, unfused):
     """eager / compile / float64 reference of an unfused ``fn(x, w, t, upcast=True)``, else None."""
     import torch
@@ -134,6 +168,8 @@ def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, m
     base = _unfused_family(method, unfused)
     if base is not None:
         return base
+    if method == "floor":
+        return _floor
     if method == "chunked":
         return lambda x, w, t: formula(
             torch.cat([logp_of(xc, w, tc) for xc, tc in zip(x.chunk(CHUNKS), t.chunk(CHUNKS))]).view(batch, -1), x
@@ -181,6 +217,14 @@ def build(
     base = _unfused_family(method, unfused)
     if base is not None:
         return base
+    if method == "floor":
+        return _floor
+    if method == "torch_lce":
+        import torch.nn as nn
+        import torch.nn.functional as F
+
+        options = nn.LinearCrossEntropyOptions()
+        return lambda x, w, t: F.linear_cross_entropy(x, w, t, ignore_index=IGNORE, options=options)
     if method == "chunked":
 
         def chunked(x, w, t):

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from .methods import UNCHECKED
+
 _MSG = "@@memops "  # prefix of protocol lines on a worker's stdout
 _OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc")
 
@@ -239,7 +241,7 @@ class Worker:
             cmd += ["--softcap", repr(args.softcap)]
         if args.memory_cap_mib is not None and method != "reference":
             cmd += ["--memory-cap-mib", repr(args.memory_cap_mib)]
-        if ref_file:
+        if ref_file and method not in UNCHECKED:
             cmd += ["--ref-file", ref_file]
         self.method, self.shape = method, shape
         self.failure: dict | None = None
