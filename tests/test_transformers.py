@@ -240,6 +240,36 @@ def test_train_demo_tiny_end_to_end(tmp_path):
         assert len(data["runs"][run]["losses"]) == 3 and data["runs"][run]["peak_bytes"] > 0
     assert "| memops |" in (out / "train_demo.md").read_text()
     assert (out / "loss_curves.png").stat().st_size > 1000
+    for variant in ("unpatched", "memops"):  # per-step progress: step, loss, time
+        for step, loss in enumerate(data["runs"][variant]["losses"], 1):
+            assert f"[{variant}] step {step}/3  loss {loss:.6f}  " in proc.stdout
+
+
+def test_train_demo_help_documents_every_option_and_default():
+    import argparse
+
+    from memops.integrations import train_demo
+
+    parser = argparse.ArgumentParser()
+    train_demo.add_arguments(parser)
+    shown = [a for a in parser._actions if a.help not in (argparse.SUPPRESS, None) and a.dest != "help"]
+    assert {a.dest for a in shown} == {
+        "config",
+        "steps",
+        "accum",
+        "batch",
+        "seq",
+        "vocab",
+        "corpus_mb",
+        "lr",
+        "dtype",
+        "device",
+        "out",
+    }
+    text = parser.format_help()
+    for a in shown:
+        assert "(default: %(default)s)" in a.help, a.dest
+        assert f"(default: {a.default})" in " ".join(text.split()), a.dest
 
 
 def test_llama_3_2_1b_config_builds_the_1b_architecture():

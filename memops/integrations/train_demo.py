@@ -47,17 +47,41 @@ CONFIGS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
-    p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
-    p.add_argument("--accum", type=int, default=2, help="gradient accumulation micro-batches per step (default 2)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch (default 4)")
-    p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
-    p.add_argument("--vocab", type=int, default=32000, help="BPE vocabulary to train (default 32000)")
-    p.add_argument("--corpus-mb", type=float, default=4.0, help="standard-library source to read (default 4 MB)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="train-demo-out", help="output folder (default ./train-demo-out)")
+    p.add_argument(
+        "--config",
+        choices=sorted(CONFIGS),
+        default="tiny",
+        help="model architecture: tiny (hidden 256, 2 layers, for CPUs) or llama-3.2-1b (Llama 3.2 1B's shape, "
+        "random init, 128256-token vocabulary, for GPUs) (default: %(default)s)",
+    )
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps (default: %(default)s)")
+    p.add_argument(
+        "--accum", type=int, default=2, help="gradient accumulation micro-batches per step (default: %(default)s)"
+    )
+    p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch (default: %(default)s)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: %(default)s)")
+    p.add_argument(
+        "--vocab", type=int, default=32000, help="BPE vocabulary the tokenizer is trained to (default: %(default)s)"
+    )
+    p.add_argument(
+        "--corpus-mb",
+        type=float,
+        default=4.0,
+        help="megabytes of this Python's standard-library source to train on (default: %(default)s)",
+    )
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="parameter and activation dtype; the loss-parity check applies to float32 (default: %(default)s)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default="train-demo-out",
+        help="output folder for loss_curves.png, train_demo.md and train_demo.json (default: %(default)s)",
+    )
     p.add_argument("--variant", choices=("unpatched", "memops"), help=argparse.SUPPRESS)
 
 
@@ -160,6 +184,7 @@ def _run_variant(args) -> None:
         sync()
         times.append(time.perf_counter() - t0)
         losses.append(total)
+        print(f"[{args.variant}] step {step + 1}/{args.steps}  loss {total:.6f}  {times[-1]:.3f} s", flush=True)
     peak = _peak_bytes(device)
     with open(os.path.join(args.out, f"{args.variant}.json"), "w") as f:
         json.dump(
