@@ -42,7 +42,7 @@ for preset in llama3-8b gemma2-2b qwen2.5-7b; do
   run "$preset-bf16" 110 --preset "$preset" --dtype bfloat16 --tokens "$TOKENS" --reps 5
 done
 run "sweep-tokens-llama3-8b-bf16" 110 --preset llama3-8b --dtype bfloat16 --tokens "$((TOKENS * 2))" \
-    --sweep tokens --reps 3 --no-check --methods eager,compile,memops,cce,liger
+    --sweep tokens --reps 3 --no-check --methods eager,compile,torch_lce,memops,floor,cce,liger
 run "grpo-llama3-8b-bf16" 90 --loss grpo --preset llama3-8b --dtype bfloat16 --tokens "$TOKENS" --batch 8 \
     --reps 5 --methods eager,compile,memops
 exit $status
