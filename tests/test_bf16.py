@@ -1,4 +1,28 @@
-"""bf16 inputs: memops is at least as close to the float64 reference as the unfused bf16 eager code."""
+"""Low-precision inputs: memops is as close to a float64 reference as the unfused bf16/fp16 code, within a
+stated margin, for chunk counts from 1 to 128.
+
+The margin.  Both the unfused code and memops round every logit once to the input dtype (the output of
+the logits matmul) and every gradient element once to the parameter dtype at the end; in between both
+work in fp32 (memops' gradient matmuls take the fp32 logit gradient, so they round less than the unfused
+code, which rounds it to the input dtype first).  The gradients are tensors of thousands of elements:
+their error norms are sums of many independent roundings and the ratio of two such norms is stable; the
+pipelines differ in the order of the fp32 sums inside the matmuls (memops' row chunks, its vocabulary
+blocks), which puts an element on the other side of a rounding boundary now and then, moving the norm by a
+fraction of a percent.  MARGIN allows 5%; a real loss of precision (a second rounding of the weight
+gradient per chunk, say) costs tens of percent and fails.
+
+The loss is one number: its error is the signed sum of the per-token errors, a random quantity whose
+typical size is their root-sum-square.  Where the two pipelines round different things (with fp16 the
+unfused code rounds the scaled logits once more than memops), their loss errors are two independent draws
+of that sum and either may be the larger.  So the loss is compared against the larger of the unfused code's
+error and the root-sum-square of its per-token errors (scaled like the reduction), times MARGIN.
+
+Largest ratios observed over every case below on an AMD EPYC with AVX512-BF16, under ATEN_CPU_CAPABILITY
+=default, avx2 and the native avx512, with 1 and 2 threads: 1.031 for the loss (fp16, z-loss and logit
+scale), 0.963 for the gradients (memops' gradient matmuls round less); over seeds 1 to 5 (avx512): 1.011.
+memops sums the per-row losses in float64 (``engine.reduce_rows``): with an fp32 sum the fp16 loss error
+reached 1.12x.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +32,10 @@ from reference import ref_linear_cross_entropy
 
 import memops
 
+MARGIN = 1.05
 OPTIONS = [dict(), dict(softcap=30.0, label_smoothing=0.1), dict(z_loss=1e-4, logit_scale=0.5)]
+N = 512
+CHUNKS = (N, 96, 16, N // 128)  # 1, 6, 32 and 128 chunks: the weight gradient accumulates over all of them
 
 
 def _loss_and_grads(fn, x, w, b, t, **kw):
@@ -22,22 +49,45 @@ def _err(a, ref):
     return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_bf16_error_not_worse_than_unfused_bf16(opts, reduction):
-    g = torch.Generator().manual_seed(0)
-    n, d, v = 512, 128, 3001
-    x = torch.randn(n, d, generator=g).bfloat16()
-    w = (torch.randn(v, d, generator=g) / d**0.5).bfloat16()
-    b = torch.randn(v, generator=g).bfloat16()
-    t = torch.randint(0, v, (n,), generator=g)
+def _inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d, v = 128, 3001
+    x = torch.randn(N, d, generator=g).to(dtype)
+    w = (torch.randn(v, d, generator=g) / d**0.5).to(dtype)
+    b = torch.randn(v, generator=g).to(dtype)
+    t = torch.randint(0, v, (N,), generator=g)
     t[::7] = -100
+    return x, w, b, t
+
+
+def error_ratios(dtype, opts, reduction, seed=0):
+    """``{(quantity, chunks): memops error / its allowed scale}``: the unfused code's error for the
+    gradients, the larger of that and the per-token error scale for the loss (see the module docstring)."""
+    x, w, b, t = _inputs(dtype, seed)
     kw = dict(reduction=reduction, **opts)
     ref = _loss_and_grads(ref_linear_cross_entropy, x.double(), w.double(), b.double(), t, **kw)
     eager = _loss_and_grads(ref_linear_cross_entropy, x, w, b, t, **kw)
-    fused = _loss_and_grads(memops.linear_cross_entropy, x, w, b, t, chunk_size=96, **kw)
-    assert fused[0].dtype == torch.float32
-    assert [f.dtype for f in fused[1:]] == [torch.bfloat16] * 3
-    for name, f, e, r in zip(("loss", "grad_input", "grad_weight", "grad_bias"), fused, eager, ref):
-        fe, ee = _err(f, r), _err(e, r)
-        assert fe <= ee * 1.0 + 1e-12, f"{name}: memops error {fe:.3e} > unfused bf16 error {ee:.3e}"
+    per_token = dict(kw, reduction="none")
+    tok_err = ref_linear_cross_entropy(x, w, t, b, **per_token).double() - ref_linear_cross_entropy(
+        x.double(), w.double(), t, b.double(), **per_token
+    )
+    noise = tok_err.norm().item() / (int((t != -100).sum()) if reduction == "mean" else 1)
+    out = {}
+    for chunk in CHUNKS:
+        fused = _loss_and_grads(memops.linear_cross_entropy, x, w, b, t, chunk_size=chunk, **kw)
+        assert fused[0].dtype == torch.float32
+        assert [f.dtype for f in fused[1:]] == [dtype] * 3
+        out["loss", N // chunk] = abs(fused[0].item() - ref[0].item()) / max(
+            abs(eager[0].item() - ref[0].item()), noise
+        )
+        for name, f, e, r in zip(("grad_input", "grad_weight", "grad_bias"), fused[1:], eager[1:], ref[1:]):
+            out[name, N // chunk] = _err(f, r) / _err(e, r)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_low_precision_error_within_margin_of_unfused(dtype, opts, reduction):
+    for (name, chunks), ratio in error_ratios(dtype, opts, reduction).items():
+        assert ratio <= MARGIN, f"{name}, {chunks} chunks: memops error is {ratio:.4f}x its allowed scale"

@@ -255,11 +255,15 @@ def denominator(valid: torch.Tensor, num_items: torch.Tensor | None, cdt: torch.
 def reduce_rows(
     loss_rows: torch.Tensor, reduction: str, valid: torch.Tensor, num_items: torch.Tensor | None, shape
 ) -> torch.Tensor:
+    """The reduced loss.  The per-row losses are summed in float64 (N numbers: free next to a chunk) and
+    rounded once: an fp32 sum of thousands of O(10) losses would add rounding of its own, as large as
+    the bf16 logits' contribution to the loss error (``tests/test_bf16.py``)."""
     if reduction == "none":
         return loss_rows.view(shape)
+    total = loss_rows.sum(dtype=torch.float64).to(loss_rows.dtype)
     if reduction == "sum":
-        return loss_rows.sum()
-    return loss_rows.sum() / denominator(valid, num_items, loss_rows.dtype)
+        return total
+    return total / denominator(valid, num_items, loss_rows.dtype)
 
 
 def upstream(
