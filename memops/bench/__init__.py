@@ -277,6 +277,10 @@ def main(args) -> int:
             runs,
             args.sweep,
             args.plot,
-            f"{args.loss}{softcap}, D={args.hidden} V={args.vocab} {args.dtype}, {device_name}",
+            f"{args.loss}{softcap}, "
+            + {"tokens": f"D={args.hidden} V={args.vocab}", "vocab": f"N={args.tokens} D={args.hidden}"}.get(
+                args.sweep, f"N={args.tokens} D={args.hidden} V={args.vocab}"
+            )
+            + f" {args.dtype}, {device_name}",
         )
     return 0
