@@ -27,6 +27,8 @@ def _inputs(n=64, d=16, v=50):
 
 
 def _chunked(x, w, t, **kw):
+    if t.is_floating_point():  # probabilities: no ignore_index
+        return lce(x, w, t, options=torch.nn.LinearCrossEntropyOptions(), **kw)
     return lce(x, w, t, ignore_index=-100, options=torch.nn.LinearCrossEntropyOptions(), **kw)
 
 
@@ -41,12 +43,14 @@ def test_ignored_tokens_are_computed_by_torch_lce_and_skipped_by_memops():
     assert ours.flops == 3 * 2 * (n // 2) * v * d
 
 
-def test_torch_lce_label_smoothing_runs_the_unfused_reference():
+def test_torch_lce_label_smoothing_and_soft_targets_run_the_unfused_reference():
     x, w, t = _inputs()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _chunked(x, w, t, label_smoothing=0.1)
-    assert any("options`` ignored" in str(c.message) for c in caught)
+    soft = torch.softmax(torch.randn(x.shape[0], w.shape[0]), -1)
+    for target, kw in ((t, dict(label_smoothing=0.1)), (soft, {})):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _chunked(x, w, target, **kw)
+        assert any("options`` ignored" in str(c.message) for c in caught), kw
 
 
 def test_torch_lce_breaks_fullgraph_compile_and_memops_does_not():
