@@ -1,6 +1,16 @@
 import os
+import tempfile
 
-import torch
+# inductor's on-disk cache does not tell kernel sets apart: code cached by a native (avx512) run was reused
+# under ATEN_CPU_CAPABILITY=default and failed to build ("'at::vec' has not been declared").  A run under a
+# chosen capability gets a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR",
+        os.path.join(tempfile.gettempdir(), f"torchinductor_memops_{os.environ['ATEN_CPU_CAPABILITY']}"),
+    )
+
+import torch  # noqa: E402
 from hypothesis import settings
 
 settings.register_profile(
