@@ -9,6 +9,7 @@ overrides both.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,7 @@ def set_chunk_budget(nbytes: int | None) -> None:
 
 
 @contextlib.contextmanager
-def chunking(*, chunk_size: int | None = None, budget_bytes: int | None = None):
+def chunking(*, chunk_size: int | None = None, budget_bytes: int | None = None) -> Iterator[None]:
     """Temporarily change the global chunk settings."""
     old = _Settings(_settings.chunk_size, _settings.budget_bytes)
     set_chunk_size(chunk_size)

@@ -11,9 +11,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 from . import validation as V
 from .ops import _autograd
@@ -73,7 +78,7 @@ def vocab_parallel_cross_entropy(
     target: Tensor,
     bias: Tensor | None = None,
     *,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
     ignore_index: int = -100,
@@ -82,10 +87,10 @@ def vocab_parallel_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
-    num_items=None,
+    num_items: int | float | Tensor | None = None,
     chunk_size: int | None = None,
     return_lse: bool = False,
-):
+) -> Tensor | tuple[Tensor, Tensor]:
     """``memops.linear_cross_entropy`` with ``weight`` (and ``bias``) split by rows over ``group``.
 
     Each rank passes the same ``input`` and ``target`` and its own ``[V_local, D]`` shard holding rows

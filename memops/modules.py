@@ -26,7 +26,7 @@ class LinearCrossEntropy(nn.Module):
         logit_scale: float = 1.0,
         chunk_size: int | None = None,
         return_lse: bool = False,
-    ):
+    ) -> None:
         super().__init__()
         V.check_ce_options(reduction, label_smoothing, z_loss, softcap, logit_scale, V.as_chunk_size(chunk_size))
         self.ignore_index = ignore_index
@@ -38,7 +38,14 @@ class LinearCrossEntropy(nn.Module):
         self.chunk_size = chunk_size
         self.return_lse = return_lse
 
-    def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, num_items=None):
+    def forward(
+        self,
+        input: Tensor,
+        weight: Tensor,
+        target: Tensor,
+        bias: Tensor | None = None,
+        num_items: int | float | Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         return linear_cross_entropy(
             input,
             weight,

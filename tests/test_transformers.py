@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,23 +25,63 @@ COMMON = dict(
     num_key_value_heads=2,
     max_position_embeddings=64,
 )
+MOE = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.1)
+TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# family: (config class, model class, config arguments); every model is built from a tiny config in float64
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(MOE, head_dim=8, num_experts=4, moe_intermediate_size=16),
+    ),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(MOE, num_local_experts=4)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(MOE, head_dim=8, num_local_experts=4)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 2.0}),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 3.0}),
+    "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", None),  # with an image
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", None),  # with an image
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
-    "olmo2 (generic path)": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", TOKENS),
 }
+
+
+def _vlm_config(family):
+    text = dict(COMMON, **TOKENS)
+    if family == "gemma3":
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                      patch_size=8)  # fmt: skip
+        return transformers.Gemma3Config(
+            text_config=dict(text, head_dim=8, final_logit_softcapping=5.0),  # the text config's; not applied
+            vision_config=vision,
+            mm_tokens_per_image=4,
+            image_token_index=5,
+            boi_token_index=3,
+            eoi_token_index=4,
+        )
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=32, window_size=8, fullatt_block_indexes=[0])  # fmt: skip
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 1, 1]}
+    return transformers.Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=5, video_token_id=6, vision_start_token_id=3,
+        vision_end_token_id=4,
+    )  # fmt: skip
 
 
 def _model(family, seed=0, bias=False):
     cfg_name, cls_name, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, cfg_name)(**COMMON, **extra)
-    model = getattr(transformers, cls_name)(cfg).double()
+    cfg = _vlm_config(family) if extra is None else getattr(transformers, cfg_name)(**COMMON, **extra)
+    model = getattr(transformers, cls_name)(cfg)
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")  # the grouped-matmul experts take no float64
+    model = model.double()
     if bias:  # exercise the lm_head bias path
         head = model.get_output_embeddings()
         head.bias = torch.nn.Parameter(torch.randn(V, dtype=torch.float64) * 0.1)
@@ -48,20 +90,40 @@ def _model(family, seed=0, bias=False):
 
 def _batch(seed=1, b=3, t=11):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, V, (b, t), generator=g)
+    ids = torch.randint(7, V, (b, t), generator=g)
     labels = ids.clone()
     labels[0, :4] = -100  # prompt tokens
     labels[2, -3:] = -100  # padding
     return ids, labels
 
 
-def _ref_loss(model, ids, labels, shift_labels=None, num_items=None):
-    """Float64 loss from the unpatched model's own logits (its loss_function upcasts to fp32 only)."""
-    logits = model(input_ids=ids).logits
+def _inputs(family, ids):
+    """The model inputs besides labels: token ids, and an image per sequence for the vision-language models."""
+    g = torch.Generator().manual_seed(2)
+    if family == "gemma3":  # 4 image tokens per sequence, 32x32 pixels
+        ids = ids.clone()
+        ids[:, 6:10] = 5
+        pixels = torch.randn(ids.shape[0], 3, 32, 32, generator=g, dtype=torch.float64)
+        return dict(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == 5).long())
+    if family == "qwen2_5_vl":  # one image per sequence: a 4x4 patch grid merged into 4 tokens
+        ids = ids.clone()
+        ids[:, 5], ids[:, 6:10], ids[:, 10] = 3, 5, 4
+        patches = torch.randn(16 * ids.shape[0], 3 * 2 * 4 * 4, generator=g, dtype=torch.float64)
+        return dict(input_ids=ids, pixel_values=patches, image_grid_thw=torch.tensor([[1, 4, 4]] * ids.shape[0]))
+    return dict(input_ids=ids)
+
+
+def _ref_loss(model, inputs, labels, shift_labels=None, num_items=None):
+    """Float64 loss from the unpatched model's own logits (its loss_function upcasts to fp32 only), plus
+    its router auxiliary loss where it has one."""
+    out = model(**inputs)
     t = shift_labels if shift_labels is not None else F.pad(labels, (0, 1), value=-100)[:, 1:]
-    # logits are final (soft-capped where the model does it): a projection by the identity
+    # logits are final (scaled / soft-capped where the model does it): a projection by the identity
     eye = torch.eye(V, dtype=torch.float64)
-    return ref_linear_cross_entropy(logits, eye, t, num_items=num_items)
+    loss = ref_linear_cross_entropy(out.logits, eye, t, num_items=num_items)
+    if getattr(out, "aux_loss", None) is not None:
+        loss = loss + model.router_aux_loss_coef * out.aux_loss
+    return loss
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -69,6 +131,8 @@ def _ref_loss(model, ids, labels, shift_labels=None, num_items=None):
 def test_patched_model_matches_unpatched(family, mode):
     model = _model(family, bias=mode == "bias")
     ids, labels = _batch()
+    inputs = _inputs(family, ids)
+    labels = torch.where(labels == -100, -100, inputs["input_ids"])
     kw, shift, num_items = {"labels": labels}, None, None
     if mode == "num_items":
         num_items = torch.tensor(40)
@@ -77,19 +141,22 @@ def test_patched_model_matches_unpatched(family, mode):
         shift = labels.roll(1, dims=1)  # pre-shifted labels (context parallelism) replace the shifting
         kw["shift_labels"] = shift
     params = [p for p in model.parameters() if p.requires_grad]
-    hf = model(input_ids=ids, **kw)  # transformers' own loss (fp32 upcast inside)
-    ref = _ref_loss(model, ids, labels, shift, num_items)
-    ref_grads = torch.autograd.grad(ref, params)
+    hf = model(**inputs, **kw)  # transformers' own loss (fp32 upcast inside)
+    ref = _ref_loss(model, inputs, labels, shift, num_items)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
     torch.testing.assert_close(hf.loss.double(), ref, rtol=1e-6, atol=1e-6)
     mt.apply(model)
     try:
-        out = model(input_ids=ids, **kw)
+        out = model(**inputs, **kw)
         assert out.logits is None
-        grads = torch.autograd.grad(out.loss, params)
+        grads = torch.autograd.grad(out.loss, params, allow_unused=True)
     finally:
         mt.revert(model)
     torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-10)
     for (name, _), a, r in zip(model.named_parameters(), grads, ref_grads):
+        if r is None:
+            assert a is None, f"{family} {name}"
+            continue
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"{family} {name}: {m}")
 
 
@@ -141,13 +208,121 @@ def test_class_level_apply_and_revert():
     "target,message",
     [
         ("gpt2", "is not supported"),
-        ("granite", "is not supported"),
         ("no_such_model", "unknown causal LM model_type"),
     ],
 )
 def test_unsupported_models_get_a_clear_error(target, message):
     with pytest.raises(ValueError, match=message):
         mt.apply(target)
+
+
+class _ExtraLossLlama(transformers.LlamaForCausalLM):
+    """A model whose loss has a term memops would not compute."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if out.loss is not None:
+            out.loss = out.loss + 0.01 * sum(p.square().sum() for p in self.parameters())
+        return out
+
+
+class _ScaledLogitsLlama(transformers.LlamaForCausalLM):
+    """A model that transforms its logits in a way memops does not know."""
+
+    def forward(self, *args, labels=None, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        if labels is not None:
+            out.loss = self.loss_function(out.logits, labels, self.config.vocab_size)
+        return out
+
+
+@pytest.mark.parametrize("cls", [_ExtraLossLlama, _ScaledLogitsLlama])
+def test_a_model_that_would_train_differently_is_refused(cls):
+    model = cls(transformers.LlamaConfig(**COMMON))
+    with pytest.raises(
+        ValueError, match=rf"{cls.__name__} is not supported: its forward \(.*{cls.__qualname__}.forward\)"
+    ):
+        mt.apply(model)
+    with pytest.raises(ValueError, match="is not supported"):
+        mt.apply(cls)
+    assert "forward" not in model.__dict__ and not hasattr(cls, mt._PATCHED)
+
+
+def test_subclass_keeping_the_verified_forward_is_accepted():
+    class Renamed(transformers.LlamaForCausalLM):
+        pass
+
+    model = Renamed(transformers.LlamaConfig(**COMMON)).double().train()
+    ids, labels = _batch()
+    expected = model(input_ids=ids, labels=labels).loss
+    mt.apply(model)
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, expected.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_peft_modules_to_save_trains_the_copy_and_disabled_adapters_use_the_original():
+    peft = pytest.importorskip("peft")
+    model = _model("llama")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    wrapper = pm.get_base_model().lm_head
+    with torch.no_grad():  # the trained copy differs from the original
+        wrapper.modules_to_save["default"].weight.add_(torch.randn(V, 32, dtype=torch.float64))
+    ids, labels = _batch()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    expected = pm(input_ids=ids, labels=labels).loss
+    expected_grads = torch.autograd.grad(expected, params)
+    with pm.disable_adapter():
+        expected_off = pm(input_ids=ids, labels=labels).loss
+    mt.apply(pm.get_base_model())
+    try:
+        out = pm(input_ids=ids, labels=labels)
+        grads = torch.autograd.grad(out.loss, params)
+        with pm.disable_adapter():
+            off = pm(input_ids=ids, labels=labels)
+    finally:
+        mt.revert(pm.get_base_model())
+    assert out.logits is None and off.logits is None
+    torch.testing.assert_close(out.loss.double(), expected.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(off.loss.double(), expected_off.double(), rtol=1e-6, atol=1e-6)
+    assert abs(out.loss.item() - off.loss.item()) > 1e-3  # the copy, not the original, in the first call
+    assert any(p is wrapper.modules_to_save["default"].weight for p in params)  # the copy trains
+    names = [n for n, p in pm.named_parameters() if p.requires_grad]
+    for name, a, r in zip(names, grads, expected_grads):
+        torch.testing.assert_close(a, r.to(a.dtype), rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_peft_lora_on_lm_head_is_refused_naming_the_adapter():
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(_model("llama"), peft.LoraConfig(r=4, target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match=r"LoRA adapter\(s\) \['default'\], not an nn.Linear"):
+        mt.apply(pm.get_base_model())
+
+
+def test_partitioned_lm_head_is_a_clear_error():
+    model = _model("llama")
+    mt.apply(model)
+    head = model.get_output_embeddings()
+    full = head.weight
+    head.weight = torch.nn.Parameter(torch.empty(0, dtype=torch.float64))  # as DeepSpeed ZeRO-3 leaves it
+    ids, labels = _batch()
+    try:
+        with pytest.raises(RuntimeError, match="lm_head.weight has no elements.*not gathered"):
+            model(input_ids=ids, labels=labels)
+    finally:
+        head.weight = full
+        mt.revert(model)
+
+
+def _readme_models():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text[text.index("| family | class |") :].split("\n\n")[0].splitlines()[2:]
+    return {row.split("|")[1].strip(): row.split("|")[2].strip().strip("`") for row in table}
+
+
+def test_readme_model_table_is_what_is_verified_and_tested():
+    rows = _readme_models()
+    assert sorted(rows.values()) == sorted(mt.VERIFIED)  # every verified class, nothing else
+    assert {family: FAMILIES[family][1] for family in rows} == rows  # each one tested above
 
 
 def test_trainer_gradient_accumulation_matches_unpatched(tmp_path, monkeypatch):

@@ -1,15 +1,17 @@
 """Hugging Face ``transformers`` causal LMs that train without building logits.
 
-``apply(model)`` patches one model instance, ``apply("llama")`` (a ``model_type``, a ``*ForCausalLM``
-class, or an instance) patches the class; ``revert(...)`` undoes either.  A patched model called with
-``labels`` (or ``shift_labels``) while training computes its loss with ``memops.linear_cross_entropy`` from
-the last hidden states and ``lm_head`` (weight and bias), with the original's label shifting,
-``ignore_index``, ``num_items_in_batch`` normalization, ``logits_to_keep`` slicing and final-logit
-soft-capping, and returns ``logits=None``.  Without labels, or in eval mode (unless ``apply(...,
-eval=True)``), the original forward runs unchanged.
+``apply(model)`` patches one model instance, ``apply("llama")`` (a ``model_type``, a model class, or an
+instance) patches the class; ``revert(...)`` undoes either.  Only the classes in ``VERIFIED`` are accepted:
+for each, what its forward does between ``lm_head`` and its loss (final-logit soft-capping, a logit scale,
+a router auxiliary loss) is recorded there and reproduced.  A patched model called with ``labels`` (or
+``shift_labels``) while training computes its loss with ``memops.linear_cross_entropy`` from the last
+hidden states and ``lm_head`` (weight and bias), with the original's label shifting, ``ignore_index``,
+``num_items_in_batch`` normalization and ``logits_to_keep`` slicing, and returns ``logits=None``.  Without
+labels, or in eval mode (unless ``apply(..., eval=True)``), the original forward runs unchanged.
 
-The loss is computed inside ``lm_head``'s own forward call, so the head's forward hooks run around it:
-a head wrapped by FSDP2 (``fully_shard``) has its full weight there.
+The loss is computed inside ``lm_head``'s own forward call (under PEFT's ``modules_to_save``, inside the
+call of whichever module PEFT picks), so the head's forward hooks run around it: a head wrapped by FSDP2
+(``fully_shard``) has its full weight there.
 """
 
 from __future__ import annotations
@@ -17,54 +19,103 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 _PATCHED = "_memops_original_forward"
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _final_softcap(model) -> float | None:
+    cap = getattr(_text_config(model.config), "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def _no_softcap(model) -> float | None:
+    return None
+
+
+def _unit_scale(model) -> float:
+    return 1.0
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """What a verified causal LM's own forward does between ``lm_head`` and its loss: final-logit
+    soft-capping, a logit scale, a router auxiliary loss added to the loss."""
+
+    softcap: Callable[[Any], float | None] = _no_softcap
+    logit_scale: Callable[[Any], float] = _unit_scale
+    aux_loss: bool = False
+
+
+# Causal LM classes whose forward memops reproduces exactly, each tested against the unpatched model
+# (tests/test_transformers.py; README's table).  Keyed by transformers' class name; the forward in use
+# must be that class's own: a subclass that overrides forward is refused.
+VERIFIED = {
+    "LlamaForCausalLM": _Verified(),
+    "MistralForCausalLM": _Verified(),
+    "Qwen2ForCausalLM": _Verified(),
+    "Qwen3ForCausalLM": _Verified(),
+    "Qwen3MoeForCausalLM": _Verified(aux_loss=True),
+    "MixtralForCausalLM": _Verified(aux_loss=True),
+    "GptOssForCausalLM": _Verified(aux_loss=True),
+    "Gemma2ForCausalLM": _Verified(softcap=_final_softcap),
+    "Gemma3ForCausalLM": _Verified(softcap=_final_softcap),
+    "Gemma3ForConditionalGeneration": _Verified(),  # its forward applies no soft-capping
+    "Qwen2_5_VLForConditionalGeneration": _Verified(),
+    "Phi3ForCausalLM": _Verified(),
+    "Olmo2ForCausalLM": _Verified(),
+    "SmolLM3ForCausalLM": _Verified(),
+    "CohereForCausalLM": _Verified(logit_scale=lambda model: float(model.logit_scale)),
+    "GraniteForCausalLM": _Verified(logit_scale=lambda model: 1.0 / float(model.config.logits_scaling)),
+}
 
 
 def _causal_lm_class(model_type: str):
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto import modeling_auto
 
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if name is None:  # vision-language models
+        name = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
     cls = getattr(transformers, name, None) if name else None
     if cls is None:
         raise ValueError(f"memops.integrations.transformers: unknown causal LM model_type {model_type!r}")
     return cls
 
 
-def _check_supported(cls) -> None:
-    """Known families, or any forward that is ``self.model(...)`` then ``self.lm_head(...)`` with no other
-    change to the logits than ``config.final_logit_softcapping``."""
-    model_type = getattr(getattr(cls, "config_class", None), "model_type", None)
-    if model_type in SUPPORTED:
-        return
-    try:
-        src = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        src = ""
-    generic = (
-        "self.model(" in src
-        and "self.lm_head(" in src
-        and not any(k in src for k in ("logit_scale", "logits_scaling", "logits * ", "logits / self."))
-    )
-    if not generic:
+def _verified(cls) -> _Verified:
+    """The verified behaviour of ``cls``'s forward, else a ValueError: the forward in use must be the own
+    forward of one of the VERIFIED transformers classes (any other could add loss terms or transform the
+    logits in ways memops would not reproduce)."""
+    owner = next((k for k in cls.__mro__ if "forward" in k.__dict__), None)
+    forward = owner.__dict__.get(_PATCHED, owner.__dict__.get("forward")) if owner is not None else None
+    spec = VERIFIED.get(getattr(owner, "__name__", ""))
+    if spec is None or not getattr(forward, "__module__", "").startswith("transformers."):
+        where = f"{owner.__module__}.{owner.__qualname__}.forward" if owner is not None else "none"
         raise ValueError(
-            f"memops.integrations.transformers: {cls.__name__} (model_type {model_type!r}) is not supported: "
-            f"its forward does not compute logits as self.lm_head(self.model(...)) (supported: {SUPPORTED} and "
-            "causal LMs of that shape)"
+            f"memops.integrations.transformers: {cls.__name__} is not supported: its forward ({where}) is not one "
+            "memops has verified to compute its loss as the cross-entropy of lm_head's logits (with the model's "
+            "own soft-capping, logit scale and router auxiliary loss); a model that would train differently is "
+            f"refused. Verified: {sorted(VERIFIED)}"
         )
+    return spec
 
 
 class _Loss:
     """What one patched call needs inside ``lm_head``'s forward, and the loss it leaves there."""
 
-    def __init__(self, labels, shift_labels, num_items, ignore_index, softcap, logits_to_keep):
+    def __init__(self, labels, shift_labels, num_items, ignore_index, softcap, logit_scale, logits_to_keep):
         self.labels, self.shift_labels, self.num_items = labels, shift_labels, num_items
-        self.ignore_index, self.softcap, self.logits_to_keep = ignore_index, softcap, logits_to_keep
+        self.ignore_index, self.softcap, self.logit_scale = ignore_index, softcap, logit_scale
+        self.logits_to_keep = logits_to_keep
         self.loss = None
 
     def targets(self) -> torch.Tensor:
@@ -83,39 +134,64 @@ def _head_forward(head, ctx: _Loss):
     def forward(hidden_states):
         from .. import linear_cross_entropy
 
+        weight = head.weight  # read on every call: a trained copy (PEFT modules_to_save) is used as it is now
+        if weight.numel() == 0:
+            raise RuntimeError(
+                "memops: lm_head.weight has no elements here: it is partitioned (DeepSpeed ZeRO-3 or similar) "
+                "and was not gathered for this forward; gather it around the call (for example "
+                "deepspeed.zero.GatheredParameters(model.lm_head.weight)) or let the head's forward hooks do it"
+            )
         target = ctx.targets().to(hidden_states.device)
         ctx.loss = linear_cross_entropy(
             hidden_states,
-            head.weight,
+            weight,
             target,
             getattr(head, "bias", None),
             ignore_index=ctx.ignore_index,
             num_items=ctx.num_items,
             softcap=ctx.softcap,
+            logit_scale=ctx.logit_scale,
         )
         return hidden_states.new_zeros(hidden_states.shape[:-1] + (0,))  # stands in for the logits
 
     return forward
 
 
+def _linear_heads(head) -> list[torch.nn.Linear]:
+    """The ``nn.Linear`` modules one of which computes the logits when ``head`` is called: the head itself,
+    or under PEFT's ``modules_to_save`` the original module and every trained copy (PEFT's wrapper picks one
+    per call: the active adapter's copy, or the original when adapters are disabled)."""
+    if type(head).__name__ == "ModulesToSaveWrapper":
+        leaves = [head.original_module, *head.modules_to_save.values()]
+    else:
+        leaves = [head]
+    for leaf in leaves:
+        if not isinstance(leaf, torch.nn.Linear):
+            adapters = getattr(leaf, "lora_A", None)
+            named = f" LoRA adapter(s) {sorted(adapters.keys())}" if adapters is not None else ""
+            raise ValueError(
+                f"memops: lm_head is a {type(leaf).__module__}.{type(leaf).__qualname__}{named}, not an nn.Linear: "
+                "its output is not "
+                "lm_head.weight's logits, so memops' loss would leave the adapter's term out. Merge the adapter "
+                "(merge_and_unload), train lm_head through modules_to_save, or leave lm_head out of the adapter."
+            )
+    return leaves
+
+
 @contextlib.contextmanager
 def _loss_in_head(head, ctx: _Loss):
-    had = "forward" in head.__dict__
-    old = head.__dict__.get("forward")
-    head.forward = _head_forward(head, ctx)
+    leaves = _linear_heads(head)
+    saved = [(leaf, "forward" in leaf.__dict__, leaf.__dict__.get("forward")) for leaf in leaves]
+    for leaf in leaves:
+        leaf.forward = _head_forward(leaf, ctx)
     try:
         yield
     finally:
-        if had:
-            head.forward = old
-        else:
-            del head.forward
-
-
-def _softcap(config) -> float | None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    cap = getattr(text, "final_logit_softcapping", None)
-    return float(cap) if cap else None
+        for leaf, had, old in saved:
+            if had:
+                leaf.forward = old
+            else:
+                del leaf.forward
 
 
 def _wrap(orig):
@@ -133,6 +209,7 @@ def _wrap(orig):
         shift_labels = extra.get("shift_labels")
         if (labels is None and shift_labels is None) or not (self.training or getattr(self, "_memops_eval", False)):
             return orig(self, *args, **kwargs)
+        spec = _verified(type(self))
         arguments.pop("self")
         arguments["labels"] = None
         extra.pop("shift_labels", None)
@@ -144,7 +221,8 @@ def _wrap(orig):
             shift_labels,
             num_items,
             ignore_index,
-            _softcap(self.config),
+            spec.softcap(self),
+            spec.logit_scale(self),
             arguments.get("logits_to_keep", 0) or 0,
         )
         head = self.get_output_embeddings()
@@ -154,8 +232,12 @@ def _wrap(orig):
             out = orig(self, **arguments, **extra)
         if ctx.loss is None:
             raise RuntimeError(f"memops: {type(self).__name__}.forward did not call its lm_head")
+        loss = ctx.loss
+        aux = out.get("aux_loss") if spec.aux_loss else None
+        if aux is not None:  # as the model's own forward: loss + router_aux_loss_coef * load-balancing loss
+            loss = loss + self.router_aux_loss_coef * aux.to(loss.device)
         fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
-        out = type(out)(loss=ctx.loss, **fields)  # logits left at None
+        out = type(out)(loss=loss, **fields)  # logits left at None
         if return_dict is False or (return_dict is None and not getattr(self.config, "return_dict", True)):
             return out.to_tuple()
         return out
@@ -174,7 +256,7 @@ def apply(target: Any, *, eval: bool = False):
         cls = _causal_lm_class(target)
         return apply(cls, eval=eval)
     if isinstance(target, type):
-        _check_supported(target)
+        _verified(target)
         if not getattr(target.forward, "_memops_patched", False):
             setattr(target, _PATCHED, target.forward)
             target.forward = _wrap(target.forward)
@@ -182,9 +264,11 @@ def apply(target: Any, *, eval: bool = False):
         return target
     if isinstance(target, torch.nn.Module):
         cls = type(target)
-        _check_supported(cls)
-        if target.get_output_embeddings() is None:
+        _verified(cls)
+        head = target.get_output_embeddings()
+        if head is None:
             raise ValueError(f"memops: {cls.__name__} has no output embeddings (lm_head)")
+        _linear_heads(head)
         if not getattr(target.forward, "_memops_patched", False):
             target.__dict__[_PATCHED] = target.forward
             target.forward = _wrap(cls.forward).__get__(target)

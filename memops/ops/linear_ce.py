@@ -267,10 +267,10 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
-    num_items=None,
+    num_items: int | float | Tensor | None = None,
     chunk_size: int | None = None,
     return_lse: bool = False,
-):
+) -> Tensor | tuple[Tensor, Tensor]:
     """Cross-entropy of ``logit_scale * (input @ weight.T + bias)`` without materializing the logits.
 
     Equals ``F.cross_entropy(logits.float(), target, ignore_index=..., reduction=...,

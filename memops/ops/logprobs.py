@@ -206,7 +206,7 @@ def linear_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunk_size: int | None = None,
-):
+) -> Tensor | tuple[Tensor, Tensor]:
     """``log_softmax((input @ weight.T + bias) / temperature)`` at ``target``, shaped like ``target``.
 
     With ``return_entropy=True`` returns ``(logprobs, entropy)`` (the entropy of the same tempered
@@ -544,9 +544,9 @@ def linear_grpo_loss(
     temperature: float = 1.0,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
-    num_items=None,
+    num_items: int | float | Tensor | None = None,
     chunk_size: int | None = None,
-):
+) -> tuple[Tensor, dict[str, Tensor]]:
     """TRL's GRPO loss on ``input [B, T, D]`` completion hidden states, without materializing logits.
 
     Returns ``(loss, metrics)``; ``metrics`` holds detached tensors: ``clip_ratio/low_mean``,

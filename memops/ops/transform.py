@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ast
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +37,7 @@ class Transform:
     fn: Callable[..., Tensor]
 
 
-def transform(name: str, fn: Callable | None = None, *, replace: bool = False):
+def transform(name: str, fn: Callable | None = None, *, replace: bool = False) -> Callable:
     """Register ``fn(logits, target, *extras, **options) -> per-row loss [n]`` under ``name``.
 
     Usable as ``@memops.transform("focal")`` or ``memops.transform("focal", fn)``.
@@ -388,15 +388,15 @@ def linear_loss(
     transform: str,
     bias: Tensor | None = None,
     *,
-    extras=(),
+    extras: Sequence[Tensor] = (),
     reduction: str = "mean",
     ignore_index: int = -100,
-    num_items=None,
+    num_items: int | float | Tensor | None = None,
     chunk_size: int | None = None,
     softcap: float | None = None,
     logit_scale: float = 1.0,
     **options,
-):
+) -> Tensor:
     """Loss ``transform`` of the logits ``logit_scale * (input @ weight.T + bias)``, chunk by chunk.
 
     Equals, up to rounding, ``fn(logits, target, *extras, **options)`` on the full
