@@ -9,8 +9,9 @@
   (its chunked path; torch >= 2.13; cross-entropy without soft-capping only);
 * ``memops``: ``memops.linear_cross_entropy`` / ``memops.linear_loss``;
 * ``floor``: the three projection-sized matmuls alone (``x @ W.T``, ``dz @ W``, ``dz.T @ x`` on the full
-  rows, ``dz`` being the logits buffer itself, no loss): the time no method that computes the logits and
-  both gradients can beat; its loss and errors mean nothing and are not checked;
+  rows, ``dz`` being the logits buffer itself, no loss): what the matmuls of a step cost by themselves
+  (a method can come in under it where it skips ignored rows, or where its matmuls run on blocks that suit
+  the machine better than the full-size ones); its loss and errors mean nothing and are not checked;
 * ``cce``: Apple's ``cut_cross_entropy.linear_cross_entropy`` (``torch_compile`` impl on CPU, ``cce`` on
   CUDA), when installed;
 * ``liger``: Liger-Kernel's fused linear cross-entropy, CUDA only, when installed;
@@ -24,6 +25,7 @@ memops runs ``memops.linear_grpo_loss``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 IGNORE = -100
@@ -107,8 +109,8 @@ def grpo_data(tokens: int, vocab: int, batch: int, device: str, masked: float = 
     return tuple(t.to(device) for t in (mask, adv, old, ref))
 
 
-def _floor(x, w, t):
-    """The three projection-sized matmuls of a forward+backward step and nothing else (see ``floor``)."""
+@functools.cache
+def _three_gemms():
     import torch
 
     class ThreeGemms(torch.autograd.Function):
@@ -123,7 +125,12 @@ def _floor(x, w, t):
             x, w, z = ctx.saved_tensors  # the logits buffer stands in for d loss / d logits
             return z @ w, z.t() @ x
 
-    return ThreeGemms.apply(x, w)
+    return ThreeGemms
+
+
+def _floor(x, w, t):
+    """The three projection-sized matmuls of a forward+backward step and nothing else (see ``floor``)."""
+    return _three_gemms().apply(x, w)
 
 
 def _unfused_family(method: str, unfused):

@@ -20,7 +20,7 @@ LEGEND = (
     "x eager, x compile, x floor: time ratio to the eager / compile / floor row; "
     "peak extra MiB: peak memory above the inputs and the returned gradients; x eager mem: its ratio to eager's; "
     "err: max absolute difference from a float64 unfused reference (- = not checked). "
-    "floor = the three projection matmuls alone, no loss: the time bound for the others."
+    "floor = the three projection matmuls alone, no loss: what the matmuls of a step cost by themselves."
 )
 
 
