@@ -13,7 +13,8 @@ from .config import chunking, set_chunk_budget, set_chunk_size
 from .modules import LinearCrossEntropy
 from .ops.linear_ce import linear_cross_entropy
 from .ops.logprobs import linear_grpo_loss, linear_logprobs
-from .ops.transform import linear_loss, registered_transforms, transform
+from .ops.transform import linear_loss
+from .registry import registered_transforms, transform
 
 __version__ = "0.1.0"
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops.transform import transform
+from .registry import transform
 
 
 @transform("cross_entropy")

@@ -209,7 +209,7 @@ def main(args) -> int:
 
     if args.loss != "grpo":
         try:
-            memops.ops.transform.get_transform(args.loss)  # unknown names fail here, before any worker starts
+            memops.registry.get_transform(args.loss)  # unknown names fail here, before any worker starts
         except (KeyError, ValueError) as exc:
             raise SystemExit(f"--loss: {exc}") from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():

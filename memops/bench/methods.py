@@ -72,7 +72,7 @@ def _per_token(loss: str):
 
     if loss == "cross_entropy":
         return lambda logits, t: F.cross_entropy(logits, t, reduction="none", ignore_index=IGNORE)
-    fn = memops.ops.transform.get_transform(loss).fn
+    fn = memops.registry.get_transform(loss).fn
 
     def per_token(logits, t):
         valid = t != IGNORE

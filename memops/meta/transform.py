@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from .. import validation as V
-from ..ops.engine import compute_dtype
-from ..ops.transform import get_transform
+from ..registry import get_transform
+from ..rules import compute_dtype
 from ._common import grads_like
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import validation as V
-from ..ops.engine import compute_dtype
+from ..rules import compute_dtype
 from ._common import grads_like
 
 

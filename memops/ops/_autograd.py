@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..rules import placeholder
+
 
 def plain_eager(t: Tensor) -> bool:
     """True outside torch.compile / export / make_fx tracing and any dispatch mode."""
@@ -59,7 +61,7 @@ def take_precomputed(ctx, grad_loss: Tensor, need: Sequence[bool]) -> tuple | No
 def for_backward_op(ctx, empty: Tensor) -> tuple[list[bool], tuple]:
     """``(have, saved grads)`` to pass to the backward op (nothing usable once consumed)."""
     if ctx.consumed:
-        return [False] * len(ctx.have), tuple(empty.new_empty((0,)) for _ in ctx.have)
+        return [False] * len(ctx.have), tuple(placeholder(empty) for _ in ctx.have)
     return list(ctx.have), ctx.grads
 
 

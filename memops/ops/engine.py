@@ -19,15 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import config
+from ..rules import compute_dtype, placeholder
 
 # head(z, sel) -> dz or None.  ``z`` is a block of final logits in the compute dtype, ``sel`` the
 # block's rows of the ``[N]`` per-row tensors (a slice, or an index tensor when rows are skipped:
 # ``t[sel]`` and ``out[sel] = v`` work either way); the head may overwrite ``z`` and return it as ``dz``.
 Head = Callable[[torch.Tensor, "slice | torch.Tensor"], torch.Tensor | None]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _cuda_mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
@@ -310,7 +307,7 @@ def flatten(input: torch.Tensor, target: torch.Tensor, extras=()):
 def grads_out(gx, gw, gb, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """Engine gradients as op outputs: input's shape, parameter dtypes, ``[0]`` where not computed."""
     return (
-        input.new_empty((0,)) if gx is None else gx.view(input.shape),
-        input.new_empty((0,)) if gw is None else gw.to(weight.dtype),
-        input.new_empty((0,)) if gb is None else gb.to(bias.dtype),
+        placeholder(input) if gx is None else gx.view(input.shape),
+        placeholder(input) if gw is None else gw.to(weight.dtype),
+        placeholder(input) if gb is None else gb.to(bias.dtype),
     )

@@ -222,7 +222,7 @@ def linear_ce_backward(
         )
         fresh = engine.grads_out(gx, gw, gb, input, weight, bias)
         out = [f if m else o for o, f, m in zip(out, fresh, missing)]
-    return tuple(input.new_empty((0,)) if o is None else o for o in out)
+    return tuple(engine.placeholder(input) if o is None else o for o in out)
 
 
 def register_ce_autograd(op_name: str, backward_op, reduction_at: int) -> None:

@@ -130,7 +130,7 @@ def linear_logprobs_op(
         need=(False, False, False),
         chunk_size=chunk_size,
     )
-    return logp.view(target.shape), (ent.view(target.shape) if return_entropy else logp.new_empty((0,)))
+    return logp.view(target.shape), (ent.view(target.shape) if return_entropy else engine.placeholder(logp))
 
 
 @torch.library.custom_op("memops::linear_logprobs_backward", mutates_args=())
@@ -471,7 +471,7 @@ def linear_grpo_backward(
         )
         fresh = engine.grads_out(gx, gw, gb, input, weight, bias)
         out = [f if m else o for o, f, m in zip(out, fresh, missing)]
-    return tuple(input.new_empty((0,)) if o is None else o for o in out)
+    return tuple(engine.placeholder(input) if o is None else o for o in out)
 
 
 def _grpo_setup(ctx, inputs, output):

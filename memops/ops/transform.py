@@ -14,70 +14,18 @@ time; nobody writes a derivative.
 
 from __future__ import annotations
 
-import ast
-import functools
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .. import validation as V
+from ..registry import Transform, decode_options, encode_options, get_transform
 from . import _autograd, engine
 from .linear_ce import linear_cross_entropy
 
-_TRANSFORMS: dict[str, Transform] = {}
 # Autograd through a transform keeps several chunk-sized intermediates alive: bound each step.
 _SUB_BLOCK_BYTES = {"cpu": 4 << 20, "other": 256 << 20}
-
-
-@dataclass(frozen=True)
-class Transform:
-    name: str
-    fn: Callable[..., Tensor]
-
-
-def transform(name: str, fn: Callable | None = None, *, replace: bool = False) -> Callable:
-    """Register ``fn(logits, target, *extras, **options) -> per-row loss [n]`` under ``name``.
-
-    Usable as ``@memops.transform("focal")`` or ``memops.transform("focal", fn)``.
-    Registering an existing name raises unless ``replace=True``.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"transform name must be a non-empty string, got {name!r}")
-
-    def register(f: Callable) -> Callable:
-        if not callable(f):
-            raise TypeError(f"transform {name!r} must be callable, got {type(f).__name__}")
-        if name in _TRANSFORMS and not replace and _TRANSFORMS[name].fn is not f:
-            raise ValueError(f"transform {name!r} is already registered (pass replace=True to replace it)")
-        _TRANSFORMS[name] = Transform(name, f)
-        return f
-
-    return register if fn is None else register(fn)
-
-
-def registered_transforms() -> list[str]:
-    return sorted(_TRANSFORMS)
-
-
-def get_transform(name: str) -> Transform:
-    try:
-        return _TRANSFORMS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown transform {name!r}; registered: {registered_transforms()} "
-            "(a user transform is registered when the module defining it is imported)"
-        ) from None
-
-
-def encode_options(options: dict) -> str:
-    return repr(sorted(options.items()))
-
-
-@functools.lru_cache(maxsize=256)
-def decode_options(text: str) -> dict:
-    return dict(ast.literal_eval(text))
 
 
 def _check_rows(name: str, out, n: int) -> Tensor:
@@ -171,7 +119,7 @@ def _transform_chunks(
 def _outputs(gx, gw, gb, gextras, input, weight, bias, extras):
     return (
         *engine.grads_out(gx, gw, gb, input, weight, bias),
-        [input.new_empty((0,)) if g is None else g.view(e.shape) for g, e in zip(gextras, extras)],
+        [engine.placeholder(input) if g is None else g.view(e.shape) for g, e in zip(gextras, extras)],
     )
 
 
@@ -318,7 +266,7 @@ def linear_transform_backward(
         )
         fresh = _outputs(gx, gw, gb, gex, input, weight, bias, extras)
         out = [f if m else o for o, f, m in zip(out, [*fresh[:3], *fresh[3]], missing)]
-    out = [input.new_empty((0,)) if o is None else o for o in out]
+    out = [engine.placeholder(input) if o is None else o for o in out]
     return out[0], out[1], out[2], out[3:]
 
 

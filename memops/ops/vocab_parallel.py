@@ -203,7 +203,7 @@ def vocab_parallel_ce_backward(
         )
         fresh = engine.grads_out(gx, gw, gb, input, weight, bias)
         out = [f if m else o for o, f, m in zip(out, fresh, missing)]
-    return tuple(input.new_empty((0,)) if o is None else o for o in out)
+    return tuple(engine.placeholder(input) if o is None else o for o in out)
 
 
 register_ce_autograd("memops::vocab_parallel_ce", torch.ops.memops.vocab_parallel_ce_backward, reduction_at=9)
