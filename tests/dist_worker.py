@@ -246,6 +246,42 @@ def case_mismatch():
     raise AssertionError("mismatched shards were not reported")
 
 
+def case_collectives():
+    """Vocab-parallel statistics are reduced once per chunk, not per sub-block, and the shard layout is
+    checked by the first call only."""
+    from memops.ops import vocab_parallel as vp
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    counts = {"all_reduce": 0, "all_gather": 0}
+    originals = vp._all_reduce, vp.all_gather
+
+    def counting(name, fn):
+        def call(*args):
+            counts[name] += 1
+            return fn(*args)
+
+        return call
+
+    vp._all_reduce, vp.all_gather = counting("all_reduce", originals[0]), counting("all_gather", originals[1])
+    try:
+        g = torch.Generator().manual_seed(0)
+        vocab = 80000  # 40000 float64 columns per rank: a CPU sub-block holds 13 rows, a chunk 64
+        local = vocab // world
+        x = torch.randn(128, 8, generator=g, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(vocab, 8, generator=g, dtype=torch.float64)[rank * local : (rank + 1) * local]
+        w.requires_grad_(True)
+        t = torch.randint(0, vocab, (128,), generator=g)
+        for call in range(2):
+            counts.update(all_reduce=0, all_gather=0)
+            loss = vocab_parallel_cross_entropy(x, w, t, vocab_start=rank * local, vocab_size=vocab, chunk_size=64)
+            loss.backward()
+            # 2 chunks x (row maxima, then the sums), and the input gradient's partial sums once
+            assert counts["all_reduce"] == 2 * 2 + 1, counts
+            assert counts["all_gather"] == (1 if call == 0 else 0), counts
+    finally:
+        vp._all_reduce, vp.all_gather = originals
+
+
 def case_rank_failure():
     if dist.get_rank() == 1:
         os._exit(3)  # dies before the collective

@@ -74,6 +74,12 @@ def test_patched_transformers_model_with_fully_sharded_lm_head():
         assert ": hf_fsdp ok" in out
 
 
+def test_statistics_reduced_once_per_chunk_and_layout_checked_once():
+    for rc, out in _launch("collectives", 2):
+        assert rc == 0, out[-3000:]
+        assert ": collectives ok" in out
+
+
 def test_mismatched_shards_raise_on_every_rank():
     for rc, out in _launch("mismatch", 2):
         assert rc == 0, out[-3000:]

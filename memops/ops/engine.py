@@ -81,6 +81,11 @@ def _input_grad(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> No
     out.copy_(acc)
 
 
+# ``sub_block_bytes`` for a head whose per-row statistics must cover the whole chunk before any gradient
+# (vocab parallelism: one reduction across the group per chunk, not per sub-block)
+WHOLE_CHUNK = 1 << 62
+
+
 def _sub_rows(rows: int, vocab: int, elem: int, device: torch.device, sub_block_bytes: int | None) -> int:
     """Rows per sub-block for the elementwise work.
 

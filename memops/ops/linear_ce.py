@@ -108,6 +108,7 @@ def _ce_chunks(
         hit = coef * (eps - 1.0)
         return z.scatter_add_(1, safe, (hit if shard is None else torch.where(mine, hit, 0.0)).unsqueeze(1))
 
+    # with a shard, the head sees whole chunks: its statistics are reduced across the group once per chunk
     gx, gw, gb = engine.run(
         x2d,
         weight,
@@ -120,6 +121,7 @@ def _ce_chunks(
         grad_weight=need[1],
         grad_bias=need[2] and bias is not None,
         rows=rows,
+        sub_block_bytes=None if shard is None else engine.WHOLE_CHUNK,
     )
     return loss_rows, lse_rows, gx, gw, gb
 

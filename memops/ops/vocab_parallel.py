@@ -41,9 +41,33 @@ def all_gather(t: Tensor, group) -> Tensor:
     return out.wait() if hasattr(out, "wait") else out
 
 
+# (group name, vocab_size) -> this rank's (vocab_start, rows) once every rank's slice was checked to tile the
+# vocabulary: later calls with the same slice skip the all-gather.  A rank whose slice changes checks again;
+# every rank must then change together (a lone change leaves the others waiting in their next collective
+# until the process group's timeout).
+_TILED: dict[tuple[str, int], tuple[int, int]] = {}
+
+
 def _shard(group_name: str, vocab_start: int, vocab_size: int, local: int, device) -> Shard:
-    """Check that the ranks' ``[start, start + rows)`` tile ``[0, vocab_size)``; the group's reducers."""
+    """Check (once per group, vocabulary size and slice) that the ranks' ``[start, start + rows)`` tile
+    ``[0, vocab_size)``; the group's reducers."""
     group = _group(group_name)
+    if _TILED.get((group_name, vocab_size)) != (vocab_start, local):
+        _check_tiling(group, vocab_start, vocab_size, local, device)
+        _TILED[group_name, vocab_size] = (vocab_start, local)
+
+    def max_(t):
+        t.copy_(_all_reduce(t, "max", group))
+
+    def sum_(ts):
+        flat = _all_reduce(torch.stack(ts), "sum", group)
+        for t, r in zip(ts, flat):
+            t.copy_(r)
+
+    return Shard(vocab_start, vocab_size, max_, sum_)
+
+
+def _check_tiling(group, vocab_start: int, vocab_size: int, local: int, device) -> None:
     mine = torch.tensor([vocab_start, local, vocab_size], dtype=torch.int64, device=device)
     everyone = all_gather(mine, group).view(-1, 3).tolist()
     spans = sorted((s, s + n) for s, n, _ in everyone)
@@ -55,16 +79,6 @@ def _shard(group_name: str, vocab_start: int, vocab_size: int, local: int, devic
             f"{everyone}; each rank must hold a distinct contiguous slice and all must agree on "
             "vocab_size = the total rows"
         )
-
-    def max_(t):
-        t.copy_(_all_reduce(t, "max", group))
-
-    def sum_(ts):
-        flat = _all_reduce(torch.stack(ts), "sum", group)
-        for t, r in zip(ts, flat):
-            t.copy_(r)
-
-    return Shard(vocab_start, vocab_size, max_, sum_)
 
 
 def _chunks(input, weight, target, bias, up, need, group_name, vocab_start, vocab_size, opts):
