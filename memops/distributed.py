@@ -146,4 +146,5 @@ def vocab_parallel_cross_entropy(
         chunk_size,
         mask,
     )
+    _autograd.donate(loss)
     return (loss, lse) if return_lse else loss

@@ -436,11 +436,12 @@ def test_opcheck_grpo_ops(dtype, lead, beta, all_logprobs):
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(7)
     tw = torch.rand(t.shape, generator=g, dtype=cdt) * (torch.rand(t.shape, generator=g) < 0.7)  # some masked
-    # opcheck's AOT check differentiates |sum(output)|: with a negative loss the eager fast path would
-    # scale the forward's gradient outputs by -1 in place (memops/ops/_autograd.py) before it compares
-    # them, so the advantages are negative, which makes the loss positive
-    adv = -torch.rand(t.shape, generator=g, dtype=cdt) - 0.1
-    old, ref = (torch.randn(t.shape, generator=g, dtype=cdt) for _ in range(2))
+    adv = torch.rand(t.shape, generator=g, dtype=cdt) + 0.5
+    # old and reference log-probs near the policy's own: ratio about 1 and a small KL, so the loss is about
+    # -sum(token_weight * adv) and takes the advantages' sign
+    with torch.no_grad():
+        logp = memops.linear_logprobs(x, w, t, b, temperature=0.9).to(cdt)
+    old, ref = (logp + 0.01 * torch.randn(t.shape, generator=g, dtype=cdt) for _ in range(2))
     mask = [True, True, True]
     options = (beta, 0.2, 0.28, 0.9, 4)
     args = (
@@ -456,7 +457,12 @@ def test_opcheck_grpo_ops(dtype, lead, beta, all_logprobs):
         all_logprobs,
         mask,
     )
-    torch.library.opcheck(torch.ops.memops.linear_grpo.default, args)
+    signs = set()
+    for sign in (1.0, -1.0):  # negative and positive losses: a direct call donates nothing, so both pass
+        flipped = args[:5] + (sign * adv,) + args[6:]
+        signs.add(bool(torch.ops.memops.linear_grpo(*flipped)[0] > 0))
+        torch.library.opcheck(torch.ops.memops.linear_grpo.default, flipped)
+    assert signs == {True, False} or t.numel() == 0
     saved = torch.ops.memops.linear_grpo(*args)[2:]
     torch.library.opcheck(
         torch.ops.memops.linear_grpo_backward.default,

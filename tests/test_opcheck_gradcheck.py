@@ -123,3 +123,24 @@ def test_gradcheck_float64(reduction, opts):
         return memops.linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_size=4, **opts)
 
     assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_a_direct_op_call_keeps_its_outputs_and_the_front_end_donates(monkeypatch):
+    """Only the Python front ends hand the forward's gradient tensors to autograd (scaled in place, no
+    copy); after a direct ``torch.ops.memops`` call every output stays as it was returned."""
+    from memops.ops import _autograd
+
+    x, w, b, t = _sample()
+    x, w, b = (p.requires_grad_(True) for p in (x, w, b))
+    out = torch.ops.memops.linear_ce(x, w, t, b, None, IGNORE, "mean", 0.1, 1e-3, None, 1.0, 4, False, [True] * 3)
+    kept = [o.detach().clone() for o in out]
+    (-2.5 * out[0]).backward()
+    for o, k in zip(out, kept):
+        assert torch.equal(o, k)
+    handed = []
+    take = _autograd.take_precomputed
+    monkeypatch.setattr(_autograd, "take_precomputed", lambda *a: handed.append(take(*a)) or handed[-1])
+    x.grad = w.grad = b.grad = None
+    (-2.5 * memops.linear_cross_entropy(x, w, t, b, label_smoothing=0.1, z_loss=1e-3, chunk_size=4)).backward()
+    assert len(handed) == 1 and handed[0] is not None  # donated: autograd got the forward's tensors
+    torch.testing.assert_close(w.grad, -2.5 * kept[3])

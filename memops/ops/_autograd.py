@@ -2,10 +2,13 @@
 
 A forward op returns ``(outputs..., *grads)``: when a scalar loss is trained, the
 gradients of the loss with respect to every input that needs one, computed in
-the same chunk pass.  Backward multiplies them by the incoming gradient.  In
-plain eager mode the tensors are handed to autograd directly (scaled in place)
-so no second gradient-sized buffer exists; under tracing, or on a second
-backward through the same graph, the family's backward op runs instead.
+the same chunk pass.  Backward multiplies them by the incoming gradient.  When a
+Python front end (``memops.linear_cross_entropy`` and the like) made the call, it
+*donates* those tensors (:func:`donate`): in plain eager mode backward hands them
+to autograd directly, scaled in place, so no second gradient-sized buffer exists.
+Everywhere else (a direct ``torch.ops.memops.*`` call, tracing, a second backward
+through the same graph) the family's backward op scales them into new tensors: an
+op's outputs never change after it returned.
 """
 
 from __future__ import annotations
@@ -38,16 +41,26 @@ def setup(ctx, grads: Sequence[Tensor], have: Sequence[bool], non_differentiable
     ctx.grads = tuple(grads)
     ctx.have = list(have)
     ctx.consumed = False
+    ctx.donated = False
+
+
+def donate(output: Tensor) -> None:
+    """For the Python front ends only, right after the op call: the caller never sees the op's gradient
+    outputs, so backward may hand them to autograd scaled in place (:func:`take_precomputed`)."""
+    if plain_eager(output) and output.grad_fn is not None:
+        output.grad_fn.donated = True  # the autograd node is the op's ``ctx``
 
 
 def take_precomputed(ctx, grad_loss: Tensor, need: Sequence[bool]) -> tuple | None:
-    """Eager fast path: the forward's gradients scaled by ``grad_loss``, or None.
+    """Eager fast path for donated gradients (:func:`donate`): the forward's, scaled by ``grad_loss`` in
+    place, or None.
 
     The context's reference is dropped so autograd can take the tensors as
     ``.grad`` without a copy; a later backward through the same graph
     (``retain_graph=True``) gets None and recomputes.
     """
-    if not (plain_eager(grad_loss) and not ctx.consumed and all(h for h, n in zip(ctx.have, need) if n)):
+    donated = getattr(ctx, "donated", False) and not ctx.consumed
+    if not (donated and plain_eager(grad_loss) and all(h for h, n in zip(ctx.have, need) if n)):
         return None
     ctx.consumed = True
     grads, ctx.grads = ctx.grads, None

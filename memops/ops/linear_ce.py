@@ -305,4 +305,5 @@ def linear_cross_entropy(
         bool(return_lse),
         mask,
     )
+    _autograd.donate(loss)
     return (loss, lse) if return_lse else loss

@@ -581,6 +581,7 @@ def linear_grpo_loss(
         all_logprobs,
         mask,
     )
+    _autograd.donate(loss)
     denom = m.sum().clamp(min=1.0)
     ratio = torch.ones_like(logp) if old is None else torch.exp(logp - old)
     low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(cdt)

@@ -392,4 +392,5 @@ def linear_loss(
         chunk_size,
         mask,
     )
+    _autograd.donate(loss)
     return loss
