@@ -9,6 +9,16 @@ multiplied by each row's upstream coefficient).  The engine chains that back
 through soft-capping and scaling and accumulates the input, weight and bias
 gradients: weight and bias in the compute dtype, input per chunk in its own
 dtype.  Only ``[chunk, V]`` logits ever exist.
+
+Call tree of a trained scalar loss (cross-entropy; the other families alike)::
+
+    memops.linear_cross_entropy            ops/linear_ce.py: checks (validation.py), calls the op, donates
+      torch.ops.memops.linear_ce           registered op; fake kernel in meta/linear_ce.py
+        _ce_chunks                         the family: row selection (live_rows), per-row outputs, the head
+          engine.run                       this module: chunk loop, logits, chain rule, gradient matmuls
+            head(z, rows)                  _ce_chunks.head: loss and d loss / d logits (the CE formula)
+      backward                             ops/_autograd.py: donated gradients scaled in place, or
+        torch.ops.memops.linear_ce_backward    scaled into new tensors / recomputed (reduction="none")
 """
 
 from __future__ import annotations
