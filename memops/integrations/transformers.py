@@ -95,11 +95,11 @@ def _verified(cls) -> _Verified:
     """The verified behaviour of ``cls``'s forward, else a ValueError: the forward in use must be the own
     forward of one of the VERIFIED transformers classes (any other could add loss terms or transform the
     logits in ways memops would not reproduce)."""
-    owner = next((k for k in cls.__mro__ if "forward" in k.__dict__), None)
-    forward = owner.__dict__.get(_PATCHED, owner.__dict__.get("forward")) if owner is not None else None
-    spec = VERIFIED.get(getattr(owner, "__name__", ""))
+    owner = next(k for k in cls.__mro__ if "forward" in k.__dict__)  # nn.Module itself defines one
+    forward = owner.__dict__.get(_PATCHED, owner.__dict__["forward"])  # apply() on a class keeps the original
+    spec = VERIFIED.get(owner.__name__)
     if spec is None or not getattr(forward, "__module__", "").startswith("transformers."):
-        where = f"{owner.__module__}.{owner.__qualname__}.forward" if owner is not None else "none"
+        where = f"{owner.__module__}.{owner.__qualname__}.forward"
         raise ValueError(
             f"memops.integrations.transformers: {cls.__name__} is not supported: its forward ({where}) is not one "
             "memops has verified to compute its loss as the cross-entropy of lm_head's logits (with the model's "
@@ -171,8 +171,8 @@ def _linear_heads(head) -> list[torch.nn.Linear]:
             named = f" LoRA adapter(s) {sorted(adapters.keys())}" if adapters is not None else ""
             raise ValueError(
                 f"memops: lm_head is a {type(leaf).__module__}.{type(leaf).__qualname__}{named}, not an nn.Linear: "
-                "its output is not "
-                "lm_head.weight's logits, so memops' loss would leave the adapter's term out. Merge the adapter "
+                "its output is not lm_head.weight's logits, so memops' loss would leave the adapter's term out. "
+                "Merge the adapter "
                 "(merge_and_unload), train lm_head through modules_to_save, or leave lm_head out of the adapter."
             )
     return leaves

@@ -59,8 +59,9 @@ def take_precomputed(ctx, grad_loss: Tensor, need: Sequence[bool]) -> tuple | No
     ``.grad`` without a copy; a later backward through the same graph
     (``retain_graph=True``) gets None and recomputes.
     """
-    donated = getattr(ctx, "donated", False) and not ctx.consumed
-    if not (donated and plain_eager(grad_loss) and all(h for h, n in zip(ctx.have, need) if n)):
+    if not (
+        ctx.donated and not ctx.consumed and plain_eager(grad_loss) and all(h for h, n in zip(ctx.have, need) if n)
+    ):
         return None
     ctx.consumed = True
     grads, ctx.grads = ctx.grads, None
