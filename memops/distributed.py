@@ -20,8 +20,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     import torch.distributed as dist
 
-from . import validation as V
-from .ops import _autograd
+from .meta.vocab_parallel import SPEC as VOCAB_PARALLEL
+from .ops import family
 from .ops.linear_ce import linear_cross_entropy
 
 
@@ -111,40 +111,22 @@ def vocab_parallel_cross_entropy(
         raise ValueError("pass both vocab_start and vocab_size, or neither")
     if vocab_start is None:
         vocab_start, vocab_size = _shard_layout(weight, group)
-    num_items, chunk_size = V.as_num_items(num_items), V.as_chunk_size(chunk_size)
-    V.check_vocab_parallel_ce(
-        input,
-        weight,
-        target,
-        bias,
-        num_items,
-        vocab_start,
-        vocab_size,
-        reduction,
-        label_smoothing,
-        z_loss,
-        softcap,
-        logit_scale,
-        chunk_size,
+    loss, lse, _ = VOCAB_PARALLEL.call(
+        input=input,
+        weight=weight,
+        target=target,
+        bias=bias,
+        num_items=num_items,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+        group_name=group.group_name,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        chunk_size=chunk_size,
     )
-    mask = _autograd.grad_mask(input, weight, bias)
-    loss, lse, _, _, _ = torch.ops.memops.vocab_parallel_ce(
-        input,
-        weight,
-        target,
-        bias,
-        num_items,
-        int(vocab_start),
-        int(vocab_size),
-        group.group_name,
-        int(ignore_index),
-        reduction,
-        float(label_smoothing),
-        float(z_loss),
-        None if softcap is None else float(softcap),
-        float(logit_scale),
-        chunk_size,
-        mask,
-    )
-    _autograd.donate(loss)
+    family.donate(loss)
     return (loss, lse) if return_lse else loss

@@ -2,41 +2,35 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 from torch import Tensor, nn
 
-from . import validation as V
+from .meta.linear_ce import SPEC
 from .ops.linear_ce import linear_cross_entropy
+
+_PER_CALL = ("input", "weight", "target", "bias", "num_items")
 
 
 class LinearCrossEntropy(nn.Module):
-    """Options of :func:`memops.linear_cross_entropy` fixed at construction.
+    """Options of :func:`memops.linear_cross_entropy` (any of its keyword arguments but ``num_items``)
+    fixed and checked at construction.
 
     ``forward(input, weight, target, bias=None, num_items=None)``; it holds no
     parameters, so it works with any ``lm_head`` (tied, wrapped or sharded).
     """
 
-    def __init__(
-        self,
-        *,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        z_loss: float = 0.0,
-        softcap: float | None = None,
-        logit_scale: float = 1.0,
-        chunk_size: int | None = None,
-        return_lse: bool = False,
-    ) -> None:
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        V.check_ce_options(reduction, label_smoothing, z_loss, softcap, logit_scale, V.as_chunk_size(chunk_size))
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.logit_scale = logit_scale
-        self.chunk_size = chunk_size
-        self.return_lse = return_lse
+        known = set(inspect.signature(linear_cross_entropy).parameters) - set(_PER_CALL)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"LinearCrossEntropy got unknown options {unknown}; known: {sorted(known)}")
+        checked = dict(options)
+        checked["all_lse"] = bool(checked.pop("return_lse", False))
+        SPEC.check_options(checked)
+        self.options = options
 
     def forward(
         self,
@@ -46,25 +40,7 @@ class LinearCrossEntropy(nn.Module):
         bias: Tensor | None = None,
         num_items: int | float | Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        return linear_cross_entropy(
-            input,
-            weight,
-            target,
-            bias,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            logit_scale=self.logit_scale,
-            num_items=num_items,
-            chunk_size=self.chunk_size,
-            return_lse=self.return_lse,
-        )
+        return linear_cross_entropy(input, weight, target, bias, num_items=num_items, **self.options)
 
     def extra_repr(self) -> str:
-        return (
-            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
-            f"logit_scale={self.logit_scale}, chunk_size={self.chunk_size}"
-        )
+        return ", ".join(f"{k}={v!r}" for k, v in sorted(self.options.items()))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .registry import get_transform
+
 REDUCTIONS = ("mean", "sum", "none")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX = (torch.int32, torch.int64)
@@ -86,16 +88,6 @@ def check_finite(name: str, value: float) -> None:
         _fail(f"{name} must be a finite number, got {value!r}")
 
 
-def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        _fail(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def check_chunk_size(chunk_size: int) -> None:
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 0:
-        _fail(f"chunk_size must be a positive int, or None/0 for automatic, got {chunk_size!r}")
-
-
 def check_num_items(num_items: torch.Tensor | None, reduction: str) -> None:
     if num_items is None:
         return
@@ -107,35 +99,82 @@ def check_num_items(num_items: torch.Tensor | None, reduction: str) -> None:
         _fail(f"num_items must be a real number, got dtype {num_items.dtype}")
 
 
-def check_ce_options(
-    reduction: str, label_smoothing: float, z_loss: float, softcap: float | None, logit_scale: float, chunk_size: int
-) -> None:
-    check_reduction(reduction)
-    check_finite("label_smoothing", label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:
-        _fail(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    check_finite("z_loss", z_loss)
-    check_softcap(softcap)
-    check_finite("logit_scale", logit_scale)
-    check_chunk_size(chunk_size)
+# ---- options: ``check(name, value)`` after the schema-type check ------------------------------------------
+
+_SCHEMA_TYPES = {
+    "int": "an int",
+    "float": "a finite number",
+    "float?": "a finite number or None",
+    "bool": "a bool",
+    "str": "a string",
+}
 
 
-def check_linear_ce(
-    input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size
-) -> None:
-    """Everything ``memops::linear_ce`` and its backward check without reading tensor data."""
-    check_projection(input, weight, bias)
-    check_target(input, target)
-    check_ce_options(reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size)
-    check_num_items(num_items, reduction)
-
-
-def check_softcap(softcap: float | None) -> None:
-    if softcap is None:
+def check_option(name: str, kind: str, value) -> None:
+    """``value`` fits the schema type ``kind`` (``int``, ``float``, ``float?``, ``bool``, ``str``)."""
+    if kind == "float?" and value is None:
         return
-    check_finite("softcap", softcap)
-    if softcap <= 0:
-        _fail(f"softcap must be > 0 (or None), got {softcap}")
+    if kind in ("float", "float?"):
+        check_finite(name, value)
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    else:
+        raise AssertionError(f"unknown option type {kind!r}")
+
+
+def as_schema_type(kind: str, value):
+    """A checked option as the Python type its schema takes (``float`` for an int given as a float)."""
+    if value is None:
+        return None
+    return {"int": int, "float": float, "float?": float, "bool": bool, "str": str}[kind](value)
+
+
+def reduction(name: str, value: str) -> None:
+    if value not in REDUCTIONS:
+        _fail(f"{name} must be one of {REDUCTIONS}, got {value!r}")
+
+
+def unit_interval(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        _fail(f"{name} must be in [0, 1], got {value}")
+
+
+def positive(name: str, value: float | None) -> None:
+    if value is not None and value <= 0:
+        _fail(f"{name} must be > 0{' (or None)' if name == 'softcap' else ''}, got {value}")
+
+
+def chunk_rows(name: str, value: int) -> None:
+    if value < 0:
+        _fail(f"{name} must be a positive int, or None/0 for automatic, got {value!r}")
+
+
+def non_negative(name: str, value: float) -> None:
+    if value < 0:
+        _fail(f"{name} must be >= 0, got {value}")
+
+
+def epsilon_low(name: str, value: float) -> None:
+    if not 0 <= value < 1:
+        _fail(f"need 0 <= {name} < 1, got {value}")
+
+
+def one_of(*choices):
+    def check(name: str, value) -> None:
+        if value not in choices:
+            _fail(f"{name} must be one of {choices}, got {value!r}")
+
+    return check
+
+
+# ---- front-end conversions ----------------------------------------------------------------------------
 
 
 def as_num_items(num_items) -> torch.Tensor | None:
@@ -155,6 +194,27 @@ def as_chunk_size(chunk_size) -> int:
     return chunk_size
 
 
+# ---- the families' cross-argument checks (``Spec.check``; ``a`` holds the op's arguments by name) ----------
+
+
+def check_linear_ce(a) -> None:
+    """``memops::linear_ce``: projection, target, ``num_items`` (options are checked one by one before)."""
+    check_projection(a.input, a.weight, a.bias)
+    check_target(a.input, a.target)
+    check_num_items(a.num_items, a.reduction)
+
+
+def check_vocab_parallel_ce(a) -> None:
+    """``memops::vocab_parallel_ce``: the CE checks, with ``weight`` holding rows
+    ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-row weight."""
+    check_linear_ce(a)
+    if not (0 <= a.vocab_start and a.vocab_start + a.weight.shape[0] <= a.vocab_size):
+        _fail(
+            f"this rank's weight shard rows [{a.vocab_start}, {a.vocab_start + a.weight.shape[0]}) must lie in "
+            f"[0, vocab_size={a.vocab_size})"
+        )
+
+
 _OPTION_TYPES = (bool, int, float, str, type(None))
 
 
@@ -169,7 +229,7 @@ def check_extras(target: torch.Tensor, extras) -> None:
             _fail(f"extras[{i}] is on {e.device} but target is on {target.device}")
 
 
-def check_options(name: str, options: dict) -> None:
+def check_transform_options(name: str, options: dict) -> None:
     """Transform options: Python scalars and strings only; floats finite."""
     for key, value in options.items():
         if not isinstance(value, _OPTION_TYPES):
@@ -181,35 +241,28 @@ def check_options(name: str, options: dict) -> None:
             check_finite(f"option {key} of transform {name!r}", value)
 
 
-def check_linear_transform(
-    input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale, chunk_size
-) -> None:
-    """Everything ``memops::linear_transform`` and its backward check without reading tensor data."""
-    check_projection(input, weight, bias)
-    check_target(input, target)
-    check_extras(target, extras)
-    check_reduction(reduction)
-    check_softcap(softcap)
-    check_finite("logit_scale", logit_scale)
-    check_chunk_size(chunk_size)
-    check_num_items(num_items, reduction)
+def check_linear_transform(a) -> None:
+    """``memops::linear_transform``: projection, target, extras, ``num_items``, the transform's name, and
+    one ``grad_mask`` entry per input, weight, bias and extra."""
+    check_projection(a.input, a.weight, a.bias)
+    check_target(a.input, a.target)
+    check_extras(a.target, a.extras)
+    check_num_items(a.num_items, a.reduction)
+    get_transform(a.transform)
+    mask = getattr(a, "grad_mask", None)
+    if mask is None:
+        mask = getattr(a, "need", None)
+    if mask is not None and len(mask) != 3 + len(a.extras):
+        _fail(f"grad_mask must have 3 + len(extras) = {3 + len(a.extras)} entries, got {len(mask)}")
 
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
-def check_temperature(temperature: float) -> None:
-    check_finite("temperature", temperature)
-    if temperature <= 0:
-        _fail(f"temperature must be > 0, got {temperature}")
-
-
-def check_linear_logprobs(input, weight, target, bias, temperature, chunk_size) -> None:
-    """Everything ``memops::linear_logprobs`` and its backward check without reading tensor data."""
-    check_projection(input, weight, bias)
-    check_target(input, target)
-    check_temperature(temperature)
-    check_chunk_size(chunk_size)
+def check_linear_logprobs(a) -> None:
+    """``memops::linear_logprobs``: projection and target."""
+    check_projection(a.input, a.weight, a.bias)
+    check_target(a.input, a.target)
 
 
 def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
@@ -221,44 +274,26 @@ def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) ->
         _fail(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-def check_per_token_float(name: str, t: torch.Tensor, target: torch.Tensor) -> None:
-    _check_like(name, t, target, "completion_ids")
+def check_per_token_float(
+    name: str, t: torch.Tensor, target: torch.Tensor, target_name: str = "completion_ids"
+) -> None:
+    _check_like(name, t, target, target_name)
     if t.dtype not in _FLOATS:
         _fail(f"{name} must be a float tensor, got {t.dtype}")
 
 
-def check_linear_grpo(
-    input,
-    weight,
-    target,
-    bias,
-    token_weight,
-    advantages,
-    old_logprobs,
-    ref_logprobs,
-    beta,
-    epsilon_low,
-    epsilon_high,
-    temperature,
-    chunk_size,
-) -> None:
-    """Everything ``memops::linear_grpo`` and its backward check without reading tensor data
-    (``token_weight`` and ``advantages`` are per token here, shaped like ``target``)."""
-    check_projection(input, weight, bias)
-    check_target(input, target, "completion_ids")
-    check_per_token_float("token_weight", token_weight, target)
-    check_per_token_float("advantages", advantages, target)
-    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        if t is not None:
-            check_per_token_float(name, t, target)
-    for name, v in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
-        check_finite(name, v)
-    if beta != 0 and ref_logprobs is None:
+def check_linear_grpo(a) -> None:
+    """``memops::linear_grpo`` (``token_weight`` and ``advantages`` are per token here, shaped like the
+    completion ids)."""
+    check_projection(a.input, a.weight, a.bias)
+    check_target(a.input, a.target, "completion_ids")
+    check_per_token_float("token_weight", a.token_weight, a.target)
+    check_per_token_float("advantages", a.advantages, a.target)
+    for name in ("old_logprobs", "ref_logprobs"):
+        if getattr(a, name) is not None:
+            check_per_token_float(name, getattr(a, name), a.target)
+    if a.beta != 0 and a.ref_logprobs is None:
         _fail("beta != 0 needs ref_logprobs (the reference model's per-token log-probabilities)")
-    if not 0 <= epsilon_low < 1 or epsilon_high < 0:
-        _fail(f"need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {epsilon_low}, {epsilon_high}")
-    check_temperature(temperature)
-    check_chunk_size(chunk_size)
 
 
 def check_grpo_front(input, completion_ids, completion_mask, advantages, loss_type, max_completion_length) -> None:
@@ -283,33 +318,3 @@ def check_grpo_front(input, completion_ids, completion_mask, advantages, loss_ty
         or max_completion_length < 1
     ):
         _fail(f"max_completion_length must be a positive int or None, got {max_completion_length!r}")
-
-
-def check_vocab_parallel_ce(
-    input,
-    weight,
-    target,
-    bias,
-    num_items,
-    vocab_start,
-    vocab_size,
-    reduction,
-    label_smoothing,
-    z_loss,
-    softcap,
-    logit_scale,
-    chunk_size,
-) -> None:
-    """``memops::vocab_parallel_ce``: the CE checks, with ``weight`` holding rows
-    ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-row weight."""
-    check_linear_ce(
-        input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size
-    )
-    for name, v in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if not (0 <= vocab_start and vocab_start + weight.shape[0] <= vocab_size):
-        _fail(
-            f"this rank's weight shard rows [{vocab_start}, {vocab_start + weight.shape[0]}) must lie in "
-            f"[0, vocab_size={vocab_size})"
-        )

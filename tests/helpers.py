@@ -31,3 +31,26 @@ class MatmulFlops:
 
 def projection_flops(n: int, v: int, d: int) -> int:
     return 2 * n * v * d
+
+
+def backward_op_args(name: str, args: tuple, grad_outputs: list, need: list | None = None) -> tuple:
+    """Arguments of ``memops::<name>_backward`` after the forward call ``memops::<name>(*args)``: the
+    forward's gradient outputs as ``saved`` (with its ``have``), tensors detached (the backward op has no
+    derivative of its own), ``need`` every gradient slot by default."""
+    import torch
+
+    from memops.contract import SPECS
+
+    spec = SPECS[name]
+    a = spec.bind(args)
+    out = spec.op()(*args)
+    saved, have = (list(out[-1]), spec.forward_mask(a)) if spec.forward_grads else ([], [])
+
+    def plain(t):
+        if isinstance(t, list):
+            return [e.detach() for e in t]
+        return t.detach() if isinstance(t, torch.Tensor) else t
+
+    tensors = [plain(t) for t in spec.tensors(a)]
+    need = [True] * len(spec.grad_slots(a)) if need is None else need
+    return (grad_outputs, *tensors, saved, *spec.option_values(a), need, have)

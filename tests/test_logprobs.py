@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 import torch._dynamo
-from helpers import MatmulFlops, projection_flops
+from helpers import MatmulFlops, backward_op_args, projection_flops
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import ref_grpo_loss, ref_linear_logprobs
@@ -422,10 +422,8 @@ def test_opcheck_logprobs_ops(dtype, lead):
         )
     g1 = torch.randn(t.shape)
     for g2 in (None, torch.randn(t.shape)):
-        torch.library.opcheck(
-            torch.ops.memops.linear_logprobs_backward.default,
-            (g1, g2, x.detach(), w.detach(), t, b.detach(), 0.8, 4, [True, True, True]),
-        )
+        args = backward_op_args("linear_logprobs", (x, w, t, b, 0.8, True, 4), [g1, g2])
+        torch.library.opcheck(torch.ops.memops.linear_logprobs_backward.default, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -463,25 +461,8 @@ def test_opcheck_grpo_ops(dtype, lead, beta, all_logprobs):
         signs.add(bool(torch.ops.memops.linear_grpo(*flipped)[0] > 0))
         torch.library.opcheck(torch.ops.memops.linear_grpo.default, flipped)
     assert signs == {True, False} or t.numel() == 0
-    saved = torch.ops.memops.linear_grpo(*args)[2:]
-    torch.library.opcheck(
-        torch.ops.memops.linear_grpo_backward.default,
-        (
-            torch.tensor(1.5, dtype=cdt),
-            x.detach(),
-            w.detach(),
-            t,
-            b.detach(),
-            tw,
-            adv,
-            old,
-            ref,
-            *saved,
-            *options,
-            mask,
-            [True, True, True],
-        ),
-    )
+    bargs = backward_op_args("linear_grpo", args, [torch.tensor(1.5, dtype=cdt)])
+    torch.library.opcheck(torch.ops.memops.linear_grpo_backward.default, bargs)
 
 
 def test_gradcheck_float64():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import backward_op_args
 
 import memops  # noqa: F401
 
@@ -69,29 +70,8 @@ def test_opcheck_linear_ce_backward(sample, opts):
     grad_loss = torch.randn(t.shape if reduction == "none" else ())
     has_b = b is not None
     num_items = torch.tensor(3.0) if (reduction == "mean" and t.numel() == 0) else None
-    saved = torch.ops.memops.linear_ce(
-        x, w, t, b, num_items, IGNORE, reduction, ls, zl, cap, scale, chunk, False, [True, True, has_b]
-    )[2:]
-    have = [reduction != "none"] * 2 + [reduction != "none" and has_b]
-    args = (
-        grad_loss,
-        x,
-        w,
-        t,
-        b,
-        num_items,
-        *saved,
-        IGNORE,
-        reduction,
-        ls,
-        zl,
-        cap,
-        scale,
-        chunk,
-        False,
-        [True, True, has_b],
-        have,
-    )
+    args = (x, w, t, b, num_items, IGNORE, reduction, ls, zl, cap, scale, chunk, False, [True, True, has_b])
+    args = backward_op_args("linear_ce", args, [grad_loss])
     torch.library.opcheck(torch.ops.memops.linear_ce_backward.default, args)
 
 
@@ -128,18 +108,21 @@ def test_gradcheck_float64(reduction, opts):
 def test_a_direct_op_call_keeps_its_outputs_and_the_front_end_donates(monkeypatch):
     """Only the Python front ends hand the forward's gradient tensors to autograd (scaled in place, no
     copy); after a direct ``torch.ops.memops`` call every output stays as it was returned."""
-    from memops.ops import _autograd
+    from memops.ops import family
 
     x, w, b, t = _sample()
     x, w, b = (p.requires_grad_(True) for p in (x, w, b))
-    out = torch.ops.memops.linear_ce(x, w, t, b, None, IGNORE, "mean", 0.1, 1e-3, None, 1.0, 4, False, [True] * 3)
+    loss, lse, grads = torch.ops.memops.linear_ce(
+        x, w, t, b, None, IGNORE, "mean", 0.1, 1e-3, None, 1.0, 4, False, [True] * 3
+    )
+    out = [loss, lse, *grads]
     kept = [o.detach().clone() for o in out]
-    (-2.5 * out[0]).backward()
+    (-2.5 * loss).backward()
     for o, k in zip(out, kept):
         assert torch.equal(o, k)
     handed = []
-    take = _autograd.take_precomputed
-    monkeypatch.setattr(_autograd, "take_precomputed", lambda *a: handed.append(take(*a)) or handed[-1])
+    take = family.take_precomputed
+    monkeypatch.setattr(family, "take_precomputed", lambda *a: handed.append(take(*a)) or handed[-1])
     x.grad = w.grad = b.grad = None
     (-2.5 * memops.linear_cross_entropy(x, w, t, b, label_smoothing=0.1, z_loss=1e-3, chunk_size=4)).backward()
     assert len(handed) == 1 and handed[0] is not None  # donated: autograd got the forward's tensors

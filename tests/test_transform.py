@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MatmulFlops, projection_flops
+from helpers import MatmulFlops, backward_op_args, projection_flops
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import ref_linear_loss
@@ -158,7 +158,7 @@ def test_builtin_transforms(name, options, n_extras, reduction):
     t = torch.randint(0, 23, (4, 9), generator=g)
     t[1, :4] = IGNORE
     extras = tuple(torch.rand(4, 9, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(n_extras))
-    fn = memops.ops.transform.get_transform(name).fn
+    fn = memops.registry.get_transform(name).fn
     out = memops.linear_loss(x, w, t, name, b, extras=extras, reduction=reduction, chunk_size=10, **options)
     ref = ref_linear_loss(x, w, t, fn, b, extras=extras, reduction=reduction, **options)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -265,34 +265,11 @@ def test_opcheck_linear_transform(reduction, chunk, dtype):
     e = torch.rand(3, 5, generator=g, dtype=dtype, requires_grad=True)
     t = torch.randint(0, 11, (3, 5), generator=g)
     t[0, 0] = IGNORE
-    opts = memops.ops.transform.encode_options({"gamma": 1.5})
+    opts = memops.registry.encode_options({"gamma": 1.5})
     args = (x, w, t, b, [e], None, "_test_weighted_focal", opts, IGNORE, reduction, None, 1.0, chunk, [True] * 4)
     torch.library.opcheck(torch.ops.memops.linear_transform.default, args)
-    saved = torch.ops.memops.linear_transform(*args)[1:]
-    have = [reduction != "none"] * 4
-    x, w, b, e = (p.detach() for p in (x, w, b, e))  # the backward op itself has no derivative
-    bargs = (
-        torch.randn(t.shape if reduction == "none" else ()).to(dtype),
-        x,
-        w,
-        t,
-        b,
-        [e],
-        None,
-        saved[0],
-        saved[1],
-        saved[2],
-        list(saved[3]),
-        "_test_weighted_focal",
-        opts,
-        IGNORE,
-        reduction,
-        None,
-        1.0,
-        chunk,
-        [True] * 4,
-        have,
-    )
+    grad = torch.randn(t.shape if reduction == "none" else ()).to(dtype)
+    bargs = backward_op_args("linear_transform", args, [grad])
     torch.library.opcheck(torch.ops.memops.linear_transform_backward.default, bargs)
 
 

@@ -1,4 +1,5 @@
-"""Fake (meta) kernels: output shapes, dtypes and strides of every memops op."""
+"""The shape layer: every op family's declaration (``memops.contract.Spec``), hence its schemas and fake
+kernels (output shapes, dtypes and strides).  Imports no kernel code."""
 
 from . import (
     linear_ce,  # noqa: F401

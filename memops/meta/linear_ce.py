@@ -1,75 +1,50 @@
-"""Shape, dtype and stride rules for ``memops::linear_ce`` and ``memops::linear_ce_backward``.
+"""``memops::linear_ce`` declared: inputs, options, outputs and their shape rules.
 
-* ``loss``: compute dtype (fp64 for fp64 inputs, else fp32); ``target``'s shape
-  for ``reduction="none"``, else 0-dim.  ``lse``: compute dtype, ``target``'s shape
-  (``all_lse`` changes values only).
-* gradients: contiguous, shaped and typed like input / weight / bias when
-  produced, else an empty ``[0]`` tensor of input's dtype.
+* ``loss``: compute dtype (fp64 for fp64 inputs, else fp32); ``target``'s shape for ``reduction="none"``,
+  else 0-dim.  ``lse``: compute dtype, ``target``'s shape (``all_lse`` changes values only).
+* gradients (``Tensor[] grads``): contiguous, shaped and typed like input / weight / bias when produced,
+  else an empty ``[0]`` tensor of input's dtype.
 """
 
 from __future__ import annotations
 
-import torch
-
 from .. import validation as V
+from ..contract import Input, Option, Spec, register
 from ..rules import compute_dtype
-from ._common import grads_like
+
+# the projection every family starts from
+PROJECTION = (Input("input", grad=True), Input("weight", grad=True))
+NUM_ITEMS = Input("num_items", "Tensor?", convert=V.as_num_items)
+CHUNK_SIZE = Option("chunk_size", "int", None, V.chunk_rows, convert=V.as_chunk_size)
+REDUCTION = Option("reduction", "str", "mean", V.reduction)
+
+# the cross-entropy options, shared with memops::vocab_parallel_ce
+CE_OPTIONS = (
+    Option("ignore_index", "int", -100),
+    REDUCTION,
+    Option("label_smoothing", "float", 0.0, V.unit_interval),
+    Option("z_loss", "float", 0.0),
+    Option("softcap", "float?", None, V.positive),
+    Option("logit_scale", "float", 1.0),
+    CHUNK_SIZE,
+)
+CE_INPUTS = (*PROJECTION, Input("target"), Input("bias", "Tensor?", grad=True), NUM_ITEMS)
 
 
-def _grads(input, weight, bias, mask):
-    return tuple(grads_like(input, (input, weight, bias), mask))
+def loss_and_rows(a):
+    """A reduced (or per-token) loss and one per-token output, both in the compute dtype."""
+    cdt = compute_dtype(a.input.dtype)
+    loss = a.input.new_empty(a.target.shape if a.reduction == "none" else (), dtype=cdt)
+    return loss, a.input.new_empty(a.target.shape, dtype=cdt)
 
 
-@torch.library.register_fake("memops::linear_ce")
-def linear_ce_fake(
-    input,
-    weight,
-    target,
-    bias,
-    num_items,
-    ignore_index,
-    reduction,
-    label_smoothing,
-    z_loss,
-    softcap,
-    logit_scale,
-    chunk_size,
-    all_lse,
-    grad_mask,
-):
-    V.check_linear_ce(
-        input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size
+SPEC = register(
+    Spec(
+        name="linear_ce",
+        inputs=CE_INPUTS,
+        options=(*CE_OPTIONS, Option("all_lse", "bool", False)),
+        outputs=("loss", "lse"),
+        shapes=loss_and_rows,
+        check=V.check_linear_ce,
     )
-    cdt = compute_dtype(input.dtype)
-    loss = input.new_empty(target.shape if reduction == "none" else (), dtype=cdt)
-    lse = input.new_empty(target.shape, dtype=cdt)
-    mask = grad_mask if reduction != "none" else (False, False, False)
-    return (loss, lse) + _grads(input, weight, bias, mask)
-
-
-@torch.library.register_fake("memops::linear_ce_backward")
-def linear_ce_backward_fake(
-    grad_loss,
-    input,
-    weight,
-    target,
-    bias,
-    num_items,
-    saved_grad_input,
-    saved_grad_weight,
-    saved_grad_bias,
-    ignore_index,
-    reduction,
-    label_smoothing,
-    z_loss,
-    softcap,
-    logit_scale,
-    chunk_size,
-    all_lse,
-    need,
-    have,
-):
-    V.check_linear_ce(
-        input, weight, target, bias, num_items, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size
-    )
-    return _grads(input, weight, bias, need)
+)

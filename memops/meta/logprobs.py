@@ -1,113 +1,70 @@
-"""Shape, dtype and stride rules for ``memops::linear_logprobs`` and ``memops::linear_grpo`` (+ backward ops).
+"""``memops::linear_logprobs`` and ``memops::linear_grpo`` declared.
 
 * log-probabilities and entropy: compute dtype (fp64 for fp64 inputs, else fp32), ``target``'s shape;
-  the entropy is an empty ``[0]`` tensor unless asked for.
-* GRPO loss: compute dtype, 0-dim (``all_logprobs`` changes values only).
-* gradients: contiguous, shaped and typed like input / weight / bias when produced, else an empty ``[0]``
-  tensor of input's dtype.
+  the entropy is an empty ``[0]`` tensor unless asked for.  Both take an incoming gradient; the op
+  computes no gradient in its forward pass.
+* GRPO loss: compute dtype, 0-dim (``all_logprobs`` changes values only); its gradients (input, weight,
+  bias) like those of ``memops::linear_ce``.
 """
 
 from __future__ import annotations
 
-import torch
-
 from .. import validation as V
+from ..contract import Input, Option, Spec, register
 from ..rules import compute_dtype
-from ._common import grads_like
+from .linear_ce import CHUNK_SIZE, PROJECTION
+
+TEMPERATURE = Option("temperature", "float", 1.0, V.positive)
+LM_INPUTS = (*PROJECTION, Input("target"), Input("bias", "Tensor?", grad=True))
 
 
-@torch.library.register_fake("memops::linear_logprobs")
-def linear_logprobs_fake(input, weight, target, bias, temperature, return_entropy, chunk_size):
-    V.check_linear_logprobs(input, weight, target, bias, temperature, chunk_size)
-    cdt = compute_dtype(input.dtype)
-    logp = input.new_empty(target.shape, dtype=cdt)
-    return logp, input.new_empty(target.shape if return_entropy else (0,), dtype=cdt)
+def _logprobs(a):
+    cdt = compute_dtype(a.input.dtype)
+    shape = a.target.shape if a.return_entropy else (0,)
+    return a.input.new_empty(a.target.shape, dtype=cdt), a.input.new_empty(shape, dtype=cdt)
 
 
-@torch.library.register_fake("memops::linear_logprobs_backward")
-def linear_logprobs_backward_fake(
-    grad_logprobs, grad_entropy, input, weight, target, bias, temperature, chunk_size, need
-):
-    V.check_linear_logprobs(input, weight, target, bias, temperature, chunk_size)
-    return tuple(grads_like(input, (input, weight, bias), need))
-
-
-@torch.library.register_fake("memops::linear_grpo")
-def linear_grpo_fake(
-    input,
-    weight,
-    target,
-    bias,
-    token_weight,
-    advantages,
-    old_logprobs,
-    ref_logprobs,
-    beta,
-    epsilon_low,
-    epsilon_high,
-    temperature,
-    chunk_size,
-    all_logprobs,
-    grad_mask,
-):
-    V.check_linear_grpo(
-        input,
-        weight,
-        target,
-        bias,
-        token_weight,
-        advantages,
-        old_logprobs,
-        ref_logprobs,
-        beta,
-        epsilon_low,
-        epsilon_high,
-        temperature,
-        chunk_size,
+LOGPROBS = register(
+    Spec(
+        name="linear_logprobs",
+        inputs=LM_INPUTS,
+        options=(TEMPERATURE, Option("return_entropy", "bool", False), CHUNK_SIZE),
+        outputs=("logprobs", "entropy"),
+        differentiable=("logprobs", "entropy"),
+        shapes=_logprobs,
+        check=V.check_linear_logprobs,
+        forward_grads=False,
+        scalar=lambda a: False,
     )
-    cdt = compute_dtype(input.dtype)
-    return (
-        input.new_empty((), dtype=cdt),
-        input.new_empty(target.shape, dtype=cdt),
-        *grads_like(input, (input, weight, bias), grad_mask),
-    )
+)
 
 
-@torch.library.register_fake("memops::linear_grpo_backward")
-def linear_grpo_backward_fake(
-    grad_loss,
-    input,
-    weight,
-    target,
-    bias,
-    token_weight,
-    advantages,
-    old_logprobs,
-    ref_logprobs,
-    saved_grad_input,
-    saved_grad_weight,
-    saved_grad_bias,
-    beta,
-    epsilon_low,
-    epsilon_high,
-    temperature,
-    chunk_size,
-    need,
-    have,
-):
-    V.check_linear_grpo(
-        input,
-        weight,
-        target,
-        bias,
-        token_weight,
-        advantages,
-        old_logprobs,
-        ref_logprobs,
-        beta,
-        epsilon_low,
-        epsilon_high,
-        temperature,
-        chunk_size,
+def _grpo(a):
+    cdt = compute_dtype(a.input.dtype)
+    return a.input.new_empty((), dtype=cdt), a.input.new_empty(a.target.shape, dtype=cdt)
+
+
+GRPO = register(
+    Spec(
+        name="linear_grpo",
+        inputs=(
+            *LM_INPUTS,
+            Input("token_weight"),
+            Input("advantages"),
+            Input("old_logprobs", "Tensor?"),
+            Input("ref_logprobs", "Tensor?"),
+        ),
+        options=(
+            Option("beta", "float", 0.0),
+            Option("epsilon_low", "float", 0.2, V.epsilon_low),
+            Option("epsilon_high", "float", 0.2, V.non_negative),
+            TEMPERATURE,
+            CHUNK_SIZE,
+            Option("all_logprobs", "bool", True),
+        ),
+        outputs=("loss", "logprobs"),
+        shapes=_grpo,
+        check=V.check_linear_grpo,
+        scalar=lambda a: True,
     )
-    return tuple(grads_like(input, (input, weight, bias), need))
+)

@@ -1,92 +1,25 @@
-"""Shape, dtype and stride rules for ``memops::vocab_parallel_ce`` and its backward op: those of
-``memops::linear_ce``, with ``weight`` and ``bias`` this rank's shard (their gradients are the shard's)."""
+"""``memops::vocab_parallel_ce`` declared: ``memops::linear_ce``'s inputs, options and shape rules, with
+``weight`` and ``bias`` this rank's rows ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-row
+projection (their gradients are the shard's) and ``group_name`` the process group."""
 
 from __future__ import annotations
 
-import torch
-
 from .. import validation as V
-from ..rules import compute_dtype
-from ._common import grads_like
+from ..contract import Option, Spec, register
+from .linear_ce import CE_INPUTS, CE_OPTIONS, loss_and_rows
 
-
-@torch.library.register_fake("memops::vocab_parallel_ce")
-def vocab_parallel_ce_fake(
-    input,
-    weight,
-    target,
-    bias,
-    num_items,
-    vocab_start,
-    vocab_size,
-    group_name,
-    ignore_index,
-    reduction,
-    label_smoothing,
-    z_loss,
-    softcap,
-    logit_scale,
-    chunk_size,
-    grad_mask,
-):
-    V.check_vocab_parallel_ce(
-        input,
-        weight,
-        target,
-        bias,
-        num_items,
-        vocab_start,
-        vocab_size,
-        reduction,
-        label_smoothing,
-        z_loss,
-        softcap,
-        logit_scale,
-        chunk_size,
+SPEC = register(
+    Spec(
+        name="vocab_parallel_ce",
+        inputs=CE_INPUTS,
+        options=(
+            Option("vocab_start", "int", None),
+            Option("vocab_size", "int", None),
+            Option("group_name", "str", None),
+            *CE_OPTIONS,
+        ),
+        outputs=("loss", "lse"),
+        shapes=loss_and_rows,
+        check=V.check_vocab_parallel_ce,
     )
-    cdt = compute_dtype(input.dtype)
-    loss = input.new_empty(target.shape if reduction == "none" else (), dtype=cdt)
-    mask = grad_mask if reduction != "none" else (False, False, False)
-    return (loss, input.new_empty(target.shape, dtype=cdt), *grads_like(input, (input, weight, bias), mask))
-
-
-@torch.library.register_fake("memops::vocab_parallel_ce_backward")
-def vocab_parallel_ce_backward_fake(
-    grad_loss,
-    input,
-    weight,
-    target,
-    bias,
-    num_items,
-    saved_grad_input,
-    saved_grad_weight,
-    saved_grad_bias,
-    vocab_start,
-    vocab_size,
-    group_name,
-    ignore_index,
-    reduction,
-    label_smoothing,
-    z_loss,
-    softcap,
-    logit_scale,
-    chunk_size,
-    need,
-    have,
-):
-    V.check_vocab_parallel_ce(
-        input,
-        weight,
-        target,
-        bias,
-        num_items,
-        vocab_start,
-        vocab_size,
-        reduction,
-        label_smoothing,
-        z_loss,
-        softcap,
-        logit_scale,
-        chunk_size,
-    )
-    return tuple(grads_like(input, (input, weight, bias), need))
+)

@@ -10,15 +10,16 @@ through soft-capping and scaling and accumulates the input, weight and bias
 gradients: weight and bias in the compute dtype, input per chunk in its own
 dtype.  Only ``[chunk, V]`` logits ever exist.
 
-Call tree of a trained scalar loss (cross-entropy; the other families alike)::
+Call tree of a trained scalar loss (cross-entropy; every family alike)::
 
-    memops.linear_cross_entropy            ops/linear_ce.py: checks (validation.py), calls the op, donates
-      torch.ops.memops.linear_ce           registered op; fake kernel in meta/linear_ce.py
-        _ce_chunks                         the family: row selection (live_rows), per-row outputs, the head
-          engine.run                       this module: chunk loop, logits, chain rule, gradient matmuls
-            head(z, rows)                  _ce_chunks.head: loss and d loss / d logits (the CE formula)
-      backward                             ops/_autograd.py: donated gradients scaled in place, or
-        torch.ops.memops.linear_ce_backward    scaled into new tensors / recomputed (reduction="none")
+    memops.linear_cross_entropy          ops/linear_ce.py front end: SPEC.call (defaults, checks), donates
+      torch.ops.memops.linear_ce         schema + fake kernel from the declaration in meta/linear_ce.py
+        family.implement kernel          ops/family.py: bind arguments by name, validate, call _forward
+          _forward -> plan.plan          ops/plan.py: which rows to compute (ignored targets), one sync
+            ce_chunks -> engine.run      this module: chunk loop, logits, chain rule, gradient matmuls
+              head(z, rows)              ce_chunks.head: loss and d loss / d logits (the CE formula)
+      backward                           ops/family.py: donated gradients scaled in place, or
+        torch.ops.memops.linear_ce_backward   scaled into new tensors / recomputed by _gradients
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import config
-from ..rules import compute_dtype, placeholder
+from ..rules import compute_dtype
+from .plan import rows_out
 
 # head(z, sel) -> dz or None.  ``z`` is a block of final logits in the compute dtype, ``sel`` the
 # block's rows of the ``[N]`` per-row tensors (a slice, or an index tensor when rows are skipped:
@@ -110,48 +112,6 @@ def _sub_rows(rows: int, vocab: int, elem: int, device: torch.device, sub_block_
     return max(1, min(rows, sub_block_bytes // max(vocab * elem, 1)))
 
 
-def _abs_max(t: torch.Tensor | None) -> float:
-    """``max |t|`` in one pass, without a temporary the size of ``t`` (NaN if ``t`` holds one; 0 when empty)."""
-    if t is None or t.numel() == 0:
-        return 0.0
-    lo, hi = torch.aminmax(t)
-    return max(float(hi), -float(lo))
-
-
-def logits_bounded(
-    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, logit_scale: float = 1.0
-) -> bool:
-    """Whether every logit is certainly finite and far from overflow.
-
-    ``|logit_scale| * (D * max|x| * max|W| + max|b|)``, a bound on every logit,
-    must be finite and far below the dtype's largest value (so inputs, weight
-    and bias are free of NaN and inf).  fp16, whose range is small, may fail it.
-    """
-    bound = abs(logit_scale) * (x2d.shape[1] * _abs_max(x2d) * _abs_max(weight) + _abs_max(bias))
-    return bound < torch.finfo(x2d.dtype).max / 4  # also False for NaN / inf
-
-
-def live_rows(
-    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor, logit_scale: float = 1.0
-) -> torch.Tensor | None:
-    """Indices of the rows to compute when only the ``keep`` rows' results matter, or None for all rows.
-
-    A row whose result is discarded (an ignored target) still turns the unfused
-    reference's gradients NaN when its logits hold NaN or +inf (softmax backward
-    multiplies its zero upstream by ``exp(nan)``).  Rows are skipped only when
-    that cannot happen (:func:`logits_bounded`); otherwise every row is computed.
-    """
-    if bool(keep.all()) or not logits_bounded(x2d, weight, bias, logit_scale):
-        return None
-    return keep.nonzero().squeeze(1)
-
-
-def rows_out(shape, dtype: torch.dtype, device: torch.device, rows: torch.Tensor | None) -> torch.Tensor:
-    """A per-row output of ``run``: left uninitialised when every row is computed (each gets written),
-    zero-filled when ``rows`` leaves some out."""
-    return (torch.empty if rows is None else torch.zeros)(shape, dtype=dtype, device=device)
-
-
 def run(
     x2d: torch.Tensor,
     weight: torch.Tensor,
@@ -169,7 +129,7 @@ def run(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Run ``head`` over ``x2d [N, D]`` in row chunks; return (grad_input, grad_weight, grad_bias).
 
-    ``rows`` (sorted indices, from :func:`live_rows`) limits the work to those
+    ``rows`` (sorted indices, from ``plan.plan``) limits the work to those
     rows; the others get no head call and a zero input gradient.  One ``[rows, V]``
     buffer in the compute dtype is reused by every chunk.  The elementwise work
     (scaling, soft-capping, the head, the chain rule back through them) runs on
@@ -297,12 +257,6 @@ def upstream(
     return g
 
 
-def scale_saved(grad_loss: torch.Tensor, saved, need, have, cdt: torch.dtype) -> tuple[list, list[bool]]:
-    """Backward ops: the saved gradients times ``grad_loss`` where available, and what is missing."""
-    out = [(s * grad_loss.to(cdt)).to(s.dtype) if (n and h) else None for s, n, h in zip(saved, need, have)]
-    return out, [bool(n and not h) for n, h in zip(need, have)]
-
-
 def row_coef(up: torch.Tensor, sel, valid: torch.Tensor) -> torch.Tensor:
     """The factor for rows ``sel`` of a chunk (0 where the target is ignored)."""
     coef = up[sel] if up.dim() else up.expand(valid.shape[0])
@@ -319,10 +273,10 @@ def flatten(input: torch.Tensor, target: torch.Tensor, extras=()):
     )
 
 
-def grads_out(gx, gw, gb, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """Engine gradients as op outputs: input's shape, parameter dtypes, ``[0]`` where not computed."""
-    return (
-        placeholder(input) if gx is None else gx.view(input.shape),
-        placeholder(input) if gw is None else gw.to(weight.dtype),
-        placeholder(input) if gb is None else gb.to(bias.dtype),
-    )
+def grads_out(gx, gw, gb, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> list:
+    """Engine gradients as op outputs: input's shape, parameter dtypes, None where not computed."""
+    return [
+        None if gx is None else gx.view(input.shape),
+        None if gw is None else gw.to(weight.dtype),
+        None if gb is None else gb.to(bias.dtype),
+    ]

@@ -4,7 +4,7 @@ A *transform* is a function ``fn(logits, target, *extras, **options) -> [n]``:
 ``logits`` is one fp32 (fp64 for fp64 inputs) chunk ``[n, V]`` of the final
 logits, ``target`` the chunk's ``[n]`` int64 targets, each extra the chunk's rows
 of a per-token tensor.  Rows whose target is ``ignore_index`` are normally not
-passed at all (``engine.live_rows``); where they must be, they carry target 0
+passed at all (``ops/plan.py``); where they must be, they carry target 0
 and their result is discarded.
 It is registered by name with :func:`transform`; the op takes the name and
 the options (encoded as a string) so it traces and exports like any op.
@@ -19,9 +19,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .. import validation as V
-from ..registry import Transform, decode_options, encode_options, get_transform
-from . import _autograd, engine
+from .. import validation
+from ..contract import Args
+from ..meta.transform import SPEC
+from ..registry import decode_options, encode_options, get_transform
+from . import engine, family, plan
 from .linear_ce import linear_cross_entropy
 
 # Autograd through a transform keeps several chunk-sized intermediates alive: bound each step.
@@ -39,37 +41,21 @@ def _check_rows(name: str, out, n: int) -> Tensor:
     return out
 
 
-def _transform_chunks(
-    x2d,
-    weight,
-    t1d,
-    bias,
-    extras2d,
-    upstream: Tensor | None,
-    need,
-    *,
-    tf: Transform,
-    options: dict,
-    ignore_index,
-    softcap,
-    logit_scale,
-    chunk_size,
-):
+def _transform_chunks(x2d, t1d, e2d, upstream: Tensor | None, need, a: Args):
     """Per-row losses; with ``upstream``, gradients for input/weight/bias/extras as ``need`` says."""
+    tf, options, ignore = get_transform(a.transform), decode_options(a.options), a.ignore_index
     n = x2d.shape[0]
     cdt = engine.compute_dtype(x2d.dtype)
     loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
     need_extra = list(need[3:])
-    gextras = [
-        torch.zeros(e.shape, dtype=e.dtype, device=e.device) if ne else None for e, ne in zip(extras2d, need_extra)
-    ]
+    gextras = [torch.zeros(e.shape, dtype=e.dtype, device=e.device) if ne else None for e, ne in zip(e2d, need_extra)]
     diff = [i for i, ne in enumerate(need_extra) if ne]
 
     def head(z: Tensor, sel):
         t = t1d[sel].long()
-        valid = t != ignore_index
+        valid = t != ignore
         safe = torch.where(valid, t, 0)
-        rows = [e[sel] for e in extras2d]
+        rows = [e[sel] for e in e2d]
         n_rows = z.shape[0]
         if upstream is None:
             out = _check_rows(tf.name, tf.fn(z, safe, *rows, **options), n_rows)
@@ -77,7 +63,7 @@ def _transform_chunks(
             return None
 
         coef = engine.row_coef(upstream, sel, valid)
-        with _autograd.autograd_inside_kernel():
+        with family.autograd_inside_kernel():
             leaves = [z.detach().requires_grad_(True)] + [rows[i].detach().requires_grad_(True) for i in diff]
             args = list(rows)
             for i, leaf in zip(diff, leaves[1:]):
@@ -95,238 +81,49 @@ def _transform_chunks(
             gextras[i][sel] = g
         return grads[0]
 
-    sub = _SUB_BLOCK_BYTES["cpu" if x2d.device.type == "cpu" else "other"]
-    live = None  # a NaN/inf extra on an ignored row reaches the reference's gradient (0 * inf): compute it
-    if all(bool(e.isfinite().all()) for e in extras2d if e.is_floating_point()):
-        live = engine.live_rows(x2d, weight, bias, t1d != ignore_index, logit_scale)
+    # ignored rows reach nothing; a NaN/inf extra on one reaches the reference's gradient (0 * inf)
+    rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=t1d != ignore, finite=tuple(e2d)).full
     gx, gw, gb = engine.run(
         x2d,
-        weight,
-        bias,
+        a.weight,
+        a.bias,
         head,
-        logit_scale=logit_scale,
-        softcap=softcap,
-        chunk_size=chunk_size,
+        logit_scale=a.logit_scale,
+        softcap=a.softcap,
+        chunk_size=a.chunk_size,
         grad_input=need[0],
         grad_weight=need[1],
-        grad_bias=need[2] and bias is not None,
-        sub_block_bytes=sub,
-        rows=live,
+        grad_bias=need[2] and a.bias is not None,
+        sub_block_bytes=_SUB_BLOCK_BYTES["cpu" if x2d.device.type == "cpu" else "other"],
+        rows=rows,
     )
-    return loss_rows, gx, gw, gb, gextras
+    return loss_rows, [*engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias), *gextras]
 
 
-def _outputs(gx, gw, gb, gextras, input, weight, bias, extras):
-    return (
-        *engine.grads_out(gx, gw, gb, input, weight, bias),
-        [engine.placeholder(input) if g is None else g.view(e.shape) for g, e in zip(gextras, extras)],
-    )
+def _forward(a: Args, need: list) -> tuple:
+    validation.check_target_range(a.target, a.weight.shape[0], a.ignore_index)
+    x2d, t1d, e2d = engine.flatten(a.input, a.target, a.extras)
+    valid = t1d != a.ignore_index
+    cdt = engine.compute_dtype(a.input.dtype)
+    up = engine.upstream(None, a.reduction, valid, a.num_items, cdt) if any(need) else None
+    loss_rows, grads = _transform_chunks(x2d, t1d, e2d, up, need, a)
+    loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, a.target.shape)
+    return (loss,), _extras_shaped(grads, a)
 
 
-def _check_all(
-    input,
-    weight,
-    target,
-    bias,
-    extras,
-    num_items,
-    transform,
-    options,
-    reduction,
-    softcap,
-    logit_scale,
-    chunk_size,
-    grad_mask,
-):
-    V.check_linear_transform(
-        input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale, chunk_size
-    )
-    get_transform(transform)
-    if len(grad_mask) != 3 + len(extras):
-        raise ValueError(f"grad_mask must have 3 + len(extras) = {3 + len(extras)} entries, got {len(grad_mask)}")
+def _gradients(a: Args, grad_outputs: list, need: list) -> list:
+    x2d, t1d, e2d = engine.flatten(a.input, a.target, a.extras)
+    cdt = engine.compute_dtype(a.input.dtype)
+    up = engine.upstream(grad_outputs[0], a.reduction, t1d != a.ignore_index, a.num_items, cdt)
+    _, grads = _transform_chunks(x2d, t1d, e2d, up, need, a)
+    return _extras_shaped(grads, a)
 
 
-@torch.library.custom_op("memops::linear_transform", mutates_args=())
-def linear_transform(
-    input: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    bias: Tensor | None,
-    extras: list[Tensor],
-    num_items: Tensor | None,
-    transform: str,
-    options: str,
-    ignore_index: int,
-    reduction: str,
-    softcap: float | None,
-    logit_scale: float,
-    chunk_size: int,
-    grad_mask: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    _check_all(
-        input,
-        weight,
-        target,
-        bias,
-        extras,
-        num_items,
-        transform,
-        options,
-        reduction,
-        softcap,
-        logit_scale,
-        chunk_size,
-        grad_mask,
-    )
-    V.check_target_range(target, weight.shape[0], ignore_index)
-    x2d, t1d, e2d = engine.flatten(input, target, extras)
-    cdt = engine.compute_dtype(input.dtype)
-    valid = t1d != ignore_index
-    up, need = None, [False] * len(grad_mask)
-    if reduction != "none" and any(grad_mask):
-        need, up = list(grad_mask), engine.upstream(None, reduction, valid, num_items, cdt)
-    loss_rows, gx, gw, gb, gex = _transform_chunks(
-        x2d,
-        weight,
-        t1d,
-        bias,
-        e2d,
-        up,
-        need,
-        tf=get_transform(transform),
-        options=decode_options(options),
-        ignore_index=ignore_index,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        chunk_size=chunk_size,
-    )
-    loss = engine.reduce_rows(loss_rows, reduction, valid, num_items, target.shape)
-    return (loss, *_outputs(gx, gw, gb, gex, input, weight, bias, extras))
+def _extras_shaped(grads: list, a: Args) -> list:
+    return grads[:3] + [None if g is None else g.view(e.shape) for g, e in zip(grads[3:], a.extras)]
 
 
-@torch.library.custom_op("memops::linear_transform_backward", mutates_args=())
-def linear_transform_backward(
-    grad_loss: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    bias: Tensor | None,
-    extras: list[Tensor],
-    num_items: Tensor | None,
-    saved_grad_input: Tensor,
-    saved_grad_weight: Tensor,
-    saved_grad_bias: Tensor,
-    saved_grad_extras: list[Tensor],
-    transform: str,
-    options: str,
-    ignore_index: int,
-    reduction: str,
-    softcap: float | None,
-    logit_scale: float,
-    chunk_size: int,
-    need: list[bool],
-    have: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """Gradients of ``linear_transform``'s loss: scale what the forward computed, recompute the rest."""
-    _check_all(
-        input,
-        weight,
-        target,
-        bias,
-        extras,
-        num_items,
-        transform,
-        options,
-        reduction,
-        softcap,
-        logit_scale,
-        chunk_size,
-        need,
-    )
-    cdt = engine.compute_dtype(input.dtype)
-    saved = [saved_grad_input, saved_grad_weight, saved_grad_bias, *saved_grad_extras]
-    out, missing = engine.scale_saved(grad_loss, saved, need, have, cdt)
-    if any(missing):
-        x2d, t1d, e2d = engine.flatten(input, target, extras)
-        up = engine.upstream(grad_loss, reduction, t1d != ignore_index, num_items, cdt)
-        _, gx, gw, gb, gex = _transform_chunks(
-            x2d,
-            weight,
-            t1d,
-            bias,
-            e2d,
-            up,
-            missing,
-            tf=get_transform(transform),
-            options=decode_options(options),
-            ignore_index=ignore_index,
-            softcap=softcap,
-            logit_scale=logit_scale,
-            chunk_size=chunk_size,
-        )
-        fresh = _outputs(gx, gw, gb, gex, input, weight, bias, extras)
-        out = [f if m else o for o, f, m in zip(out, [*fresh[:3], *fresh[3]], missing)]
-    out = [engine.placeholder(input) if o is None else o for o in out]
-    return out[0], out[1], out[2], out[3:]
-
-
-def _setup_context(ctx, inputs, output):
-    (
-        input,
-        weight,
-        target,
-        bias,
-        extras,
-        num_items,
-        transform,
-        options,
-        ignore_index,
-        reduction,
-        softcap,
-        logit_scale,
-        chunk_size,
-        grad_mask,
-    ) = inputs
-    _, gx, gw, gb, gex = output
-    ctx.save_for_backward(input, weight, target, bias, num_items, *extras)
-    ctx.n_extras = len(extras)
-    ctx.options = (transform, options, ignore_index, reduction, softcap, logit_scale, chunk_size)
-    _autograd.setup(ctx, (gx, gw, gb, *gex), [reduction != "none" and bool(m) for m in grad_mask], ())
-
-
-def _backward(ctx, grad_loss, _ggx, _ggw, _ggb, _ggex):
-    input, weight, target, bias, num_items, *extras = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    extra_needs = list(needs[4]) if isinstance(needs[4], (list, tuple)) else [bool(needs[4])] * ctx.n_extras
-    need = [needs[0], needs[1], bias is not None and needs[3], *extra_needs]
-    nones = (None,) * 9
-    if grad_loss is None or not any(need):
-        return (None, None, None, None, [None] * ctx.n_extras) + nones
-    grads = _autograd.take_precomputed(ctx, grad_loss, need)
-    if grads is None:
-        have, saved = _autograd.for_backward_op(ctx, input)
-        dx, dw, db, dex = torch.ops.memops.linear_transform_backward(
-            grad_loss,
-            input,
-            weight,
-            target,
-            bias,
-            extras,
-            num_items,
-            saved[0],
-            saved[1],
-            saved[2],
-            list(saved[3:]),
-            *ctx.options,
-            need,
-            have,
-        )
-        grads = (dx, dw, db, *dex)
-    grads = [g if n else None for g, n in zip(grads, need)]
-    return (grads[0], grads[1], None, grads[2], grads[3:]) + nones
-
-
-torch.library.register_autograd("memops::linear_transform", _backward, setup_context=_setup_context)
+family.implement(SPEC, _forward, _gradients)
 
 
 def linear_loss(
@@ -369,28 +166,21 @@ def linear_loss(
             logit_scale=logit_scale,
             **options,
         )
-    num_items, chunk_size = V.as_num_items(num_items), V.as_chunk_size(chunk_size)
-    V.check_options(transform, options)
-    V.check_linear_transform(
-        input, weight, target, bias, extras, num_items, reduction, softcap, logit_scale, chunk_size
+    validation.check_transform_options(transform, options)
+    loss, _ = SPEC.call(
+        input=input,
+        weight=weight,
+        target=target,
+        bias=bias,
+        extras=list(extras),
+        num_items=num_items,
+        transform=transform,
+        options=encode_options(options),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        chunk_size=chunk_size,
     )
-    get_transform(transform)
-    mask = _autograd.grad_mask(input, weight, bias, *extras)
-    loss, *_ = torch.ops.memops.linear_transform(
-        input,
-        weight,
-        target,
-        bias,
-        list(extras),
-        num_items,
-        transform,
-        encode_options(options),
-        int(ignore_index),
-        reduction,
-        None if softcap is None else float(softcap),
-        float(logit_scale),
-        chunk_size,
-        mask,
-    )
-    _autograd.donate(loss)
+    family.donate(loss)
     return loss

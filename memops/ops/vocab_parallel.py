@@ -7,6 +7,9 @@ smoothing, the logit sum (one sum all-reduce), so every rank gets the full loss 
 gathering logits or weights.  Each rank's weight/bias gradient is its shard's; the input gradient's
 partial sums are all-reduced once per call.  Collectives are ``torch.distributed``'s functional ones on
 the group named in the op's arguments.
+
+The CE head itself is ``linear_ce``'s (``ops/linear_ce.py``): it takes a :class:`GroupReducer`, which
+does these reductions, where one process passes one that does nothing.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import validation as V
-from . import engine
-from .linear_ce import Shard, _ce_chunks, register_ce_autograd
+from .. import validation
+from ..contract import Args
+from ..meta.vocab_parallel import SPEC
+from . import engine, family
+from .linear_ce import Reducer, ce_chunks
 
 
 def _group(name: str):
@@ -48,23 +53,31 @@ def all_gather(t: Tensor, group) -> Tensor:
 _TILED: dict[tuple[str, int], tuple[int, int]] = {}
 
 
-def _shard(group_name: str, vocab_start: int, vocab_size: int, local: int, device) -> Shard:
-    """Check (once per group, vocabulary size and slice) that the ranks' ``[start, start + rows)`` tile
-    ``[0, vocab_size)``; the group's reducers."""
-    group = _group(group_name)
-    if _TILED.get((group_name, vocab_size)) != (vocab_start, local):
-        _check_tiling(group, vocab_start, vocab_size, local, device)
-        _TILED[group_name, vocab_size] = (vocab_start, local)
+class GroupReducer(Reducer):
+    """The CE head's statistics reduced across ``group``: once per chunk (the head sees whole chunks)."""
 
-    def max_(t):
-        t.copy_(_all_reduce(t, "max", group))
+    whole_chunk = True
 
-    def sum_(ts):
-        flat = _all_reduce(torch.stack(ts), "sum", group)
-        for t, r in zip(ts, flat):
+    def __init__(self, group, start: int, vocab: int):
+        self.group, self.start, self.vocab = group, start, vocab
+
+    def max_(self, t: Tensor) -> None:
+        t.copy_(_all_reduce(t, "max", self.group))
+
+    def sum_(self, *ts: Tensor | None) -> None:
+        ts = [t for t in ts if t is not None]
+        for t, r in zip(ts, _all_reduce(torch.stack(ts), "sum", self.group)):
             t.copy_(r)
 
-    return Shard(vocab_start, vocab_size, max_, sum_)
+
+def _reducer(a: Args) -> GroupReducer:
+    """The group's reducer, after checking (once per group, vocabulary size and slice) that the ranks'
+    ``[start, start + rows)`` tile ``[0, vocab_size)``."""
+    group, local = _group(a.group_name), a.weight.shape[0]
+    if _TILED.get((a.group_name, a.vocab_size)) != (a.vocab_start, local):
+        _check_tiling(group, a.vocab_start, a.vocab_size, local, a.input.device)
+        _TILED[a.group_name, a.vocab_size] = (a.vocab_start, local)
+    return GroupReducer(group, a.vocab_start, a.vocab_size)
 
 
 def _check_tiling(group, vocab_start: int, vocab_size: int, local: int, device) -> None:
@@ -81,143 +94,31 @@ def _check_tiling(group, vocab_start: int, vocab_size: int, local: int, device) 
         )
 
 
-def _chunks(input, weight, target, bias, up, need, group_name, vocab_start, vocab_size, opts):
-    x2d, t1d, _ = engine.flatten(input, target)
-    shard = _shard(group_name, vocab_start, vocab_size, weight.shape[0], input.device)
-    loss_rows, lse_rows, gx, gw, gb = _ce_chunks(x2d, weight, t1d, bias, up, need, shard=shard, **opts)
+def _chunks(a: Args, up, need):
+    """Every row on every rank (the ranks' rows must match for the collectives)."""
+    x2d, t1d, _ = engine.flatten(a.input, a.target)
+    reducer = _reducer(a)
+    loss_rows, lse_rows, gx, gw, gb = ce_chunks(x2d, a.weight, t1d, a.bias, up, need, a, None, reducer)
     if gx is not None:
-        gx = _all_reduce(gx, "sum", _group(group_name))
+        gx = _all_reduce(gx, "sum", reducer.group)
     return loss_rows, lse_rows, gx, gw, gb
 
 
-def _opts(ignore_index, label_smoothing, z_loss, softcap, logit_scale, chunk_size):
-    return dict(
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        chunk_size=chunk_size,
-    )
+def _forward(a: Args, need: list) -> tuple:
+    validation.check_target_range(a.target, a.vocab_size, a.ignore_index)
+    cdt = engine.compute_dtype(a.input.dtype)
+    valid = a.target.reshape(-1) != a.ignore_index
+    up = engine.upstream(None, a.reduction, valid, a.num_items, cdt) if any(need) else None
+    loss_rows, lse_rows, gx, gw, gb = _chunks(a, up, need)
+    loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, a.target.shape)
+    return (loss, lse_rows.view(a.target.shape)), engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
-@torch.library.custom_op("memops::vocab_parallel_ce", mutates_args=())
-def vocab_parallel_ce(
-    input: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    bias: Tensor | None,
-    num_items: Tensor | None,
-    vocab_start: int,
-    vocab_size: int,
-    group_name: str,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    logit_scale: float,
-    chunk_size: int,
-    grad_mask: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    V.check_vocab_parallel_ce(
-        input,
-        weight,
-        target,
-        bias,
-        num_items,
-        vocab_start,
-        vocab_size,
-        reduction,
-        label_smoothing,
-        z_loss,
-        softcap,
-        logit_scale,
-        chunk_size,
-    )
-    V.check_target_range(target, vocab_size, ignore_index)
-    cdt = engine.compute_dtype(input.dtype)
-    t1d = target.reshape(-1)
-    valid = t1d != ignore_index
-    up, need = None, (False, False, False)
-    if reduction != "none" and any(grad_mask):
-        need, up = tuple(grad_mask), engine.upstream(None, reduction, valid, num_items, cdt)
-    loss_rows, lse_rows, gx, gw, gb = _chunks(
-        input,
-        weight,
-        target,
-        bias,
-        up,
-        need,
-        group_name,
-        vocab_start,
-        vocab_size,
-        _opts(ignore_index, label_smoothing, z_loss, softcap, logit_scale, chunk_size),
-    )
-    loss = engine.reduce_rows(loss_rows, reduction, valid, num_items, target.shape)
-    return (loss, lse_rows.view(target.shape)) + engine.grads_out(gx, gw, gb, input, weight, bias)
+def _gradients(a: Args, grad_outputs: list, need: list) -> list:
+    cdt = engine.compute_dtype(a.input.dtype)
+    up = engine.upstream(grad_outputs[0], a.reduction, a.target.reshape(-1) != a.ignore_index, a.num_items, cdt)
+    *_, gx, gw, gb = _chunks(a, up, need)
+    return engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
-@torch.library.custom_op("memops::vocab_parallel_ce_backward", mutates_args=())
-def vocab_parallel_ce_backward(
-    grad_loss: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    bias: Tensor | None,
-    num_items: Tensor | None,
-    saved_grad_input: Tensor,
-    saved_grad_weight: Tensor,
-    saved_grad_bias: Tensor,
-    vocab_start: int,
-    vocab_size: int,
-    group_name: str,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    logit_scale: float,
-    chunk_size: int,
-    need: list[bool],
-    have: list[bool],
-) -> tuple[Tensor, Tensor, Tensor]:
-    V.check_vocab_parallel_ce(
-        input,
-        weight,
-        target,
-        bias,
-        num_items,
-        vocab_start,
-        vocab_size,
-        reduction,
-        label_smoothing,
-        z_loss,
-        softcap,
-        logit_scale,
-        chunk_size,
-    )
-    cdt = engine.compute_dtype(input.dtype)
-    out, missing = engine.scale_saved(
-        grad_loss, (saved_grad_input, saved_grad_weight, saved_grad_bias), need, have, cdt
-    )
-    if any(missing):
-        up = engine.upstream(grad_loss, reduction, target.reshape(-1) != ignore_index, num_items, cdt)
-        _, _, gx, gw, gb = _chunks(
-            input,
-            weight,
-            target,
-            bias,
-            up,
-            missing,
-            group_name,
-            vocab_start,
-            vocab_size,
-            _opts(ignore_index, label_smoothing, z_loss, softcap, logit_scale, chunk_size),
-        )
-        fresh = engine.grads_out(gx, gw, gb, input, weight, bias)
-        out = [f if m else o for o, f, m in zip(out, fresh, missing)]
-    return tuple(engine.placeholder(input) if o is None else o for o in out)
-
-
-register_ce_autograd("memops::vocab_parallel_ce", torch.ops.memops.vocab_parallel_ce_backward, reduction_at=9)
+family.implement(SPEC, _forward, _gradients)

@@ -1,0 +1,225 @@
+"""The op-family contract: what a loss family declares once, and the op schemas made from it.
+
+A :class:`Spec` names a family's tensor inputs (which get gradients), its options (name, schema type,
+default, check, front-end conversion), its outputs and a shape rule.  From it come
+
+* the two schemas, defined by :func:`declare` (called by ``memops/meta``, with the fake kernels)::
+
+      memops::<name>(<inputs>, <options>, bool[] grad_mask) -> (<outputs>, Tensor[] grads)
+      memops::<name>_backward(Tensor?[] grad_outputs, <inputs>, Tensor[] saved, <options>,
+                              bool[] need, bool[] have) -> Tensor[]
+
+  ``grads`` holds, when a scalar loss is trained, its gradients with respect to every input with
+  ``grad=True`` (a ``Tensor[]`` input counts once per element) computed in the forward pass, else empty
+  ``[0]`` placeholders; the backward op scales what the forward computed (``have``) and recomputes
+  what it did not (``need`` and not ``have``).  A family without forward gradients (``forward_grads=False``)
+  has neither ``grad_mask`` nor ``grads``.
+* argument binding by name (:meth:`Spec.bind`), validation (:meth:`Spec.validate`: each option's check,
+  then the family's cross-argument check from ``memops/validation.py``) and the front-end call
+  (:meth:`Spec.call`: defaults, conversions, ``grad_mask``);
+* the real kernels, autograd and the shared backward (``memops/ops/family.py``).
+
+This module imports no kernel code: both layers use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import validation
+from .rules import placeholder
+
+LIB = torch.library.Library("memops", "DEF")  # owns every memops schema
+
+
+@dataclass(frozen=True)
+class Input:
+    """A tensor argument: ``kind`` is its schema type (``Tensor``, ``Tensor?`` or ``Tensor[]``); ``grad``:
+    the op returns a gradient for it; ``convert``: what the front end applies to the user's value."""
+
+    name: str
+    kind: str = "Tensor"
+    grad: bool = False
+    convert: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Option:
+    """A non-tensor argument: schema type (``int``, ``float``, ``float?``, ``bool``, ``str``), default,
+    ``check(name, value)`` (after the type check) and the front end's conversion of the user's value."""
+
+    name: str
+    type: str
+    default: Any
+    check: Callable[[str, Any], None] | None = None
+    convert: Callable[[Any], Any] | None = None
+
+
+def _check(o: Option, value) -> None:
+    validation.check_option(o.name, o.type, value)
+    if o.check is not None:
+        o.check(o.name, value)
+
+
+class Args:
+    """One call's arguments by name (``a.input``, ``a.reduction``, ...)."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def replace(self, **values) -> Args:
+        return Args(**{**self.__dict__, **values})
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    inputs: tuple[Input, ...]
+    options: tuple[Option, ...]
+    outputs: tuple[str, ...]
+    shapes: Callable[[Args], tuple]  # fake non-gradient outputs
+    check: Callable[[Args], None]  # cross-argument checks (memops/validation.py)
+    differentiable: tuple[str, ...] = ("loss",)  # outputs that take an incoming gradient
+    forward_grads: bool = True
+    scalar: Callable[[Args], bool] = field(default=lambda a: a.reduction != "none")
+
+    # ---- names and schemas -------------------------------------------------------------------------
+    @property
+    def qualname(self) -> str:
+        return f"memops::{self.name}"
+
+    @property
+    def backward_name(self) -> str:
+        return f"{self.name}_backward"
+
+    def _params(self) -> str:
+        return ", ".join([f"{i.kind} {i.name}" for i in self.inputs])
+
+    def _opts(self) -> str:
+        return ", ".join(f"{o.type} {o.name}" for o in self.options)
+
+    def schema(self) -> str:
+        outs = ", ".join(["Tensor"] * len(self.outputs) + (["Tensor[]"] if self.forward_grads else []))
+        mask = ", bool[] grad_mask" if self.forward_grads else ""
+        return f"({self._params()}, {self._opts()}{mask}) -> ({outs})"
+
+    def backward_schema(self) -> str:
+        return (
+            f"(Tensor?[] grad_outputs, {self._params()}, Tensor[] saved, {self._opts()}, "
+            "bool[] need, bool[] have) -> Tensor[]"
+        )
+
+    # ---- arguments ---------------------------------------------------------------------------------
+    def bind(self, args: Sequence, backward: bool = False) -> Args:
+        """Positional op arguments as :class:`Args` (forward, or backward without ``grad_outputs``)."""
+        names = [i.name for i in self.inputs]
+        names += ["saved"] if backward else []
+        names += [o.name for o in self.options]
+        names += ["need", "have"] if backward else (["grad_mask"] if self.forward_grads else [])
+        if len(args) != len(names):
+            raise TypeError(f"{self.qualname} takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
+        return Args(**dict(zip(names, args)))
+
+    def tensors(self, a: Args) -> list:
+        return [getattr(a, i.name) for i in self.inputs]
+
+    def option_values(self, a: Args) -> list:
+        return [getattr(a, o.name) for o in self.options]
+
+    def grad_slots(self, a: Args) -> list:
+        """The tensors that can get a gradient, in output order (a ``Tensor[]`` input element-wise)."""
+        slots = []
+        for i in self.inputs:
+            if i.grad:
+                v = getattr(a, i.name)
+                slots.extend(v if i.kind == "Tensor[]" else [v])
+        return slots
+
+    def check_options(self, values: dict) -> None:
+        """The front end's conversion and the checks of the options in ``values`` (by name)."""
+        for o in self.options:
+            if o.name in values:
+                _check(o, o.convert(values[o.name]) if o.convert is not None else values[o.name])
+
+    def validate(self, a: Args) -> None:
+        """Every check that reads no tensor data: each option's type and range, then the family's."""
+        for o in self.options:
+            _check(o, getattr(a, o.name))
+        self.check(a)
+
+    def fake_grads(self, a: Args, mask: Sequence[bool]) -> list:
+        """Gradient outputs: contiguous and like their tensor where ``mask`` holds, else placeholders."""
+        like = a.input
+        return [
+            t.new_empty(t.shape) if (m and t is not None) else placeholder(like)
+            for t, m in zip(self.grad_slots(a), mask)
+        ]
+
+    def forward_mask(self, a: Args) -> list[bool]:
+        """Which gradients this forward call computes: ``grad_mask`` when the loss is a scalar."""
+        scalar = self.scalar(a)
+        return [scalar and bool(m) for m in a.grad_mask]
+
+    def op(self):
+        return getattr(torch.ops.memops, self.name)
+
+    def backward_op(self):
+        return getattr(torch.ops.memops, self.backward_name)
+
+    def call(self, **values):
+        """The front end's call: defaults and conversions applied, validated, ``grad_mask`` from the
+        tensors (grad mode on and ``requires_grad``); returns the op's outputs."""
+        unknown = set(values) - {i.name for i in self.inputs} - {o.name for o in self.options}
+        if unknown:
+            raise TypeError(f"{self.qualname}: unexpected arguments {sorted(unknown)}")
+        for i in self.inputs:
+            v = values.get(i.name)
+            values[i.name] = i.convert(v) if i.convert is not None else v
+        for o in self.options:
+            v = values.get(o.name, o.default)
+            values[o.name] = o.convert(v) if o.convert is not None else v
+        a = Args(**values)
+        self.validate(a)
+        for o in self.options:  # Python numbers of the schema's type (after the checks saw the user's value)
+            setattr(a, o.name, validation.as_schema_type(o.type, getattr(a, o.name)))
+        args = self.tensors(a) + self.option_values(a)
+        if self.forward_grads:
+            on = torch.is_grad_enabled()
+            args.append([on and t is not None and t.requires_grad for t in self.grad_slots(a)])
+        return self.op()(*args)
+
+
+def declare(spec: Spec) -> None:
+    """Define ``spec``'s forward and backward schemas and register their fake kernels."""
+    LIB.define(spec.name + spec.schema())
+    LIB.define(spec.backward_name + spec.backward_schema())
+
+    def fake(*args):
+        a = spec.bind(args)
+        spec.validate(a)
+        outs = tuple(spec.shapes(a))
+        return outs + ((spec.fake_grads(a, spec.forward_mask(a)),) if spec.forward_grads else ())
+
+    def fake_backward(grad_outputs, *args):
+        a = spec.bind(args, backward=True)
+        spec.validate(a)
+        return spec.fake_grads(a, a.need)
+
+    torch.library.register_fake(spec.qualname, fake, lib=LIB)
+    torch.library.register_fake(f"memops::{spec.backward_name}", fake_backward, lib=LIB)
+
+
+SPECS: dict[str, Spec] = {}
+
+
+def register(spec: Spec) -> Spec:
+    """Declare ``spec`` (schemas and fake kernels) and list it in :data:`SPECS`."""
+    if spec.name in SPECS:
+        raise ValueError(f"op family {spec.name!r} is declared twice")
+    declare(spec)
+    SPECS[spec.name] = spec
+    return spec

@@ -1,0 +1,211 @@
+"""The kernel side of the op-family contract (``memops/contract.py``): real kernels, autograd and the one
+shared backward, for every family, from its :class:`~memops.contract.Spec` and two functions.
+
+A forward op returns ``(outputs..., grads)``: when a scalar loss is trained, the
+gradients of the loss with respect to every input that needs one, computed in
+the same chunk pass.  Backward multiplies them by the incoming gradient.  When a
+Python front end (``memops.linear_cross_entropy`` and the like) made the call, it
+*donates* those tensors (:func:`donate`): in plain eager mode backward hands them
+to autograd directly, scaled in place, so no second gradient-sized buffer exists.
+Everywhere else (a direct ``torch.ops.memops.*`` call, tracing, a second backward
+through the same graph) the family's backward op scales them into new tensors: an
+op's outputs never change after it returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..contract import LIB, Args, Spec
+from ..rules import compute_dtype, placeholder
+
+
+def plain_eager(t: Tensor) -> bool:
+    """True outside torch.compile / export / make_fx tracing and any dispatch mode."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
+def setup(ctx, grads: Sequence[Tensor], have: Sequence[bool], non_differentiable: Sequence[Tensor]) -> None:
+    """Record the forward's gradients (``have[i]``: grads[i] holds a real gradient)."""
+    ctx.mark_non_differentiable(*non_differentiable, *grads)
+    ctx.set_materialize_grads(False)  # no zero-filled "gradients" for the gradient outputs
+    # An attribute, not saved: eager backward hands these tensors over (see take_precomputed).
+    ctx.grads = tuple(grads)
+    ctx.have = list(have)
+    ctx.consumed = False
+    ctx.donated = False
+
+
+def donate(output: Tensor) -> None:
+    """For the Python front ends only, right after the op call: the caller never sees the op's gradient
+    outputs, so backward may hand them to autograd scaled in place (:func:`take_precomputed`)."""
+    if plain_eager(output) and output.grad_fn is not None:
+        output.grad_fn.donated = True  # the autograd node is the op's ``ctx``
+
+
+def take_precomputed(ctx, grad_loss: Tensor, need: Sequence[bool]) -> tuple | None:
+    """Eager fast path for donated gradients (:func:`donate`): the forward's, scaled by ``grad_loss`` in
+    place, or None.
+
+    The context's reference is dropped so autograd can take the tensors as
+    ``.grad`` without a copy; a later backward through the same graph
+    (``retain_graph=True``) gets None and recomputes.
+    """
+    if not (
+        ctx.donated and not ctx.consumed and plain_eager(grad_loss) and all(h for h, n in zip(ctx.have, need) if n)
+    ):
+        return None
+    ctx.consumed = True
+    grads, ctx.grads = ctx.grads, None
+    if not bool(grad_loss == 1):
+        for g, n in zip(grads, need):
+            if n:
+                g.mul_(grad_loss)
+    return tuple(g if n else None for g, n in zip(grads, need))
+
+
+def for_backward_op(ctx, empty: Tensor) -> tuple[list[bool], tuple]:
+    """``(have, saved grads)`` to pass to the backward op (nothing usable once consumed)."""
+    if ctx.consumed:
+        return [False] * len(ctx.have), tuple(placeholder(empty) for _ in ctx.have)
+    return list(ctx.have), ctx.grads
+
+
+_AUTOGRAD_KEYS = ("AutogradCPU", "AutogradCUDA", "AutogradOther", "ADInplaceOrView")
+
+
+@contextlib.contextmanager
+def autograd_inside_kernel():
+    """Grad mode with autograd dispatch turned back on inside a custom op's kernel.
+
+    A custom op's real kernel runs below the autograd dispatch keys, so tensors
+    made there do not record a graph.  Chunk heads that derive their gradient
+    with ``torch.autograd.grad`` run under this context instead.
+    """
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(getattr(keys, name))
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
+# forward(a, need) -> (outputs, grads): the family's outputs and, where ``need`` says, the gradients of its
+# scalar loss (None elsewhere).  gradients(a, grad_outputs, need) -> grads: recomputed for the incoming
+# gradients of the differentiable outputs (None where not needed).
+Forward = Callable[[Args, list], tuple]
+Gradients = Callable[[Args, list, list], list]
+
+
+def _flat(tensors: Sequence) -> tuple[list, list]:
+    """Tensors to save (``Tensor[]`` inputs spread out) and, per input, its list length or None."""
+    flat, layout = [], []
+    for t in tensors:
+        if isinstance(t, (list, tuple)):
+            flat.extend(t)
+            layout.append(len(t))
+        else:
+            flat.append(t)
+            layout.append(None)
+    return flat, layout
+
+
+def _unflat(flat: Sequence, layout: Sequence) -> list:
+    out, k = [], 0
+    for n in layout:
+        out.append(flat[k] if n is None else list(flat[k : k + n]))
+        k += 1 if n is None else n
+    return out
+
+
+# op name -> (forward, gradients), for tests that run a family's kernel code directly (``tests/test_plan.py``)
+KERNELS: dict[str, tuple[Forward, Gradients]] = {}
+
+
+def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
+    """Register ``spec``'s real kernels (forward and backward op, any device) and its autograd."""
+    KERNELS[spec.name] = (forward, gradients)
+
+    def kernel(*args):
+        a = spec.bind(args)
+        spec.validate(a)
+        need = spec.forward_mask(a) if spec.forward_grads else []
+        outs, grads = forward(a, need)
+        if not spec.forward_grads:
+            return tuple(outs)
+        return (*outs, [placeholder(a.input) if g is None else g for g in grads])
+
+    def backward_kernel(grad_outputs, *args):
+        """Scale what the forward computed by the incoming gradient, recompute what it did not."""
+        a = spec.bind(args, backward=True)
+        spec.validate(a)
+        need = [bool(n) for n in a.need]
+        have = [bool(h) for h in a.have] or [False] * len(need)
+        cdt = compute_dtype(a.input.dtype)
+        out = [
+            (s * grad_outputs[0].to(cdt)).to(s.dtype) if (n and h) else None
+            for s, n, h in zip(a.saved or [None] * len(need), need, have)
+        ]
+        missing = [n and not h for n, h in zip(need, have)]
+        if any(missing):
+            fresh = gradients(a, list(grad_outputs), missing)
+            out = [f if m else o for o, f, m in zip(out, fresh, missing)]
+        return [placeholder(a.input) if o is None else o for o in out]
+
+    torch.library.impl(spec.qualname, "CompositeExplicitAutograd", kernel, lib=LIB)
+    torch.library.impl(f"memops::{spec.backward_name}", "CompositeExplicitAutograd", backward_kernel, lib=LIB)
+
+    n_outputs = len(spec.outputs)
+    diff = [k for k, name in enumerate(spec.outputs) if name in spec.differentiable]
+
+    def setup_context(ctx, inputs, output):
+        a = spec.bind(inputs)
+        flat, ctx.layout = _flat(spec.tensors(a))
+        ctx.save_for_backward(*flat)
+        ctx.options = spec.option_values(a)
+        fixed = [o for k, o in enumerate(output[:n_outputs]) if k not in diff]
+        if spec.forward_grads:
+            setup(ctx, output[n_outputs], spec.forward_mask(a), fixed)
+        else:
+            setup(ctx, (), (), fixed)
+
+    def backward(ctx, *grad_outputs):
+        tensors = _unflat(ctx.saved_tensors, ctx.layout)
+        a = spec.bind([*tensors, *ctx.options] + ([None] if spec.forward_grads else []))
+        need, where = [], []  # per gradient slot: wanted?  and its input's position
+        for k, (i, t) in enumerate(zip(spec.inputs, tensors)):
+            if not i.grad:
+                continue
+            wants = ctx.needs_input_grad[k]
+            if i.kind == "Tensor[]":
+                wants = list(wants) if isinstance(wants, (list, tuple)) else [bool(wants)] * len(t)
+                need += [bool(w) for w in wants]
+                where += [k] * len(t)
+            else:
+                need.append(bool(wants) and t is not None)
+                where.append(k)
+        result = [[None] * len(t) if isinstance(t, list) else None for t in tensors]
+        result += [None] * (len(ctx.options) + (1 if spec.forward_grads else 0))
+        incoming = [grad_outputs[k] for k in diff]
+        if all(g is None for g in incoming) or not any(need):
+            return tuple(result)
+        grads = take_precomputed(ctx, incoming[0], need) if spec.forward_grads else None
+        if grads is None:
+            have, saved = for_backward_op(ctx, a.input)
+            grads = spec.backward_op()(incoming, *tensors, list(saved), *ctx.options, need, have)
+        slot_of = {}
+        for g, n, k in zip(grads, need, where):
+            g = g if n else None
+            if isinstance(result[k], list):
+                j = slot_of.get(k, 0)
+                result[k][j] = g
+                slot_of[k] = j + 1
+            else:
+                result[k] = g
+        return tuple(result)
+
+    torch.library.register_autograd(spec.qualname, backward, setup_context=setup_context, lib=LIB)

@@ -1,0 +1,94 @@
+"""Row planning: which rows of a call the chunk engine computes, and why.
+
+Every family asks one question with :func:`plan`.  A row is
+
+* **skipped** when its result reaches neither an output nor a gradient (an ignored target whose lse
+  nobody asked for, a token with no incoming gradient, a masked GRPO token that provably cannot reach
+  the loss) *and* skipping is exact: the unfused reference turns its gradients NaN through such a row
+  when the row's logits hold NaN or +inf (softmax backward multiplies a zero upstream by ``exp(nan)``),
+  so rows are skipped only when every logit is certainly finite (:func:`bounded`);
+* **probed** (GRPO): computed forward only, because its gradient coefficient is zero unless its own
+  log-prob turns it non-finite; the family checks that afterwards and computes the few such rows in full;
+* **full** otherwise: forward, and gradients when the call wants them.
+
+Device-to-host syncs: :func:`plan` makes at most one (the row counts, read as one scalar); the bound is
+a device tensor.  A call also makes one in validation (``check_target_range``) and GRPO one more after a
+probe (``nonzero`` of the rows that need a full pass).  ``tests/test_plan.py`` counts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Plan:
+    full: Tensor | None  # sorted row indices, or None for every row (then there is nothing else)
+    probe: Tensor | None  # sorted row indices computed forward only, or None
+
+
+EVERY_ROW = Plan(None, None)
+
+
+def _abs_max(t: Tensor | None, device) -> Tensor:
+    """``max |t|`` as a float64 0-dim tensor in one pass (NaN if ``t`` holds one; 0 when absent or empty)."""
+    if t is None or t.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    lo, hi = torch.aminmax(t)
+    return torch.maximum(hi, -lo).to(torch.float64)
+
+
+def bounded(x2d: Tensor, weight: Tensor, bias: Tensor | None, logit_scale: float = 1.0, finite: tuple = ()) -> Tensor:
+    """Whether every logit is certainly finite and far from overflow, as a bool 0-dim tensor (no sync).
+
+    ``|logit_scale| * (D * max|x| * max|W| + max|b|)``, a bound on every logit, must be finite and far
+    below the dtype's largest value (so inputs, weight and bias are free of NaN and inf; fp16, whose
+    range is small, may fail it); every tensor in ``finite`` must be free of NaN and inf as well.
+    """
+    dev = x2d.device
+    bound = abs(logit_scale) * (x2d.shape[1] * _abs_max(x2d, dev) * _abs_max(weight, dev) + _abs_max(bias, dev))
+    ok = bound < torch.finfo(x2d.dtype).max / 4  # also False for NaN / inf
+    for t in finite:
+        if t.is_floating_point():
+            ok = ok & t.isfinite().all()
+    return ok
+
+
+def plan(
+    x2d: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    logit_scale: float,
+    *,
+    needed: Tensor | None = None,
+    probe: Tensor | None = None,
+    finite: tuple = (),
+) -> Plan:
+    """The rows to compute: ``needed`` (bool ``[N]``, None for all) marks the rows whose results matter,
+    ``probe`` the needed rows to compute forward only first; rows not needed are skipped where exact
+    (:func:`bounded`, with ``finite`` extra tensors whose NaN/inf would reach the reference's gradient),
+    else computed in full."""
+    n = x2d.shape[0]
+    if (needed is None and probe is None) or n == 0:
+        return EVERY_ROW
+    full = torch.ones(n, dtype=torch.bool, device=x2d.device) if needed is None else needed
+    if needed is not None:
+        full = full | ~bounded(x2d, weight, bias, logit_scale, finite)
+    probe_rows = torch.zeros_like(full) if probe is None else (probe & (needed if needed is not None else full))
+    full = full & ~probe_rows
+    # the one sync: both counts in one scalar
+    packed = int(full.sum() * (n + 1) + probe_rows.sum())
+    n_full, n_probe = divmod(packed, n + 1)
+    if n_full == n:
+        return EVERY_ROW
+    order = torch.argsort(torch.where(full, 0, torch.where(probe_rows, 1, 2)).to(torch.int8), stable=True)
+    return Plan(order[:n_full], order[n_full : n_full + n_probe] if n_probe else None)
+
+
+def rows_out(shape, dtype: torch.dtype, device: torch.device, rows: Tensor | None) -> Tensor:
+    """A per-row output of ``engine.run``: left uninitialised when every row is computed (each gets
+    written), zero-filled when ``rows`` leaves some out."""
+    return (torch.empty if rows is None else torch.zeros)(shape, dtype=dtype, device=device)

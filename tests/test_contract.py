@@ -1,0 +1,245 @@
+"""The contract every op under ``torch.ops.memops`` keeps, checked for each op found in the dispatcher (so a
+new op cannot be missed): ``torch.library.opcheck`` of the op and its backward op;
+``torch.compile(fullgraph=True, dynamic=True)`` of forward + backward with one compile across three token
+counts, matching eager; ``torch.export`` -> save -> load in a fresh process, matching eager.  The
+vocab-parallel op runs on a one-process gloo group.  Numerics live in the per-family test files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import backward_op_args
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import memops
+from memops.contract import SPECS
+
+V, D = 11, 6
+
+
+def _base(n: int, g: torch.Generator, dtype=torch.float32):
+    x = torch.randn(n, 2, D, generator=g, dtype=dtype)
+    w = torch.randn(V, D, generator=g, dtype=dtype)
+    b = torch.randn(V, generator=g, dtype=dtype)
+    t = torch.randint(0, V, (n, 2), generator=g)
+    return x, w, b, t
+
+
+def _ce(n, g):
+    x, w, b, t = _base(n, g)
+    t[0, 0] = -100
+    return (x, w, t, b, None, -100, "mean", 0.1, 1e-3, 4.0, 0.9, 3, False, [True, True, True])
+
+
+def _vocab_parallel(n, g):
+    x, w, b, t = _base(n, g)
+    t[0, 0] = -100
+    return (
+        x,
+        w,
+        t,
+        b,
+        None,
+        0,
+        V,
+        dist.group.WORLD.group_name,
+        -100,
+        "sum",
+        0.1,
+        1e-3,
+        None,
+        1.0,
+        3,
+        [True, True, True],
+    )
+
+
+def _transform(n, g):
+    x, w, b, t = _base(n, g)
+    t[0, 1] = -100
+    e = torch.rand(n, 2, generator=g)
+    opts = memops.registry.encode_options({"gamma": 1.5})
+    return (x, w, t, b, [e], None, "_contract_focal", opts, -100, "mean", None, 1.0, 3, [True, True, True, True])
+
+
+def _logprobs(n, g):
+    x, w, b, t = _base(n, g)
+    return (x, w, t, b, 0.8, True, 3)
+
+
+def _grpo(n, g):
+    x, w, b, t = _base(n, g)
+    tw = torch.rand(t.shape, generator=g) * (torch.rand(t.shape, generator=g) < 0.7)
+    adv = torch.randn(t.shape, generator=g)
+    old, ref = (torch.randn(t.shape, generator=g) * 0.1 - 2.5 for _ in range(2))
+    return (x, w, t, b, tw, adv, old, ref, 0.04, 0.2, 0.28, 0.9, 3, True, [True, True, True])
+
+
+SAMPLES = {
+    "linear_ce": _ce,
+    "vocab_parallel_ce": _vocab_parallel,
+    "linear_transform": _transform,
+    "linear_logprobs": _logprobs,
+    "linear_grpo": _grpo,
+}
+
+
+@memops.transform("_contract_focal")
+def _focal(logits, target, weight, gamma=2.0):
+    logp = torch.log_softmax(logits, -1).gather(1, target[:, None]).squeeze(1)
+    return -weight * (1 - logp.exp()).pow(gamma) * logp
+
+
+def _discovered() -> list[str]:
+    names = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("memops::")}
+    return sorted(n for n in names if not n.endswith("_backward"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_process_group(tmp_path_factory):
+    if dist.is_initialized():
+        yield
+        return
+    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_every_op_is_declared_and_sampled():
+    ops = _discovered()
+    assert ops == sorted(SPECS), "every memops op comes from a declared family"
+    assert ops == sorted(SAMPLES), f"give each op a sample here: {sorted(set(ops) - set(SAMPLES))}"
+    for name in ops:
+        assert hasattr(torch.ops.memops, name + "_backward")
+
+
+def _requiring_grad(args, spec):
+    a = spec.bind(args)
+    for i in spec.inputs:
+        v = getattr(a, i.name)
+        if i.grad and v is not None:
+            for t in v if isinstance(v, list) else [v]:
+                t.requires_grad_(True)
+    return args
+
+
+def _scalar(spec, out):
+    """A scalar of every differentiable output (uneven weights on per-token ones)."""
+    total = 0
+    for name, o in zip(spec.outputs, out):
+        if name in spec.differentiable:
+            total = total + (o * torch.cos(o.detach())).sum() if o.dim() else total + o
+    return total
+
+
+@pytest.mark.parametrize("name", _discovered())
+def test_opcheck(name):
+    spec = SPECS[name]
+    g = torch.Generator().manual_seed(0)
+    args = _requiring_grad(SAMPLES[name](4, g), spec)
+    torch.library.opcheck(spec.op().default, args)
+    out = spec.op()(*args)
+    grads = [torch.randn(o.shape, generator=g) if n in spec.differentiable else None for n, o in zip(spec.outputs, out)]
+    grads = [gr for n, gr in zip(spec.outputs, grads) if n in spec.differentiable]
+    torch.library.opcheck(spec.backward_op().default, backward_op_args(name, args, grads))
+
+
+def _leaves(args, spec):
+    a = spec.bind(args)
+    leaves = []
+    for i in spec.inputs:
+        v = getattr(a, i.name)
+        if i.grad and v is not None:
+            leaves.extend(v if isinstance(v, list) else [v])
+    return leaves
+
+
+@pytest.mark.parametrize("name", _discovered())
+def test_compile_fullgraph_dynamic_compiles_once(name):
+    spec = SPECS[name]
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(*args):
+        return _scalar(spec, spec.op()(*args))
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    first = None
+    for n in (5, 8, 13):
+        g = torch.Generator().manual_seed(n)
+        args = _requiring_grad(SAMPLES[name](n, g), spec)
+        with torch._dynamo.config.patch(error_on_recompile=first is not None):
+            compiled(*args).backward()
+        first = counter.frame_count if first is None else first
+        got = [t.grad for t in _leaves(args, spec)]
+        args2 = _requiring_grad(SAMPLES[name](n, torch.Generator().manual_seed(n)), spec)
+        step(*args2).backward()
+        want = [t.grad for t in _leaves(args2, spec)]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert first >= 1 and counter.frame_count == first, f"{name}: a new token count recompiled"
+
+
+_LOAD = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    import memops
+    sys.path.insert(0, {tests!r})
+    import test_contract  # registers the sample transform
+    dist.init_process_group("gloo", store=dist.FileStore({store!r}, 1), rank=0, world_size=1)
+    for name in {names!r}:
+        ep = torch.export.load({root!r} + "/" + name + ".pt2")
+        args, want = torch.load({root!r} + "/" + name + ".args", weights_only=False)
+        got = ep.module()(*args)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, equal_nan=True)
+        print("loaded", name)
+    dist.destroy_process_group()
+    """
+)
+
+
+class _Call(torch.nn.Module):
+    def __init__(self, spec, options):
+        super().__init__()
+        self.spec, self.options = spec, options
+
+    def forward(self, *tensors):
+        return self.spec.op()(*tensors, *self.options)
+
+
+def test_export_save_load_in_a_fresh_process(tmp_path):
+    names = _discovered()
+    for name in names:
+        spec = SPECS[name]
+        args = SAMPLES[name](4, torch.Generator().manual_seed(1))
+        k = len(spec.inputs)
+        tensors, options = args[:k], args[k:]
+        if spec.forward_grads:  # export records the inference graph: no gradient work
+            options = options[:-1] + ([False] * len(options[-1]),)
+        mod = _Call(spec, options)
+        ep = torch.export.export(mod, tuple(tensors))
+        assert sum(n.target is spec.op().default for n in ep.graph.nodes) == 1
+        torch.export.save(ep, str(tmp_path / f"{name}.pt2"))
+        torch.save((tensors, mod(*tensors)), tmp_path / f"{name}.args")
+    code = _LOAD.format(
+        tests=os.path.dirname(__file__), store=str(tmp_path / "store2"), names=names, root=str(tmp_path)
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:-1] == [f"loaded {n}" for n in names]
+
+
+def test_docs_list_every_schema():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    for name, spec in SPECS.items():
+        assert f"memops::{name}{spec.schema()}" in text
+        assert f"memops::{spec.backward_name}{spec.backward_schema()}" in text

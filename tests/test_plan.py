@@ -1,0 +1,136 @@
+"""Row planning (``memops/ops/plan.py``): which rows a call computes, and how many device-to-host syncs a
+call makes (validation 1, planning at most 1, GRPO 1 more after probing masked tokens)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import memops
+from memops.contract import SPECS
+from memops.ops import family, plan
+
+
+class Syncs(TorchDispatchMode):
+    """Counts the ops that make a device wait for the host: reading a value (``item``, ``bool``), and ops
+    whose output size depends on data (``nonzero``, boolean-mask indexing)."""
+
+    DATA_SIZED = {"aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique2", "aten::unique_consecutive"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        bool_index = name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ()
+        )
+        if name == "aten::_local_scalar_dense" or name in self.DATA_SIZED or bool_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _run(name, args, need=None, backward_grads=None):
+    """A family's kernel code run directly (the dispatcher hides an op's insides from a dispatch mode)."""
+    spec = SPECS[name]
+    forward, gradients = family.KERNELS[name]
+    a = spec.bind(args)
+    with Syncs() as s:
+        if backward_grads is None:
+            forward(a, spec.forward_mask(a) if spec.forward_grads else [])
+        else:
+            gradients(a, backward_grads, need)
+    return s.seen
+
+
+def _ce_args(ignore: bool, all_lse: bool, reduction="mean"):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(40, 8, generator=g), torch.randn(13, 8, generator=g), torch.randn(13, generator=g)
+    t = torch.randint(0, 13, (40,), generator=g)
+    if ignore:
+        t[::3] = -100
+    return (x, w, t, b, None, -100, reduction, 0.1, 0.0, None, 1.0, 7, all_lse, [True, True, True])
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_cross_entropy_syncs(ignore):
+    assert _run("linear_ce", _ce_args(ignore, all_lse=True)) == ["aten::_local_scalar_dense"]  # validation
+    assert _run("linear_ce", _ce_args(ignore, all_lse=False)) == ["aten::_local_scalar_dense"] * 2  # + plan
+    args = _ce_args(ignore, all_lse=False, reduction="none")
+    assert _run("linear_ce", args, [True] * 3, [torch.randn(40)]) == ["aten::_local_scalar_dense"]  # plan
+
+
+def test_logprobs_and_transform_syncs():
+    x, w, t, b = _ce_args(False, True)[:4]
+    assert _run("linear_logprobs", (x, w, t, b, 0.7, True, 5)) == ["aten::_local_scalar_dense"]
+    g1 = torch.randn(40) * (torch.arange(40) % 2)
+    assert _run("linear_logprobs", (x, w, t, b, 0.7, True, 5), [True] * 3, [g1, None]) == ["aten::_local_scalar_dense"]
+    args = (x, w, t, b, [], None, "cross_entropy", "[]", -100, "mean", None, 1.0, 5, [True] * 3)
+    assert len(_run("linear_transform", args)) == 2
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("all_logprobs", [False, True])
+def test_grpo_syncs(masked, all_logprobs):
+    x, w, t, b = _ce_args(False, True)[:4]
+    tw = torch.full((40,), 1 / 40)
+    if masked:
+        tw[::4] = 0
+    adv = torch.randn(40)
+    args = (x, w, t, b, tw, adv, None, None, 0.0, 0.2, 0.2, 1.0, 6, all_logprobs, [True] * 3)
+    seen = _run("linear_grpo", args)
+    # validation, planning, and the probe's result when masked tokens' log-probs are wanted (with
+    # all_logprobs=False and beta=0 they are skipped: unreachable)
+    probed = masked and all_logprobs
+    assert seen == ["aten::_local_scalar_dense"] * 2 + (["aten::nonzero"] if probed else [])
+
+
+def test_the_counter_sees_syncs():
+    with Syncs() as s:
+        t = torch.arange(5)
+        bool(t.sum() > 0)
+        t[t > 2]
+        t.nonzero()
+    assert s.seen == ["aten::_local_scalar_dense", "aten::index", "aten::nonzero"]
+
+
+def _rows(p):
+    return (None if p.full is None else p.full.tolist()), (None if p.probe is None else p.probe.tolist())
+
+
+def test_plan_rules():
+    x, w = torch.randn(6, 3), torch.randn(5, 3)
+    needed = torch.tensor([1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    probe = torch.tensor([0, 0, 1, 1, 0, 0], dtype=torch.bool)
+    assert _rows(plan.plan(x, w, None, 1.0)) == (None, None)
+    assert _rows(plan.plan(x, w, None, 1.0, needed=torch.ones(6, dtype=torch.bool))) == (None, None)
+    assert _rows(plan.plan(x, w, None, 1.0, needed=needed)) == ([0, 2, 4, 5], None)
+    assert _rows(plan.plan(x, w, None, 1.0, needed=needed, probe=probe)) == ([0, 4, 5], [2])
+    assert _rows(plan.plan(x, w, None, 1.0, probe=probe)) == ([0, 1, 4, 5], [2, 3])
+    # a logit that may be NaN / inf: unneeded rows are computed in full (the reference's NaN reaches them)
+    for bad in (float("nan"), float("inf"), 1e38):
+        xb = x.clone()
+        xb[1, 0] = bad
+        assert _rows(plan.plan(xb, w, None, 1.0, needed=needed, probe=probe)) == ([0, 1, 3, 4, 5], [2])
+    # a non-finite extra tensor too
+    extra = torch.ones(6)
+    extra[3] = float("nan")
+    assert _rows(plan.plan(x, w, None, 1.0, needed=needed, finite=(extra,))) == (None, None)
+    # nothing needed: no rows
+    assert _rows(plan.plan(x, w, None, 1.0, needed=torch.zeros(6, dtype=torch.bool))) == ([], None)
+
+
+def test_skipped_rows_keep_nan_parity_end_to_end():
+    """An ignored token with a NaN hidden state makes the reference's weight gradient NaN; memops too."""
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 9, (6,))
+    t[2] = -100
+    with torch.no_grad():
+        x[2, 1] = float("nan")
+    memops.linear_cross_entropy(x, w, t).backward()
+    ref_w = w.detach().clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(x.detach() @ ref_w.T, t).backward()
+    assert torch.isnan(ref_w.grad).any() and torch.equal(torch.isnan(w.grad), torch.isnan(ref_w.grad))
