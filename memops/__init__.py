@@ -11,6 +11,7 @@ from . import (
 )
 from .config import chunking, set_chunk_budget, set_chunk_size
 from .modules import LinearCrossEntropy
+from .ops.distill import linear_distillation_loss
 from .ops.linear_ce import linear_cross_entropy
 from .ops.logprobs import linear_grpo_loss, linear_logprobs
 from .ops.transform import linear_loss
@@ -22,6 +23,7 @@ __all__ = [
     "LinearCrossEntropy",
     "chunking",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "linear_grpo_loss",
     "linear_logprobs",
     "linear_loss",

@@ -74,14 +74,22 @@ def default_budget(device: torch.device) -> int:
 
 
 def chunk_rows(
-    n_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device, requested: int = 0
+    n_rows: int,
+    vocab: int,
+    hidden: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    requested: int = 0,
+    logit_rows: int = 1,
 ) -> int:
     """Rows per chunk for ``n_rows`` rows of ``[*, vocab]`` logits.
 
     ``requested`` (per call) wins, then ``set_chunk_size``, then the budget: each
     row costs one ``vocab``-long row of the compute dtype (fp32, fp64 for fp64
     inputs), plus one in the input dtype when that differs (the matmul output),
-    plus its ``hidden``-sized input and gradient rows.  With the default CPU
+    plus its ``hidden``-sized input and gradient rows; ``logit_rows`` such rows per
+    token when a family holds more than one logits buffer (distillation: the
+    student's and the teacher's).  With the default CPU
     budget, chunks smaller than ``_AMORTIZE_ROWS`` rows are raised towards it
     (so the pass over the weight each chunk makes is amortised), but never
     above a fifth of ``n_rows`` (so a chunk's buffer stays at most a fifth of
@@ -96,7 +104,7 @@ def chunk_rows(
     else:
         budget = _settings.budget_bytes or default_budget(device)
         work = 8 if dtype == torch.float64 else 4
-        per_row = vocab * (work + (dtype.itemsize if dtype.itemsize != work else 0)) + 2 * hidden * work
+        per_row = logit_rows * vocab * (work + (dtype.itemsize if dtype.itemsize != work else 0)) + 2 * hidden * work
         rows = max(_MIN_ROWS, budget // max(per_row, 1))
         if device.type == "cpu" and _settings.budget_bytes is None and rows < _AMORTIZE_ROWS:
             rows = max(rows, min(_AMORTIZE_ROWS, -(-n_rows // _MAX_SHARE)))

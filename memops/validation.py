@@ -20,38 +20,40 @@ def _fail(msg: str) -> None:
     raise ValueError(msg)
 
 
-def check_projection(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """``input [..., D]``, ``weight [V, D]``, ``bias [V]``: same float dtype and device."""
+def check_projection(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prefix: str = "") -> None:
+    """``input [..., D]``, ``weight [V, D]``, ``bias [V]``: same float dtype and device (``prefix`` names
+    another projection's arguments: ``teacher_input``, ...)."""
+    i, w, b = (prefix + n for n in ("input", "weight", "bias"))
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+        raise TypeError(f"{i} must be a Tensor, got {type(input).__name__}")
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
+        raise TypeError(f"{w} must be a Tensor, got {type(weight).__name__}")
     if input.dtype not in _FLOATS:
-        _fail(f"input must be a float16/bfloat16/float32/float64 tensor, got {input.dtype}")
+        _fail(f"{i} must be a float16/bfloat16/float32/float64 tensor, got {input.dtype}")
     if input.dim() < 1:
-        _fail("input must have shape [..., D], got a 0-dim tensor")
+        _fail(f"{i} must have shape [..., D], got a 0-dim tensor")
     if weight.dim() != 2:
-        _fail(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+        _fail(f"{w} must be 2-D [V, D], got shape {tuple(weight.shape)}")
     if weight.dtype != input.dtype:
-        _fail(f"weight dtype {weight.dtype} must match input dtype {input.dtype}")
+        _fail(f"{w} dtype {weight.dtype} must match {i} dtype {input.dtype}")
     if weight.shape[0] < 1:
-        _fail("weight must have at least one row (V >= 1)")
+        _fail(f"{w} must have at least one row (V >= 1)")
     if weight.shape[1] != input.shape[-1]:
         _fail(
-            f"input's last dim (D={input.shape[-1]}) must equal weight.shape[1] ({weight.shape[1]}): "
-            f"input {tuple(input.shape)}, weight {tuple(weight.shape)}"
+            f"{i}'s last dim (D={input.shape[-1]}) must equal {w}.shape[1] ({weight.shape[1]}): "
+            f"{i} {tuple(input.shape)}, {w} {tuple(weight.shape)}"
         )
     if weight.device != input.device:
-        _fail(f"weight is on {weight.device} but input is on {input.device}")
+        _fail(f"{w} is on {weight.device} but {i} is on {input.device}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
+            raise TypeError(f"{b} must be a Tensor or None, got {type(bias).__name__}")
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-            _fail(f"bias must have shape [V]=[{weight.shape[0]}], got {tuple(bias.shape)}")
+            _fail(f"{b} must have shape [V]=[{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.dtype != input.dtype:
-            _fail(f"bias dtype {bias.dtype} must match input dtype {input.dtype}")
+            _fail(f"{b} dtype {bias.dtype} must match {i} dtype {input.dtype}")
         if bias.device != input.device:
-            _fail(f"bias is on {bias.device} but input is on {input.device}")
+            _fail(f"{b} is on {bias.device} but {i} is on {input.device}")
 
 
 def check_target(input: torch.Tensor, target: torch.Tensor, name: str = "target") -> None:
@@ -318,3 +320,75 @@ def check_grpo_front(input, completion_ids, completion_mask, advantages, loss_ty
         or max_completion_length < 1
     ):
         _fail(f"max_completion_length must be a positive int or None, got {max_completion_length!r}")
+
+
+DISTILL_REDUCTIONS = ("batchmean", "sum", "none")
+
+
+def check_linear_distill(a) -> None:
+    """``memops::linear_distill``: the student projection and target; exactly one teacher (online: its own
+    projection of the same tokens over the same vocabulary; offline: top-k ids and log-probs per token)."""
+    check_projection(a.input, a.weight, a.bias, "student_")
+    check_target(a.input, a.target)
+    online = [x is not None for x in (a.teacher_input, a.teacher_weight, a.teacher_bias)]
+    offline = [x is not None for x in (a.teacher_topk_ids, a.teacher_topk_logprobs)]
+    if any(online) and any(offline):
+        _fail(
+            "give one teacher: teacher_input/teacher_weight (online) or teacher_topk_ids/teacher_topk_logprobs "
+            "(offline), not both"
+        )
+    if not any(online) and not all(offline):
+        if any(offline):
+            _fail("an offline teacher needs both teacher_topk_ids and teacher_topk_logprobs")
+        _fail(
+            "give a teacher: teacher_input and teacher_weight (online), or teacher_topk_ids and "
+            "teacher_topk_logprobs (offline)"
+        )
+    if any(online):
+        if a.teacher_input is None or a.teacher_weight is None:
+            _fail("an online teacher needs both teacher_input and teacher_weight")
+        check_projection(a.teacher_input, a.teacher_weight, a.teacher_bias, "teacher_")
+        if a.teacher_weight.shape[0] != a.weight.shape[0]:
+            _fail(
+                f"teacher_weight has {a.teacher_weight.shape[0]} vocabulary rows but weight has "
+                f"{a.weight.shape[0]}: student and teacher must share the vocabulary"
+            )
+        if a.teacher_input.shape[:-1] != a.target.shape:
+            _fail(
+                f"teacher_input's leading shape {tuple(a.teacher_input.shape[:-1])} must equal target's shape "
+                f"{tuple(a.target.shape)}"
+            )
+        if a.teacher_input.device != a.input.device:
+            _fail(f"teacher_input is on {a.teacher_input.device} but input is on {a.input.device}")
+    else:
+        ids, lp = a.teacher_topk_ids, a.teacher_topk_logprobs
+        if ids.dtype not in _INDEX:
+            _fail(f"teacher_topk_ids must hold int64 or int32 token ids, got {ids.dtype}")
+        if ids.dim() != a.target.dim() + 1 or ids.shape[:-1] != a.target.shape or ids.shape[-1] < 1:
+            _fail(
+                f"teacher_topk_ids must have shape [..., k] with [...] = target's shape {tuple(a.target.shape)} "
+                f"and k >= 1, got {tuple(ids.shape)}"
+            )
+        if ids.shape[-1] > a.weight.shape[0]:
+            _fail(
+                f"teacher_topk_ids has k={ids.shape[-1]} ids per token, more than the vocabulary ({a.weight.shape[0]})"
+            )
+        _check_like("teacher_topk_logprobs", lp, ids, "teacher_topk_ids")
+        if lp.dtype not in _FLOATS:
+            _fail(f"teacher_topk_logprobs must be a float tensor, got {lp.dtype}")
+        if ids.device != a.input.device:
+            _fail(f"teacher_topk_ids is on {ids.device} but input is on {a.input.device}")
+        if a.beta != 0:
+            _fail(f"an offline (top-k) teacher supports the forward KL only (beta=0), got beta={a.beta}")
+    if a.num_items is not None:
+        if a.reduction != "batchmean":
+            _fail(f"num_items only applies to reduction='batchmean', got reduction={a.reduction!r}")
+        check_num_items(a.num_items, "mean")
+
+
+def check_frozen_teacher(**tensors) -> None:
+    """The teacher gets no gradient: a teacher tensor that requires one (with grad mode on) is an error."""
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                _fail(f"{name} requires grad, but the teacher is frozen here: pass {name}.detach()")

@@ -118,3 +118,72 @@ def ref_grpo_loss(
     else:  # bnpo; dapo with the batch's own active-token count as num_items_in_batch
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
     return loss, logp
+
+
+def generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0):
+    """TRL 1.16's ``GKDTrainer.generalized_jsd_loss`` per token (before its masking and reduction), on full
+    ``[n, V]`` logits: ``beta=0`` forward KL(teacher || student), ``beta=1`` reverse KL(student || teacher),
+    else ``beta KL(teacher || m) + (1 - beta) KL(student || m)`` with ``m = beta p_t + (1 - beta) p_s``."""
+    s = F.log_softmax(student_logits / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if beta == 0:
+        jsd = F.kl_div(s, t, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(t, s, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=s.dtype)
+        mixture = torch.logsumexp(torch.stack([s + torch.log(1 - b), t + torch.log(b)]), dim=0)
+        jsd = b * F.kl_div(mixture, t, reduction="none", log_target=True) + (1 - b) * F.kl_div(
+            mixture, s, reduction="none", log_target=True
+        )
+    return jsd.sum(-1)
+
+
+def topk_forward_kl(student_logits, ids, logprobs, temperature=1.0):
+    """Forward KL over the teacher's top-k support, its tempered probabilities renormalised over it."""
+    s = F.log_softmax(student_logits / temperature, dim=-1)
+    p = torch.softmax(logprobs.to(s.dtype) / temperature, dim=-1)
+    return torch.xlogy(p, p).sum(-1) - (p * s.gather(-1, ids.long())).sum(-1)
+
+
+def ref_distillation(
+    x,
+    w,
+    target,
+    xt=None,
+    wt=None,
+    *,
+    b=None,
+    bt=None,
+    ids=None,
+    lps=None,
+    beta=0.5,
+    temperature=1.0,
+    hard_label_weight=0.0,
+    ignore_index=-100,
+    reduction="batchmean",
+    num_items=None,
+):
+    """``h * CE + (1 - h) * D`` per token over full logits; TRL's masking (selection) and reductions."""
+    n = target.numel()
+    z = ref_logits(x, w, b).reshape(n, w.shape[0])
+    t = target.reshape(n)
+    mask = t != ignore_index
+    loss = torch.zeros(n, dtype=z.dtype)
+    h = hard_label_weight
+    if h != 1:
+        if wt is not None:
+            u = ref_logits(xt, wt, bt).reshape(n, w.shape[0]).to(z.dtype)
+            div = generalized_jsd(z[mask], u[mask], beta, temperature)
+        else:
+            k = ids.shape[-1]
+            div = topk_forward_kl(z[mask], ids.reshape(n, k)[mask], lps.reshape(n, k)[mask], temperature)
+        loss = loss.index_put((mask,), (1 - h) * div, accumulate=True)
+    if h:
+        ce = F.cross_entropy(z, t, ignore_index=ignore_index, reduction="none")
+        loss = loss + h * ce
+    if reduction == "none":
+        return loss.view(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (mask.sum() if num_items is None else num_items)

@@ -82,7 +82,15 @@ def _grpo(n, g):
     return (x, w, t, b, tw, adv, old, ref, 0.04, 0.2, 0.28, 0.9, 3, True, [True, True, True])
 
 
+def _distill(n, g):
+    x, w, b, t = _base(n, g)
+    t[0, 1] = -100
+    xt, wt = torch.randn(n, 2, D + 2, generator=g), torch.randn(V, D + 2, generator=g)
+    return (x, w, t, b, xt, wt, None, None, None, None, 0.3, 1.5, 0.2, -100, "batchmean", 3, [True, True, True])
+
+
 SAMPLES = {
+    "linear_distill": _distill,
     "linear_ce": _ce,
     "vocab_parallel_ce": _vocab_parallel,
     "linear_transform": _transform,

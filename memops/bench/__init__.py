@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 
-from .methods import GRPO_BETA, METHODS, unavailable
+from .methods import DISTILL_BETA, GRPO_BETA, METHODS, unavailable
 from .report import LEGEND, add_ratios, format_table, plot
 from .worker import Worker, run_worker
 
@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--loss",
         default="cross_entropy",
         help="cross_entropy (memops.linear_cross_entropy), grpo (memops.linear_grpo_loss: a GRPO "
-        "step on --batch completions) or any registered transform, e.g. focal "
+        "step on --batch completions), distill (memops.linear_distillation_loss against a teacher "
+        "projection of the same size) or any registered transform, e.g. focal "
         "(memops.linear_loss; the baselines apply the same function to the full logits)",
     )
     p.add_argument(
@@ -62,8 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--beta",
         type=float,
-        default=GRPO_BETA,
-        help="KL coefficient of --loss grpo (default %(default)s; 0: no reference log-probs, as in TRL)",
+        default=None,
+        help=f"KL coefficient of --loss grpo (default {GRPO_BETA}; 0: no reference log-probs, as in TRL), "
+        f"or the generalized-JSD beta of --loss distill (default {DISTILL_BETA})",
     )
     p.add_argument(
         "--sweep",
@@ -113,6 +115,13 @@ def _resolve(args) -> list[dict]:
             raise SystemExit(f"--{name} must be >= 1")
     if args.softcap is not None and not args.softcap > 0:
         raise SystemExit("--softcap must be > 0")
+    if args.beta is None:
+        args.beta = DISTILL_BETA if args.loss == "distill" else GRPO_BETA
+    if args.loss == "distill":
+        if args.softcap is not None:
+            raise SystemExit("--loss distill takes no --softcap")
+        if not 0 <= args.beta <= 1:
+            raise SystemExit(f"--beta of --loss distill must be in [0, 1], got {args.beta!r}")
     if args.loss == "grpo":
         if args.softcap is not None:
             raise SystemExit("--loss grpo takes no --softcap")
@@ -207,7 +216,7 @@ def main(args) -> int:
 
     import memops
 
-    if args.loss != "grpo":
+    if args.loss not in ("grpo", "distill"):
         try:
             memops.registry.get_transform(args.loss)  # unknown names fail here, before any worker starts
         except (KeyError, ValueError) as exc:
@@ -220,6 +229,8 @@ def main(args) -> int:
     softcap = f" softcap={args.softcap:g}" if args.softcap is not None else ""
     if args.loss == "grpo":
         softcap += f", {args.ignored:.0%} of completion tokens masked, beta={args.beta:g}"
+    elif args.loss == "distill":
+        softcap += f", {args.ignored:.0%} of targets ignored, beta={args.beta:g}"
     else:
         softcap += f", {args.ignored:.0%} of targets ignored"
     print(

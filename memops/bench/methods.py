@@ -21,12 +21,17 @@
 old log-probs given, reference log-probs given unless ``beta`` is 0, as in TRL): the baselines
 materialize the logits, take ``log_softmax`` and gather the completion tokens' log-probabilities;
 memops runs ``memops.linear_grpo_loss``.
+
+``--loss distill`` benchmarks a distillation step: a frozen teacher projection of the same size (fixed
+seed), TRL's generalized JSD (``--beta``, default 0.5) per non-ignored token, mean over them; the
+baselines build both full logits; memops runs ``memops.linear_distillation_loss``.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 
 IGNORE = -100
 METHODS = ("eager", "compile", "chunked", "torch_lce", "memops", "floor", "cce", "liger")
@@ -38,7 +43,8 @@ PEERS = {
 CHUNKS = 8  # torchtune's CEWithChunkedOutputLoss default
 
 
-GRPO_BETA = 0.04  # the default of --beta
+GRPO_BETA = 0.04  # the default of --beta with --loss grpo
+DISTILL_BETA = 0.5  # ... with --loss distill (TRL's GKDConfig default)
 
 
 def unavailable(method: str, loss: str, device: str, softcap: float | None = None) -> str | None:
@@ -52,6 +58,8 @@ def unavailable(method: str, loss: str, device: str, softcap: float | None = Non
             return "no soft-capping option"
         if not hasattr(F, "linear_cross_entropy"):
             return "needs torch >= 2.13"
+    if method == "floor" and loss == "distill":
+        return "three-matmul floor of a single projection"
     if method in PEERS:
         if loss != "cross_entropy":
             return "cross-entropy only"
@@ -201,6 +209,55 @@ def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, m
     raise ValueError(f"method {method!r} does not run --loss grpo")
 
 
+def jsd(student_logits, teacher_logits, beta: float):
+    """TRL's generalized JSD per row (``GKDTrainer.generalized_jsd_loss`` before masking), temperature 1."""
+    import torch
+    import torch.nn.functional as F
+
+    s, t = F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1)
+    if beta == 0:
+        return F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
+    if beta == 1:
+        return F.kl_div(t, s, reduction="none", log_target=True).sum(-1)
+    m = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
+    kl_t = F.kl_div(m, t, reduction="none", log_target=True).sum(-1)
+    return beta * kl_t + (1 - beta) * F.kl_div(m, s, reduction="none", log_target=True).sum(-1)
+
+
+@functools.cache
+def _teacher(tokens: int, hidden: int, vocab: int):
+    """A frozen teacher's hidden states and projection (fixed seed, fp32 on CPU; cast per method)."""
+    import torch
+
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(tokens, hidden, generator=g), torch.randn(vocab, hidden, generator=g) / hidden**0.5
+
+
+def _build_distill(method: str, vocab: int, beta: float):
+    def teacher(x):
+        xt, wt = _teacher(x.shape[0], x.shape[1], vocab)
+        return xt.to(device=x.device, dtype=x.dtype), wt.to(device=x.device, dtype=x.dtype)
+
+    def unfused(x, w, t, upcast=True):
+        xt, wt = teacher(x)
+        keep = t != IGNORE
+        per = jsd(_logits(x, w, None, upcast), _logits(xt, wt, None, upcast), beta)
+        return (per * keep).sum() / keep.sum()
+
+    base = _unfused_family(method, unfused)
+    if base is not None:
+        return base
+    if method == "memops":
+        import memops
+
+        def fused(x, w, t):
+            xt, wt = teacher(x)
+            return memops.linear_distillation_loss(x, w, t, xt, wt, beta=beta)
+
+        return fused
+    raise ValueError(f"method {method!r} does not run --loss distill")
+
+
 def build(
     method: str,
     loss: str,
@@ -210,12 +267,14 @@ def build(
     vocab: int = 0,
     batch: int = 1,
     ignored: float = 0.1,
-    beta: float = GRPO_BETA,
+    beta: float | None = None,
 ):
     """The step function of ``method``: ``fn(x, w, t) -> scalar loss`` (mean over non-ignored tokens)."""
 
     if loss == "grpo":
-        return _build_grpo(method, tokens, vocab, batch, device, ignored, beta)
+        return _build_grpo(method, tokens, vocab, batch, device, ignored, GRPO_BETA if beta is None else beta)
+    if loss == "distill":
+        return _build_distill(method, vocab, DISTILL_BETA if beta is None else beta)
     per_token = _per_token(loss)
 
     def unfused(x, w, t, upcast=True):

@@ -14,7 +14,7 @@ from ..rules import compute_dtype
 from .linear_ce import CHUNK_SIZE, NUM_ITEMS, PROJECTION, REDUCTION
 
 
-def _loss(a):
+def loss_only(a):
     return (a.input.new_empty(a.target.shape if a.reduction == "none" else (), dtype=compute_dtype(a.input.dtype)),)
 
 
@@ -38,7 +38,7 @@ SPEC = register(
             CHUNK_SIZE,
         ),
         outputs=("loss",),
-        shapes=_loss,
+        shapes=loss_only,
         check=V.check_linear_transform,
     )
 )

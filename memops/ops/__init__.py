@@ -1,6 +1,7 @@
 """Custom ops (``torch.ops.memops.*``) and their real kernels."""
 
 from . import (
+    distill,  # noqa: F401
     linear_ce,  # noqa: F401
     logprobs,  # noqa: F401
     transform,  # noqa: F401

@@ -126,6 +126,7 @@ def run(
     grad_bias: bool = False,
     sub_block_bytes: int | None = None,
     rows: torch.Tensor | None = None,
+    chunk_start: Callable[[slice | torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Run ``head`` over ``x2d [N, D]`` in row chunks; return (grad_input, grad_weight, grad_bias).
 
@@ -137,7 +138,9 @@ def run(
     return it as ``dz`` (another tensor is copied in).  The three gradients are
     ``None`` unless asked for; grad_input has ``x2d``'s dtype, grad_weight and
     grad_bias the compute dtype (callers cast at the end).  A head that returns
-    ``None`` gets no gradient work.
+    ``None`` gets no gradient work.  ``chunk_start(sel)``, when given, is called
+    with each chunk's rows before its sub-blocks (a second projection of the same
+    rows, as distillation's teacher logits, is made there once per chunk).
     """
     n, d = x2d.shape
     m = n if rows is None else rows.numel()
@@ -167,6 +170,8 @@ def run(
             sel = rows[start:stop]
             xc = x2d.index_select(0, sel)
         z = buf[: stop - start]
+        if chunk_start is not None:
+            chunk_start(sel)
         if x2d.dtype != cdt:
             z.copy_(F.linear(xc, weight, bias))
         elif bias is not None:

@@ -66,17 +66,19 @@ def plan(
     needed: Tensor | None = None,
     probe: Tensor | None = None,
     finite: tuple = (),
+    bounded_too: Tensor | None = None,
 ) -> Plan:
     """The rows to compute: ``needed`` (bool ``[N]``, None for all) marks the rows whose results matter,
     ``probe`` the needed rows to compute forward only first; rows not needed are skipped where exact
-    (:func:`bounded`, with ``finite`` extra tensors whose NaN/inf would reach the reference's gradient),
-    else computed in full."""
+    (:func:`bounded`, with ``finite`` extra tensors whose NaN/inf would reach the reference's gradient, and
+    ``bounded_too`` the bound of a second projection of the same rows), else computed in full."""
     n = x2d.shape[0]
     if (needed is None and probe is None) or n == 0:
         return EVERY_ROW
     full = torch.ones(n, dtype=torch.bool, device=x2d.device) if needed is None else needed
     if needed is not None:
-        full = full | ~bounded(x2d, weight, bias, logit_scale, finite)
+        ok = bounded(x2d, weight, bias, logit_scale, finite)
+        full = full | ~(ok if bounded_too is None else ok & bounded_too)
     probe_rows = torch.zeros_like(full) if probe is None else (probe & (needed if needed is not None else full))
     full = full & ~probe_rows
     # the one sync: both counts in one scalar

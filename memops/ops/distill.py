@@ -1,0 +1,218 @@
+"""``memops::linear_distill``: knowledge distillation without the logits of either model.
+
+Per chunk of tokens the engine builds the student's logits ``z`` (``x @ W.T + b``) and, once per chunk,
+the teacher's logits ``u`` of the same rows (``chunk_start``), each in one buffer.  The head then takes,
+per row and in fp32, ``q = softmax(z / T)``, ``p = softmax(u / T)`` and
+
+* ``beta == 0``: forward KL(p || q) = ``sum p (log p - log q)``;          d/d(z/T) = ``q - p``
+* ``beta == 1``: reverse KL(q || p) = ``sum q (log q - log p)``;          d/d(z/T) = ``q (log q - log p - KL)``
+* otherwise, with ``m = beta p + (1 - beta) q``: ``beta KL(p || m) + (1 - beta) KL(q || m)``;
+  d/d(z/T) = ``q (g - sum q g)`` with ``g = (1 - beta)(log q - log m)``
+
+(TRL's ``GKDTrainer.generalized_jsd_loss``, ``beta`` 0 and 1 being its special cases), plus
+``hard_label_weight`` times the cross-entropy of ``z`` (temperature 1) at the target.  An offline
+teacher gives log-probs on its top-k tokens only: ``p`` is their tempered softmax over those k tokens
+(renormalised to sum to 1) and the forward KL runs over that support, ``d/d(z/T) = q - p`` (``p`` 0
+off the support).  A scalar loss being trained costs four projection-sized matmuls (student and teacher
+logits, the student's input and weight gradients), gradients in the forward pass; ``reduction="none"``
+recomputes in backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import config, validation
+from ..contract import Args
+from ..meta.distill import SPEC
+from . import engine, family, plan
+
+# several chunk-sized intermediates per head call: bound each step (as for transforms)
+_SUB_BLOCK_BYTES = {"cpu": 4 << 20, "other": 256 << 20}
+
+
+def _divergence(lq: Tensor, q: Tensor, lp: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """Per-row divergence and its derivative with respect to the tempered student logits."""
+    if beta == 0:
+        p = lp.exp()
+        return (p * (lp - lq)).sum(1), q - p
+    if beta == 1:
+        diff = lq - lp
+        div = (q * diff).sum(1)
+        return div, q * (diff - div.unsqueeze(1))
+    lm = torch.logaddexp(lq + math.log(1 - beta), lp + math.log(beta))
+    div = beta * (lp.exp() * (lp - lm)).sum(1) + (1 - beta) * (q * (lq - lm)).sum(1)
+    g = (1 - beta) * (lq - lm)
+    return div, q * (g - (q * g).sum(1, keepdim=True))
+
+
+def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows):
+    """Per-row losses; gradients of the student's input/weight/bias when ``upstream`` is given.
+    ``teacher``: ``("online", xt2d)`` or ``("offline", ids2d, logprobs2d)``."""
+    n, vocab = x2d.shape[0], a.weight.shape[0]
+    cdt = engine.compute_dtype(x2d.dtype)
+    loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
+    T, beta, h, ignore = a.temperature, a.beta, a.hard_label_weight, a.ignore_index
+    state: dict = {}
+
+    def chunk_start(sel):
+        state["offset"] = 0
+        if teacher[0] == "online":
+            xt = teacher[1]
+            rows_t = xt[sel] if isinstance(sel, slice) else xt.index_select(0, sel)
+            state["u"] = F.linear(rows_t, a.teacher_weight, a.teacher_bias)
+
+    def head(z: Tensor, sel):
+        lo = state["offset"]
+        state["offset"] = lo + z.shape[0]
+        t = t1d[sel].long()
+        valid = t != ignore
+        safe = torch.where(valid, t, 0).unsqueeze(1)
+        loss = torch.zeros(z.shape[0], dtype=cdt, device=z.device)
+        dz = None
+        if h != 1:
+            lq = torch.log_softmax(z / T, dim=1)
+            q = lq.exp()
+            if teacher[0] == "online":
+                lp = torch.log_softmax(state["u"][lo : lo + z.shape[0]].to(cdt) / T, dim=1)
+                div, d_div = _divergence(lq, q, lp, beta)
+            else:
+                ids = teacher[1][sel].long()
+                lpk = torch.log_softmax(teacher[2][sel].to(cdt) / T, dim=1)  # the top-k renormalised
+                pk = lpk.exp()
+                div = torch.where(pk > 0, pk * (lpk - lq.gather(1, ids)), 0.0).sum(1)
+                d_div = q.scatter_add_(1, ids, -pk)
+            loss = loss + (1 - h) * div
+            dz = d_div.mul_((1 - h) / T)
+        if h:
+            lse = torch.logsumexp(z, dim=1)
+            loss = loss + h * (lse - z.gather(1, safe).squeeze(1))
+            if upstream is not None:
+                hard = torch.softmax(z, dim=1).mul_(h).scatter_add_(1, safe, torch.full_like(lse, -h).unsqueeze(1))
+                dz = hard if dz is None else dz.add_(hard)
+        loss_rows[sel] = torch.where(valid, loss, 0.0)
+        if upstream is None:
+            return None
+        return dz.mul_(engine.row_coef(upstream, sel, valid).unsqueeze(1))
+
+    d = x2d.shape[1] + (teacher[1].shape[1] if teacher[0] == "online" else 0)
+    m = n if rows is None else rows.numel()
+    size = config.chunk_rows(m, vocab, d, x2d.dtype, x2d.device, a.chunk_size, logit_rows=2)
+    gx, gw, gb = engine.run(
+        x2d,
+        a.weight,
+        a.bias,
+        head,
+        chunk_size=size,
+        grad_input=need[0],
+        grad_weight=need[1],
+        grad_bias=need[2] and a.bias is not None,
+        sub_block_bytes=_SUB_BLOCK_BYTES["cpu" if x2d.device.type == "cpu" else "other"],
+        rows=rows,
+        chunk_start=chunk_start,
+    )
+    return loss_rows, engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
+
+
+def _prepare(a: Args):
+    """Rows, the teacher as rows, the engine's reduction name, the row plan."""
+    x2d, t1d, _ = engine.flatten(a.input, a.target)
+    n = t1d.numel()
+    if a.teacher_weight is not None:
+        xt = a.teacher_input.reshape(n, a.teacher_input.shape[-1])
+        teacher = ("online", xt)
+        also = plan.bounded(xt, a.teacher_weight, a.teacher_bias, 1.0 / a.temperature)
+        finite = ()
+    else:
+        k = a.teacher_topk_ids.shape[-1]
+        teacher = ("offline", a.teacher_topk_ids.reshape(n, k), a.teacher_topk_logprobs.reshape(n, k))
+        also, finite = None, (teacher[2],)
+    valid = t1d != a.ignore_index
+    # ignored tokens reach nothing: skipped where exact (student and teacher logits certainly finite)
+    rows = plan.plan(x2d, a.weight, a.bias, 1.0, needed=valid, finite=finite, bounded_too=also).full
+    reduction = "mean" if a.reduction == "batchmean" else a.reduction
+    return x2d, t1d, teacher, valid, reduction, rows
+
+
+def _forward(a: Args, need: list) -> tuple:
+    validation.check_target_range(a.target, a.weight.shape[0], a.ignore_index)
+    if a.teacher_topk_ids is not None:
+        validation.check_target_range(a.teacher_topk_ids, a.weight.shape[0], None, "teacher_topk_ids")
+    x2d, t1d, teacher, valid, reduction, rows = _prepare(a)
+    cdt = engine.compute_dtype(a.input.dtype)
+    up = engine.upstream(None, reduction, valid, a.num_items, cdt) if any(need) else None
+    loss_rows, grads = _chunks(a, x2d, t1d, teacher, up, need, rows)
+    return (engine.reduce_rows(loss_rows, reduction, valid, a.num_items, a.target.shape),), grads
+
+
+def _gradients(a: Args, grad_outputs: list, need: list) -> list:
+    x2d, t1d, teacher, valid, reduction, rows = _prepare(a)
+    up = engine.upstream(grad_outputs[0], reduction, valid, a.num_items, engine.compute_dtype(a.input.dtype))
+    return _chunks(a, x2d, t1d, teacher, up, need, rows)[1]
+
+
+family.implement(SPEC, _forward, _gradients)
+
+
+def linear_distillation_loss(
+    student_input: Tensor,
+    student_weight: Tensor,
+    target: Tensor,
+    teacher_input: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    teacher_topk_ids: Tensor | None = None,
+    teacher_topk_logprobs: Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    hard_label_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items: int | float | Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Teacher-student distillation loss of ``student_input @ student_weight.T (+ bias)`` without the logits.
+
+    Per token: ``hard_label_weight * CE(student logits, target) + (1 - hard_label_weight) * D``, where
+    ``D`` is TRL's generalized JSD between ``softmax(student / temperature)`` and ``softmax(teacher /
+    temperature)`` (``beta=0`` forward KL(teacher || student), ``beta=1`` reverse KL(student || teacher),
+    else the ``beta``-skewed JSD).  The teacher is either online (``teacher_input [..., Dt]`` and
+    ``teacher_weight [V, Dt]``, any hidden size, the same vocabulary) or offline (``teacher_topk_ids``
+    and ``teacher_topk_logprobs``, ``[..., k]`` each: the forward KL over those k tokens, the teacher's
+    tempered probabilities renormalised over them; ``beta`` must be 0).  Tokens whose target is
+    ``ignore_index`` are masked; ``"batchmean"`` divides by the unmasked token count (or ``num_items``),
+    ``"sum"`` sums, ``"none"`` returns per-token losses shaped like ``target``.  Gradients reach the
+    student's input, weight and bias; the teacher is frozen (a teacher tensor requiring grad is an error).
+    """
+    validation.check_frozen_teacher(
+        teacher_input=teacher_input,
+        teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias,
+        teacher_topk_logprobs=teacher_topk_logprobs,
+    )
+    (loss, _) = SPEC.call(
+        input=student_input,
+        weight=student_weight,
+        target=target,
+        bias=student_bias,
+        teacher_input=teacher_input,
+        teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias,
+        teacher_topk_ids=teacher_topk_ids,
+        teacher_topk_logprobs=teacher_topk_logprobs,
+        num_items=num_items,
+        beta=beta,
+        temperature=temperature,
+        hard_label_weight=hard_label_weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        chunk_size=chunk_size,
+    )
+    family.donate(loss)
+    return loss
