@@ -1,4 +1,4 @@
-"""``python -m memops bench ...``: see ``memops.bench``."""
+"""``python -m memops bench ...`` (see ``memops.bench``), ``train-demo``, ``schemas``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,13 @@ def main(argv: list[str] | None = None) -> int:
             help="train a small Llama unpatched and patched: loss parity, step time, peak memory (needs memops[hf])",
         )
     )
+    sub.add_parser("schemas", help="print every op's schema (forward and backward), one per line")
     args = parser.parse_args(argv)
+    if args.command == "schemas":
+        from .contract import schemas
+
+        print("\n".join(schemas()))
+        return 0
     if args.command == "train-demo":
         return train_demo.main(args)
     return bench.main(args)

@@ -223,3 +223,13 @@ def register(spec: Spec) -> Spec:
     declare(spec)
     SPECS[spec.name] = spec
     return spec
+
+
+def schemas() -> list[str]:
+    """Every declared op's forward and backward schema (``python -m memops schemas``)."""
+    import memops  # noqa: F401  (every family declared)
+
+    out = []
+    for name, spec in sorted(SPECS.items()):
+        out += [f"memops::{name}{spec.schema()}", f"memops::{spec.backward_name}{spec.backward_schema()}"]
+    return out

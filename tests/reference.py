@@ -163,18 +163,25 @@ def ref_distillation(
     ignore_index=-100,
     reduction="batchmean",
     num_items=None,
+    logit_scale=1.0,
+    softcap=None,
+    teacher_logit_scale=1.0,
+    teacher_softcap=None,
+    return_entropy=False,
 ):
-    """``h * CE + (1 - h) * D`` per token over full logits; TRL's masking (selection) and reductions."""
+    """``h * CE + (1 - h) * D`` per token over full logits; TRL's masking (selection) and reductions
+    ("batchmean" over no unmasked token is 0: TRL clamps its divisor to 1).  With ``return_entropy``
+    also the student's tempered entropy per token (0 at masked tokens)."""
     n = target.numel()
-    z = ref_logits(x, w, b).reshape(n, w.shape[0])
+    z = ref_logits(x, w, b, softcap=softcap, logit_scale=logit_scale).reshape(n, w.shape[0])
     t = target.reshape(n)
     mask = t != ignore_index
     loss = torch.zeros(n, dtype=z.dtype)
     h = hard_label_weight
     if h != 1:
         if wt is not None:
-            u = ref_logits(xt, wt, bt).reshape(n, w.shape[0]).to(z.dtype)
-            div = generalized_jsd(z[mask], u[mask], beta, temperature)
+            u = ref_logits(xt, wt, bt, softcap=teacher_softcap, logit_scale=teacher_logit_scale)
+            div = generalized_jsd(z[mask], u.reshape(n, w.shape[0]).to(z.dtype)[mask], beta, temperature)
         else:
             k = ids.shape[-1]
             div = topk_forward_kl(z[mask], ids.reshape(n, k)[mask], lps.reshape(n, k)[mask], temperature)
@@ -183,7 +190,13 @@ def ref_distillation(
         ce = F.cross_entropy(z, t, ignore_index=ignore_index, reduction="none")
         loss = loss + h * ce
     if reduction == "none":
-        return loss.view(target.shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / (mask.sum() if num_items is None else num_items)
+        out = loss.view(target.shape)
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.sum() / (mask.sum().clamp(min=1) if num_items is None else num_items)
+    if not return_entropy:
+        return out
+    lq = F.log_softmax(z.detach() / temperature, dim=-1)
+    entropy = torch.where(mask, -(lq.exp() * lq).sum(-1), 0.0)
+    return out, entropy.view(target.shape)

@@ -92,6 +92,9 @@ def _grads(fn, x, w, b, out_grad=None):
     k=st.integers(1, 5),
     chunk=st.sampled_from([None, 1, 3]),
     num_items=st.sampled_from([None, 5.0]),
+    heads=st.sampled_from(
+        [{}, {"logit_scale": 0.6, "teacher_softcap": 2.0}, {"softcap": 1.5, "teacher_logit_scale": 1.7}]
+    ),
 )
 def test_matches_the_float64_reference(
     seed,
@@ -110,6 +113,7 @@ def test_matches_the_float64_reference(
     k,
     chunk,
     num_items,
+    heads,
 ):
     if offline:
         beta, k = 0.0, min(k, v)
@@ -119,12 +123,27 @@ def test_matches_the_float64_reference(
         seed, lead, v, ds, dt, bias=bias, teacher_bias=teacher_bias, ignore=ignore, k=k if offline else None
     )
     opts = dict(beta=beta, temperature=temperature, hard_label_weight=hard, reduction=reduction, num_items=num_items)
+    opts.update({k: v for k, v in heads.items() if not (offline and k.startswith("teacher"))})
     g = torch.randn(lead, dtype=torch.float64) if reduction == "none" else None
     got, got_g = _grads(lambda: _memops(x, w, b, t, teacher, chunk_size=chunk, **opts), x, w, b, g)
     want, want_g = _grads(lambda: _reference(x, w, b, t, teacher, **opts), x, w, b, g)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, equal_nan=True)
     for a, c in zip(got_g, want_g):
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-11, equal_nan=True)
+    _, ent = _memops(
+        x.detach(),
+        w.detach(),
+        None if b is None else b.detach(),
+        t,
+        teacher,
+        return_entropy=True,
+        chunk_size=chunk,
+        **opts,
+    )
+    _, want_ent = _reference(
+        x.detach(), w.detach(), None if b is None else b.detach(), t, teacher, return_entropy=True, **opts
+    )
+    torch.testing.assert_close(ent, want_ent, rtol=1e-10, atol=1e-12)
 
 
 def test_reference_matches_trls_formula_shape_for_shape():
@@ -215,6 +234,11 @@ def test_opcheck_offline_and_online():
             0.2,
             IGNORE,
             "batchmean",
+            1.2,
+            3.0,
+            0.8,
+            None if offline else 2.5,
+            True,
             2,
             [True, True, True],
         )

@@ -3,7 +3,8 @@ plus an optional hard-label cross-entropy, from the student's projection and an 
 or an offline top-k teacher.
 
 * ``loss``: compute dtype (fp64 for fp64 inputs, else fp32); ``target``'s shape for ``reduction="none"``,
-  else 0-dim.
+  else 0-dim.  ``entropy`` (no gradient): the student's tempered entropy per token, compute dtype,
+  ``target``'s shape, or an empty ``[0]`` tensor unless ``return_entropy``.
 * gradients: the student's input, weight and bias only (the teacher is frozen), like ``memops::linear_ce``'s.
 """
 
@@ -11,8 +12,15 @@ from __future__ import annotations
 
 from .. import validation as V
 from ..contract import Input, Option, Spec, register
+from ..rules import compute_dtype
 from .linear_ce import CHUNK_SIZE, NUM_ITEMS, PROJECTION
-from .transform import loss_only
+
+
+def _shapes(a):
+    cdt = compute_dtype(a.input.dtype)
+    loss = a.input.new_empty(a.target.shape if a.reduction == "none" else (), dtype=cdt)
+    return loss, a.input.new_empty(a.target.shape if a.return_entropy else (0,), dtype=cdt)
+
 
 SPEC = register(
     Spec(
@@ -34,10 +42,15 @@ SPEC = register(
             Option("hard_label_weight", "float", 0.0, V.unit_interval),
             Option("ignore_index", "int", -100),
             Option("reduction", "str", "batchmean", V.one_of(*V.DISTILL_REDUCTIONS)),
+            Option("logit_scale", "float", 1.0),
+            Option("softcap", "float?", None, V.positive),
+            Option("teacher_logit_scale", "float", 1.0),
+            Option("teacher_softcap", "float?", None, V.positive),
+            Option("return_entropy", "bool", False),
             CHUNK_SIZE,
         ),
-        outputs=("loss",),
-        shapes=loss_only,
+        outputs=("loss", "entropy"),
+        shapes=_shapes,
         check=V.check_linear_distill,
     )
 )

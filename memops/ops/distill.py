@@ -29,6 +29,7 @@ from torch import Tensor
 from .. import config, validation
 from ..contract import Args
 from ..meta.distill import SPEC
+from ..rules import placeholder
 from . import engine, family, plan
 
 # several chunk-sized intermediates per head call: bound each step (as for transforms)
@@ -50,12 +51,23 @@ def _divergence(lq: Tensor, q: Tensor, lp: Tensor, beta: float) -> tuple[Tensor,
     return div, q * (g - (q * g).sum(1, keepdim=True))
 
 
+def _teacher_logits(u: Tensor, a: Args, cdt) -> Tensor:
+    """The teacher's final logits of a sub-block in the compute dtype: scaled, then soft-capped."""
+    u = u.to(cdt)
+    if a.teacher_logit_scale != 1.0:
+        u = u * a.teacher_logit_scale
+    if a.teacher_softcap is not None:
+        u = torch.tanh(u / a.teacher_softcap) * a.teacher_softcap
+    return u
+
+
 def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows):
-    """Per-row losses; gradients of the student's input/weight/bias when ``upstream`` is given.
-    ``teacher``: ``("online", xt2d)`` or ``("offline", ids2d, logprobs2d)``."""
+    """Per-row losses (and student entropies); gradients of the student's input/weight/bias when
+    ``upstream`` is given.  ``teacher``: ``("online", xt2d)`` or ``("offline", ids2d, logprobs2d)``."""
     n, vocab = x2d.shape[0], a.weight.shape[0]
     cdt = engine.compute_dtype(x2d.dtype)
     loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
+    ent_rows = torch.zeros(n, dtype=cdt, device=x2d.device) if a.return_entropy else None
     T, beta, h, ignore = a.temperature, a.beta, a.hard_label_weight, a.ignore_index
     state: dict = {}
 
@@ -74,11 +86,15 @@ def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows):
         safe = torch.where(valid, t, 0).unsqueeze(1)
         loss = torch.zeros(z.shape[0], dtype=cdt, device=z.device)
         dz = None
-        if h != 1:
+        if h != 1 or ent_rows is not None:
             lq = torch.log_softmax(z / T, dim=1)
             q = lq.exp()
+            if ent_rows is not None:
+                ent_rows[sel] = torch.where(valid, -(q * lq).sum(1), 0.0)
+        if h != 1:
             if teacher[0] == "online":
-                lp = torch.log_softmax(state["u"][lo : lo + z.shape[0]].to(cdt) / T, dim=1)
+                u = _teacher_logits(state["u"][lo : lo + z.shape[0]], a, cdt)
+                lp = torch.log_softmax(u / T, dim=1)
                 div, d_div = _divergence(lq, q, lp, beta)
             else:
                 ids = teacher[1][sel].long()
@@ -107,6 +123,8 @@ def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows):
         a.weight,
         a.bias,
         head,
+        logit_scale=a.logit_scale,
+        softcap=a.softcap,
         chunk_size=size,
         grad_input=need[0],
         grad_weight=need[1],
@@ -115,17 +133,17 @@ def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows):
         rows=rows,
         chunk_start=chunk_start,
     )
-    return loss_rows, engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
+    return loss_rows, ent_rows, engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
 def _prepare(a: Args):
-    """Rows, the teacher as rows, the engine's reduction name, the row plan."""
+    """Rows, the teacher as rows, the mask, the engine's reduction and divisor, the row plan."""
     x2d, t1d, _ = engine.flatten(a.input, a.target)
     n = t1d.numel()
     if a.teacher_weight is not None:
         xt = a.teacher_input.reshape(n, a.teacher_input.shape[-1])
         teacher = ("online", xt)
-        also = plan.bounded(xt, a.teacher_weight, a.teacher_bias, 1.0 / a.temperature)
+        also = plan.bounded(xt, a.teacher_weight, a.teacher_bias, a.teacher_logit_scale / a.temperature)
         finite = ()
     else:
         k = a.teacher_topk_ids.shape[-1]
@@ -133,26 +151,30 @@ def _prepare(a: Args):
         also, finite = None, (teacher[2],)
     valid = t1d != a.ignore_index
     # ignored tokens reach nothing: skipped where exact (student and teacher logits certainly finite)
-    rows = plan.plan(x2d, a.weight, a.bias, 1.0, needed=valid, finite=finite, bounded_too=also).full
+    scale = abs(a.logit_scale) / a.temperature
+    rows = plan.plan(x2d, a.weight, a.bias, scale, needed=valid, finite=finite, bounded_too=also).full
     reduction = "mean" if a.reduction == "batchmean" else a.reduction
-    return x2d, t1d, teacher, valid, reduction, rows
+    # "batchmean" over no unmasked token is 0, as in TRL (its divisor is clamped to 1)
+    divisor = a.num_items if a.num_items is not None or reduction != "mean" else valid.sum().clamp(min=1)
+    return x2d, t1d, teacher, valid, reduction, divisor, rows
 
 
 def _forward(a: Args, need: list) -> tuple:
     validation.check_target_range(a.target, a.weight.shape[0], a.ignore_index)
     if a.teacher_topk_ids is not None:
         validation.check_target_range(a.teacher_topk_ids, a.weight.shape[0], None, "teacher_topk_ids")
-    x2d, t1d, teacher, valid, reduction, rows = _prepare(a)
+    x2d, t1d, teacher, valid, reduction, divisor, rows = _prepare(a)
     cdt = engine.compute_dtype(a.input.dtype)
-    up = engine.upstream(None, reduction, valid, a.num_items, cdt) if any(need) else None
-    loss_rows, grads = _chunks(a, x2d, t1d, teacher, up, need, rows)
-    return (engine.reduce_rows(loss_rows, reduction, valid, a.num_items, a.target.shape),), grads
+    up = engine.upstream(None, reduction, valid, divisor, cdt) if any(need) else None
+    loss_rows, ent_rows, grads = _chunks(a, x2d, t1d, teacher, up, need, rows)
+    loss = engine.reduce_rows(loss_rows, reduction, valid, divisor, a.target.shape)
+    return (loss, placeholder(loss) if ent_rows is None else ent_rows.view(a.target.shape)), grads
 
 
 def _gradients(a: Args, grad_outputs: list, need: list) -> list:
-    x2d, t1d, teacher, valid, reduction, rows = _prepare(a)
-    up = engine.upstream(grad_outputs[0], reduction, valid, a.num_items, engine.compute_dtype(a.input.dtype))
-    return _chunks(a, x2d, t1d, teacher, up, need, rows)[1]
+    x2d, t1d, teacher, valid, reduction, divisor, rows = _prepare(a)
+    up = engine.upstream(grad_outputs[0], reduction, valid, divisor, engine.compute_dtype(a.input.dtype))
+    return _chunks(a, x2d, t1d, teacher, up, need, rows)[2]
 
 
 family.implement(SPEC, _forward, _gradients)
@@ -175,8 +197,13 @@ def linear_distillation_loss(
     ignore_index: int = -100,
     reduction: str = "batchmean",
     num_items: int | float | Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
+    return_entropy: bool = False,
     chunk_size: int | None = None,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Teacher-student distillation loss of ``student_input @ student_weight.T (+ bias)`` without the logits.
 
     Per token: ``hard_label_weight * CE(student logits, target) + (1 - hard_label_weight) * D``, where
@@ -189,6 +216,10 @@ def linear_distillation_loss(
     ``ignore_index`` are masked; ``"batchmean"`` divides by the unmasked token count (or ``num_items``),
     ``"sum"`` sums, ``"none"`` returns per-token losses shaped like ``target``.  Gradients reach the
     student's input, weight and bias; the teacher is frozen (a teacher tensor requiring grad is an error).
+    Each model's logits may be scaled (``logit_scale``, ``teacher_logit_scale``) and then soft-capped
+    (``softcap``, ``teacher_softcap``: ``c * tanh(logits / c)``) before the temperature, as TRL does for
+    Cohere/Granite and Gemma heads.  ``return_entropy=True`` also returns the student's per-token entropy
+    of ``softmax(student / temperature)`` (detached; 0 at masked tokens), from the same pass.
     """
     validation.check_frozen_teacher(
         teacher_input=teacher_input,
@@ -196,7 +227,7 @@ def linear_distillation_loss(
         teacher_bias=teacher_bias,
         teacher_topk_logprobs=teacher_topk_logprobs,
     )
-    (loss, _) = SPEC.call(
+    loss, entropy, _ = SPEC.call(
         input=student_input,
         weight=student_weight,
         target=target,
@@ -212,7 +243,12 @@ def linear_distillation_loss(
         hard_label_weight=hard_label_weight,
         ignore_index=ignore_index,
         reduction=reduction,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        teacher_logit_scale=teacher_logit_scale,
+        teacher_softcap=teacher_softcap,
+        return_entropy=bool(return_entropy),
         chunk_size=chunk_size,
     )
     family.donate(loss)
-    return loss
+    return (loss, entropy) if return_entropy else loss
