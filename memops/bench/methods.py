@@ -15,6 +15,8 @@
 * ``cce``: Apple's ``cut_cross_entropy.linear_cross_entropy`` (``torch_compile`` impl on CPU, ``cce`` on
   CUDA), when installed;
 * ``liger``: Liger-Kernel's fused linear cross-entropy, CUDA only, when installed;
+* ``trl``: TRL 1.16's own chunked divergence (``trl.trainer.distillation_trainer._chunked_divergence_loss``,
+  its ``ChunkedDivergenceFunction``), ``--loss distill`` only, when installed;
 * ``reference``: the unfused function in float64 (the error columns' reference).
 
 ``--loss grpo`` benchmarks a GRPO step (TRL's formulas, ``loss_type="grpo"``, ``--beta`` (default 0.04),
@@ -34,7 +36,7 @@ import importlib.util
 import math
 
 IGNORE = -100
-METHODS = ("eager", "compile", "chunked", "torch_lce", "memops", "floor", "cce", "liger")
+METHODS = ("eager", "compile", "chunked", "torch_lce", "memops", "floor", "cce", "liger", "trl")
 UNCHECKED = ("floor",)  # no loss: no error columns
 PEERS = {
     "cce": ("cut_cross_entropy", "pip install cut-cross-entropy"),
@@ -60,6 +62,11 @@ def unavailable(method: str, loss: str, device: str, softcap: float | None = Non
             return "needs torch >= 2.13"
     if method == "floor" and loss == "distill":
         return "three-matmul floor of a single projection"
+    if method == "trl":
+        if loss != "distill":
+            return "--loss distill only"
+        if importlib.util.find_spec("trl") is None:
+            return "not installed (pip install 'trl==1.16.*')"
     if method in PEERS:
         if loss != "cross_entropy":
             return "cross-entropy only"
@@ -255,6 +262,14 @@ def _build_distill(method: str, vocab: int, beta: float):
             return memops.linear_distillation_loss(x, w, t, xt, wt, beta=beta)
 
         return fused
+    if method == "trl":
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        def trl_step(x, w, t):
+            xt, wt = teacher(x)
+            return _chunked_divergence_loss(x, xt, w, wt, (t != IGNORE).to(x.dtype), beta)[0]
+
+        return trl_step
     raise ValueError(f"method {method!r} does not run --loss distill")
 
 

@@ -1,0 +1,223 @@
+"""TRL 1.16 on memops.
+
+* :func:`apply` / :func:`revert`: TRL's ``DistillationTrainer`` computes its divergence with
+  ``memops.linear_distillation_loss`` (it calls the module-level
+  ``trl.trainer.distillation_trainer._chunked_divergence_loss``, which ``apply`` replaces): same loss,
+  entropy metric and token count, four projection matmuls per step and no recompute in backward.
+* :class:`GKDTrainer`: ``trl.experimental.gkd.GKDTrainer`` whose loss (TRL's ``generalized_jsd_loss`` on the
+  student's and the teacher's full logits) is ``memops.linear_distillation_loss`` on their backbones'
+  hidden states; the logits never exist.
+
+Both check the installed TRL: a version or function signature this module was not written against is
+refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor
+
+from ..ops.distill import linear_distillation_loss
+
+SUPPORTED = "1.16."
+
+# TRL 1.16's ``_chunked_divergence_loss`` parameters, in order
+_DIVERGENCE_PARAMS = (
+    "student_hidden_states",
+    "teacher_hidden_states",
+    "student_lm_head_weight",
+    "teacher_lm_head_weight",
+    "completion_mask",
+    "beta",
+    "num_items_in_batch",
+    "student_lm_head_bias",
+    "teacher_lm_head_bias",
+    "student_logit_scale",
+    "teacher_logit_scale",
+    "student_final_logit_softcapping",
+    "teacher_final_logit_softcapping",
+    "temperature",
+)
+
+_ORIGINAL: dict[str, object] = {}
+
+
+def _trl():
+    try:
+        import trl
+    except ImportError:
+        raise ImportError("memops.integrations.trl needs TRL: pip install 'trl==1.16.*'") from None
+    if not trl.__version__.startswith(SUPPORTED):
+        raise RuntimeError(
+            f"memops.integrations.trl supports TRL {SUPPORTED}x, found {trl.__version__}: its trainers' loss "
+            "functions may differ, so memops does not replace them"
+        )
+    return trl
+
+
+def _distillation_module():
+    _trl()
+    from trl.trainer import distillation_trainer
+
+    fn = _ORIGINAL.get("divergence", distillation_trainer._chunked_divergence_loss)
+    params = tuple(inspect.signature(fn).parameters)
+    if params != _DIVERGENCE_PARAMS:
+        raise RuntimeError(
+            "trl.trainer.distillation_trainer._chunked_divergence_loss has parameters "
+            f"{params}, memops was written against {_DIVERGENCE_PARAMS}: not replacing it"
+        )
+    return distillation_trainer
+
+
+def _projection(hidden: Tensor, weight: Tensor, bias: Tensor | None):
+    """``(hidden, weight, bias)`` in the dtype TRL's kernels project in: autocast's when it is on (as an
+    ``nn.Linear`` lm_head would run under the trainer's mixed precision), else the hidden states'; a DTensor
+    lm_head gathered once first, as TRL does."""
+    if isinstance(weight, torch.distributed.tensor.DTensor):
+        weight = weight.full_tensor()
+        bias = None if bias is None else bias.full_tensor()
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def chunked_divergence_loss(
+    student_hidden_states: Tensor,
+    teacher_hidden_states: Tensor,
+    student_lm_head_weight: Tensor,
+    teacher_lm_head_weight: Tensor,
+    completion_mask: Tensor,
+    beta: float,
+    num_items_in_batch: Tensor | int | None = None,
+    student_lm_head_bias: Tensor | None = None,
+    teacher_lm_head_bias: Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """TRL 1.16's ``_chunked_divergence_loss`` computed by memops: ``(loss, entropy sum, valid count)`` over
+    the local batch, the loss divided by ``num_items_in_batch`` when given, else by the valid count (at
+    least 1).  The teacher gets no gradient, as in TRL."""
+    hs, ws, bs = _projection(student_hidden_states, student_lm_head_weight, student_lm_head_bias)
+    ht, wt, bt = _projection(teacher_hidden_states, teacher_lm_head_weight, teacher_lm_head_bias)
+    valid = completion_mask != 0
+    target = torch.where(valid, 0, -100)  # the divergence reads only which tokens count
+    loss, entropy = linear_distillation_loss(
+        hs,
+        ws,
+        target,
+        ht.detach(),
+        wt.detach(),
+        student_bias=bs,
+        teacher_bias=None if bt is None else bt.detach(),
+        beta=float(beta),
+        temperature=float(temperature),
+        reduction="sum",
+        logit_scale=float(student_logit_scale),
+        softcap=None if student_final_logit_softcapping is None else float(student_final_logit_softcapping),
+        teacher_logit_scale=float(teacher_logit_scale),
+        teacher_softcap=None if teacher_final_logit_softcapping is None else float(teacher_final_logit_softcapping),
+        return_entropy=True,
+    )
+    n_valid = valid.sum()
+    if num_items_in_batch is None:
+        loss = loss / n_valid.clamp(min=1)
+    else:
+        if isinstance(num_items_in_batch, Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss, entropy.sum(), n_valid
+
+
+def apply() -> None:
+    """Make TRL's ``DistillationTrainer`` compute its loss with memops (idempotent; :func:`revert` undoes it)."""
+    module = _distillation_module()
+    if "divergence" not in _ORIGINAL:
+        _ORIGINAL["divergence"] = module._chunked_divergence_loss
+    module._chunked_divergence_loss = chunked_divergence_loss
+
+
+def revert() -> None:
+    """Restore TRL's own functions."""
+    if "divergence" in _ORIGINAL:
+        from trl.trainer import distillation_trainer
+
+        distillation_trainer._chunked_divergence_loss = _ORIGINAL.pop("divergence")
+
+
+def _backbone(model):
+    """The decoder below a causal LM's head (what TRL's Liger path uses too)."""
+    if hasattr(model, "get_decoder") and model.get_decoder() is not None:
+        return model.get_decoder()
+    return getattr(model, getattr(model, "base_model_prefix", "model"), model)
+
+
+def _head_options(model) -> dict:
+    """The logit post-processing of a verified transformers model (scale, soft-cap), or an error."""
+    from .transformers import _verified
+
+    spec = _verified(type(model))
+    return {"logit_scale": spec.logit_scale(model), "softcap": spec.softcap(model)}
+
+
+def _gkd_base():
+    _trl()
+    from trl.experimental.gkd import GKDTrainer as TRLGKDTrainer
+
+    return TRLGKDTrainer
+
+
+def __getattr__(name: str):
+    if name == "GKDTrainer":
+        cls = _make_gkd_trainer()
+        globals()["GKDTrainer"] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def _make_gkd_trainer():
+    base = _gkd_base()
+
+    class GKDTrainer(base):
+        """``trl.experimental.gkd.GKDTrainer`` with its generalized JSD computed by memops from the two models'
+        hidden states (TRL's loss: ``beta`` from the config, temperature 1, masked by ``labels``, batchmean
+        or divided by ``num_items_in_batch``).  ``return_outputs=True`` (evaluation that wants logits) runs
+        TRL's own loss."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs:
+                return super().compute_loss(model, inputs, True, num_items_in_batch)
+            student = self.accelerator.unwrap_model(model)
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            s_opts, t_opts = _head_options(student), _head_options(teacher)
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            # the prepared models' forward runs under the trainer's mixed precision: so do their backbones here
+            with self.accelerator.autocast():
+                hidden = _backbone(student)(input_ids=ids, attention_mask=mask).last_hidden_state
+                self.teacher_model.eval()
+                with torch.no_grad():
+                    t_hidden = _backbone(teacher)(input_ids=ids, attention_mask=mask).last_hidden_state
+                s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+                hs, ws, bs = _projection(hidden[:, :-1], s_head.weight, s_head.bias)
+                ht, wt, bt = _projection(t_hidden[:, :-1], t_head.weight, t_head.bias)
+            return linear_distillation_loss(
+                hs,
+                ws,
+                inputs["labels"][:, 1:],
+                ht.detach(),
+                wt.detach(),
+                student_bias=bs,
+                teacher_bias=None if bt is None else bt.detach(),
+                beta=float(self.beta),
+                num_items=num_items_in_batch,
+                logit_scale=s_opts["logit_scale"],
+                softcap=s_opts["softcap"],
+                teacher_logit_scale=t_opts["logit_scale"],
+                teacher_softcap=t_opts["softcap"],
+            )
+
+    return GKDTrainer

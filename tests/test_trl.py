@@ -1,0 +1,258 @@
+"""TRL 1.16's distillation trainers on memops (``memops.integrations.trl``): real trainers, tiny models built
+from configs, a word-level tokenizer built in code, a few steps on CPU, against TRL's own losses."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from memops.integrations import trl as mtrl  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(40)]
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    out.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return out
+
+
+def _model(seed: int, hidden: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(SPECIALS) + len(WORDS),
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _words(g: torch.Generator, n: int) -> str:
+    return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g))
+
+
+@pytest.fixture
+def patched():
+    mtrl.apply()
+    yield
+    mtrl.revert()
+
+
+def _distillation_run(tokenizer, tmp_path, spy=None):
+    from trl.trainer import distillation_trainer
+
+    g = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict({"prompt": [_words(g, 5) for _ in range(16)]})
+    args = trl.DistillationConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        max_completion_length=6,
+        logging_steps=1,
+        report_to=[],
+        learning_rate=1e-3,
+        beta=0.5,
+        temperature=0.9,
+        use_cpu=True,
+        save_strategy="no",
+        bf16=False,
+    )
+    if spy is not None:
+        spy.inner = distillation_trainer._chunked_divergence_loss
+        distillation_trainer._chunked_divergence_loss = spy
+    try:
+        trainer = trl.DistillationTrainer(
+            model=_model(0, 32), teacher_model=_model(1, 48), args=args, train_dataset=data, processing_class=tokenizer
+        )
+        trainer.train()
+    finally:
+        if spy is not None:
+            distillation_trainer._chunked_divergence_loss = spy.inner
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return logs, trainer.model.lm_head.weight.detach().clone()
+
+
+class _Compare:
+    """Runs memops' function and TRL's own on every call the trainer makes: values and student gradients."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        ref = mtrl._ORIGINAL["divergence"](*args, **kwargs)
+        hidden, weight = args[0], args[2]
+        g_out = torch.autograd.grad(out[0], (hidden, weight), retain_graph=True)
+        g_ref = torch.autograd.grad(ref[0], (hidden, weight), retain_graph=True)
+        self.seen.append((out, ref, g_out, g_ref))
+        return out
+
+
+def test_distillation_trainer_loss_and_gradients_match_trl(tokenizer, tmp_path, patched):
+    spy = _Compare()
+    logs, weight = _distillation_run(tokenizer, tmp_path, spy)
+    assert len(spy.seen) == 3 and len(logs) == 3
+    for out, ref, g_out, g_ref in spy.seen:
+        torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-7)  # loss
+        torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-5)  # entropy sum
+        assert int(out[2]) == int(ref[2]) > 0  # valid tokens
+        for a, b in zip(g_out, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert [round(h["loss"], 12) for h in logs] == [round(float(s[0][0].detach()), 12) for s in spy.seen]
+
+
+def test_distillation_trainer_trains_like_trl(tokenizer, tmp_path):
+    trl_logs, trl_weight = _distillation_run(tokenizer, tmp_path / "trl")
+    mtrl.apply()
+    try:
+        logs, weight = _distillation_run(tokenizer, tmp_path / "memops")
+    finally:
+        mtrl.revert()
+    for a, b in zip(logs, trl_logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-5)
+    torch.testing.assert_close(weight, trl_weight, rtol=1e-4, atol=1e-6)
+
+
+def _gkd_run(cls, tokenizer, tmp_path, bf16=False):
+    from trl.experimental.gkd import GKDConfig
+
+    g = torch.Generator().manual_seed(0)
+    messages = [
+        [
+            {"role": "user", "content": _words(g, 4)},
+            {"role": "assistant", "content": _words(g, int(torch.randint(2, 7, (1,), generator=g)))},
+        ]
+        for _ in range(16)
+    ]
+    args = GKDConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        learning_rate=1e-3,
+        beta=0.3,
+        lmbda=0.0,
+        use_cpu=True,
+        save_strategy="no",
+        max_length=32,
+        seed=3,
+        bf16=bf16,
+    )
+    trainer = cls(
+        model=_model(0, 32),
+        teacher_model=_model(1, 48),
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"messages": messages}),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h], trainer.model.lm_head.weight.detach()
+
+
+def test_gkd_trainer_matches_trl(tokenizer, tmp_path):
+    from trl.experimental.gkd import GKDTrainer
+
+    want, want_w = _gkd_run(GKDTrainer, tokenizer, tmp_path / "trl")
+    got, got_w = _gkd_run(mtrl.GKDTrainer, tokenizer, tmp_path / "memops")
+    assert got == pytest.approx(want, rel=1e-5)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-4, atol=1e-6)
+
+
+def test_gkd_first_step_under_bf16_autocast_matches_trl(tokenizer, tmp_path):
+    """TRL's default mixed precision: the models' forward runs under bf16 autocast, so their lm_heads project
+    in bf16; memops projects in the autocast dtype too (then fp32 math), so the first step's loss agrees."""
+    from trl.experimental.gkd import GKDTrainer
+
+    want, _ = _gkd_run(GKDTrainer, tokenizer, tmp_path / "trl", bf16=True)
+    got, _ = _gkd_run(mtrl.GKDTrainer, tokenizer, tmp_path / "memops", bf16=True)
+    assert got[0] == pytest.approx(want[0], rel=1e-6)
+
+
+def test_projection_follows_autocast():
+    h, w = torch.randn(3, 4), torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hp, wp, bp = mtrl._projection(h, w, None)
+    assert hp.dtype == wp.dtype == torch.bfloat16 and bp is None
+    hp, wp, _ = mtrl._projection(h, w, None)
+    assert hp.dtype == wp.dtype == torch.float32
+
+
+def test_apply_is_idempotent_and_revert_restores():
+    from trl.trainer import distillation_trainer
+
+    original = distillation_trainer._chunked_divergence_loss
+    mtrl.apply()
+    mtrl.apply()
+    assert distillation_trainer._chunked_divergence_loss is mtrl.chunked_divergence_loss
+    mtrl.revert()
+    assert distillation_trainer._chunked_divergence_loss is original
+
+
+def test_refuses_another_trl_version(monkeypatch):
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.raises(RuntimeError, match=r"supports TRL 1\.16\.x, found 1\.17\.0"):
+        mtrl.apply()
+    with pytest.raises(RuntimeError, match="supports TRL"):
+        mtrl._make_gkd_trainer()
+
+
+def test_refuses_a_changed_signature(monkeypatch):
+    from trl.trainer import distillation_trainer
+
+    def changed(student_hidden_states, teacher_hidden_states, weight, beta):
+        raise AssertionError
+
+    monkeypatch.setattr(distillation_trainer, "_chunked_divergence_loss", changed)
+    with pytest.raises(RuntimeError, match="memops was written against"):
+        mtrl.apply()
+    assert distillation_trainer._chunked_divergence_loss is changed
+
+
+def test_our_function_has_trls_signature():
+    from trl.trainer import distillation_trainer
+
+    ours = inspect.signature(mtrl.chunked_divergence_loss)
+    theirs = inspect.signature(distillation_trainer._chunked_divergence_loss)
+    assert list(ours.parameters) == list(theirs.parameters)
+    assert [p.default for p in ours.parameters.values()] == [p.default for p in theirs.parameters.values()]
+
+
+@pytest.mark.parametrize("beta,trl_matmuls", [(0.0, 6), (1.0, 6), (0.5, 8)])
+def test_four_projection_matmuls_where_trl_needs_six_or_eight(beta, trl_matmuls):
+    from helpers import MatmulFlops, projection_flops
+
+    n, v, d = 64, 50, 16
+    counts = []
+    for fn in (mtrl.chunked_divergence_loss, mtrl._distillation_module()._chunked_divergence_loss):
+        x, w = torch.randn(n, d, requires_grad=True), torch.randn(v, d, requires_grad=True)
+        with MatmulFlops() as m:
+            fn(x, torch.randn(n, d), w, torch.randn(v, d), torch.ones(n), beta)[0].backward()
+        counts.append(m.flops / projection_flops(n, v, d))
+    assert counts == [4, trl_matmuls]
