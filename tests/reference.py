@@ -76,12 +76,25 @@ def ref_linear_loss(
     return out.sum() / (num_items if num_items is not None else valid.sum())
 
 
-def ref_linear_logprobs(input, weight, target, bias=None, *, temperature=1.0):
+def ref_linear_logprobs(input, weight, target, bias=None, *, temperature=1.0, logit_scale=1.0, softcap=None):
     """Per-token ``log p(target)`` and entropy of ``softmax(logits / temperature)``."""
-    logp_all = torch.log_softmax(ref_logits(input, weight, bias) / temperature, dim=-1)
+    logits = ref_logits(input, weight, bias, softcap=softcap, logit_scale=logit_scale) / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
+
+
+def ref_logprob_extras(input, weight, target, bias=None, *, temperature=1.0, logit_scale=1.0, softcap=None):
+    """TRL's extra per-token outputs of its fused LM head: ``log sum_v p_v^2``, the mean tempered logit, and
+    whether the target is the first most likely token."""
+    logits = ref_logits(input, weight, bias, softcap=softcap, logit_scale=logit_scale) / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    return {
+        "log_sum_sq_probs": torch.logsumexp(2 * logp_all, dim=-1),
+        "mean_logits": logits.mean(-1),
+        "is_top1": logits.argmax(-1) == target.long(),
+    }
 
 
 def ref_grpo_loss(

@@ -71,7 +71,7 @@ def _transform(n, g):
 
 def _logprobs(n, g):
     x, w, b, t = _base(n, g)
-    return (x, w, t, b, 0.8, True, 3)
+    return (x, w, t, b, 0.8, 1.3, 2.5, True, True, True, True, 3)
 
 
 def _grpo(n, g):

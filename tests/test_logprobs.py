@@ -13,7 +13,7 @@ import torch._dynamo
 from helpers import MatmulFlops, backward_op_args, projection_flops
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import ref_grpo_loss, ref_linear_logprobs
+from reference import ref_grpo_loss, ref_linear_logprobs, ref_logprob_extras
 
 import memops
 
@@ -56,6 +56,8 @@ def logprob_case(draw):
         v=draw(st.sampled_from([1, 2, 7, 31, 97]) | st.integers(1, 130)),
         bias=draw(st.booleans()),
         temperature=draw(st.sampled_from([1.0, 0.7]) | st.floats(0.05, 4.0)),
+        logit_scale=draw(st.sampled_from([1.0, 0.5, 1.7])),
+        softcap=draw(st.sampled_from([None, None, 2.0, 30.0])),
         chunk_size=draw(st.none() | st.integers(1, 64)),
         outputs=draw(st.sampled_from(["logp", "entropy", "both"])),
         needs=draw(st.sampled_from([(1, 1, 1), (1, 0, 0), (0, 1, 1)])),
@@ -70,11 +72,20 @@ def test_logprobs_and_entropy_match_reference(case):
     target = torch.randint(0, case["v"], case["lead"], generator=g)
     if case["seed"] % 2:
         target = target.int()
-    kw = dict(temperature=case["temperature"])
+    kw = dict(temperature=case["temperature"], logit_scale=case["logit_scale"], softcap=case["softcap"])
     logp, ent = memops.linear_logprobs(x, w, target, b, return_entropy=True, chunk_size=case["chunk_size"], **kw)
     ref_logp, ref_ent = ref_linear_logprobs(x, w, target, b, **kw)
     _close(logp, ref_logp, "logprobs")
     _close(ent, ref_ent, "entropy")
+    with torch.no_grad():
+        names = ("log_sum_sq_probs", "mean_logits", "is_top1")
+        extras = memops.linear_logprobs(x, w, target, b, extras=names, chunk_size=case["chunk_size"], **kw)
+        ref_extras = ref_logprob_extras(x, w, target, b, **kw)
+    assert set(extras) == {"log_probs", *names}
+    _close(extras["log_probs"], ref_logp, "logprobs (with extras)")
+    _close(extras["log_sum_sq_probs"], ref_extras["log_sum_sq_probs"], "log_sum_sq_probs")
+    _close(extras["mean_logits"], ref_extras["mean_logits"], "mean_logits")
+    assert torch.equal(extras["is_top1"], ref_extras["is_top1"])
     assert logp.dtype == torch.float64
     # random per-token grad_output on either output, or both
     g1, g2 = (
@@ -418,11 +429,11 @@ def test_opcheck_logprobs_ops(dtype, lead):
     for ent in (False, True):
         torch.library.opcheck(
             torch.ops.memops.linear_logprobs.default,
-            (x.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), 0.8, ent, 4),
+            (x.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), 0.8, 1.0, None, ent, ent, ent, ent, 4),
         )
     g1 = torch.randn(t.shape)
     for g2 in (None, torch.randn(t.shape)):
-        args = backward_op_args("linear_logprobs", (x, w, t, b, 0.8, True, 4), [g1, g2])
+        args = backward_op_args("linear_logprobs", (x, w, t, b, 0.8, 0.7, 3.0, True, False, True, False, 4), [g1, g2])
         torch.library.opcheck(torch.ops.memops.linear_logprobs_backward.default, args)
 
 

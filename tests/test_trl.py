@@ -256,3 +256,170 @@ def test_four_projection_matmuls_where_trl_needs_six_or_eight(beta, trl_matmuls)
             fn(x, torch.randn(n, d), w, torch.randn(v, d), torch.ones(n), beta)[0].backward()
         counts.append(m.flops / projection_flops(n, v, d))
     assert counts == [4, trl_matmuls]
+
+
+# ---- the fused LM head every TRL trainer uses -----------------------------------------------------------
+
+_TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(temperature=1.0, final_logit_softcapping=None, logit_scale=1.0),
+        dict(temperature=0.7, final_logit_softcapping=None, logit_scale=1.0),
+        dict(temperature=0.9, final_logit_softcapping=3.0, logit_scale=0.6),
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_logprob_matches_trls_kernel(opts, bias):
+    """All five outputs and the gradients of log-probs and entropy, against TRL's own function."""
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 37, 8, 29
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    results = []
+    g1, g2 = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    for fn in (mtrl.ChunkedLogProb, mtrl._utils_module()._ChunkedLogProbFunction):
+        x = torch.randn(n, d, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        w = (torch.randn(v, d, generator=torch.Generator().manual_seed(2)) / 2).requires_grad_()
+        b = torch.randn(v, generator=torch.Generator().manual_seed(3)).requires_grad_() if bias else None
+        t = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(4))
+        out = fn.apply(
+            x, w, b, t, opts["temperature"], 16, opts["final_logit_softcapping"], opts["logit_scale"], outputs
+        )
+        ((out[0] * g1).sum() + (out[1] * g2).sum()).backward()
+        results.append((out, [p.grad for p in (x, w, b) if p is not None]))
+    (ours, our_grads), (theirs, their_grads) = results
+    for name, a, c in zip(outputs, ours, theirs):
+        if name == "is_top1":
+            assert torch.equal(a, c)
+        else:
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5, msg=name)
+    for a, c in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+
+
+def _train(make_trainer, memops_on: bool):
+    calls = []
+    if memops_on:
+        mtrl.apply()
+        utils = mtrl._utils_module()
+
+        class Counting(mtrl.ChunkedLogProb):
+            @staticmethod
+            def apply(*args, **kwargs):
+                calls.append(1)
+                return mtrl.ChunkedLogProb.apply(*args, **kwargs)
+
+        utils._ChunkedLogProbFunction = Counting
+    try:
+        trainer = make_trainer()
+        trainer.train()
+    finally:
+        if memops_on:
+            mtrl.revert()
+    assert bool(calls) == memops_on  # the fused head ran on memops (or on TRL's kernel, unpatched)
+    logs = [{k: v for k, v in h.items() if k not in _TIMING} for h in trainer.state.log_history]
+    return logs, trainer.model.lm_head.weight.detach().clone()
+
+
+def _same_training(make_trainer):
+    theirs, their_w = _train(make_trainer, False)
+    ours, our_w = _train(make_trainer, True)
+    assert len(ours) == len(theirs) >= 3
+    for a, b in zip(ours, theirs):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    torch.testing.assert_close(our_w, their_w, rtol=1e-4, atol=1e-6)
+    return ours
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama saved to disk: trainers that build a reference model load it from the policy's path."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    _model(0, 32).save_pretrained(path)
+    return str(path)
+
+
+def _common(tmp_path, **kw):
+    return dict(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        learning_rate=1e-3,
+        use_cpu=True,
+        save_strategy="no",
+        bf16=False,
+        seed=5,
+        **kw,
+    )
+
+
+def test_sft_trainer_on_memops_logs_what_trl_logs(tokenizer, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict({"text": [_words(g, 9) for _ in range(16)]})
+
+    def make():
+        args = trl.SFTConfig(**_common(tmp_path, max_length=16))
+        return trl.SFTTrainer(model=_model(0, 32), args=args, train_dataset=data, processing_class=tokenizer)
+
+    logs = _same_training(make)
+    assert "mean_token_accuracy" in logs[0] and "entropy" in logs[0]
+
+
+def test_dpo_trainer_on_memops_logs_what_trl_logs(tokenizer, tmp_path, model_dir):
+    g = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": [_words(g, 4) for _ in range(16)],
+            "chosen": [_words(g, 3) for _ in range(16)],
+            "rejected": [_words(g, 5) for _ in range(16)],
+        }
+    )
+
+    def make():
+        args = trl.DPOConfig(**_common(tmp_path, max_length=16))
+        return trl.DPOTrainer(model=model_dir, args=args, train_dataset=data, processing_class=tokenizer)
+
+    _same_training(make)
+
+
+def test_kto_trainer_on_memops_logs_what_trl_logs(tokenizer, tmp_path, model_dir):
+    g = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": [_words(g, 4) for _ in range(16)],
+            "completion": [_words(g, 3) for _ in range(16)],
+            "label": [bool(i % 3) for i in range(16)],
+        }
+    )
+
+    def make():
+        args = trl.KTOConfig(**_common(tmp_path, max_length=16))
+        return trl.KTOTrainer(model=model_dir, args=args, train_dataset=data, processing_class=tokenizer)
+
+    _same_training(make)
+
+
+def _reward(completions, **kwargs):
+    return [float(len(c.split())) / 5.0 - 0.3 * c.count("w1") for c in completions]
+
+
+@pytest.mark.parametrize("name", ["GRPO", "RLOO"])
+def test_rl_trainers_on_memops_log_what_trl_logs(tokenizer, tmp_path, model_dir, name):
+    """With a KL term (a reference model loaded from the policy's path) and the entropy metric."""
+    g = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict({"prompt": [_words(g, 4) for _ in range(16)]})
+    config_cls, trainer_cls = getattr(trl, f"{name}Config"), getattr(trl, f"{name}Trainer")
+
+    def make():
+        args = config_cls(**_common(tmp_path, num_generations=4, max_completion_length=6, beta=0.04))
+        return trainer_cls(
+            model=model_dir, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tokenizer
+        )
+
+    _same_training(make)

@@ -1,6 +1,10 @@
 """TRL 1.16 on memops.
 
-* :func:`apply` / :func:`revert`: TRL's ``DistillationTrainer`` computes its divergence with
+* :func:`apply` / :func:`revert`: every TRL trainer's fused LM head (``model(..., fused_lm_head=True)``, set
+  up by ``trl.trainer.utils.add_fused_lm_head``: SFT, DPO, KTO, GRPO, RLOO) computes its per-token outputs
+  with ``memops.linear_logprobs`` (``apply`` replaces ``trl.trainer.utils._ChunkedLogProbFunction``, what
+  that head calls): log-probs, entropy, ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``, with temperature,
+  soft-capping, logit scale and bias; and TRL's ``DistillationTrainer`` computes its divergence with
   ``memops.linear_distillation_loss`` (it calls the module-level
   ``trl.trainer.distillation_trainer._chunked_divergence_loss``, which ``apply`` replaces): same loss,
   entropy metric and token count, four projection matmuls per step and no recompute in backward.
@@ -20,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..ops.distill import linear_distillation_loss
+from ..ops.logprobs import linear_logprobs
 
 SUPPORTED = "1.16."
 
@@ -41,6 +46,20 @@ _DIVERGENCE_PARAMS = (
     "temperature",
 )
 
+# TRL 1.16's ``ChunkedLogProbFunction.forward`` parameters after ``ctx``, in order
+_LOGPROB_PARAMS = (
+    "hidden",
+    "weight",
+    "bias",
+    "targets",
+    "temperature",
+    "chunk_size",
+    "final_logit_softcapping",
+    "logit_scale",
+    "outputs",
+)
+_LOGPROB_EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
 _ORIGINAL: dict[str, object] = {}
 
 
@@ -55,6 +74,20 @@ def _trl():
             "functions may differ, so memops does not replace them"
         )
     return trl
+
+
+def _utils_module():
+    _trl()
+    from trl.trainer import utils
+
+    fn = _ORIGINAL.get("logprob", utils._ChunkedLogProbFunction)
+    params = tuple(inspect.signature(fn.forward).parameters)[1:]
+    if params != _LOGPROB_PARAMS:
+        raise RuntimeError(
+            f"trl.trainer.utils._ChunkedLogProbFunction.forward has parameters {params}, memops was written "
+            f"against {_LOGPROB_PARAMS}: not replacing it"
+        )
+    return utils
 
 
 def _distillation_module():
@@ -133,16 +166,60 @@ def chunked_divergence_loss(
     return loss, entropy.sum(), n_valid
 
 
+class ChunkedLogProb:
+    """Stands in for ``trl.trainer.utils._ChunkedLogProbFunction`` (only its ``apply`` is called): the same
+    five per-token outputs, ``None`` where ``outputs`` does not ask for one, computed by
+    ``memops.linear_logprobs`` (log-probs and entropy differentiable; the others without gradient)."""
+
+    @staticmethod
+    def apply(
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        temperature: float,
+        chunk_size: int,
+        final_logit_softcapping: float | None = None,
+        logit_scale: float = 1.0,
+        outputs: tuple[str, ...] = _LOGPROB_EXTRAS,
+    ) -> tuple:
+        del chunk_size  # TRL's vocabulary tile; memops sizes its own chunks
+        unknown = sorted(set(outputs) - set(_LOGPROB_EXTRAS) - {"log_probs"})
+        if unknown:
+            raise ValueError(f"TRL asked for per-token outputs memops does not compute: {unknown}")
+        h, w, b = _projection(hidden, weight, bias)
+        out = linear_logprobs(
+            h,
+            w,
+            targets,
+            b,
+            temperature=float(temperature),
+            logit_scale=float(logit_scale),
+            softcap=None if final_logit_softcapping is None else float(final_logit_softcapping),
+            return_entropy="entropy" in outputs,
+            extras=[name for name in _LOGPROB_EXTRAS[1:] if name in outputs],
+        )
+        if not isinstance(out, dict):
+            out = {"log_probs": out[0], "entropy": out[1]} if "entropy" in outputs else {"log_probs": out}
+        return tuple(out.get(name) for name in ("log_probs", *_LOGPROB_EXTRAS))
+
+
 def apply() -> None:
-    """Make TRL's ``DistillationTrainer`` compute its loss with memops (idempotent; :func:`revert` undoes it)."""
-    module = _distillation_module()
-    if "divergence" not in _ORIGINAL:
-        _ORIGINAL["divergence"] = module._chunked_divergence_loss
-    module._chunked_divergence_loss = chunked_divergence_loss
+    """Make TRL's fused LM head and its ``DistillationTrainer`` compute with memops (idempotent;
+    :func:`revert` undoes it)."""
+    utils, distill = _utils_module(), _distillation_module()
+    _ORIGINAL.setdefault("logprob", utils._ChunkedLogProbFunction)
+    _ORIGINAL.setdefault("divergence", distill._chunked_divergence_loss)
+    utils._ChunkedLogProbFunction = ChunkedLogProb
+    distill._chunked_divergence_loss = chunked_divergence_loss
 
 
 def revert() -> None:
     """Restore TRL's own functions."""
+    if "logprob" in _ORIGINAL:
+        from trl.trainer import utils
+
+        utils._ChunkedLogProbFunction = _ORIGINAL.pop("logprob")
     if "divergence" in _ORIGINAL:
         from trl.trainer import distillation_trainer
 

@@ -17,14 +17,14 @@ Given per-row coefficients ``c1`` on the log-probability and ``c2`` on the entro
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import validation
 from ..contract import Args
-from ..meta.logprobs import GRPO, LOGPROBS
+from ..meta.logprobs import EXTRAS, GRPO, LOGPROBS
 from ..rules import placeholder
 from . import engine, family, plan
 
@@ -45,9 +45,17 @@ def _chunks(
     chunk_size,
     rows: Tensor | None = None,
     out: tuple | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    extras: dict | None = None,
 ):
     """Run the head over ``x2d`` (only ``rows`` when given; see ``engine.run``), writing the per-row
-    log-probs (and entropy) into ``out`` when given, else into new ``[N]`` tensors."""
+    log-probs (and entropy) into ``out`` when given, else into new ``[N]`` tensors.  ``extras`` maps
+    ``log_sum_sq_probs`` / ``mean_logits`` / ``is_top1`` to ``[N]`` tensors to fill as well.
+
+    The logits are ``softcap(logit_scale * (x @ W.T + b)) / temperature``: without soft-capping the
+    engine applies ``logit_scale / temperature`` in one go, with it the head divides by the temperature
+    (and multiplies its gradient by ``1 / temperature``)."""
     n = x2d.shape[0]
     cdt = engine.compute_dtype(x2d.dtype)
     if out is None:
@@ -56,9 +64,18 @@ def _chunks(
             plan.rows_out(n, cdt, x2d.device, rows) if entropy else None,
         )
     logp_rows, ent_rows = out
+    extras = extras or {}
+    inv_t = 1.0 / temperature
+    in_head = softcap is not None and inv_t != 1.0  # the temperature after soft-capping
 
     def head(z: Tensor, sel):
+        if in_head:
+            z.mul_(inv_t)
         t = t1d[sel].long().unsqueeze(1)
+        if "mean_logits" in extras:
+            extras["mean_logits"][sel] = z.mean(dim=1)
+        if "is_top1" in extras:  # the first maximum, as argmax: a tie with an earlier token is not top-1
+            extras["is_top1"][sel] = z.argmax(dim=1) == t.squeeze(1)
         zmax = z.amax(dim=1, keepdim=True)
         z.sub_(zmax)  # z <- s = z - rowmax
         s_t = z.gather(1, t).squeeze(1)
@@ -72,6 +89,8 @@ def _chunks(
             z.exp_()
             e, total, ent = z, z.sum(dim=1), None
             log_total = total.log()
+        if "log_sum_sq_probs" in extras:
+            extras["log_sum_sq_probs"][sel] = e.square().sum(dim=1).log() - 2 * log_total
         logp = s_t - log_total
         logp_rows[sel] = logp
         c = coef(sel, logp, ent) if coef is not None else None
@@ -89,14 +108,15 @@ def _chunks(
             z.mul_((-c1 / total).unsqueeze(1))
         if c1 is not None:
             z.scatter_add_(1, t, c1.unsqueeze(1))
-        return z
+        return z.mul_(inv_t) if in_head else z
 
     gx, gw, gb = engine.run(
         x2d,
         weight,
         bias,
         head,
-        logit_scale=1.0 / temperature,
+        logit_scale=logit_scale if in_head else logit_scale * inv_t,
+        softcap=softcap,
         chunk_size=chunk_size,
         grad_input=need[0],
         grad_weight=need[1],
@@ -112,6 +132,12 @@ def _chunks(
 def _logprobs_forward(a: Args, need: list) -> tuple:
     validation.check_target_range(a.target, a.weight.shape[0], None)
     x2d, t1d, _ = engine.flatten(a.input, a.target)
+    n, cdt = t1d.numel(), engine.compute_dtype(a.input.dtype)
+    extras = {
+        name: torch.empty(n, dtype=torch.bool if name == "is_top1" else cdt, device=x2d.device)
+        for name in EXTRAS[1:]
+        if getattr(a, "return_" + name)
+    }
     logp, ent, *_ = _chunks(
         x2d,
         a.weight,
@@ -122,14 +148,18 @@ def _logprobs_forward(a: Args, need: list) -> tuple:
         coef=None,
         need=(False, False, False),
         chunk_size=a.chunk_size,
+        logit_scale=a.logit_scale,
+        softcap=a.softcap,
+        extras=extras,
     )
-    return (logp.view(a.target.shape), ent.view(a.target.shape) if a.return_entropy else placeholder(logp)), []
+    shaped = [logp, ent] + [extras.get(name) for name in EXTRAS[1:]]
+    return tuple(placeholder(logp) if t is None else t.view(a.target.shape) for t in shaped), []
 
 
 def _logprobs_gradients(a: Args, grad_outputs: list, need: list) -> list:
     x2d, t1d, _ = engine.flatten(a.input, a.target)
     cdt = engine.compute_dtype(a.input.dtype)
-    grad_logprobs, grad_entropy = grad_outputs
+    grad_logprobs, grad_entropy = grad_outputs[:2]
     if not a.return_entropy:  # the entropy output was an empty placeholder
         grad_entropy = None
     g1 = None if grad_logprobs is None else grad_logprobs.reshape(-1).to(cdt)
@@ -142,7 +172,7 @@ def _logprobs_gradients(a: Args, grad_outputs: list, need: list) -> list:
 
     # tokens with no incoming gradient (masked by the caller's loss) are skipped where that is exact
     needed = functools.reduce(torch.logical_or, [g != 0 for g in (g1, g2) if g is not None])
-    rows = plan.plan(x2d, a.weight, a.bias, 1.0 / a.temperature, needed=needed).full
+    rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale / a.temperature, needed=needed).full
     *_, gx, gw, gb = _chunks(
         x2d,
         a.weight,
@@ -154,6 +184,8 @@ def _logprobs_gradients(a: Args, grad_outputs: list, need: list) -> list:
         need=need,
         chunk_size=a.chunk_size,
         rows=rows,
+        logit_scale=a.logit_scale,
+        softcap=a.softcap,
     )
     return engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
@@ -169,25 +201,42 @@ def linear_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    extras: Sequence[str] = (),
     chunk_size: int | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """``log_softmax((input @ weight.T + bias) / temperature)`` at ``target``, shaped like ``target``.
+) -> Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]:
+    """``log_softmax(softcap(logit_scale * (input @ weight.T + bias)) / temperature)`` at ``target``, shaped
+    like ``target`` (``softcap(y) = c * tanh(y / c)`` when ``softcap=c`` is set).
 
     With ``return_entropy=True`` returns ``(logprobs, entropy)`` (the entropy of the same tempered
     distribution per token).  Both are differentiable with respect to input, weight and bias for any
-    per-token ``grad_output``; under ``torch.no_grad()`` only the forward work is done.  Results are
-    fp32 (fp64 for fp64 inputs).
+    per-token ``grad_output``; under ``torch.no_grad()`` only the forward work is done.  ``extras`` asks for
+    more per-token outputs from the same pass, without gradient: ``"log_sum_sq_probs"`` (``log sum_v p_v^2``),
+    ``"mean_logits"`` (mean of the tempered logits over the vocabulary), ``"is_top1"`` (the target is the
+    first most likely token); then a dict is returned with ``"log_probs"``, ``"entropy"`` when asked for, and
+    each extra.  Results are fp32 (fp64 for fp64 inputs); ``is_top1`` is bool.
     """
-    logp, ent = LOGPROBS.call(
+    extras = tuple(extras)
+    unknown = sorted(set(extras) - set(EXTRAS[1:]))
+    if unknown:
+        raise ValueError(f"extras must be among {EXTRAS[1:]}, got {unknown}")
+    out = LOGPROBS.call(
         input=input,
         weight=weight,
         target=target,
         bias=bias,
         temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
         return_entropy=bool(return_entropy),
         chunk_size=chunk_size,
+        **{"return_" + name: name in extras for name in EXTRAS[1:]},
     )
-    return (logp, ent) if return_entropy else logp
+    if extras:
+        asked = ("entropy",) * bool(return_entropy) + extras
+        return {"log_probs": out[0], **{name: out[1 + EXTRAS.index(name)] for name in asked}}
+    return (out[0], out[1]) if return_entropy else out[0]
 
 
 # ---- memops::linear_grpo -------------------------------------------------------------------------------
