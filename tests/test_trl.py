@@ -423,3 +423,77 @@ def test_rl_trainers_on_memops_log_what_trl_logs(tokenizer, tmp_path, model_dir,
         )
 
     _same_training(make)
+
+
+@pytest.mark.parametrize("order", ["trl_first", "memops_first"])
+def test_transformers_patch_and_trls_fused_head_keep_each_other(order):
+    """``memops.integrations.transformers.apply`` on a model TRL gave a fused head (or the reverse) keeps both:
+    ordinary calls get memops' loss, ``fused_lm_head=True`` calls TRL's per-token outputs (on memops once
+    ``memops.integrations.trl.apply`` ran)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from memops.integrations import transformers as mtf
+
+    outputs = ("log_probs", "entropy", "is_top1")
+    ids = torch.randint(len(SPECIALS), len(SPECIALS) + len(WORDS), (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    plain_model = _model(0, 32).train()
+    want_loss = plain_model(input_ids=ids, labels=labels).loss
+    add_fused_lm_head(plain_model, outputs=outputs)
+    want = plain_model(input_ids=ids, labels=labels, fused_lm_head=True)
+
+    model = _model(0, 32).train()
+    if order == "trl_first":
+        add_fused_lm_head(model, outputs=outputs)
+        mtf.apply(model)
+    else:
+        mtf.apply(model)
+        add_fused_lm_head(model, outputs=outputs)
+    plain = model(input_ids=ids, labels=labels)
+    assert plain.logits is None  # memops' loss: the logits never existed
+    torch.testing.assert_close(plain.loss, want_loss)
+    for memops_head in (False, True):
+        if memops_head:
+            mtrl.apply()
+        try:
+            fused = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        finally:
+            mtrl.revert()
+        torch.testing.assert_close(fused.loss, want.loss)
+        for name in ("log_probs", "entropy"):
+            torch.testing.assert_close(getattr(fused, name), getattr(want, name))
+        assert torch.equal(fused.is_top1, want.is_top1)
+
+
+def test_fused_head_backward_runs_inside_trls_gather_context(monkeypatch):
+    """ZeRO-3: memops' backward recomputes from the lm_head weight, so it must run inside TRL's
+    ``maybe_gather_lm_head_ctx`` as TRL's own backward does (a recording context stands in for DeepSpeed's)."""
+    import contextlib
+
+    from trl.trainer import utils
+
+    from memops.ops import engine
+
+    events = []
+
+    @contextlib.contextmanager
+    def recording(*params):
+        events.append(("enter", len(params)))
+        yield
+        events.append(("exit", len(params)))
+
+    monkeypatch.setattr(utils, "maybe_gather_lm_head_ctx", recording)
+    run = engine.run
+
+    def chunk_pass(*args, **kwargs):
+        events.append("chunk pass")
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "run", chunk_pass)
+    x, w = torch.randn(6, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    out = mtrl.ChunkedLogProb.apply(x, w, None, torch.randint(0, 9, (6,)), 1.0, 16, None, 1.0, ("entropy",))
+    assert events == ["chunk pass"]  # the forward (TRL enters the context around it)
+    (out[0].sum() + out[1].sum()).backward()
+    assert events == ["chunk pass", ("enter", 2), "chunk pass", ("exit", 2)]
+    assert x.grad is not None and w.grad is not None

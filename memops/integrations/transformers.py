@@ -246,6 +246,30 @@ def _wrap(orig):
     return forward
 
 
+def _is_fused_head(forward) -> bool:
+    """Whether ``forward`` is TRL's fused-LM-head forward (``trl.trainer.utils.add_fused_lm_head``), which
+    takes ``fused_lm_head`` (its own signature, not the model forward's it wraps)."""
+    try:
+        return "fused_lm_head" in inspect.signature(forward, follow_wrapped=False).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _keeping_fused_head(wrapped, fused):
+    """The memops forward for ordinary calls; TRL's fused head for ``fused_lm_head=True`` calls (so patching a
+    model TRL already gave a fused head keeps that head, which ``memops.integrations.trl.apply`` moves onto
+    memops too)."""
+
+    @functools.wraps(wrapped)
+    def forward(*args, fused_lm_head: bool = False, **kwargs):
+        if fused_lm_head:
+            return fused(*args, fused_lm_head=True, **kwargs)
+        return wrapped(*args, **kwargs)
+
+    forward._memops_patched = True
+    return forward
+
+
 def apply(target: Any, *, eval: bool = False):
     """Patch a model instance, or a causal LM class given as a class or a ``model_type`` string.
 
@@ -270,8 +294,10 @@ def apply(target: Any, *, eval: bool = False):
             raise ValueError(f"memops: {cls.__name__} has no output embeddings (lm_head)")
         _linear_heads(head)
         if not getattr(target.forward, "_memops_patched", False):
-            target.__dict__[_PATCHED] = target.forward
-            target.forward = _wrap(cls.forward).__get__(target)
+            previous = target.forward
+            target.__dict__[_PATCHED] = previous
+            wrapped = _wrap(cls.forward).__get__(target)
+            target.forward = _keeping_fused_head(wrapped, previous) if _is_fused_head(previous) else wrapped
         target._memops_eval = eval
         return target
     raise TypeError(f"apply takes a model, a causal LM class or a model_type string, got {type(target).__name__}")

@@ -201,7 +201,31 @@ class ChunkedLogProb:
         )
         if not isinstance(out, dict):
             out = {"log_probs": out[0], "entropy": out[1]} if "entropy" in outputs else {"log_probs": out}
+        _gathered_in_backward(out["log_probs"], weight, bias)
         return tuple(out.get(name) for name in ("log_probs", *_LOGPROB_EXTRAS))
+
+
+def _gathered_in_backward(output: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """Under DeepSpeed ZeRO-3 the lm_head weight is gathered only inside TRL's
+    ``maybe_gather_lm_head_ctx`` (entered around the forward call); memops' backward recomputes the chunks
+    from the saved weight, so its autograd node runs inside that context too (entered by a pre-hook, left
+    by a post-hook).  Without ZeRO-3 the context is a null one."""
+    node = output.grad_fn
+    if node is None:
+        return
+    from trl.trainer import utils
+
+    held = []
+
+    def enter(grad_outputs):
+        held.append(utils.maybe_gather_lm_head_ctx(weight, bias))
+        held[-1].__enter__()
+
+    def leave(grad_inputs, grad_outputs):
+        held.pop().__exit__(None, None, None)
+
+    node.register_prehook(enter)
+    node.register_hook(leave)
 
 
 def apply() -> None:
