@@ -226,9 +226,8 @@ def register(spec: Spec) -> Spec:
 
 
 def schemas() -> list[str]:
-    """Every declared op's forward and backward schema (``python -m memops schemas``)."""
-    import memops  # noqa: F401  (every family declared)
-
+    """Every declared op's forward and backward schema (``python -m memops schemas``; every family is
+    declared once ``memops`` is imported)."""
     out = []
     for name, spec in sorted(SPECS.items()):
         out += [f"memops::{name}{spec.schema()}", f"memops::{spec.backward_name}{spec.backward_schema()}"]

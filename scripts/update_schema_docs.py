@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import memops  # noqa: F401  (declares every family)
 from memops.contract import schemas
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"

@@ -60,8 +60,9 @@ def test_bench_tiny_end_to_end(tmp_path):
     (run,) = data["runs"]
     assert (run["tokens"], run["hidden"], run["vocab"]) == (64, 16, 101)
     rows = {r["method"]: r for r in run["rows"]}
-    assert list(rows) == ["eager", "compile", "chunked", "torch_lce", "memops", "floor", "cce", "liger"]
+    assert list(rows) == ["eager", "compile", "chunked", "torch_lce", "memops", "floor", "cce", "liger", "trl"]
     assert rows["liger"]["status"] == "skipped"
+    assert rows["trl"]["status"] == "skipped"  # --loss distill only
     assert rows["cce"]["status"] == ("ok" if cce else "skipped")
     for m in ("eager", "compile", "chunked", "torch_lce", "memops") + (("cce",) if cce else ()):
         r = rows[m]
@@ -281,3 +282,17 @@ def test_torch_lce_has_no_softcap():
     assert unavailable("torch_lce", "cross_entropy", "cpu", softcap=30.0) == "no soft-capping option"
     assert unavailable("torch_lce", "cross_entropy", "cpu") is None  # torch 2.13 ships it
     assert unavailable("floor", "grpo", "cpu") is None  # the three matmuls are the same for any loss
+
+
+def test_bench_distill_with_trls_kernel(tmp_path):
+    out = tmp_path / "distill.json"
+    proc = _run(
+        "--loss", "distill", "--tokens", "24", "--hidden", "8", "--vocab", "40", "--reps", "1",
+        "--methods", "eager,memops,trl,floor,cce", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "(distill, 10% of targets ignored, beta=0.5)" in proc.stdout
+    assert "| floor | skipped: three-matmul floor of a single projection |" in proc.stdout
+    rows = {r["method"]: r for r in json.loads(out.read_text())["runs"][0]["rows"]}
+    for method in ("eager", "memops", "trl"):
+        assert rows[method]["status"] == "ok" and rows[method]["err_loss"] < 1e-5

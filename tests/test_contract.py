@@ -35,7 +35,7 @@ def _base(n: int, g: torch.Generator, dtype=torch.float32):
 def _ce(n, g):
     x, w, b, t = _base(n, g)
     t[0, 0] = -100
-    return (x, w, t, b, None, -100, "mean", 0.1, 1e-3, 4.0, 0.9, 3, False, [True, True, True])
+    return (x, w, t, b, None, -100, "mean", 0.1, 1e-3, 4.0, 0.9, 3, False, True, [True, True, True])
 
 
 def _vocab_parallel(n, g):

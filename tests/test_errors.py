@@ -61,9 +61,13 @@ def test_ignore_index_is_allowed_out_of_range():
 def test_direct_op_call_validates_too():
     x, w, t = _ok()
     with pytest.raises(ValueError, match="reduction must be one of"):
-        torch.ops.memops.linear_ce(x, w, t, None, None, -100, "bogus", 0.0, 0.0, None, 1.0, 0, False, [False] * 3)
+        torch.ops.memops.linear_ce(
+            x, w, t, None, None, -100, "bogus", 0.0, 0.0, None, 1.0, 0, False, False, [False] * 3
+        )
     with pytest.raises(ValueError, match="target value"):
-        torch.ops.memops.linear_ce(x, w, t + 100, None, None, -100, "mean", 0.0, 0.0, None, 1.0, 0, False, [False] * 3)
+        torch.ops.memops.linear_ce(
+            x, w, t + 100, None, None, -100, "mean", 0.0, 0.0, None, 1.0, 0, False, False, [False] * 3
+        )
 
 
 def test_non_tensor_arguments():

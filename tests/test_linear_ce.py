@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import ref_linear_cross_entropy
+from reference import ref_linear_cross_entropy, ref_logits
 
 import memops
 
@@ -286,3 +286,28 @@ def test_return_lse_of_ignored_tokens_is_their_logsumexp():
     loss, lse = memops.linear_cross_entropy(x, w, t, return_lse=True, chunk_size=3)
     _assert_close(lse, torch.logsumexp(x @ w.T, -1), 1e-12, "lse")
     _assert_close(loss, ref_linear_cross_entropy(x, w, t), 1e-12, "loss")
+
+
+@pytest.mark.parametrize("opts", [{}, {"softcap": 2.0, "logit_scale": 0.7}, {"return_lse": True}])
+def test_return_is_top1_is_the_argmax_accuracy(opts):
+    """Per-token argmax-correctness from the same pass (TRL's SFT ``mean_token_accuracy``): False at ignored
+    tokens, a tie with an earlier token not top-1 (``argmax``'s first maximum).  Small integer inputs make
+    every logit exact, so ties are exact however the matmuls are blocked."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (3, 40, 8), generator=g).double()
+    w = torch.randint(-2, 3, (13, 8), generator=g).double()
+    w[12] = w[11]  # tokens 11 and 12 tie everywhere: 12 is never top-1
+    t = torch.randint(0, 13, (3, 40), generator=g)
+    z = ref_logits(x, w, softcap=opts.get("softcap"), logit_scale=opts.get("logit_scale", 1.0))
+    t[0, :10] = z[0, :10].argmax(-1)  # some hits
+    t[1, :5] = -100
+    t[2, :5] = 12
+    z = ref_logits(x, w, softcap=opts.get("softcap"), logit_scale=opts.get("logit_scale", 1.0))
+    out = memops.linear_cross_entropy(x, w, t, return_is_top1=True, chunk_size=7, **opts)
+    loss, top1 = out[0], out[-1]
+    want = (z.argmax(-1) == t) & (t != -100)
+    assert top1.dtype == torch.bool and torch.equal(top1, want)
+    assert not top1[2, :5].any() and top1[0, :10].all() and top1.any() and not top1.all()
+    torch.testing.assert_close(
+        loss, memops.linear_cross_entropy(x, w, t, **opts) if "return_lse" not in opts else out[0]
+    )

@@ -51,7 +51,7 @@ def _ce_args(ignore: bool, all_lse: bool, reduction="mean"):
     t = torch.randint(0, 13, (40,), generator=g)
     if ignore:
         t[::3] = -100
-    return (x, w, t, b, None, -100, reduction, 0.1, 0.0, None, 1.0, 7, all_lse, [True, True, True])
+    return (x, w, t, b, None, -100, reduction, 0.1, 0.0, None, 1.0, 7, all_lse, True, [True, True, True])
 
 
 @pytest.mark.parametrize("ignore", [False, True])
@@ -64,9 +64,13 @@ def test_cross_entropy_syncs(ignore):
 
 def test_logprobs_and_transform_syncs():
     x, w, t, b = _ce_args(False, True)[:4]
-    assert _run("linear_logprobs", (x, w, t, b, 0.7, True, 5)) == ["aten::_local_scalar_dense"]
+    assert _run("linear_logprobs", (x, w, t, b, 0.7, 1.0, None, True, False, False, False, 5)) == [
+        "aten::_local_scalar_dense"
+    ]
     g1 = torch.randn(40) * (torch.arange(40) % 2)
-    assert _run("linear_logprobs", (x, w, t, b, 0.7, True, 5), [True] * 3, [g1, None]) == ["aten::_local_scalar_dense"]
+    assert _run(
+        "linear_logprobs", (x, w, t, b, 0.7, 1.0, None, True, False, False, False, 5), [True] * 3, [g1, None]
+    ) == ["aten::_local_scalar_dense"]
     args = (x, w, t, b, [], None, "cross_entropy", "[]", -100, "mean", None, 1.0, 5, [True] * 3)
     assert len(_run("linear_transform", args)) == 2
 

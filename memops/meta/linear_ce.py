@@ -2,11 +2,15 @@
 
 * ``loss``: compute dtype (fp64 for fp64 inputs, else fp32); ``target``'s shape for ``reduction="none"``,
   else 0-dim.  ``lse``: compute dtype, ``target``'s shape (``all_lse`` changes values only).
+  ``is_top1`` (no gradient): bool, ``target``'s shape when ``return_is_top1``, else an empty ``[0]`` tensor
+  of the compute dtype.
 * gradients (``Tensor[] grads``): contiguous, shaped and typed like input / weight / bias when produced,
   else an empty ``[0]`` tensor of input's dtype.
 """
 
 from __future__ import annotations
+
+import torch
 
 from .. import validation as V
 from ..contract import Input, Option, Spec, register
@@ -38,13 +42,21 @@ def loss_and_rows(a):
     return loss, a.input.new_empty(a.target.shape, dtype=cdt)
 
 
+def _ce_outputs(a):
+    if a.return_is_top1:
+        top1 = a.input.new_empty(a.target.shape, dtype=torch.bool)
+    else:
+        top1 = a.input.new_empty((0,), dtype=compute_dtype(a.input.dtype))
+    return (*loss_and_rows(a), top1)
+
+
 SPEC = register(
     Spec(
         name="linear_ce",
         inputs=CE_INPUTS,
-        options=(*CE_OPTIONS, Option("all_lse", "bool", False)),
-        outputs=("loss", "lse"),
-        shapes=loss_and_rows,
+        options=(*CE_OPTIONS, Option("all_lse", "bool", False), Option("return_is_top1", "bool", False)),
+        outputs=("loss", "lse", "is_top1"),
+        shapes=_ce_outputs,
         check=V.check_linear_ce,
     )
 )

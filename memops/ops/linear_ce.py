@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import validation
 from ..contract import Args
 from ..meta.linear_ce import SPEC
+from ..rules import placeholder
 from . import engine, family, plan
 
 
@@ -39,14 +40,17 @@ class Reducer:
 LOCAL = Reducer()
 
 
-def ce_chunks(x2d, weight, t1d, bias, upstream: Tensor | None, need, a: Args, rows=None, reducer: Reducer = LOCAL):
+def ce_chunks(
+    x2d, weight, t1d, bias, upstream: Tensor | None, need, a: Args, rows=None, reducer: Reducer = LOCAL, top1=None
+):
     """Per-row loss and lse over the rows ``rows`` (``plan.plan``); gradients when ``upstream`` is given.
 
     ``upstream`` is the per-row (``[N]``) or shared (0-dim) factor that multiplies each non-ignored
     row's d(loss)/d(logits); ignored rows get factor 0.  ``a`` holds the CE options by name.  With a
     group ``reducer``, ``weight`` holds vocabulary rows ``reducer.start ...``: the row max, the sum of
     exponentials, the target logit and the logit sum are reduced across the group, and the gradients
-    are this shard's (input gradient: its partial sum).
+    are this shard's (input gradient: its partial sum).  ``top1`` (bool ``[N]``), when given, gets whether
+    each non-ignored row's target is its first most likely token (one process only).
     """
     n = x2d.shape[0]
     local = weight.shape[0]
@@ -63,6 +67,8 @@ def ce_chunks(x2d, weight, t1d, bias, upstream: Tensor | None, need, a: Args, ro
         safe = torch.where(mine, t - first, 0).unsqueeze(1)
         z_target = torch.where(mine, z.gather(1, safe).squeeze(1), 0.0)
         z_sum = z.sum(dim=1) if eps else None
+        if top1 is not None:  # the first maximum, as argmax: a tie with an earlier token is not top-1
+            top1[sel] = valid & (z.argmax(dim=1) == t)
         # softmax numerator in place over the logits: z <- exp(z - rowmax)
         zmax = z.amax(dim=1, keepdim=True)
         reducer.max_(zmax)
@@ -118,9 +124,11 @@ def _forward(a: Args, need: list) -> tuple:
     up = engine.upstream(None, a.reduction, valid, a.num_items, cdt) if any(need) else None
     # ignored rows reach no output unless their lse was asked for
     rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=None if a.all_lse else valid).full
-    loss_rows, lse_rows, gx, gw, gb = ce_chunks(x2d, a.weight, t1d, a.bias, up, need, a, rows)
+    top1 = torch.zeros(t1d.shape, dtype=torch.bool, device=x2d.device) if a.return_is_top1 else None
+    loss_rows, lse_rows, gx, gw, gb = ce_chunks(x2d, a.weight, t1d, a.bias, up, need, a, rows, top1=top1)
     loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, a.target.shape)
-    return (loss, lse_rows.view(a.target.shape)), engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
+    top1 = placeholder(loss) if top1 is None else top1.view(a.target.shape)
+    return (loss, lse_rows.view(a.target.shape), top1), engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
 def _gradients(a: Args, grad_outputs: list, need: list) -> list:
@@ -150,7 +158,8 @@ def linear_cross_entropy(
     num_items: int | float | Tensor | None = None,
     chunk_size: int | None = None,
     return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_is_top1: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     """Cross-entropy of ``logit_scale * (input @ weight.T + bias)`` without materializing the logits.
 
     Equals ``F.cross_entropy(logits.float(), target, ignore_index=..., reduction=...,
@@ -160,9 +169,11 @@ def linear_cross_entropy(
     With ``return_lse=True`` also returns the per-token logsumexp (shaped like
     ``target``, detached) from the same pass.  Otherwise tokens whose target is
     ``ignore_index`` are not computed at all (when that is exact: see ``ops/plan.py``),
-    so padding and prompt tokens cost no matmul work.
+    so padding and prompt tokens cost no matmul work.  With ``return_is_top1=True`` also returns, last,
+    whether each token's target is its most likely token (bool, shaped like ``target``, False at ignored
+    tokens; a tie with an earlier token does not count, as ``argmax``): the accuracy TRL's SFT logs.
     """
-    loss, lse, _ = SPEC.call(
+    loss, lse, top1, _ = SPEC.call(
         input=input,
         weight=weight,
         target=target,
@@ -176,6 +187,8 @@ def linear_cross_entropy(
         logit_scale=logit_scale,
         chunk_size=chunk_size,
         all_lse=bool(return_lse),
+        return_is_top1=bool(return_is_top1),
     )
     family.donate(loss)
-    return (loss, lse) if return_lse else loss
+    out = (loss,) + ((lse,) if return_lse else ()) + ((top1,) if return_is_top1 else ())
+    return out if len(out) > 1 else loss
