@@ -258,7 +258,10 @@ def check_linear_transform(a) -> None:
         _fail(f"grad_mask must have 3 + len(extras) = {3 + len(a.extras)} entries, got {len(mask)}")
 
 
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# the per-token formulas of TRL 1.16's GRPOTrainer (its loss_type, vespo aside); the normalization is the
+# token weights'
+GRPO_FORMULAS = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+GRPO_LOSS_TYPES = GRPO_FORMULAS
 
 
 def check_linear_logprobs(a) -> None:
@@ -291,9 +294,11 @@ def check_linear_grpo(a) -> None:
     check_target(a.input, a.target, "completion_ids")
     check_per_token_float("token_weight", a.token_weight, a.target)
     check_per_token_float("advantages", a.advantages, a.target)
-    for name in ("old_logprobs", "ref_logprobs"):
+    for name in ("old_logprobs", "ref_logprobs", "entropy_weight"):
         if getattr(a, name) is not None:
             check_per_token_float(name, getattr(a, name), a.target)
+    if a.importance_sampling_level == "sequence" and a.target.dim() != 2:
+        _fail(f"importance_sampling_level='sequence' needs [B, T] completion_ids, got {tuple(a.target.shape)}")
     if a.beta != 0 and a.ref_logprobs is None:
         _fail("beta != 0 needs ref_logprobs (the reference model's per-token log-probabilities)")
 

@@ -79,7 +79,9 @@ def _grpo(n, g):
     tw = torch.rand(t.shape, generator=g) * (torch.rand(t.shape, generator=g) < 0.7)
     adv = torch.randn(t.shape, generator=g)
     old, ref = (torch.randn(t.shape, generator=g) * 0.1 - 2.5 for _ in range(2))
-    return (x, w, t, b, tw, adv, old, ref, 0.04, 0.2, 0.28, 0.9, 3, True, [True, True, True])
+    ent_w = -0.01 * (tw != 0) / t.numel()
+    opts = ("grpo", "token", 0.04, 0.2, 0.28, 3.0, True, 1.0, 1.05, 0.9, 1.1, 2.5, True, 3, True, [True, True, True])
+    return (x, w, t, b, tw, adv, old, ref, ent_w, *opts)
 
 
 def _distill(n, g):

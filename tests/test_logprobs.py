@@ -226,6 +226,20 @@ def test_matmul_work():
         loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, chunk_size=7)
         loss.backward()
     assert m.flops == 2 * projection_flops(n, v, d)  # frozen head: no weight-gradient matmul
+    w.requires_grad_(True)
+    for loss_type in ("cispo", "sapo", "luspo"):
+        with MatmulFlops() as m:
+            loss, _ = memops.linear_grpo_loss(
+                x, w, ids, mask, adv, loss_type=loss_type, entropy_coef=0.01, chunk_size=7
+            )
+            loss.backward()
+        assert m.flops == 3 * projection_flops(n, v, d)  # every token-level loss type, entropy bonus included
+    with MatmulFlops() as m:
+        loss, _ = memops.linear_grpo_loss(
+            x, w, ids, mask, adv, old_logprobs=torch.randn(4, 12), importance_sampling_level="sequence", chunk_size=7
+        )
+        loss.backward()
+    assert m.flops == 4 * projection_flops(n, v, d)  # GSPO: the log-prob pass, then the gradient pass
 
 
 N_MASKED, D_MASKED, V_MASKED, K_MASKED = 48, 8, 40, 13
@@ -452,7 +466,7 @@ def test_opcheck_grpo_ops(dtype, lead, beta, all_logprobs):
         logp = memops.linear_logprobs(x, w, t, b, temperature=0.9).to(cdt)
     old, ref = (logp + 0.01 * torch.randn(t.shape, generator=g, dtype=cdt) for _ in range(2))
     mask = [True, True, True]
-    options = (beta, 0.2, 0.28, 0.9, 4)
+    options = ("grpo", "token", beta, 0.2, 0.28, None, False, 1.0, 1.05, 0.9, 1.0, None, False, 4)
     args = (
         x.requires_grad_(),
         w.requires_grad_(),
@@ -462,6 +476,7 @@ def test_opcheck_grpo_ops(dtype, lead, beta, all_logprobs):
         adv,
         old,
         ref,
+        None,
         *options,
         all_logprobs,
         mask,

@@ -83,7 +83,8 @@ def test_grpo_syncs(masked, all_logprobs):
     if masked:
         tw[::4] = 0
     adv = torch.randn(40)
-    args = (x, w, t, b, tw, adv, None, None, 0.0, 0.2, 0.2, 1.0, 6, all_logprobs, [True] * 3)
+    opts = ("grpo", "token", 0.0, 0.2, 0.2, None, False, 1.0, 1.05, 1.0, 1.0, None, False, 6)
+    args = (x, w, t, b, tw, adv, None, None, None, *opts, all_logprobs, [True] * 3)
     seen = _run("linear_grpo", args)
     # validation, planning, and the probe's result when masked tokens' log-probs are wanted (with
     # all_logprobs=False and beta=0 they are skipped: unreachable)

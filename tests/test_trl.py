@@ -7,6 +7,8 @@ import inspect
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -500,3 +502,211 @@ def test_fused_head_backward_runs_inside_trls_gather_context(monkeypatch):
     (out[0].sum() + out[1].sum()).backward()
     assert events == ["chunk pass", ("enter", 2), "chunk pass", ("exit", 2)]
     assert x.grad is not None and w.grad is not None
+
+
+# ---- memops' GRPOTrainer: TRL's loss in three projection matmuls ---------------------------------------
+
+GRPO_CASES = [
+    *[dict(loss_type=lt, beta=0.04) for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")],
+    *[dict(loss_type=lt, importance_sampling_level="sequence") for lt in ("grpo", "luspo", "cispo", "sapo")],
+    dict(loss_type="dapo", delta=1.5, beta=0.04, use_bias_correction_kl=False),
+    dict(loss_type="grpo", entropy_coef=0.01, temperature=0.8),
+]
+
+
+@pytest.mark.parametrize("opts", GRPO_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_memops_grpo_trainer_matches_trls(tokenizer, tmp_path, model_dir, opts):
+    g = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict({"prompt": [_words(g, 4) for _ in range(16)]})
+
+    def run(cls):
+        args = trl.GRPOConfig(**_common(tmp_path, num_generations=4, max_completion_length=6, num_iterations=2, **opts))
+        trainer = cls(model=model_dir, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tokenizer)
+        trainer.train()
+        logs = [{k: v for k, v in h.items() if k not in _TIMING} for h in trainer.state.log_history]
+        return logs, trainer.model.lm_head.weight.detach().clone()
+
+    theirs, their_w = run(trl.GRPOTrainer)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to TRL's loss
+        ours, our_w = run(mtrl.GRPOTrainer)
+    assert len(ours) == len(theirs) >= 3
+    for a, b in zip(ours, theirs):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    torch.testing.assert_close(our_w, their_w, rtol=1e-4, atol=1e-6)
+
+
+def test_memops_grpo_trainer_falls_back_once_with_a_warning(tokenizer, tmp_path, model_dir):
+    g = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict({"prompt": [_words(g, 4) for _ in range(16)]})
+    args = trl.GRPOConfig(**_common(tmp_path, num_generations=4, max_completion_length=6, top_entropy_quantile=0.5))
+    trainer = mtrl.GRPOTrainer(
+        model=model_dir, reward_funcs=_reward, args=args, train_dataset=data, processing_class=tokenizer
+    )
+    mtrl.GRPOTrainer._memops_warned.clear()
+    with pytest.warns(UserWarning, match="top_entropy_quantile < 1: this runs TRL's own loss") as seen:
+        trainer.train()
+    assert sum("memops GRPOTrainer" in str(w.message) for w in seen) == 1
+
+
+class _Accelerator:
+    num_processes, sync_gradients = 1, True
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def unwrap_model(self, model):
+        return model
+
+    def gather(self, x):
+        return x.reshape(-1) if x.dim() == 0 else x
+
+    gather_for_metrics = gather
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+
+class _Backbone(torch.nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(last_hidden_state=self.hidden)
+
+
+class _Policy(torch.nn.Module):
+    """Stands in for a verified causal LM: a backbone returning fixed hidden states and an lm_head."""
+
+    def __init__(self, hidden, weight, bias):
+        super().__init__()
+        self.backbone, self.weight, self.bias = _Backbone(hidden), weight, bias
+
+    def get_decoder(self):
+        return self.backbone
+
+    def get_output_embeddings(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(weight=self.weight, bias=self.bias)
+
+
+@st.composite
+def _grpo_formula_case(draw):
+    return dict(
+        b=draw(st.integers(1, 4)),
+        k=draw(st.integers(1, 7)),
+        v=draw(st.integers(2, 23)),
+        loss_type=draw(st.sampled_from(["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])),
+        level=draw(st.sampled_from(["token", "sequence"])),
+        beta=draw(st.sampled_from([0.0, 0.04])),
+        bias_corr=draw(st.booleans()),
+        delta=draw(st.sampled_from([None, 1.3])),
+        entropy_coef=draw(st.sampled_from([0.0, 0.02])),
+        eps=draw(st.sampled_from([(0.2, 0.28), (0.1, 0.1), (0.2, 5.0)])),
+        temperature=draw(st.sampled_from([1.0, 0.7])),
+        mask=draw(st.sampled_from(["random", "row_empty", "all"])),
+        accum=draw(st.sampled_from([1, 2])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(_grpo_formula_case())
+def test_memops_grpo_loss_equals_trls_compute_loss(case):
+    """TRL 1.16's own ``GRPOTrainer._compute_loss`` (its log-probs and entropies from full float64 logits) against
+    memops' op, for every loss type x importance level x beta, ``delta``, bias-corrected KL, the entropy bonus,
+    gradient accumulation, and masks with empty sequences: loss, gradients and logged metrics."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from reference import ref_linear_logprobs
+
+    g = torch.Generator().manual_seed(case["seed"])
+    b, k, v, d, p = case["b"], case["k"], case["v"], 5, 3
+    hidden = torch.randn(b, p + k, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=g, dtype=torch.float64) / 2
+    bias = torch.randn(v, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, v, (b, k), generator=g)
+    mask = {"random": torch.rand(b, k, generator=g) < 0.7, "all": torch.ones(b, k, dtype=torch.bool)}.get(
+        case["mask"], torch.ones(b, k, dtype=torch.bool)
+    ).long()
+    if case["mask"] == "row_empty":
+        mask[0] = 0
+    inputs = {
+        "prompt_ids": torch.zeros(b, p, dtype=torch.long),
+        "prompt_mask": torch.ones(b, p, dtype=torch.long),
+        "completion_ids": ids,
+        "completion_mask": mask,
+        "advantages": torch.randn(b, generator=g, dtype=torch.float64),
+        "old_per_token_logps": -2.5 + 0.3 * torch.randn(b, k, generator=g, dtype=torch.float64),
+        "ref_per_token_logps": -2.5 + 0.3 * torch.randn(b, k, generator=g, dtype=torch.float64),
+        "num_items_in_batch": mask.sum().double() * 2,
+    }
+    results = []
+    for ours in (False, True):
+        x, w, bb = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+
+        def logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, params=(x, w, bb), **kwargs):
+            h = params[0][:, -logits_to_keep - 1 : -1]
+            lp, ent = ref_linear_logprobs(h, params[1], ids, params[2], temperature=case["temperature"])
+            return lp, ent, None
+
+        fake = SimpleNamespace(
+            args=SimpleNamespace(
+                delta=case["delta"],
+                use_bias_correction_kl=case["bias_corr"],
+                sapo_temperature_pos=1.0,
+                sapo_temperature_neg=1.05,
+                steps_per_generation=2,
+            ),
+            accelerator=_Accelerator(),
+            model=SimpleNamespace(training=True),
+            current_gradient_accumulation_steps=case["accum"],
+            loss_type=case["loss_type"],
+            importance_sampling_level=case["level"],
+            beta=case["beta"],
+            epsilon_low=case["eps"][0],
+            epsilon_high=case["eps"][1],
+            temperature=case["temperature"],
+            max_completion_length=k + 2,
+            _entropy_bonus_enabled=case["entropy_coef"] != 0,
+            entropy_coef=case["entropy_coef"],
+            use_adaptive_entropy=False,
+            aux_loss_enabled=False,
+            top_entropy_quantile=1.0,
+            off_policy_mask_threshold=None,
+            use_vllm=False,
+            vllm_importance_sampling_correction=False,
+            _metrics={"train": defaultdict(list)},
+            _get_per_token_logps_and_entropies=logps_and_entropies,
+        )
+        if ours:
+            fake._memops_metrics = types_method(mtrl.GRPOTrainer._memops_metrics, fake)
+            loss = mtrl.GRPOTrainer._memops_loss(fake, _Policy(x, w, bb), inputs, {"logit_scale": 1.0, "softcap": None})
+        else:
+            loss = trl.GRPOTrainer._compute_loss(fake, None, inputs)
+        loss.backward()
+        results.append((loss.detach(), [t.grad for t in (x, w, bb)], dict(fake._metrics["train"])))
+    (ours, our_grads, our_metrics), (theirs, their_grads, their_metrics) = results[1], results[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+    for a, c in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, c, rtol=1e-8, atol=1e-11)
+    assert our_metrics.keys() == their_metrics.keys()
+    for key in our_metrics:
+        assert our_metrics[key] == pytest.approx(their_metrics[key], rel=1e-9, abs=1e-12, nan_ok=True), key
+
+
+def types_method(fn, obj):
+    import types
+
+    return types.MethodType(fn, obj)

@@ -273,9 +273,10 @@ def _gkd_base():
 
 
 def __getattr__(name: str):
-    if name == "GKDTrainer":
-        cls = _make_gkd_trainer()
-        globals()["GKDTrainer"] = cls
+    makers = {"GKDTrainer": _make_gkd_trainer, "GRPOTrainer": _make_grpo_trainer}
+    if name in makers:
+        cls = makers[name]()
+        globals()[name] = cls
         return cls
     raise AttributeError(name)
 
@@ -322,3 +323,202 @@ def _make_gkd_trainer():
             )
 
     return GKDTrainer
+
+
+# ---- GRPO in three projection matmuls --------------------------------------------------------------------
+
+_MULTIMODAL = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "spatial_shapes",
+    "num_tiles",
+    "image_position_ids",
+)
+
+
+def _grpo_unsupported(trainer, inputs) -> str | None:
+    """The option of a GRPO configuration memops does not compute exactly, or None."""
+    args = trainer.args
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+        return "vllm_importance_sampling_correction (vLLM importance-sampling correction)"
+    if trainer.top_entropy_quantile < 1.0:
+        return "top_entropy_quantile < 1"
+    if trainer.off_policy_mask_threshold is not None:
+        return "off_policy_mask_threshold (the off-policy mask)"
+    if trainer.loss_type == "vespo":
+        return "loss_type='vespo'"
+    if trainer.use_adaptive_entropy:
+        return "use_adaptive_entropy"
+    if trainer.aux_loss_enabled:
+        return "a router auxiliary loss (MoE)"
+    if any(inputs.get(key) is not None for key in _MULTIMODAL):
+        return "multimodal inputs"
+    if trainer.importance_sampling_level not in ("token", "sequence"):
+        return f"importance_sampling_level={trainer.importance_sampling_level!r}"
+    del args
+    return None
+
+
+def _make_grpo_trainer():
+    _trl()
+    import trl
+    from trl.trainer.utils import nanmax, nanmin
+
+    from ..meta.logprobs import GRPO
+    from ..ops import family
+
+    class GRPOTrainer(trl.GRPOTrainer):
+        """``trl.GRPOTrainer`` whose loss is computed by ``memops::linear_grpo`` from the policy's hidden
+        states: the per-token log-probs, the entropy and the loss's gradients in one pass, three projection
+        matmuls (GSPO's sequence-level importance sampling: four), with TRL 1.16's loss types, normalizers,
+        ``beta`` / ``use_bias_correction_kl``, ``delta``, the static entropy bonus and its logged metrics.
+        A configuration memops does not compute exactly (vLLM importance-sampling correction,
+        ``top_entropy_quantile``, the off-policy mask, vespo, adaptive entropy, MoE auxiliary loss,
+        multimodal inputs, a model whose logit post-processing is not verified) runs TRL's own loss, with a
+        one-time warning naming it."""
+
+        _memops_warned: set = set()
+
+        def _compute_loss(self, model, inputs):
+            reason = _grpo_unsupported(self, inputs)
+            unwrapped = self.accelerator.unwrap_model(model)
+            if reason is None:
+                try:
+                    head_opts = _head_options(unwrapped)
+                except ValueError as exc:
+                    reason = str(exc)
+            if reason is not None:
+                if reason not in self._memops_warned:
+                    self._memops_warned.add(reason)
+                    import warnings
+
+                    warnings.warn(f"memops GRPOTrainer: {reason}: this runs TRL's own loss", stacklevel=2)
+                return super()._compute_loss(model, inputs)
+            return self._memops_loss(unwrapped, inputs, head_opts)
+
+        def _memops_loss(self, unwrapped, inputs, head_opts):
+            prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+            completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+            input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+            attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+            k = completion_ids.size(1)
+            mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+            with self.accelerator.autocast():
+                hidden = _backbone(unwrapped)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                head = unwrapped.get_output_embeddings()
+                h, w, b = _projection(hidden.last_hidden_state[:, -k - 1 : -1], head.weight, head.bias)
+            cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
+            m = mask.to(cdt)
+            batch = m.shape[0]
+            mode = "train" if self.model.training else "eval"
+            accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            lt = self.loss_type
+            if lt in ("grpo", "sapo"):
+                weights, policy_scale = m / m.sum(-1, keepdim=True).clamp(min=1.0) / batch / accum, accum
+            elif lt == "bnpo":
+                weights, policy_scale = m / m.sum().clamp(min=1.0) / accum, accum
+            elif lt == "dr_grpo":
+                weights, policy_scale = m / (batch * self.max_completion_length) / accum, accum
+            elif lt == "luspo":
+                weights, policy_scale = m / batch / accum, accum
+            else:  # dapo, cispo
+                normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+                if mode == "train":
+                    normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+                weights, policy_scale = m / normalizer, 1.0
+            advantages = inputs["advantages"]
+            advantages = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).to(cdt)
+            advantages = advantages.expand(completion_ids.shape).contiguous()
+            old = inputs.get("old_per_token_logps")
+            ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+            ent_w = None
+            if self._entropy_bonus_enabled:
+                ent_w = -self.entropy_coef * m / m.sum().clamp(min=1.0) / accum
+            loss, logp, entropies, _ = GRPO.call(
+                input=h,
+                weight=w,
+                target=completion_ids,
+                bias=b,
+                token_weight=weights,
+                advantages=advantages,
+                old_logprobs=None if old is None else old.detach().to(cdt),
+                ref_logprobs=None if ref is None else ref.detach().to(cdt),
+                entropy_weight=ent_w,
+                loss_type=lt,
+                importance_sampling_level=self.importance_sampling_level,
+                beta=float(self.beta),
+                epsilon_low=float(self.epsilon_low),
+                epsilon_high=float(self.epsilon_high),
+                delta=None if self.args.delta is None else float(self.args.delta),
+                use_bias_correction_kl=bool(self.args.use_bias_correction_kl),
+                sapo_temperature_pos=float(self.args.sapo_temperature_pos),
+                sapo_temperature_neg=float(self.args.sapo_temperature_neg),
+                temperature=float(self.temperature),
+                logit_scale=head_opts["logit_scale"],
+                softcap=head_opts["softcap"],
+                return_entropy=True,
+            )
+            family.donate(loss)
+            self._memops_metrics(
+                mode, logp.detach(), entropies, advantages, old, ref, mask, m, loss, ent_w, policy_scale
+            )
+            return loss
+
+        def _memops_metrics(self, mode, logp, entropies, advantages, old, ref, mask, m, loss, ent_w, policy_scale):
+            """TRL 1.16's logged metrics, from the log-probs and entropies memops returned."""
+            with torch.no_grad():
+                old = logp if old is None else old.to(logp.dtype)
+                log_ratio = logp - old
+                if self.importance_sampling_level == "sequence":
+                    log_iw = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+                else:
+                    log_iw = log_ratio
+                coef_1 = torch.exp(log_iw)
+                if ent_w is not None:
+                    policy = (loss.detach() - (entropies * ent_w).sum()) * policy_scale
+                    self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+                    if mode == "train" and self.accelerator.sync_gradients:
+                        self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
+                def masked_seq_mean(x):
+                    if x.shape[1] == 1:
+                        return x.squeeze(1)
+                    return (x * mask).sum(-1) / mask.sum(-1)
+
+                def global_masked_mean(x):
+                    if x.shape[1] == 1:
+                        local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+                    else:
+                        local_sum, local_count = (x * mask).sum(), mask.sum().float()
+                    totals = self.accelerator.reduce(torch.stack([local_sum, local_count]), reduction="sum")
+                    return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+                if self.beta != 0.0:
+                    r = ref.to(logp.dtype)
+                    kl = torch.exp(r - logp) - (r - logp) - 1
+                    if self.args.use_bias_correction_kl:
+                        kl = kl * coef_1
+                    self._metrics[mode]["kl"].append(global_masked_mean(kl))
+                self._metrics[mode]["entropy"].append(global_masked_mean(entropies))
+                adv = advantages[:, :1] if coef_1.shape[1] == 1 else advantages
+                if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+                    if self.args.delta is not None:  # TRL reads the ratio after its two-sided clipping
+                        coef_1 = torch.clamp(coef_1, max=self.args.delta)
+                    low = (coef_1 < 1 - self.epsilon_low) & (adv < 0)
+                    high = (coef_1 > 1 + self.epsilon_high) & (adv > 0)
+                    self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low.float()))
+                    self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(high.float()))
+                    self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean((low | high).float()))
+                    gathered_low = self.accelerator.gather(masked_seq_mean(low.float()))
+                    self._metrics[mode]["clip_ratio/low_min"].append(nanmin(gathered_low).item())
+                    gathered_high = self.accelerator.gather(masked_seq_mean(high.float()))
+                    self._metrics[mode]["clip_ratio/high_max"].append(nanmax(gathered_high).item())
+                elif self.loss_type == "cispo":
+                    clipped = (coef_1 > self.epsilon_high) & (adv > 0)
+                    self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
+
+    return GRPOTrainer

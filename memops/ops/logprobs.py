@@ -242,29 +242,42 @@ def linear_logprobs(
 # ---- memops::linear_grpo -------------------------------------------------------------------------------
 
 
-def grpo_token_loss(
-    logp: Tensor,
-    advantages: Tensor,
-    old_logprobs: Tensor | None,
-    ref_logprobs: Tensor | None,
-    beta: float,
-    epsilon_low: float,
-    epsilon_high: float,
-) -> Tensor:
-    """TRL's per-token GRPO loss: clipped importance-ratio surrogate plus ``beta`` times the k3 KL."""
-    old = logp.detach() if old_logprobs is None else old_logprobs
-    ratio = torch.exp(logp - old)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    loss = -torch.minimum(ratio * advantages, clipped * advantages)
-    if beta != 0:
-        delta = ref_logprobs - logp
-        loss = loss + beta * (torch.exp(delta) - delta - 1)
-    return loss
+def grpo_token_loss(logp: Tensor, adv: Tensor, old: Tensor | None, ref: Tensor | None, a, log_iw=None) -> Tensor:
+    """TRL 1.16's ``GRPOTrainer._compute_loss`` per-token loss before masking and normalization, for
+    ``a.loss_type`` (grpo/bnpo/dr_grpo/dapo/luspo: the clipped surrogate with ``delta`` two-sided clipping;
+    cispo; sapo) plus ``a.beta`` times the k3 KL (times the ratio with ``use_bias_correction_kl``).
+    ``log_iw``: the log importance weights when they are not the per-token log-ratio (sequence level)."""
+    old = logp.detach() if old is None else old
+    coef_1 = torch.exp(logp - old if log_iw is None else log_iw)
+    loss = None
+    if a.loss_type == "cispo":
+        loss = -torch.clamp(coef_1, max=a.epsilon_high).detach() * adv * logp
+    elif a.loss_type == "sapo":
+        temps = torch.where(adv > 0, a.sapo_temperature_pos, a.sapo_temperature_neg)
+        loss = -(torch.sigmoid(temps * (coef_1 - 1)) * 4 / temps) * adv
+    if a.beta != 0:
+        kl = torch.exp(ref - logp) - (ref - logp) - 1
+        if a.use_bias_correction_kl:
+            kl = kl * coef_1
+    if loss is None:
+        coef_2 = torch.clamp(coef_1, 1 - a.epsilon_low, 1 + a.epsilon_high)
+        if a.delta is not None:
+            coef_1 = torch.clamp(coef_1, max=a.delta)
+        loss = -torch.minimum(coef_1 * adv, coef_2 * adv)
+    return loss + a.beta * kl if a.beta != 0 else loss
 
 
-def _grpo_chunks(x2d, t1d, w, adv, old, ref, upstream, need, a: Args):
-    """Per-token log-probs; when ``upstream`` is given, also the gradients of ``upstream * sum(w *
-    token_loss)``, each chunk's coefficient by autograd of ``grpo_token_loss``.
+def sequence_log_weights(logp: Tensor, old: Tensor | None, mask: Tensor) -> Tensor:
+    """GSPO's per-sequence log importance weight, expanded over ``[B, T]``: the masked mean log-ratio."""
+    old = logp.detach() if old is None else old
+    seq = ((logp - old) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return seq.unsqueeze(-1).expand_as(logp)
+
+
+def _grpo_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
+    """Per-token log-probs (and entropies); when ``upstream`` is given, also the gradients of ``upstream *
+    (sum(w * token_loss) + sum(ent_w * entropy))``, each chunk's log-prob coefficient by autograd of
+    ``grpo_token_loss`` (token level).
 
     A token of weight 0 (masked) has the gradient coefficient ``0 * d token_loss / d logp``, exactly 0
     unless that derivative is not finite; with a zero coefficient its logits' gradient
@@ -273,57 +286,89 @@ def _grpo_chunks(x2d, t1d, w, adv, old, ref, upstream, need, a: Args):
     metrics); the few whose coefficient turns out not to be 0 or whose log-prob is NaN, where the
     reference's gradients turn NaN, are then computed in full.
 
-    With ``beta == 0`` and ``all_logprobs=False`` masked tokens are not computed at all where their
-    log-prob provably cannot reach the loss or its gradients (:func:`_unreachable`); their log-prob is
-    left 0.
+    With ``beta == 0``, the clipped-surrogate loss types and ``all_logprobs=False`` masked tokens are not
+    computed at all where their log-prob provably cannot reach the loss or its gradients
+    (:func:`_unreachable`); their log-prob is left 0.
     """
     weight, bias = a.weight, a.bias
+    entropy = ent_w is not None or a.return_entropy
 
     def c1_of(sel, logp):
         with family.autograd_inside_kernel():
             leaf = logp.detach().requires_grad_(True)
             tok = grpo_token_loss(
-                leaf,
-                adv[sel],
-                None if old is None else old[sel],
-                None if ref is None else ref[sel],
-                a.beta,
-                a.epsilon_low,
-                a.epsilon_high,
+                leaf, adv[sel], None if old is None else old[sel], None if ref is None else ref[sel], a
             )
             (c1,) = torch.autograd.grad((tok * w[sel]).sum(), leaf)
         return (c1 * upstream).detach()
 
     def coef(sel, logp, ent):
-        return c1_of(sel, logp), None
+        return c1_of(sel, logp), None if ent_w is None else ent_w[sel] * upstream
 
     run = functools.partial(
-        _chunks, x2d, weight, t1d, bias, temperature=a.temperature, entropy=False, chunk_size=a.chunk_size
+        _chunks,
+        x2d,
+        weight,
+        t1d,
+        bias,
+        temperature=a.temperature,
+        entropy=entropy,
+        chunk_size=a.chunk_size,
+        logit_scale=a.logit_scale,
+        softcap=a.softcap,
     )
-    masked = w == 0
+    masked = (w == 0) if ent_w is None else (w == 0) & (ent_w == 0)
     needed = None
-    if a.beta == 0 and not a.all_logprobs:
+    if a.beta == 0 and not a.all_logprobs and a.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
         needed = ~(masked & _unreachable(adv, old, a.epsilon_low, a.epsilon_high))
-    rows = plan.plan(
-        x2d, weight, bias, 1.0 / a.temperature, needed=needed, probe=masked if upstream is not None else None
-    )
+    scale = a.logit_scale / a.temperature
+    rows = plan.plan(x2d, weight, bias, scale, needed=needed, probe=masked if upstream is not None else None)
     if upstream is None:
         return run(coef=None, need=need, rows=rows.full)
-    logp, _, gx, gw, gb = run(coef=coef, need=need, rows=rows.full)
+    logp, ent, gx, gw, gb = run(coef=coef, need=need, rows=rows.full)
     if rows.probe is None:
-        return logp, None, gx, gw, gb
+        return logp, ent, gx, gw, gb
     bad = torch.zeros_like(masked)
 
     def probe(sel, logp, ent):  # forward only: which masked tokens have a gradient after all
         bad[sel] = (c1_of(sel, logp) != 0) | logp.isnan()
         return None
 
-    run(coef=probe, need=(False, False, False), rows=rows.probe, out=(logp, None))
+    run(coef=probe, need=(False, False, False), rows=rows.probe, out=(logp, ent))
     again = bad.nonzero().squeeze(1)  # the one sync after a probe
     if again.numel():
-        _, _, *extra = run(coef=coef, need=need, rows=again, out=(logp, None))
+        _, _, *extra = run(coef=coef, need=need, rows=again, out=(logp, ent))
         gx, gw, gb = (g if e is None else g + e for g, e in zip((gx, gw, gb), extra))
-    return logp, None, gx, gw, gb
+    return logp, ent, gx, gw, gb
+
+
+def _grpo_sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args, shape):
+    """Sequence-level importance sampling (GSPO): a token's coefficient needs its whole sequence's
+    log-probs, so a first pass computes every log-prob (forward work), autograd of the sequence-level loss
+    over the ``[B, T]`` log-probs gives every coefficient, and a second pass computes the gradients: one
+    projection-sized matmul more than the token level's three."""
+    entropy = ent_w is not None or a.return_entropy
+    common = dict(temperature=a.temperature, chunk_size=a.chunk_size, logit_scale=a.logit_scale, softcap=a.softcap)
+    logp, ent, *_ = _chunks(x2d, a.weight, t1d, a.bias, entropy=entropy, coef=None, need=(False,) * 3, **common)
+    if upstream is None:
+        return logp, ent, None, None, None
+    with family.autograd_inside_kernel():
+        leaf = logp.detach().view(shape).requires_grad_(True)
+        mask = (w != 0).to(leaf.dtype).view(shape)
+        o = None if old is None else old.view(shape)
+        log_iw = sequence_log_weights(leaf, o, mask)
+        tok = grpo_token_loss(leaf, adv.view(shape), o, None if ref is None else ref.view(shape), a, log_iw)
+        (c1,) = torch.autograd.grad((tok * w.view(shape)).sum(), leaf)
+    c1 = (c1.reshape(-1) * upstream).detach()
+
+    def coef(sel, lp, en):
+        return c1[sel], None if ent_w is None else ent_w[sel] * upstream
+
+    scratch = (torch.empty_like(logp), torch.empty_like(ent) if ent_w is not None else None)
+    *_, gx, gw, gb = _chunks(
+        x2d, a.weight, t1d, a.bias, entropy=ent_w is not None, coef=coef, need=need, out=scratch, **common
+    )
+    return logp, ent, gx, gw, gb
 
 
 def _unreachable(adv: Tensor, old: Tensor | None, epsilon_low: float, epsilon_high: float) -> Tensor:
@@ -345,22 +390,38 @@ def _grpo_rows(a: Args):
     def rows(t):
         return None if t is None else t.reshape(-1).to(cdt)
 
-    return x2d, t1d, rows(a.token_weight), rows(a.advantages), rows(a.old_logprobs), rows(a.ref_logprobs)
+    per_token = (a.token_weight, a.advantages, a.old_logprobs, a.ref_logprobs, a.entropy_weight)
+    return (x2d, t1d, *(rows(t) for t in per_token))
+
+
+def _grpo_pass(a: Args, upstream, need):
+    x2d, t1d, w, adv, old, ref, ent_w = _grpo_rows(a)
+    if a.importance_sampling_level == "sequence":
+        out = _grpo_sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a, a.target.shape)
+    else:
+        out = _grpo_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a)
+    return (w, adv, old, ref, ent_w), out
 
 
 def _grpo_forward(a: Args, need: list) -> tuple:
     validation.check_target_range(a.target, a.weight.shape[0], None, "completion_ids")
-    x2d, t1d, w, adv, old, ref = _grpo_rows(a)
     up = torch.ones((), dtype=engine.compute_dtype(a.input.dtype), device=a.input.device) if any(need) else None
-    logp, _, gx, gw, gb = _grpo_chunks(x2d, t1d, w, adv, old, ref, up, need, a)
-    loss = (grpo_token_loss(logp, adv, old, ref, a.beta, a.epsilon_low, a.epsilon_high) * w).sum()
-    return (loss, logp.view(a.target.shape)), engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
+    (w, adv, old, ref, ent_w), (logp, ent, gx, gw, gb) = _grpo_pass(a, up, need)
+    shape = a.target.shape
+    log_iw = None
+    if a.importance_sampling_level == "sequence":
+        o = None if old is None else old.view(shape)
+        log_iw = sequence_log_weights(logp.view(shape), o, (w != 0).to(logp.dtype).view(shape)).reshape(-1)
+    loss = (grpo_token_loss(logp, adv, old, ref, a, log_iw) * w).sum()
+    if ent_w is not None:
+        loss = loss + (ent * ent_w).sum()
+    ent_out = ent.view(shape) if a.return_entropy else placeholder(logp)
+    return (loss, logp.view(shape), ent_out), engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
 def _grpo_gradients(a: Args, grad_outputs: list, need: list) -> list:
-    x2d, t1d, w, adv, old, ref = _grpo_rows(a)
     up = grad_outputs[0].to(engine.compute_dtype(a.input.dtype))
-    *_, gx, gw, gb = _grpo_chunks(x2d, t1d, w, adv, old, ref, up, need, a.replace(all_logprobs=False))
+    *_, (_, _, gx, gw, gb) = _grpo_pass(a.replace(all_logprobs=False), up, need)
     return engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
@@ -368,15 +429,18 @@ family.implement(GRPO, _grpo_forward, _grpo_gradients)
 
 
 def _token_weight(mask: Tensor, loss_type: str, max_completion_length: int | None, num_items, cdt) -> Tensor:
-    """Each token's share of the loss: the loss is ``sum(token_weight * per_token_loss)``."""
+    """Each token's share of the loss: the loss is ``sum(token_weight * per_token_loss)`` (TRL's
+    normalizations, within one call: no gradient-accumulation or process factors)."""
     m = mask.to(cdt)
-    if loss_type == "grpo":  # mean over each sequence's tokens, then over sequences
+    if loss_type in ("grpo", "sapo"):  # mean over each sequence's tokens, then over sequences
         return m / m.sum(-1, keepdim=True).clamp(min=1.0) / mask.shape[0]
     if loss_type == "dr_grpo":  # a constant normalizer: B * max_completion_length
         return m / (mask.shape[0] * (max_completion_length or mask.shape[1]))
-    if loss_type == "dapo" and num_items is not None:  # the whole batch's active tokens (TRL: num_items_in_batch)
-        return m / torch.as_tensor(num_items, dtype=m.dtype, device=m.device)
-    return m / m.sum().clamp(min=1.0)  # bnpo, and dapo within one call
+    if loss_type == "luspo":  # sum over each sequence's tokens, mean over sequences
+        return m / mask.shape[0]
+    if loss_type in ("dapo", "cispo") and num_items is not None:  # the batch's active tokens (num_items_in_batch)
+        return m / torch.as_tensor(num_items, dtype=m.dtype, device=m.device).clamp(min=1.0)
+    return m / m.sum().clamp(min=1.0)  # bnpo, and dapo / cispo within one call
 
 
 def linear_grpo_loss(
@@ -394,26 +458,44 @@ def linear_grpo_loss(
     epsilon_high: float = 0.2,
     temperature: float = 1.0,
     loss_type: str = "grpo",
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
+    use_bias_correction_kl: bool = False,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    entropy_coef: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     max_completion_length: int | None = None,
     num_items: int | float | Tensor | None = None,
     chunk_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """TRL's GRPO loss on ``input [B, T, D]`` completion hidden states, without materializing logits.
+    """TRL 1.16's GRPO loss on ``input [B, T, D]`` completion hidden states, without materializing logits.
+
+    ``loss_type``: grpo, bnpo, dr_grpo, dapo, luspo (clipped surrogate, ``delta`` two-sided clipping), cispo,
+    sapo (``sapo_temperature_pos/neg``); ``importance_sampling_level="sequence"`` is GSPO (one projection
+    matmul more: a token's coefficient needs its sequence's log-probs); ``beta`` weighs the k3 KL against
+    ``ref_logprobs`` (times the importance ratio with ``use_bias_correction_kl``, TRL's default there);
+    ``entropy_coef`` subtracts that times the masked mean entropy (TRL's entropy bonus).  The logits are
+    ``softcap(logit_scale * (input @ weight.T + bias)) / temperature``.
 
     Returns ``(loss, metrics)``; ``metrics`` holds detached tensors: ``clip_ratio/low_mean``,
     ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (masked token fractions whose ratio was clipped
-    against the advantage's sign) and, when ``ref_logprobs`` is given, ``kl`` (masked mean k3 estimator).
+    against the advantage's sign; ``cispo_clip_ratio`` for cispo), ``entropy`` (masked mean) with an entropy
+    bonus, and, when ``ref_logprobs`` is given, ``kl`` (masked mean of the KL term).
     """
     validation.check_grpo_front(input, completion_ids, completion_mask, advantages, loss_type, max_completion_length)
+    validation.check_finite("entropy_coef", entropy_coef)
     cdt = engine.compute_dtype(input.dtype)
     w = _token_weight(completion_mask, loss_type, max_completion_length, num_items, cdt)
     adv = advantages.to(cdt).unsqueeze(1).expand(completion_ids.shape).contiguous()
     old = None if old_logprobs is None else old_logprobs.detach().to(cdt)
     ref = None if ref_logprobs is None else ref_logprobs.detach().to(cdt)
     m = completion_mask.to(cdt)
+    ent_w = None if entropy_coef == 0 else -entropy_coef * m / m.sum().clamp(min=1.0)
     # the metrics read the log-probs of every token with mask 1, and the kl metric those of every token
     all_logprobs = ref is not None or bool(((w == 0) & (m != 0)).any())
-    loss, logp, _ = GRPO.call(
+    loss, logp, ent, _ = GRPO.call(
         input=input,
         weight=weight,
         target=completion_ids,
@@ -422,24 +504,67 @@ def linear_grpo_loss(
         advantages=adv,
         old_logprobs=old,
         ref_logprobs=ref,
+        entropy_weight=ent_w,
+        loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level,
         beta=beta,
         epsilon_low=epsilon_low,
         epsilon_high=epsilon_high,
+        delta=delta,
+        use_bias_correction_kl=bool(use_bias_correction_kl),
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
         temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        return_entropy=ent_w is not None,
         chunk_size=chunk_size,
         all_logprobs=all_logprobs,
     )
     family.donate(loss)
+    return loss, _metrics(
+        logp,
+        None if ent_w is None else ent,
+        adv,
+        old,
+        ref,
+        m,
+        loss_type,
+        importance_sampling_level,
+        epsilon_low,
+        epsilon_high,
+        bool(use_bias_correction_kl),
+    )
+
+
+def _metrics(logp, ent, adv, old, ref, m, loss_type, level, epsilon_low, epsilon_high, bias_corrected, delta):
+    """TRL's logged GRPO metrics over one call's tokens (masked means), detached."""
+    logp = logp.detach()
     denom = m.sum().clamp(min=1.0)
-    ratio = torch.ones_like(logp) if old is None else torch.exp(logp - old)
-    low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(cdt)
-    high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(cdt)
-    metrics = {
-        "clip_ratio/low_mean": (low * m).sum() / denom,
-        "clip_ratio/high_mean": (high * m).sum() / denom,
-        "clip_ratio/region_mean": (torch.maximum(low, high) * m).sum() / denom,
-    }
+    log_ratio = torch.zeros_like(logp) if old is None else logp - old
+    if level == "sequence":
+        log_ratio = sequence_log_weights(logp, old, m)
+    ratio = torch.exp(log_ratio)
+    metrics = {}
+
+    def mean(x):  # per token: masked mean; sequence level: one value per sequence, their mean (as TRL)
+        if level == "sequence":
+            return x[:, 0].mean()
+        return (x * m).sum() / denom
+
+    if loss_type == "cispo":
+        metrics["cispo_clip_ratio"] = mean(((ratio > epsilon_high) & (adv > 0)).to(m.dtype))
+    elif loss_type != "sapo":
+        clipped = ratio if delta is None else torch.clamp(ratio, max=delta)  # TRL: after two-sided clipping
+        low = ((clipped < 1 - epsilon_low) & (adv < 0)).to(m.dtype)
+        high = ((clipped > 1 + epsilon_high) & (adv > 0)).to(m.dtype)
+        metrics["clip_ratio/low_mean"] = mean(low)
+        metrics["clip_ratio/high_mean"] = mean(high)
+        metrics["clip_ratio/region_mean"] = mean(torch.maximum(low, high))
+    if ent is not None:
+        metrics["entropy"] = (ent.detach() * m).sum() / denom
     if ref is not None:
-        delta = ref - logp
-        metrics["kl"] = ((torch.exp(delta) - delta - 1) * m).sum() / denom
-    return loss, metrics
+        gap = ref - logp
+        kl = torch.exp(gap) - gap - 1
+        metrics["kl"] = ((kl * ratio if bias_corrected else kl) * m).sum() / denom
+    return metrics
