@@ -710,3 +710,67 @@ def types_method(fn, obj):
     import types
 
     return types.MethodType(fn, obj)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_linear_grpo_loss_front_end_equals_trls_compute_loss(loss_type, level):
+    """``memops.linear_grpo_loss`` (one call: no accumulation, ``num_items`` the batch's tokens) against TRL's
+    ``_compute_loss`` on the same float64 inputs: loss, gradients, and the metrics both report."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from reference import ref_linear_logprobs
+
+    import memops
+
+    g = torch.Generator().manual_seed(3)
+    b, k, v, d = 3, 6, 11, 5
+    x0 = torch.randn(b, k, d, generator=g, dtype=torch.float64)
+    w0 = torch.randn(v, d, generator=g, dtype=torch.float64) / 2
+    ids = torch.randint(0, v, (b, k), generator=g)
+    mask = (torch.rand(b, k, generator=g) < 0.8).long()
+    mask[1] = 0
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    old, ref = (-2.4 + 0.3 * torch.randn(b, k, generator=g, dtype=torch.float64) for _ in range(2))
+    opts = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, delta=1.4, temperature=0.8)
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    loss, metrics = memops.linear_grpo_loss(
+        x, w, ids, mask, adv, old_logprobs=old, ref_logprobs=ref, loss_type=loss_type,
+        importance_sampling_level=level, use_bias_correction_kl=True, entropy_coef=0.01,
+        max_completion_length=k + 1, num_items=mask.sum(), **opts,
+    )  # fmt: skip
+    loss.backward()
+    xt, wt = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+
+    def logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, **kwargs):
+        lp, ent = ref_linear_logprobs(xt, wt, ids, temperature=opts["temperature"])
+        return lp, ent, None
+
+    fake = SimpleNamespace(
+        args=SimpleNamespace(
+            delta=opts["delta"], use_bias_correction_kl=True, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+            steps_per_generation=1,
+        ),
+        accelerator=_Accelerator(), model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+        loss_type=loss_type, importance_sampling_level=level, beta=opts["beta"], epsilon_low=opts["epsilon_low"],
+        epsilon_high=opts["epsilon_high"], temperature=opts["temperature"], max_completion_length=k + 1,
+        _entropy_bonus_enabled=True, entropy_coef=0.01, use_adaptive_entropy=False, aux_loss_enabled=False,
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, use_vllm=False,
+        vllm_importance_sampling_correction=False, _metrics={"train": defaultdict(list)},
+        _get_per_token_logps_and_entropies=logps_and_entropies,
+    )  # fmt: skip
+    inputs = {
+        "prompt_ids": torch.zeros(b, 0, dtype=torch.long), "prompt_mask": torch.zeros(b, 0, dtype=torch.long),
+        "completion_ids": ids, "completion_mask": mask, "advantages": adv, "old_per_token_logps": old,
+        "ref_per_token_logps": ref, "num_items_in_batch": mask.sum().double(),
+    }  # fmt: skip
+    want = trl.GRPOTrainer._compute_loss(fake, None, inputs)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad, xt.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(w.grad, wt.grad, rtol=1e-9, atol=1e-12)
+    trl_metrics = fake._metrics["train"]
+    for key, value in metrics.items():  # TRL takes its clip-ratio means in fp32 (``.float()``)
+        assert float(value) == pytest.approx(trl_metrics[key][0], rel=1e-6, abs=1e-12), key
+    assert {"entropy", "kl"} <= set(metrics)

@@ -534,6 +534,7 @@ def linear_grpo_loss(
         epsilon_low,
         epsilon_high,
         bool(use_bias_correction_kl),
+        delta,
     )
 
 
