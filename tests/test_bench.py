@@ -62,7 +62,7 @@ def test_bench_tiny_end_to_end(tmp_path):
     rows = {r["method"]: r for r in run["rows"]}
     assert list(rows) == ["eager", "compile", "chunked", "torch_lce", "memops", "floor", "cce", "liger", "trl"]
     assert rows["liger"]["status"] == "skipped"
-    assert rows["trl"]["status"] == "skipped"  # --loss distill only
+    assert rows["trl"]["status"] == "skipped"  # --loss distill or grpo only
     assert rows["cce"]["status"] == ("ok" if cce else "skipped")
     for m in ("eager", "compile", "chunked", "torch_lce", "memops") + (("cce",) if cce else ()):
         r = rows[m]

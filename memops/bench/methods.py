@@ -15,8 +15,10 @@
 * ``cce``: Apple's ``cut_cross_entropy.linear_cross_entropy`` (``torch_compile`` impl on CPU, ``cce`` on
   CUDA), when installed;
 * ``liger``: Liger-Kernel's fused linear cross-entropy, CUDA only, when installed;
-* ``trl``: TRL 1.16's own chunked divergence (``trl.trainer.distillation_trainer._chunked_divergence_loss``,
-  its ``ChunkedDivergenceFunction``), ``--loss distill`` only, when installed;
+* ``trl``: TRL 1.16's own kernels, when installed: ``--loss distill`` its chunked divergence
+  (``trl.trainer.distillation_trainer._chunked_divergence_loss``, ``ChunkedDivergenceFunction``), ``--loss
+  grpo`` its chunked log-prob function (``trl.trainer.utils._ChunkedLogProbFunction``, what its fused LM head
+  calls) followed by the same GRPO formulas as the baselines;
 * ``reference``: the unfused function in float64 (the error columns' reference).
 
 ``--loss grpo`` benchmarks a GRPO step (TRL's formulas, ``loss_type="grpo"``, ``--beta`` (default 0.04),
@@ -63,8 +65,8 @@ def unavailable(method: str, loss: str, device: str, softcap: float | None = Non
     if method == "floor" and loss == "distill":
         return "three-matmul floor of a single projection"
     if method == "trl":
-        if loss != "distill":
-            return "--loss distill only"
+        if loss not in ("distill", "grpo"):
+            return "--loss distill or grpo only"
         if importlib.util.find_spec("trl") is None:
             return "not installed (pip install 'trl==1.16.*')"
     if method in PEERS:
@@ -196,6 +198,14 @@ def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, m
         return lambda x, w, t: formula(
             torch.cat([logp_of(xc, w, tc) for xc, tc in zip(x.chunk(CHUNKS), t.chunk(CHUNKS))]).view(batch, -1), x
         )
+    if method == "trl":
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
+
+        def trl_step(x, w, t):
+            logp = _ChunkedLogProbFunction.apply(x, w, None, t, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ())[0]
+            return formula(logp.view(batch, -1), x)
+
+        return trl_step
     if method == "memops":
         import memops
 
