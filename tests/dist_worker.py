@@ -305,3 +305,9 @@ def main():
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
+    # Every case passed (an error raises before this line and exits non-zero).  Skip the interpreter's
+    # teardown: under load it has aborted twice after all cases printed "ok" ("terminate called without an
+    # active exception": a native thread still joinable while static objects are destroyed), which says
+    # nothing about the results checked above.
+    sys.stdout.flush()
+    os._exit(0)
