@@ -4,6 +4,7 @@ from configs, a word-level tokenizer built in code, a few steps on CPU, against 
 from __future__ import annotations
 
 import inspect
+import types
 
 import pytest
 import torch
@@ -70,20 +71,7 @@ def _distillation_run(tokenizer, tmp_path, spy=None):
 
     g = torch.Generator().manual_seed(0)
     data = datasets.Dataset.from_dict({"prompt": [_words(g, 5) for _ in range(16)]})
-    args = trl.DistillationConfig(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        max_completion_length=6,
-        logging_steps=1,
-        report_to=[],
-        learning_rate=1e-3,
-        beta=0.5,
-        temperature=0.9,
-        use_cpu=True,
-        save_strategy="no",
-        bf16=False,
-    )
+    args = trl.DistillationConfig(**_common(tmp_path, max_completion_length=6, beta=0.5, temperature=0.9))
     if spy is not None:
         spy.inner = distillation_trainer._chunked_divergence_loss
         distillation_trainer._chunked_divergence_loss = spy
@@ -152,21 +140,7 @@ def _gkd_run(cls, tokenizer, tmp_path, bf16=False):
         ]
         for _ in range(16)
     ]
-    args = GKDConfig(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        report_to=[],
-        learning_rate=1e-3,
-        beta=0.3,
-        lmbda=0.0,
-        use_cpu=True,
-        save_strategy="no",
-        max_length=32,
-        seed=3,
-        bf16=bf16,
-    )
+    args = GKDConfig(**_common(tmp_path, beta=0.3, lmbda=0.0, max_length=32, seed=3, bf16=bf16))
     trainer = cls(
         model=_model(0, 32),
         teacher_model=_model(1, 48),
@@ -349,19 +323,20 @@ def model_dir(tmp_path_factory):
 
 
 def _common(tmp_path, **kw):
-    return dict(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        report_to=[],
-        learning_rate=1e-3,
-        use_cpu=True,
-        save_strategy="no",
-        bf16=False,
-        seed=5,
+    """Trainer arguments every test here shares (three fp32 CPU steps, a log line each), then ``kw``."""
+    return {
+        "output_dir": str(tmp_path),
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "report_to": [],
+        "learning_rate": 1e-3,
+        "use_cpu": True,
+        "save_strategy": "no",
+        "bf16": False,
+        "seed": 5,
         **kw,
-    )
+    }
 
 
 def test_sft_trainer_on_memops_logs_what_trl_logs(tokenizer, tmp_path):
@@ -691,7 +666,7 @@ def test_memops_grpo_loss_equals_trls_compute_loss(case):
             _get_per_token_logps_and_entropies=logps_and_entropies,
         )
         if ours:
-            fake._memops_metrics = types_method(mtrl.GRPOTrainer._memops_metrics, fake)
+            fake._memops_metrics = types.MethodType(mtrl.GRPOTrainer._memops_metrics, fake)
             loss = mtrl.GRPOTrainer._memops_loss(fake, _Policy(x, w, bb), inputs, {"logit_scale": 1.0, "softcap": None})
         else:
             loss = trl.GRPOTrainer._compute_loss(fake, None, inputs)
@@ -704,12 +679,6 @@ def test_memops_grpo_loss_equals_trls_compute_loss(case):
     assert our_metrics.keys() == their_metrics.keys()
     for key in our_metrics:
         assert our_metrics[key] == pytest.approx(their_metrics[key], rel=1e-9, abs=1e-12, nan_ok=True), key
-
-
-def types_method(fn, obj):
-    import types
-
-    return types.MethodType(fn, obj)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])

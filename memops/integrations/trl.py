@@ -342,7 +342,6 @@ _MULTIMODAL = (
 
 def _grpo_unsupported(trainer, inputs) -> str | None:
     """The option of a GRPO configuration memops does not compute exactly, or None."""
-    args = trainer.args
     if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
         return "vllm_importance_sampling_correction (vLLM importance-sampling correction)"
     if trainer.top_entropy_quantile < 1.0:
@@ -359,7 +358,6 @@ def _grpo_unsupported(trainer, inputs) -> str | None:
         return "multimodal inputs"
     if trainer.importance_sampling_level not in ("token", "sequence"):
         return f"importance_sampling_level={trainer.importance_sampling_level!r}"
-    del args
     return None
 
 
