@@ -256,3 +256,30 @@ def test_docs_list_every_schema():
     assert len(listed) == 2 * len(SPECS)
     for line in listed:
         assert line in text
+
+
+def test_front_end_defaults_are_the_declared_ones():
+    """A front end's keyword defaults equal its family's option defaults: the declaration stays the one place
+    an option's default lives (a front end only repeats it in its signature)."""
+    import inspect
+
+    from memops.distributed import vocab_parallel_cross_entropy
+
+    front_ends = {
+        "linear_ce": memops.linear_cross_entropy,
+        "vocab_parallel_ce": vocab_parallel_cross_entropy,
+        "linear_transform": memops.linear_loss,
+        "linear_logprobs": memops.linear_logprobs,
+        "linear_grpo": memops.linear_grpo_loss,
+        "linear_distill": memops.linear_distillation_loss,
+    }
+    assert set(front_ends) == set(SPECS)
+    checked = 0
+    for name, fn in front_ends.items():
+        params = inspect.signature(fn).parameters
+        for option in SPECS[name].options:
+            p = params.get(option.name)
+            if p is not None and p.default is not inspect.Parameter.empty and option.default is not None:
+                assert p.default == option.default, f"{fn.__name__}({option.name}=...)"
+                checked += 1
+    assert checked >= 25
