@@ -260,8 +260,7 @@ def check_linear_transform(a) -> None:
 
 # the per-token formulas of TRL 1.16's GRPOTrainer (its loss_type, vespo aside); the normalization is the
 # token weights'
-GRPO_FORMULAS = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
-GRPO_LOSS_TYPES = GRPO_FORMULAS
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 
 
 def check_linear_logprobs(a) -> None:

@@ -13,13 +13,12 @@ from __future__ import annotations
 from .. import validation as V
 from ..contract import Input, Option, Spec, register
 from ..rules import compute_dtype
-from .linear_ce import CHUNK_SIZE, NUM_ITEMS, PROJECTION
+from .linear_ce import CHUNK_SIZE, NUM_ITEMS, PROJECTION, loss_only
 
 
 def _shapes(a):
-    cdt = compute_dtype(a.input.dtype)
-    loss = a.input.new_empty(a.target.shape if a.reduction == "none" else (), dtype=cdt)
-    return loss, a.input.new_empty(a.target.shape if a.return_entropy else (0,), dtype=cdt)
+    entropy = a.input.new_empty(a.target.shape if a.return_entropy else (0,), dtype=compute_dtype(a.input.dtype))
+    return (*loss_only(a), entropy)
 
 
 SPEC = register(

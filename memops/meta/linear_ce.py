@@ -35,11 +35,14 @@ CE_OPTIONS = (
 CE_INPUTS = (*PROJECTION, Input("target"), Input("bias", "Tensor?", grad=True), NUM_ITEMS)
 
 
+def loss_only(a):
+    """The loss: compute dtype, ``target``'s shape for ``reduction="none"``, else 0-dim."""
+    return (a.input.new_empty(a.target.shape if a.reduction == "none" else (), dtype=compute_dtype(a.input.dtype)),)
+
+
 def loss_and_rows(a):
     """A reduced (or per-token) loss and one per-token output, both in the compute dtype."""
-    cdt = compute_dtype(a.input.dtype)
-    loss = a.input.new_empty(a.target.shape if a.reduction == "none" else (), dtype=cdt)
-    return loss, a.input.new_empty(a.target.shape, dtype=cdt)
+    return (*loss_only(a), a.input.new_empty(a.target.shape, dtype=compute_dtype(a.input.dtype)))
 
 
 def _ce_outputs(a):

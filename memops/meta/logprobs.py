@@ -78,7 +78,7 @@ GRPO = register(
             Input("entropy_weight", "Tensor?"),
         ),
         options=(
-            Option("loss_type", "str", "grpo", V.one_of(*V.GRPO_FORMULAS)),
+            Option("loss_type", "str", "grpo", V.one_of(*V.GRPO_LOSS_TYPES)),
             Option("importance_sampling_level", "str", "token", V.one_of("token", "sequence")),
             Option("beta", "float", 0.0),
             Option("epsilon_low", "float", 0.2, V.epsilon_low),

@@ -10,13 +10,7 @@ from __future__ import annotations
 
 from .. import validation as V
 from ..contract import Input, Option, Spec, register
-from ..rules import compute_dtype
-from .linear_ce import CHUNK_SIZE, NUM_ITEMS, PROJECTION, REDUCTION
-
-
-def loss_only(a):
-    return (a.input.new_empty(a.target.shape if a.reduction == "none" else (), dtype=compute_dtype(a.input.dtype)),)
-
+from .linear_ce import CHUNK_SIZE, NUM_ITEMS, PROJECTION, REDUCTION, loss_only
 
 SPEC = register(
     Spec(
