@@ -9,7 +9,7 @@ from . import (
     ops,  # noqa: F401  (registers the ops and their autograd)
     transforms,  # noqa: F401  (registers the built-in transforms)
 )
-from .config import chunking, set_chunk_budget, set_chunk_size
+from .config import chunking, kernels, set_chunk_budget, set_chunk_size, set_kernels
 from .modules import LinearCrossEntropy
 from .ops.distill import linear_distillation_loss
 from .ops.linear_ce import linear_cross_entropy
@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LinearCrossEntropy",
     "chunking",
+    "kernels",
     "linear_cross_entropy",
     "linear_distillation_loss",
     "linear_grpo_loss",
@@ -30,5 +31,6 @@ __all__ = [
     "registered_transforms",
     "set_chunk_budget",
     "set_chunk_size",
+    "set_kernels",
     "transform",
 ]

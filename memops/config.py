@@ -28,6 +28,10 @@ _MAX_SHARE = 5
 class _Settings:
     chunk_size: int | None = None
     budget_bytes: int | None = None
+    kernels: str = "auto"
+
+
+KERNELS = ("auto", "triton", "torch")
 
 
 _settings = _Settings()
@@ -57,6 +61,36 @@ def chunking(*, chunk_size: int | None = None, budget_bytes: int | None = None) 
         yield
     finally:
         _settings.chunk_size, _settings.budget_bytes = old.chunk_size, old.budget_bytes
+
+
+def set_kernels(kind: str) -> None:
+    """Choose the per-chunk heads of cross-entropy, log-probs and GRPO: ``"auto"`` (the default: the Triton
+    heads on CUDA tensors when ``triton`` imports, the torch heads elsewhere), ``"triton"`` (always; CPU
+    tensors need ``TRITON_INTERPRET=1`` set before triton is imported, else the op raises) or ``"torch"``."""
+    if kind not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kind!r}")
+    if kind == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as err:
+            raise ImportError("memops.set_kernels('triton') needs the triton package (pip install triton)") from err
+    _settings.kernels = kind
+
+
+def kernel_choice() -> str:
+    """The current ``set_kernels`` choice."""
+    return _settings.kernels
+
+
+@contextlib.contextmanager
+def kernels(kind: str) -> Iterator[None]:
+    """Temporarily choose the heads (see :func:`set_kernels`)."""
+    old = _settings.kernels
+    set_kernels(kind)
+    try:
+        yield
+    finally:
+        _settings.kernels = old
 
 
 def default_budget(device: torch.device) -> int:

@@ -11,6 +11,11 @@ if os.environ.get("ATEN_CPU_CAPABILITY"):
     )
 
 import torch  # noqa: E402
+
+# the Triton heads run on CPU tensors under the Triton interpreter (tests/test_triton.py); it is chosen when
+# the kernels are built, so here, before any test imports them.  With a GPU they run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import settings
 
 settings.register_profile(

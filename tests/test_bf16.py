@@ -60,7 +60,7 @@ def _inputs(dtype, seed=0):
     return x, w, b, t
 
 
-def error_ratios(dtype, opts, reduction, seed=0):
+def error_ratios(dtype, opts, reduction, seed=0, chunks=CHUNKS):
     """``{(quantity, chunks): memops error / its allowed scale}``: the unfused code's error for the
     gradients, the larger of that and the per-token error scale for the loss (see the module docstring)."""
     x, w, b, t = _inputs(dtype, seed)
@@ -73,7 +73,7 @@ def error_ratios(dtype, opts, reduction, seed=0):
     )
     noise = tok_err.norm().item() / (int((t != -100).sum()) if reduction == "mean" else 1)
     out = {}
-    for chunk in CHUNKS:
+    for chunk in chunks:
         fused = _loss_and_grads(memops.linear_cross_entropy, x, w, b, t, chunk_size=chunk, **kw)
         assert fused[0].dtype == torch.float32
         assert [f.dtype for f in fused[1:]] == [dtype] * 3

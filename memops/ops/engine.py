@@ -39,36 +39,40 @@ from .plan import rows_out
 Head = Callable[[torch.Tensor, "slice | torch.Tensor"], torch.Tensor | None]
 
 
-def _cuda_mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """Low-precision matmul with an fp32 result where the build has ``mm(out_dtype=)``."""
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError, NotImplementedError):
-        return None
-
-
 def _accumulate_weight_grad(gw: torch.Tensor, dz: torch.Tensor, xc: torch.Tensor, first: bool) -> None:
-    """``gw (+)= dz.T @ xc`` (``first``: overwrite) with ``gw`` and the sum kept in the compute dtype."""
-    if xc.dtype == gw.dtype:
+    """``gw (+)= dz.T @ xc`` (``first``: overwrite) with ``gw`` and the sum kept in the compute dtype.
+
+    ``dz`` is in the compute dtype (torch heads) or in ``xc``'s (fused heads).  On CUDA a low-precision
+    GEMM with an fp32 result accumulates into ``gw`` in place (``addmm(out_dtype=)``, torch >= 2.8): no
+    extra ``[V, D]`` pass per chunk; builds without it get the product, then one add.
+    """
+    if xc.dtype == gw.dtype and dz.dtype == gw.dtype:
         if first:
             torch.mm(dz.t(), xc, out=gw)
         else:
             gw.addmm_(dz.t(), xc)
         return
-    if xc.device.type == "cuda":
-        part = _cuda_mm_f32(dz.t().to(xc.dtype), xc)
-        if part is None:
-            part = torch.mm(dz.t().to(xc.dtype), xc)
+    if xc.device.type != "cpu":
+        dzt = dz.t().to(xc.dtype)
+        try:
+            if first:
+                torch.mm(dzt, xc, out_dtype=gw.dtype, out=gw)
+            else:
+                torch.addmm(gw, dzt, xc, out_dtype=gw.dtype, out=gw)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            part = torch.mm(dzt, xc).to(gw.dtype)
         if first:
             gw.copy_(part)
         else:
             gw.add_(part)
         return
     # CPU: chunk-sized upcast; fp32 GEMM is the fast path on CPUs anyway.
+    dzt = dz.t().to(gw.dtype)
     if first:
-        torch.mm(dz.t(), xc.to(gw.dtype), out=gw)
+        torch.mm(dzt, xc.to(gw.dtype), out=gw)
     else:
-        gw.addmm_(dz.t(), xc.to(gw.dtype))
+        gw.addmm_(dzt, xc.to(gw.dtype))
 
 
 def _input_grad(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
@@ -127,6 +131,7 @@ def run(
     sub_block_bytes: int | None = None,
     rows: torch.Tensor | None = None,
     chunk_start: Callable[[slice | torch.Tensor], None] | None = None,
+    fused: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Run ``head`` over ``x2d [N, D]`` in row chunks; return (grad_input, grad_weight, grad_bias).
 
@@ -141,6 +146,10 @@ def run(
     ``None`` gets no gradient work.  ``chunk_start(sel)``, when given, is called
     with each chunk's rows before its sub-blocks (a second projection of the same
     rows, as distillation's teacher logits, is made there once per chunk).
+
+    ``fused=True`` (a Triton head, ``ops/triton_heads.py``): the buffer has the input dtype, the head gets
+    each whole chunk as the GEMM wrote it and does the scaling and soft-capping itself (``logit_scale`` and
+    ``softcap`` are not applied here), and the gradient GEMMs read its ``dz`` in that dtype.
     """
     n, d = x2d.shape
     m = n if rows is None else rows.numel()
@@ -156,8 +165,8 @@ def run(
     gb = torch.zeros(vocab, dtype=cdt, device=weight.device) if (grad_bias and bias is not None) else None
     written = False
     size = config.chunk_rows(m, vocab, d, x2d.dtype, x2d.device, chunk_size)
-    sub = _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
-    buf = torch.empty((size, vocab), dtype=cdt, device=x2d.device)
+    sub = size if fused else _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
+    buf = torch.empty((size, vocab), dtype=x2d.dtype if fused else cdt, device=x2d.device)
     gx_part = None  # with skipped rows a chunk's input gradient is made here, then scattered to its rows
     if gx is not None and rows is not None:
         gx_part = torch.empty((size, d), dtype=x2d.dtype, device=x2d.device)
@@ -172,14 +181,16 @@ def run(
         z = buf[: stop - start]
         if chunk_start is not None:
             chunk_start(sel)
-        if x2d.dtype != cdt:
+        if x2d.dtype != z.dtype:
             z.copy_(F.linear(xc, weight, bias))
         elif bias is not None:
             torch.addmm(bias, xc, weight.t(), out=z)
         else:
             torch.mm(xc, weight.t(), out=z)
         grads = want
-        for lo in range(0, stop - start, sub):
+        if fused:
+            grads = head(z, sel) is not None and want
+        for lo in range(0, 0 if fused else stop - start, sub):
             zs = z[lo : lo + sub]
             if logit_scale != 1.0:
                 zs.mul_(logit_scale)
@@ -202,7 +213,7 @@ def run(
         if not grads:
             continue
         if gb is not None:
-            gb.add_(z.sum(0))
+            gb.add_(z.sum(0, dtype=cdt))
         if gx is not None:
             if rows is None:
                 _input_grad(z, weight, gx[sel])

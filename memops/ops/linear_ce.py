@@ -16,7 +16,7 @@ from .. import validation
 from ..contract import Args
 from ..meta.linear_ce import SPEC
 from ..rules import placeholder
-from . import engine, family, plan
+from . import engine, family, plan, triton_heads
 
 
 class Reducer:
@@ -99,6 +99,10 @@ def ce_chunks(
             z.sub_((coef * (eps / vocab)).unsqueeze(1))
         return z.scatter_add_(1, safe, torch.where(mine, coef * (eps - 1.0), 0.0).unsqueeze(1))
 
+    fused = reducer is LOCAL and triton_heads.wanted(x2d)
+    if fused:  # the same head in one Triton kernel per chunk
+        coef = None if upstream is None else engine.row_coef(upstream, slice(None), t1d != ignore)
+        head = triton_heads.ce(t1d, coef, a, loss_rows, lse_rows, top1)
     gx, gw, gb = engine.run(
         x2d,
         weight,
@@ -112,6 +116,7 @@ def ce_chunks(
         grad_bias=need[2] and bias is not None,
         rows=rows,
         sub_block_bytes=engine.WHOLE_CHUNK if reducer.whole_chunk else None,
+        fused=fused,
     )
     return loss_rows, lse_rows, gx, gw, gb
 

@@ -26,7 +26,7 @@ from .. import validation
 from ..contract import Args
 from ..meta.logprobs import EXTRAS, GRPO, LOGPROBS
 from ..rules import placeholder
-from . import engine, family, plan
+from . import engine, family, plan, triton_heads
 
 # coef(sel, logp, entropy) -> (c1 [n] or None, c2 [n] or None); None means no gradient.
 Coef = Callable[["slice | Tensor", Tensor, Tensor | None], tuple | None]
@@ -40,7 +40,8 @@ def _chunks(
     *,
     temperature,
     entropy: bool,
-    coef: Coef | None,
+    coef: Coef | None = None,
+    fixed: tuple | None = None,
     need,
     chunk_size,
     rows: Tensor | None = None,
@@ -51,7 +52,9 @@ def _chunks(
 ):
     """Run the head over ``x2d`` (only ``rows`` when given; see ``engine.run``), writing the per-row
     log-probs (and entropy) into ``out`` when given, else into new ``[N]`` tensors.  ``extras`` maps
-    ``log_sum_sq_probs`` / ``mean_logits`` / ``is_top1`` to ``[N]`` tensors to fill as well.
+    ``log_sum_sq_probs`` / ``mean_logits`` / ``is_top1`` to ``[N]`` tensors to fill as well.  The gradient
+    coefficients come from ``coef`` (computed from each chunk's log-probs) or ``fixed`` (``(c1, c2)``,
+    ``[N]`` tensors or None, known beforehand); neither: forward work only.
 
     The logits are ``softcap(logit_scale * (x @ W.T + b)) / temperature``: without soft-capping the
     engine applies ``logit_scale / temperature`` in one go, with it the head divides by the temperature
@@ -67,6 +70,11 @@ def _chunks(
     extras = extras or {}
     inv_t = 1.0 / temperature
     in_head = softcap is not None and inv_t != 1.0  # the temperature after soft-capping
+    if fixed is not None:
+        c1_all, c2_all = fixed
+
+        def coef(sel, logp, ent):
+            return (None if c1_all is None else c1_all[sel]), (None if c2_all is None else c2_all[sel])
 
     def head(z: Tensor, sel):
         if in_head:
@@ -110,6 +118,13 @@ def _chunks(
             z.scatter_add_(1, t, c1.unsqueeze(1))
         return z.mul_(inv_t) if in_head else z
 
+    fused = triton_heads.wanted(x2d)
+    if fused:  # the same head in Triton: one launch per chunk (two with ``coef``: forward, then gradient)
+        scale = logit_scale if in_head else logit_scale * inv_t
+        fused_coef = None if fixed is not None else coef
+        head = triton_heads.logprobs(
+            t1d, out, extras, scale=scale, softcap=softcap, post=inv_t if in_head else 1.0, coef=fused_coef, fixed=fixed
+        )
     gx, gw, gb = engine.run(
         x2d,
         weight,
@@ -122,6 +137,7 @@ def _chunks(
         grad_weight=need[1],
         grad_bias=need[2] and bias is not None,
         rows=rows,
+        fused=fused,
     )
     return logp_rows, ent_rows, gx, gw, gb
 
@@ -167,9 +183,6 @@ def _logprobs_gradients(a: Args, grad_outputs: list, need: list) -> list:
     if g1 is None and g2 is None:
         return [None] * len(need)
 
-    def coef(sel, logp, ent):
-        return (None if g1 is None else g1[sel]), (None if g2 is None else g2[sel])
-
     # tokens with no incoming gradient (masked by the caller's loss) are skipped where that is exact
     needed = functools.reduce(torch.logical_or, [g != 0 for g in (g1, g2) if g is not None])
     rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale / a.temperature, needed=needed).full
@@ -180,7 +193,7 @@ def _logprobs_gradients(a: Args, grad_outputs: list, need: list) -> list:
         a.bias,
         temperature=a.temperature,
         entropy=g2 is not None,
-        coef=coef,
+        fixed=(g1, g2),
         need=need,
         chunk_size=a.chunk_size,
         rows=rows,
@@ -360,13 +373,10 @@ def _grpo_sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: 
         tok = grpo_token_loss(leaf, adv.view(shape), o, None if ref is None else ref.view(shape), a, log_iw)
         (c1,) = torch.autograd.grad((tok * w.view(shape)).sum(), leaf)
     c1 = (c1.reshape(-1) * upstream).detach()
-
-    def coef(sel, lp, en):
-        return c1[sel], None if ent_w is None else ent_w[sel] * upstream
-
+    fixed = (c1, None if ent_w is None else ent_w * upstream)
     scratch = (torch.empty_like(logp), torch.empty_like(ent) if ent_w is not None else None)
     *_, gx, gw, gb = _chunks(
-        x2d, a.weight, t1d, a.bias, entropy=ent_w is not None, coef=coef, need=need, out=scratch, **common
+        x2d, a.weight, t1d, a.bias, entropy=ent_w is not None, fixed=fixed, need=need, out=scratch, **common
     )
     return logp, ent, gx, gw, gb
 

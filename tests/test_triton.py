@@ -1,0 +1,505 @@
+"""The Triton chunk heads (``memops/ops/triton_heads.py``) on CPU tensors under the Triton interpreter
+(``conftest.py`` sets ``TRITON_INTERPRET=1``): equal to the torch heads and to the float64 reference for
+cross-entropy, log-probs and GRPO, and proven to have run (``LAUNCHES``).
+
+Tolerances.  fp64 and fp32 runs compare with the float64 reference at the precision the torch-head tests
+use, and with the torch heads.  bf16 runs compare with the torch heads: both read the same bf16 logits (the
+projection GEMM's output) and do fp32 math on them, so forward values agree to fp32 rounding; the Triton
+head rounds ``d logits`` to bf16 for native gradient GEMMs (as the unfused code does) where the torch heads
+on CPU keep it fp32, so gradients agree to the bound of that one rounding (``_BF16``).  bf16 accuracy
+against float64 is the norm-wise margin of ``tests/test_bf16.py`` (memops' error at most 1.05x the unfused
+bf16 code's), checked for the Triton heads in the ``*_error_within_margin_of_unfused`` tests below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import test_bf16
+import test_linear_ce
+import test_logprobs
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import ref_grpo_loss, ref_linear_cross_entropy, ref_linear_logprobs, ref_logits, ref_logprob_extras
+
+import memops
+from memops.ops import triton_heads
+
+# the non-finite cases make numpy, which runs the interpreted kernels, warn about NaN arithmetic: expected
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+IGNORE = -100
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = settings(max_examples=min(settings.default.max_examples, 25))
+
+
+@contextlib.contextmanager
+def triton_path(block: int = 32, expect: bool = True):
+    """Run the Triton heads with vocabulary tiles of ``block`` (so rows span several tiles) and check they
+    launched (``expect``) or did not."""
+    before = sum(triton_heads.LAUNCHES.values())
+    old = triton_heads.BLOCK_MAX
+    triton_heads.BLOCK_MAX = block
+    try:
+        with memops.kernels("triton"):
+            yield
+    finally:
+        triton_heads.BLOCK_MAX = old
+    launched = sum(triton_heads.LAUNCHES.values()) - before
+    assert (launched > 0) == expect, f"{launched} Triton launches"
+
+
+def _close(a, b, tol, what):
+    assert a.shape == b.shape, f"{what}: shape {a.shape} vs {b.shape}"
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _grads(out, tensors, grad_out=None):
+    tensors = [t for t in tensors if t is not None and t.requires_grad]
+    return list(torch.autograd.grad(out, tensors, grad_out)) if tensors else []
+
+
+def _tol(dtype, ref, pair: bool = False, grad: bool = False) -> float:
+    """Against the float64 reference, or (``pair``) Triton heads against torch heads; ``grad``: a gradient."""
+    scale = 1.0 + (ref.abs().max().item() if ref.numel() and ref.isfinite().all() else 0.0)
+    if dtype == torch.bfloat16:
+        assert pair, "bf16 is compared with the torch heads here, with float64 in the margin tests"
+        return (_BF16 if grad else 4e-6) * scale
+    if pair:
+        return {torch.float64: 1e-12, torch.float32: 4e-6}[dtype] * scale
+    return {torch.float64: 1e-9, torch.float32: 2e-5}[dtype] * scale
+
+
+# bf16: one rounding of d logits (relative 2^-9) moves a gradient element by at most 2^-9 of the sum of
+# |terms| it is made of; with O(1) inputs that sum is within a few times the largest gradient element.
+# Another 2^-8 for the output's own rounding; 2^-6 in all leaves a margin of 2 over both.
+_BF16 = 2.0**-6
+
+
+# ---- cross-entropy -------------------------------------------------------------------------------------
+
+
+@st.composite
+def ce_case(draw):
+    n = draw(st.integers(0, 6))
+    return dict(
+        lead=draw(st.sampled_from([(n,), (1, n), (n, 1)])),
+        d=draw(st.integers(1, 6)),
+        v=draw(st.sampled_from([1, 2, 31, 32, 33, 64, 100]) | st.integers(1, 130)),
+        block=draw(st.sampled_from([32, 128])),
+        dtype=draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16])),
+        opts=dict(
+            reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+            label_smoothing=draw(st.sampled_from([0.0, 0.1]) | st.floats(0.0, 1.0)),
+            z_loss=draw(st.sampled_from([0.0, 1e-3]) | st.floats(0.0, 0.1)),
+            softcap=draw(st.none() | st.floats(0.5, 30.0)),
+            logit_scale=draw(st.sampled_from([1.0]) | st.floats(0.1, 3.0)),
+            chunk_size=draw(st.none() | st.integers(1, 8)),
+            ignore_index=draw(st.sampled_from([IGNORE, 0])),
+        ),
+        ignore_p=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        bias=draw(st.booleans()),
+        needs=draw(st.sampled_from([(1, 1, 1), (1, 0, 0), (0, 1, 1), (0, 0, 0)])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _ce_inputs(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    lead, d, v, dtype = case["lead"], case["d"], case["v"], case["dtype"]
+    x = torch.randn(*lead, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) * (2 / math.sqrt(d))
+    b = torch.randn(v, generator=g, dtype=torch.float64) if case["bias"] else None
+    t = torch.randint(0, v, lead, generator=g)
+    ign = case["opts"]["ignore_index"]
+    if ign < 0:
+        t = torch.where(torch.rand(lead, generator=g) < case["ignore_p"], torch.full_like(t, ign), t)
+    x, w = x.to(dtype), w.to(dtype)
+    b = None if b is None else b.to(dtype)
+    return x, w, b, t
+
+
+def _ce_run(case, x, w, b, t):
+    """(loss, lse, top1, grads) of memops with the current heads."""
+    x, w = x.detach().to(DEVICE), w.detach().to(DEVICE)
+    b = None if b is None else b.detach().to(DEVICE)
+    for p, need in zip((x, w, b), case["needs"]):
+        if p is not None:
+            p.requires_grad_(bool(need))
+    loss, lse, top1 = memops.linear_cross_entropy(
+        x, w, t.to(DEVICE), b, return_lse=True, return_is_top1=True, **case["opts"]
+    )
+    go = torch.ones_like(loss) if loss.dim() == 0 else torch.linspace(-1, 2, loss.numel()).view(loss.shape)
+    return loss, lse, top1, _grads(loss, (x, w, b), go.to(loss)) if loss.requires_grad else []
+
+
+@SMALL
+@given(ce_case())
+def test_ce_triton_heads_match_torch_heads_and_reference(case):
+    x, w, b, t = _ce_inputs(case)
+    dtype = case["dtype"]
+    with triton_path(case["block"], expect=t.numel() > 0):  # every row computed: its lse is asked for
+        ours = _ce_run(case, x, w, b, t)
+    with memops.kernels("torch"):
+        theirs = _ce_run(case, x, w, b, t)
+    x64, w64, b64 = (None if p is None else p.double() for p in (x, w, b))
+    for p, need in zip((x64, w64, b64), case["needs"]):
+        if p is not None:
+            p.requires_grad_(bool(need))
+    opts = {k: v for k, v in case["opts"].items() if k != "chunk_size"}
+    ref = ref_linear_cross_entropy(x64, w64, t, b64, **opts)
+    ref_lse = torch.logsumexp(ref_logits(x64, w64, b64, softcap=opts["softcap"], logit_scale=opts["logit_scale"]), -1)
+    low = dtype == torch.bfloat16
+    if not low:
+        _close(ours[0].cpu().double(), ref.detach(), _tol(dtype, ref), "loss")
+        _close(ours[1].cpu().double(), ref_lse.detach(), _tol(dtype, ref_lse), "lse")
+    _close(ours[0], theirs[0], _tol(dtype, ref, pair=True), "loss vs torch heads")
+    _close(ours[1], theirs[1], _tol(dtype, ref_lse, pair=True), "lse vs torch heads")
+    valid = t != case["opts"]["ignore_index"]
+    assert torch.equal(ours[2].cpu()[valid], theirs[2].cpu()[valid])
+    assert not ours[2].cpu()[~valid].any()
+    if not ours[3]:
+        return
+    go = torch.ones_like(ref) if ref.dim() == 0 else torch.linspace(-1, 2, ref.numel(), dtype=ref.dtype).view(ref.shape)
+    names = [n for n, p, need in zip("xwb", (x, w, b), case["needs"]) if p is not None and need]
+    for name, a, th, r in zip(names, ours[3], theirs[3], _grads(ref, (x64, w64, b64), go)):
+        assert a.dtype == dtype
+        if not low:
+            _close(a.cpu().double(), r, _tol(dtype, r, grad=True), f"grad {name}")
+        _close(a.cpu().double(), th.cpu().double(), _tol(dtype, r, pair=True, grad=True), f"grad {name} vs torch")
+
+
+@pytest.mark.parametrize("opts", test_bf16.OPTIONS[:2], ids=lambda o: ",".join(o) or "plain")
+def test_bf16_error_within_margin_of_unfused(opts):
+    """The norm-wise bound of tests/test_bf16.py (memops' error at most 1.05x the unfused bf16 code's, both
+    against float64) holds for the Triton head, with one chunk and with 32."""
+    with triton_path(block=4096):
+        ratios = test_bf16.error_ratios(torch.bfloat16, opts, "mean", chunks=(test_bf16.N, 16))
+    for (name, chunks), ratio in ratios.items():
+        assert ratio <= test_bf16.MARGIN, f"{name}, {chunks} chunks: error {ratio:.4f}x its allowed scale"
+
+
+# the torch-head tests of non-finite and edge inputs, rerun on the Triton heads: NaN patterns included
+REUSED = {
+    "ce_non_finite": (test_linear_ce.test_non_finite_inputs_propagate_like_reference, None),
+    "ce_ignored_row_overflowing": (test_linear_ce.test_ignored_row_overflowing_to_inf_matches_reference, None),
+    "ce_is_top1": (test_linear_ce.test_return_is_top1_is_the_argmax_accuracy, None),
+    "ce_lse_of_ignored": (test_linear_ce.test_return_lse_of_ignored_tokens_is_their_logsumexp, {}),
+    "ce_all_ignored": (test_linear_ce.test_all_ignored_matches_reference, None),
+    "grpo_masked_non_finite": (test_logprobs.test_masked_token_with_non_finite_terms_matches_reference, None),
+    "grpo_random_extremes": (test_logprobs.test_masked_tokens_with_random_extreme_terms_match_reference, {}),
+    "logprobs_zero_gradient_non_finite": (
+        test_logprobs.test_zero_gradient_token_with_non_finite_logits_matches_reference,
+        None,
+    ),
+}
+
+
+def _param_sets(fn, grid):
+    if grid is None:  # the test's own pytest parametrization
+        marks = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
+        grid = {m.args[0]: list(m.args[1]) for m in marks}
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+@pytest.mark.parametrize("name", sorted(REUSED))
+def test_edge_cases_of_the_torch_heads_hold_on_the_triton_heads(name):
+    fn, grid = REUSED[name]
+    for kw in _param_sets(fn, grid):
+        all_ignored = name == "ce_all_ignored"  # no row is computed: nothing may launch
+        with triton_path(block=8, expect=not all_ignored):
+            fn(**kw)
+
+
+# ---- log-probs and GRPO -------------------------------------------------------------------------------
+
+
+@st.composite
+def logprob_case(draw):
+    b, t = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    return dict(
+        lead=(b, t),
+        d=draw(st.integers(1, 6)),
+        v=draw(st.sampled_from([1, 2, 31, 33, 100]) | st.integers(1, 130)),
+        block=draw(st.sampled_from([16, 32, 128])),
+        dtype=draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16])),
+        bias=draw(st.booleans()),
+        temperature=draw(st.sampled_from([1.0, 0.7]) | st.floats(0.05, 4.0)),
+        logit_scale=draw(st.sampled_from([1.0, 0.5, 1.7])),
+        softcap=draw(st.sampled_from([None, 2.0, 30.0])),
+        chunk_size=draw(st.none() | st.integers(1, 8)),
+        entropy=draw(st.booleans()),
+        extras=draw(st.sampled_from([(), ("mean_logits", "is_top1", "log_sum_sq_probs")])),
+        zero_grads=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _lp_inputs(case, g):
+    (b, t), d, v = case["lead"], case["d"], case["v"]
+    x = torch.randn(b, t, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) * (2 / math.sqrt(d))
+    bias = torch.randn(v, generator=g, dtype=torch.float64) if case["bias"] else None
+    ids = torch.randint(0, v, (b, t), generator=g)
+    return x, w, bias, ids
+
+
+@SMALL
+@given(logprob_case())
+def test_logprobs_triton_heads_match_torch_heads_and_reference(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    x, w, bias, ids = _lp_inputs(case, g)
+    dtype = case["dtype"]
+    kw = dict(temperature=case["temperature"], logit_scale=case["logit_scale"], softcap=case["softcap"])
+    go1 = torch.randn(ids.shape, generator=g, dtype=torch.float64)
+    go2 = torch.randn(ids.shape, generator=g, dtype=torch.float64)
+    if case["zero_grads"]:
+        go1[0] = 0.0
+        go2[:, -1] = 0.0
+
+    def run(xx, ww, bb, ref=False):
+        xx, ww = xx.detach().requires_grad_(True), ww.detach().requires_grad_(True)
+        bb = None if bb is None else bb.detach().requires_grad_(True)
+        if ref:
+            logp, ent = ref_linear_logprobs(xx, ww, ids, bb, **kw)
+            out = {"log_probs": logp, "entropy": ent, **ref_logprob_extras(xx, ww, ids, bb, **kw)}
+        else:
+            out = memops.linear_logprobs(
+                xx, ww, ids, bb, return_entropy=True, extras=case["extras"], chunk_size=case["chunk_size"], **kw
+            )
+            if not isinstance(out, dict):
+                out = {"log_probs": out[0], "entropy": out[1]}
+        total = (out["log_probs"] * go1.to(out["log_probs"])).sum()
+        if case["entropy"]:
+            total = total + (out["entropy"] * go2.to(out["entropy"])).sum()
+        return out, _grads(total, (xx, ww, bb))
+
+    cast = [None if p is None else p.to(dtype) for p in (x, w, bias)]
+    with triton_path(case["block"]):
+        ours = run(*cast)
+    with memops.kernels("torch"):
+        theirs = run(*cast)
+    ref = run(*[None if p is None else p.double() for p in cast], ref=True)
+    low = dtype == torch.bfloat16
+    for key, value in ours[0].items():
+        if key == "is_top1":
+            assert torch.equal(value, theirs[0][key])
+            continue
+        r = ref[0][key].detach()
+        if not low:
+            _close(value.double(), r, _tol(dtype, r), key)
+        _close(value.double(), theirs[0][key].double(), _tol(dtype, r, pair=True), f"{key} vs torch heads")
+    for name, a, th, r in zip("xwb", ours[1], theirs[1], ref[1]):
+        if not low:
+            _close(a.double(), r, _tol(dtype, r, grad=True), f"grad {name}")
+        _close(a.double(), th.double(), _tol(dtype, r, pair=True, grad=True), f"grad {name} vs torch heads")
+
+
+@st.composite
+def grpo_case(draw):
+    b, t = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    return dict(
+        lead=(b, t),
+        d=draw(st.integers(1, 5)),
+        v=draw(st.sampled_from([2, 33, 100]) | st.integers(1, 90)),
+        block=draw(st.sampled_from([16, 64])),
+        dtype=draw(st.sampled_from([torch.float64, torch.float32])),
+        bias=draw(st.booleans()),
+        loss_type=draw(st.sampled_from(["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])),
+        level=draw(st.sampled_from(["token", "token", "sequence"])),
+        beta=draw(st.sampled_from([0.0, 0.04])),
+        old=draw(st.booleans()),
+        delta=draw(st.sampled_from([None, 1.5])),
+        entropy_coef=draw(st.sampled_from([0.0, 0.01])),
+        temperature=draw(st.sampled_from([1.0, 0.7])),
+        softcap=draw(st.sampled_from([None, 5.0])),
+        chunk_size=draw(st.none() | st.integers(1, 6)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@SMALL
+@given(grpo_case())
+def test_grpo_triton_heads_match_torch_heads_and_reference(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    x, w, bias, ids = _lp_inputs(case, g)
+    b, t = case["lead"]
+    mask = (torch.rand(b, t, generator=g) < 0.7).long()
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    old = torch.randn(b, t, generator=g, dtype=torch.float64) * 0.1 - 3 if case["old"] else None
+    ref_lp = torch.randn(b, t, generator=g, dtype=torch.float64) * 0.1 - 3 if case["beta"] else None
+    dtype = case["dtype"]
+    kw = dict(
+        old_logprobs=old,
+        ref_logprobs=ref_lp,
+        beta=case["beta"],
+        loss_type=case["loss_type"],
+        importance_sampling_level=case["level"],
+        delta=case["delta"],
+        entropy_coef=case["entropy_coef"],
+        temperature=case["temperature"],
+        softcap=case["softcap"],
+        chunk_size=case["chunk_size"],
+    )
+
+    def run(xx, ww, bb):
+        xx, ww = xx.detach().to(dtype).requires_grad_(True), ww.detach().to(dtype).requires_grad_(True)
+        bb = None if bb is None else bb.detach().to(dtype).requires_grad_(True)
+        loss, metrics = memops.linear_grpo_loss(xx, ww, ids, mask, adv.to(dtype), bias=bb, **kw)
+        return loss, metrics, _grads(loss, (xx, ww, bb))
+
+    with triton_path(case["block"], expect=bool(mask.any()) or case["beta"] != 0 or case["level"] == "sequence"):
+        ours = run(x, w, bias)
+    with memops.kernels("torch"):
+        theirs = run(x, w, bias)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    _close(ours[0], theirs[0], tol * (1 + theirs[0].abs().item()), "loss")
+    assert ours[1].keys() == theirs[1].keys()
+    for key in ours[1]:
+        _close(ours[1][key], theirs[1][key], tol, key)
+    for name, a, th in zip("xwb", ours[2], theirs[2]):
+        _close(a, th, tol * (1 + th.abs().max().item()), f"grad {name}")
+    if (
+        dtype == torch.float64
+        and case["loss_type"] in ("grpo", "bnpo", "dr_grpo", "dapo")
+        and case["level"] == "token"
+        and case["delta"] is None
+        and not case["entropy_coef"]
+        and case["softcap"] is None
+    ):  # the float64 reference on full logits
+        rkw = dict(old_logprobs=old, ref_logprobs=ref_lp, beta=case["beta"], loss_type=case["loss_type"])
+        xx, ww = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+        bb = None if bias is None else bias.detach().requires_grad_(True)
+        ref, _ = ref_grpo_loss(xx, ww, ids, mask, adv, bias=bb, temperature=case["temperature"], **rkw)
+        _close(ours[0], ref, 1e-9 * (1 + ref.abs().item()), "loss vs reference")
+        for name, a, r in zip("xwb", ours[2], _grads(ref, (xx, ww, bb))):
+            _close(a, r, 1e-9 * (1 + r.abs().max().item()), f"grad {name} vs reference")
+
+
+# ---- selection ----------------------------------------------------------------------------------------
+
+
+def test_set_kernels_checks_its_argument_and_kernels_restores():
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        memops.set_kernels("cuda")
+    assert memops.config.kernel_choice() == "auto"
+    with memops.kernels("torch"):
+        assert memops.config.kernel_choice() == "torch"
+        with memops.kernels("triton"):
+            assert memops.config.kernel_choice() == "triton"
+        assert memops.config.kernel_choice() == "torch"
+    assert memops.config.kernel_choice() == "auto"
+
+
+def _small_ce():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=g, requires_grad=True)
+    w = torch.randn(50, 4, generator=g, requires_grad=True)
+    return x, w, torch.randint(0, 50, (6,), generator=g)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="'auto' picks the Triton heads for CUDA tensors")
+def test_auto_and_torch_run_the_torch_heads_on_cpu():
+    x, w, t = _small_ce()
+    before = sum(triton_heads.LAUNCHES.values())
+    for kind in ("auto", "torch"):
+        with memops.kernels(kind):
+            memops.linear_cross_entropy(x, w, t).backward()
+            memops.linear_logprobs(x.unsqueeze(0), w, t.unsqueeze(0)).sum().backward()
+    assert sum(triton_heads.LAUNCHES.values()) == before
+
+
+def test_families_without_a_triton_head_keep_the_torch_heads():
+    """Distillation and user transforms run their torch heads (and stay exact) when Triton is chosen."""
+    x, w, t = _small_ce()
+    teacher = torch.randn(6, 4)
+    with triton_path(expect=False):
+        loss = memops.linear_distillation_loss(x, w, t, teacher, w.detach() * 0.5)
+        loss2 = memops.linear_loss(x, w, t, "focal")
+    with memops.kernels("torch"):
+        ref = memops.linear_distillation_loss(x, w, t, teacher, w.detach() * 0.5)
+        ref2 = memops.linear_loss(x, w, t, "focal")
+    assert torch.equal(loss, ref) and torch.equal(loss2, ref2)
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error():
+    code = textwrap.dedent(
+        """
+        import torch, memops
+        memops.set_kernels("triton")
+        x, w = torch.randn(3, 4), torch.randn(7, 4)
+        try:
+            memops.linear_cross_entropy(x, w, torch.tensor([1, 2, 3]))
+        except RuntimeError as err:
+            print("ERROR:", err)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ERROR: memops.set_kernels('triton')" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
+
+
+def test_compiled_graph_runs_the_triton_heads_inside_the_op():
+    """The ops' fake kernels and graphs do not change: a fullgraph, dynamic-shape compile calls the op,
+    whose real kernel launches the Triton head."""
+    x, w, t = _small_ce()
+
+    def step(x, w, t):
+        return memops.linear_cross_entropy(x, w, t, label_smoothing=0.1)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    with memops.kernels("torch"):
+        ref = step(x, w, t)
+        ref_grads = torch.autograd.grad(ref, (x, w))
+    with triton_path():
+        for n in (6, 5):
+            loss = compiled(x[:n], w, t[:n])
+            grads = torch.autograd.grad(loss, (x, w))
+    _close(loss, memops.linear_cross_entropy(x[:5], w, t[:5], label_smoothing=0.1), 1e-6, "loss")
+    assert ref_grads[0].shape == grads[0].shape
+
+
+# ---- the kernels compile for a GPU --------------------------------------------------------------------
+
+
+def test_kernels_compile_for_sm90():
+    """Every kernel variant the launchers use lowers through Triton's CUDA backend to PTX for an H100/H200
+    (no GPU needed): what the interpreter, which runs Python, does not check."""
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "triton_aot_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "compiled" in out.stdout
+
+
+# ---- bytes moved ---------------------------------------------------------------------------------------
+
+
+def test_traffic_bf16_triton_ce_head_at_most_8_bytes_per_logit():
+    from memops.bench import traffic
+
+    name = "cross-entropy, forward + gradient"
+    fused = traffic.triton_head_bytes(name, torch.bfloat16)
+    unfused = traffic.torch_head_bytes(name, torch.bfloat16)
+    assert fused["head"] <= 8.0, fused
+    assert fused["head"] + fused["gemm"] < (unfused["head"] + unfused["gemm"]) / 4, (fused, unfused)
+    capped = traffic.triton_head_bytes("cross-entropy, soft-cap + smoothing + z-loss", torch.bfloat16)
+    assert capped["head"] <= 8.0, capped
+
+
+def test_docs_hold_the_traffic_table():
+    """docs/internals.md holds ``python -m memops traffic``'s table (regenerate: scripts/update_traffic_docs.py)."""
+    from memops.bench import traffic
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "internals.md")).read()
+    assert traffic.table() in doc
