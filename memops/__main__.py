@@ -1,8 +1,9 @@
-"""``python -m memops bench ...`` (see ``memops.bench``), ``train-demo``, ``schemas``."""
+"""``python -m memops bench ...`` (see ``memops.bench``), ``train-demo``, ``schemas``, ``traffic``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -21,7 +22,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     sub.add_parser("schemas", help="print every op's schema (forward and backward), one per line")
+    sub.add_parser(
+        "traffic",
+        help="bytes per logit each chunk head moves, torch heads vs Triton heads (measured on CPU: "
+        "meta tensors and the Triton interpreter)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "traffic":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+        from .bench import traffic
+
+        print(traffic.table())
+        return 0
     if args.command == "schemas":
         from .contract import schemas
 
