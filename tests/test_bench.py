@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -296,3 +298,37 @@ def test_bench_distill_with_trls_kernel(tmp_path):
     rows = {r["method"]: r for r in json.loads(out.read_text())["runs"][0]["rows"]}
     for method in ("eager", "memops", "trl"):
         assert rows[method]["status"] == "ok" and rows[method]["err_loss"] < 1e-5
+
+
+def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
+    """scripts/gpu_bench.sh on CPU (the Triton heads under the interpreter, tiny shapes): the device check
+    passes, every run writes its table and JSON, and the torch heads and Triton heads each run and agree with
+    the float64 reference as closely as the unfused bf16 code does, in the cross-entropy runs and the GRPO step:
+    the gradients within 2x the unfused code's error, the loss (both heads read the same bf16 logits) equal to
+    fp32 rounding between the two heads."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_bench.sh"
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path),
+        PYTHON=sys.executable,
+        MEMOPS_BENCH_DEVICE="cpu",
+        MEMOPS_BENCH_TOKENS="16",
+        MEMOPS_BENCH_SWEEP="8,16",
+        MEMOPS_BENCH_ARGS="--hidden 8 --vocab 64",
+    )
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    checks = (tmp_path / "env.txt").read_text()
+    assert checks.count(": OK") == 2 and "FAIL" not in checks and "'ce_head'" in checks, checks
+    for name in ("target-llama3-8b-bf16", "gemma2-2b-bf16", "sweep-tokens-llama3-8b-bf16", "grpo-llama3-8b-bf16"):
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        for run in data["runs"]:
+            rows = {r["method"]: r for r in run["rows"]}
+            heads = [rows[m] for m in ("memops_torch", "memops_triton")]
+            for r in heads:
+                assert r["status"] == "ok" and r["time_s"] > 0, (name, r)
+                if r.get("err_loss") is not None:  # the checked runs
+                    for err in ("err_grad_input", "err_grad_weight"):
+                        assert r[err] <= 2 * rows["eager"][err] + 1e-6, (name, r["method"], err, r, rows["eager"])
+            if heads[0].get("err_loss") is not None:
+                assert abs(heads[0]["err_loss"] - heads[1]["err_loss"]) < 1e-5, (name, heads)

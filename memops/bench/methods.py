@@ -36,9 +36,15 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import os
 
 IGNORE = -100
-METHODS = ("eager", "compile", "chunked", "torch_lce", "memops", "floor", "cce", "liger", "trl")
+METHODS = (
+    "eager", "compile", "chunked", "torch_lce", "memops", "memops_torch", "memops_triton", "floor", "cce", "liger",
+    "trl",
+)  # fmt: skip
+# memops with its heads chosen (memops.set_kernels): "memops" is the default choice ("auto")
+KERNEL_CHOICE = {"memops_torch": "torch", "memops_triton": "triton"}
 UNCHECKED = ("floor",)  # no loss: no error columns
 PEERS = {
     "cce": ("cut_cross_entropy", "pip install cut-cross-entropy"),
@@ -53,6 +59,13 @@ DISTILL_BETA = 0.5  # ... with --loss distill (TRL's GKDConfig default)
 
 def unavailable(method: str, loss: str, device: str, softcap: float | None = None) -> str | None:
     """Why ``method`` cannot run here (the row is reported as skipped), or None."""
+    if method == "memops_triton":
+        if importlib.util.find_spec("triton") is None:
+            return "not installed (pip install triton)"
+        if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+            return "CUDA only (or TRITON_INTERPRET=1: the interpreter, for a dry run)"
+    if method in KERNEL_CHOICE and loss not in ("cross_entropy", "grpo"):
+        return "Triton heads: cross-entropy and GRPO (other losses keep the torch heads)"
     if method == "torch_lce":
         import torch.nn.functional as F
 
@@ -295,6 +308,11 @@ def build(
     beta: float | None = None,
 ):
     """The step function of ``method``: ``fn(x, w, t) -> scalar loss`` (mean over non-ignored tokens)."""
+    if method in KERNEL_CHOICE:  # each method runs in a process of its own: the choice is global there
+        import memops
+
+        memops.set_kernels(KERNEL_CHOICE[method])
+        method = "memops"
 
     if loss == "grpo":
         return _build_grpo(method, tokens, vocab, batch, device, ignored, GRPO_BETA if beta is None else beta)
