@@ -70,8 +70,8 @@ def _grads(out, tensors, grad_out=None):
 def _tol(dtype, ref, pair: bool = False, grad: bool = False) -> float:
     """Against the float64 reference, or (``pair``) Triton heads against torch heads; ``grad``: a gradient."""
     scale = 1.0 + (ref.abs().max().item() if ref.numel() and ref.isfinite().all() else 0.0)
-    if dtype == torch.bfloat16:
-        assert pair, "bf16 is compared with the torch heads here, with float64 in the margin tests"
+    if dtype in (torch.bfloat16, torch.float16):
+        assert pair, "bf16 / fp16 are compared with the torch heads here, with float64 in the margin tests"
         return (_BF16 if grad else 4e-6) * scale
     if pair:
         return {torch.float64: 1e-12, torch.float32: 4e-6}[dtype] * scale
@@ -95,7 +95,7 @@ def ce_case(draw):
         d=draw(st.integers(1, 6)),
         v=draw(st.sampled_from([1, 2, 31, 32, 33, 64, 100]) | st.integers(1, 130)),
         block=draw(st.sampled_from([32, 128])),
-        dtype=draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16])),
+        dtype=draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16])),
         opts=dict(
             reduction=draw(st.sampled_from(["mean", "sum", "none"])),
             label_smoothing=draw(st.sampled_from([0.0, 0.1]) | st.floats(0.0, 1.0)),
@@ -157,7 +157,7 @@ def test_ce_triton_heads_match_torch_heads_and_reference(case):
     opts = {k: v for k, v in case["opts"].items() if k != "chunk_size"}
     ref = ref_linear_cross_entropy(x64, w64, t, b64, **opts)
     ref_lse = torch.logsumexp(ref_logits(x64, w64, b64, softcap=opts["softcap"], logit_scale=opts["logit_scale"]), -1)
-    low = dtype == torch.bfloat16
+    low = dtype in (torch.bfloat16, torch.float16)
     if not low:
         _close(ours[0].cpu().double(), ref.detach(), _tol(dtype, ref), "loss")
         _close(ours[1].cpu().double(), ref_lse.detach(), _tol(dtype, ref_lse), "lse")
@@ -223,16 +223,24 @@ def test_edge_cases_of_the_torch_heads_hold_on_the_triton_heads(name):
 # ---- log-probs and GRPO -------------------------------------------------------------------------------
 
 
+def _batch(draw, vocab, blocks, dtypes) -> dict:
+    """The draws log-probs and GRPO share: ``[B, T]`` tokens, hidden size, vocabulary, tile, dtype, bias."""
+    return dict(
+        lead=(draw(st.integers(1, 3)), draw(st.integers(1, 5))),
+        d=draw(st.integers(1, 6)),
+        v=draw(st.sampled_from(vocab) | st.integers(1, 130)),
+        block=draw(st.sampled_from(blocks)),
+        dtype=draw(st.sampled_from(dtypes)),
+        bias=draw(st.booleans()),
+    )
+
+
 @st.composite
 def logprob_case(draw):
-    b, t = draw(st.integers(1, 3)), draw(st.integers(1, 5))
     return dict(
-        lead=(b, t),
-        d=draw(st.integers(1, 6)),
-        v=draw(st.sampled_from([1, 2, 31, 33, 100]) | st.integers(1, 130)),
-        block=draw(st.sampled_from([16, 32, 128])),
-        dtype=draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16])),
-        bias=draw(st.booleans()),
+        **_batch(
+            draw, [1, 2, 31, 33, 100], [16, 32, 128], [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+        ),
         temperature=draw(st.sampled_from([1.0, 0.7]) | st.floats(0.05, 4.0)),
         logit_scale=draw(st.sampled_from([1.0, 0.5, 1.7])),
         softcap=draw(st.sampled_from([None, 2.0, 30.0])),
@@ -289,7 +297,7 @@ def test_logprobs_triton_heads_match_torch_heads_and_reference(case):
     with memops.kernels("torch"):
         theirs = run(*cast)
     ref = run(*[None if p is None else p.double() for p in cast], ref=True)
-    low = dtype == torch.bfloat16
+    low = dtype in (torch.bfloat16, torch.float16)
     for key, value in ours[0].items():
         if key == "is_top1":
             assert torch.equal(value, theirs[0][key])
@@ -304,16 +312,42 @@ def test_logprobs_triton_heads_match_torch_heads_and_reference(case):
         _close(a.double(), th.double(), _tol(dtype, r, pair=True, grad=True), f"grad {name} vs torch heads")
 
 
+def test_bf16_logprobs_error_within_margin_of_unfused():
+    """bf16 log-probs and entropy with a temperature: the error norms of the outputs and of every gradient
+    against float64 are at most test_bf16.MARGIN times the unfused bf16 code's (same roundings: the logits
+    once, ``d logits`` once, the gradients once; fp32 between)."""
+    g = torch.Generator().manual_seed(3)
+    n, d, v = 256, 128, 3001
+    x = torch.randn(2, n // 2, d, generator=g).bfloat16()
+    w = (torch.randn(v, d, generator=g) / d**0.5).bfloat16()
+    ids = torch.randint(0, v, (2, n // 2), generator=g)
+    go1, go2 = torch.randn(2, 2, n // 2, generator=g, dtype=torch.float64)
+
+    def run(fn, xx, ww):
+        xx, ww = xx.detach().requires_grad_(True), ww.detach().requires_grad_(True)
+        logp, ent = fn(xx, ww)
+        grads = torch.autograd.grad((logp * go1.to(logp)).sum() + (ent * go2.to(ent)).sum(), (xx, ww))
+        return logp.detach(), ent.detach(), *grads
+
+    def memops_fn(xx, ww):
+        return memops.linear_logprobs(xx, ww, ids, return_entropy=True, temperature=0.7)
+
+    def unfused(xx, ww):
+        return ref_linear_logprobs(xx, ww, ids, temperature=0.7)
+
+    ref = run(unfused, x.double(), w.double())
+    eager = run(unfused, x, w)
+    with triton_path(block=4096):
+        ours = run(memops_fn, x, w)
+    for name, o, e, r in zip(("log-probs", "entropy", "grad_input", "grad_weight"), ours, eager, ref):
+        ratio = test_bf16._err(o, r) / test_bf16._err(e, r)
+        assert ratio <= test_bf16.MARGIN, f"{name}: error {ratio:.4f}x the unfused bf16 code's"
+
+
 @st.composite
 def grpo_case(draw):
-    b, t = draw(st.integers(1, 3)), draw(st.integers(1, 5))
     return dict(
-        lead=(b, t),
-        d=draw(st.integers(1, 5)),
-        v=draw(st.sampled_from([2, 33, 100]) | st.integers(1, 90)),
-        block=draw(st.sampled_from([16, 64])),
-        dtype=draw(st.sampled_from([torch.float64, torch.float32])),
-        bias=draw(st.booleans()),
+        **_batch(draw, [2, 33, 100], [16, 64], [torch.float64, torch.float32]),
         loss_type=draw(st.sampled_from(["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])),
         level=draw(st.sampled_from(["token", "token", "sequence"])),
         beta=draw(st.sampled_from([0.0, 0.04])),
@@ -480,6 +514,35 @@ def test_kernels_compile_for_sm90():
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "compiled" in out.stdout
+
+
+def test_cuda_weight_gradient_accumulates_in_place_in_fp32():
+    """Off the CPU a low-precision chunk's weight gradient is one fp32-output GEMM into the fp32 accumulator
+    (``mm`` / ``addmm`` with ``out_dtype``): no product tensor and no extra pass over ``[V, D]`` per chunk.
+    Shown on meta tensors, which take the same branch (the build's ops are the CUDA ones)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from memops.ops import engine
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    gw = torch.empty(50, 8, device="meta")
+    dz, xc = (
+        torch.empty(6, 50, dtype=torch.bfloat16, device="meta"),
+        torch.empty(6, 8, dtype=torch.bfloat16, device="meta"),
+    )
+    ops = Ops()
+    with ops:
+        engine._accumulate_weight_grad(gw, dz, xc, first=True)
+        engine._accumulate_weight_grad(gw, dz, xc, first=False)
+    assert ops.seen == ["aten.t.default", "aten.mm.dtype_out", "aten.t.default", "aten.addmm.dtype_out"], ops.seen
 
 
 # ---- bytes moved ---------------------------------------------------------------------------------------

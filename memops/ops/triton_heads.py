@@ -18,6 +18,7 @@ before triton is imported): that is how the tests run them without a GPU.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 
 import torch
@@ -97,6 +98,13 @@ def _rows(out: Tensor | None, sel, n: int) -> tuple[Tensor | None, bool]:
     return torch.empty(n, dtype=out.dtype, device=out.device), True
 
 
+def _launch(kernel, rows: int, z: Tensor, *args, **kwargs) -> None:
+    """``kernel`` over ``rows`` programs, on ``z``'s GPU (Triton launches on the current device); counted."""
+    with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
+        kernel[(rows,)](z, *args, **kwargs)
+    LAUNCHES[kernel.fn.__name__] += 1
+
+
 def _store(outs: dict, sel) -> None:
     for out, (buf, back) in outs.items():
         if back:
@@ -123,7 +131,9 @@ def ce(t1d: Tensor, coef: Tensor | None, a, loss_rows: Tensor, lse_rows: Tensor,
         outs = {out: _rows(out, sel, n) for out in (loss_rows, lse_rows, top1_u8) if out is not None}
         c = None if coef is None else coef[sel].contiguous()
         block, warps = _launch_shape(vocab)
-        k.ce_head[(n,)](
+        _launch(
+            k.ce_head,
+            n,
             z,
             z.stride(0),
             vocab,
@@ -144,7 +154,6 @@ def ce(t1d: Tensor, coef: Tensor | None, a, loss_rows: Tensor, lse_rows: Tensor,
             CDT=_cdt(cdt),
             num_warps=warps,
         )
-        LAUNCHES["ce_head"] += 1
         _store(outs, sel)
         return None if c is None else z
 
@@ -183,7 +192,9 @@ def logprobs(
         n, vocab = z.shape
         block, warps = _launch_shape(vocab)
         bufs = {name: (z if o is None or outs is None else outs[o][0]) for name, o in named.items()}
-        k.logprobs_head[(n,)](
+        _launch(
+            k.logprobs_head,
+            n,
             z,
             z.stride(0),
             vocab,
@@ -208,7 +219,6 @@ def logprobs(
             CDT=_cdt(cdt),
             num_warps=warps,
         )
-        LAUNCHES["logprobs_head"] += 1
 
     def head(z: Tensor, sel):
         n = z.shape[0]
