@@ -14,8 +14,9 @@ tiles twice at most:
 
 So a head reads the block twice and writes it once: ``3 * itemsize`` bytes per logit (6 for bf16).
 Non-finite logits follow the torch head (``ops/linear_ce.py``, ``ops/logprobs.py``) exactly: a row with a
-NaN, a ``+inf`` or only ``-inf`` logits gets NaN results and a NaN gradient row; the arg-max of a row with
-NaN is its first NaN, as ``torch.argmax``.
+NaN, a ``+inf`` or only ``-inf`` logits gets a NaN loss, log-prob and entropy (its lse is what
+``torch.logsumexp`` gives) and a NaN gradient row; the arg-max of a row with NaN is its first NaN, as
+``torch.argmax``.
 """
 
 from __future__ import annotations

@@ -112,8 +112,12 @@ def _store(outs: dict, sel) -> None:
 
 
 def _params(values, dtype: torch.dtype, device) -> Tensor:
-    """The kernels' float options as one device tensor of the compute dtype (exact in fp64; made once per call)."""
-    return torch.tensor([1.0 if v is None else float(v) for v in values], dtype=dtype, device=device)
+    """The kernels' float options as one device tensor of the compute dtype (exact in fp64), made once per
+    call; on a GPU copied from pinned memory without a sync."""
+    host = torch.tensor([1.0 if v is None else float(v) for v in values], dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def ce(t1d: Tensor, coef: Tensor | None, a, loss_rows: Tensor, lse_rows: Tensor, top1: Tensor | None):
