@@ -72,7 +72,7 @@ HEADS = {
 }
 
 
-def _run_head(family: str, opts: dict, grad: bool, x2d, w, t, fused: bool):
+def _run_head(family: str, opts: dict, grad: bool, x2d, w, t):
     from ..ops import linear_ce, logprobs
 
     need = (grad, grad, False)
@@ -106,7 +106,7 @@ def torch_head_bytes(name: str, dtype: torch.dtype) -> dict:
     x, w, t = _inputs(dtype, "meta")
     count = _Count(ROWS, VOCAB)
     with config.kernels("torch"), config.chunking(chunk_size=ROWS), count:
-        _run_head(family, opts, grad, x, w, t, fused=False)
+        _run_head(family, opts, grad, x, w, t)
     return {k: v / (ROWS * VOCAB) for k, v in count.bytes.items()}
 
 
@@ -158,7 +158,7 @@ def triton_head_bytes(name: str, dtype: torch.dtype) -> dict:
         return real_run(x2d, weight, bias, counted if kw.get("fused") else head, **kw)
 
     with config.kernels("triton"), config.chunking(chunk_size=ROWS), _patched(engine, "run", run):
-        _run_head(family, opts, grad, x, w, t, fused=True)
+        _run_head(family, opts, grad, x, w, t)
     # the GEMMs: the same engine on meta tensors with a fused head that moves nothing
     count = _Count(ROWS, VOCAB)
     xm, wm, _ = _inputs(dtype, "meta")

@@ -17,7 +17,8 @@ Call tree of a trained scalar loss (cross-entropy; every family alike)::
         family.implement kernel          ops/family.py: bind arguments by name, validate, call _forward
           _forward -> plan.plan          ops/plan.py: which rows to compute (ignored targets), one sync
             ce_chunks -> engine.run      this module: chunk loop, logits, chain rule, gradient matmuls
-              head(z, rows)              ce_chunks.head: loss and d loss / d logits (the CE formula)
+              head(z, rows)              ce_chunks.head: loss and d loss / d logits (the CE formula), or
+                                         on CUDA triton_heads.ce: the same, with scaling, in one Triton kernel
       backward                           ops/family.py: donated gradients scaled in place, or
         torch.ops.memops.linear_ce_backward   scaled into new tensors / recomputed by _gradients
 """
@@ -116,6 +117,34 @@ def _sub_rows(rows: int, vocab: int, elem: int, device: torch.device, sub_block_
     return max(1, min(rows, sub_block_bytes // max(vocab * elem, 1)))
 
 
+def _sub_blocks(z, sel, start: int, contiguous: bool, sub: int, head: Head, logit_scale: float, softcap) -> bool:
+    """The torch heads' elementwise work on a chunk ``z`` (rows ``sel``), ``sub`` rows at a time: scale and
+    soft-cap the logits, call the head, chain its ``dz`` back through both, in place.  Whether every call
+    returned a gradient."""
+    grads = True
+    for lo in range(0, z.shape[0], sub):
+        zs = z[lo : lo + sub]
+        if logit_scale != 1.0:
+            zs.mul_(logit_scale)
+        slope = None
+        if softcap is not None:
+            zs.div_(softcap).tanh_()
+            slope = zs.square().neg_().add_(1.0)  # d softcap(u) / du = 1 - tanh^2
+            zs.mul_(softcap)
+        part = slice(start + lo, start + lo + zs.shape[0]) if contiguous else sel[lo : lo + zs.shape[0]]
+        dz = head(zs, part)
+        if dz is None:
+            grads = False
+            continue
+        if dz is not zs:
+            zs.copy_(dz)
+        if slope is not None:
+            zs.mul_(slope)
+        if logit_scale != 1.0:
+            zs.mul_(logit_scale)
+    return grads
+
+
 def run(
     x2d: torch.Tensor,
     weight: torch.Tensor,
@@ -187,29 +216,10 @@ def run(
             torch.addmm(bias, xc, weight.t(), out=z)
         else:
             torch.mm(xc, weight.t(), out=z)
-        grads = want
-        if fused:
+        if fused:  # the head scales, soft-caps and chains back itself
             grads = head(z, sel) is not None and want
-        for lo in range(0, 0 if fused else stop - start, sub):
-            zs = z[lo : lo + sub]
-            if logit_scale != 1.0:
-                zs.mul_(logit_scale)
-            slope = None
-            if softcap is not None:
-                zs.div_(softcap).tanh_()
-                slope = zs.square().neg_().add_(1.0)  # d softcap(u) / du = 1 - tanh^2
-                zs.mul_(softcap)
-            part = slice(start + lo, start + lo + zs.shape[0]) if rows is None else sel[lo : lo + zs.shape[0]]
-            dz = head(zs, part)
-            if dz is None:
-                grads = False
-                continue
-            if dz is not zs:
-                zs.copy_(dz)
-            if slope is not None:
-                zs.mul_(slope)
-            if logit_scale != 1.0:
-                zs.mul_(logit_scale)
+        else:
+            grads = _sub_blocks(z, sel, start, rows is None, sub, head, logit_scale, softcap) and want
         if not grads:
             continue
         if gb is not None:
