@@ -38,13 +38,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"
 
 IGNORE = -100
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SMALL = settings(max_examples=min(settings.default.max_examples, 25))
+# the interpreter runs each kernel as Python: fewer examples than elsewhere (MEMOPS_TRITON_EXAMPLES to raise)
+SMALL = settings(max_examples=int(os.environ.get("MEMOPS_TRITON_EXAMPLES", min(settings.default.max_examples, 25))))
 
 
 @contextlib.contextmanager
-def triton_path(block: int = 32, expect: bool = True):
+def triton_path(block: int = 32, expect: bool | None = True):
     """Run the Triton heads with vocabulary tiles of ``block`` (so rows span several tiles) and check they
-    launched (``expect``) or did not."""
+    launched (``expect``) or did not (``None``: either)."""
     before = sum(triton_heads.LAUNCHES.values())
     old = triton_heads.BLOCK_MAX
     triton_heads.BLOCK_MAX = block
@@ -54,7 +55,7 @@ def triton_path(block: int = 32, expect: bool = True):
     finally:
         triton_heads.BLOCK_MAX = old
     launched = sum(triton_heads.LAUNCHES.values()) - before
-    assert (launched > 0) == expect, f"{launched} Triton launches"
+    assert expect is None or (launched > 0) == expect, f"{launched} Triton launches"
 
 
 def _close(a, b, tol, what):
@@ -137,7 +138,11 @@ def _ce_run(case, x, w, b, t):
     loss, lse, top1 = memops.linear_cross_entropy(
         x, w, t.to(DEVICE), b, return_lse=True, return_is_top1=True, **case["opts"]
     )
-    go = torch.ones_like(loss) if loss.dim() == 0 else torch.linspace(-1, 2, loss.numel()).view(loss.shape)
+    go = (
+        torch.ones_like(loss)
+        if loss.dim() == 0
+        else torch.linspace(-1, 2, loss.numel(), dtype=torch.float64).view(loss.shape)
+    )
     return loss, lse, top1, _grads(loss, (x, w, b), go.to(loss)) if loss.requires_grad else []
 
 
@@ -391,7 +396,8 @@ def test_grpo_triton_heads_match_torch_heads_and_reference(case):
         loss, metrics = memops.linear_grpo_loss(xx, ww, ids, mask, adv.to(dtype), bias=bb, **kw)
         return loss, metrics, _grads(loss, (xx, ww, bb))
 
-    with triton_path(case["block"], expect=bool(mask.any()) or case["beta"] != 0 or case["level"] == "sequence"):
+    # with no active token, whether a row runs depends on the loss type (masked rows may be skipped)
+    with triton_path(case["block"], expect=True if mask.any() else None):
         ours = run(x, w, bias)
     with memops.kernels("torch"):
         theirs = run(x, w, bias)
