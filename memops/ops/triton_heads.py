@@ -88,11 +88,9 @@ def _cdt(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _rows(out: Tensor | None, sel, n: int) -> tuple[Tensor | None, bool]:
+def _rows(out: Tensor, sel, n: int) -> tuple[Tensor, bool]:
     """A contiguous ``[n]`` tensor for rows ``sel`` of ``out``: a view for a slice (the kernel writes the
     output directly), else a new tensor to scatter back (``True``)."""
-    if out is None:
-        return None, False
     if isinstance(sel, slice):
         return out[sel], False
     return torch.empty(n, dtype=out.dtype, device=out.device), True
@@ -192,7 +190,7 @@ def logprobs(
         "TOP1": None if top1 is None else top1.view(torch.uint8),
     }
 
-    def launch(z, t, sel, *, forward, grad, c1=None, c2=None, stats=None, save=False, outs=None):
+    def launch(z, t, *, forward, grad, c1=None, c2=None, stats=None, save=False, outs=None):
         n, vocab = z.shape
         block, warps = _launch_shape(vocab)
         bufs = {name: (z if o is None or outs is None else outs[o][0]) for name, o in named.items()}
@@ -231,11 +229,11 @@ def logprobs(
         if fixed is not None:
             c1, c2 = (None if c is None else c[sel].contiguous() for c in fixed)
             grad = c1 is not None or c2 is not None
-            launch(z, t, sel, forward=True, grad=grad, c1=c1, c2=c2, outs=outs)
+            launch(z, t, forward=True, grad=grad, c1=c1, c2=c2, outs=outs)
             _store(outs, sel)
             return z if grad else None
         stats = None if coef is None else torch.empty((n, k.STATS), dtype=cdt, device=z.device)
-        launch(z, t, sel, forward=True, grad=False, stats=stats, save=stats is not None, outs=outs)
+        launch(z, t, forward=True, grad=False, stats=stats, save=stats is not None, outs=outs)
         _store(outs, sel)
         if coef is None:
             return None
@@ -243,7 +241,7 @@ def logprobs(
         if c is None or (c[0] is None and c[1] is None):
             return None
         c1, c2 = (None if v is None else v.to(cdt).contiguous() for v in c)
-        launch(z, t, sel, forward=False, grad=True, c1=c1, c2=c2, stats=stats)
+        launch(z, t, forward=False, grad=True, c1=c1, c2=c2, stats=stats)
         return z
 
     return head
