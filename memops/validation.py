@@ -32,6 +32,14 @@ def check_projection(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         _fail(f"{i} must be a float16/bfloat16/float32/float64 tensor, got {input.dtype}")
     if input.dim() < 1:
         _fail(f"{i} must have shape [..., D], got a 0-dim tensor")
+    if weight.dim() != 2 and weight.numel() == 0:
+        _fail(
+            f"{w} has no elements (shape {tuple(weight.shape)}): it is a partitioned parameter (DeepSpeed ZeRO-3 "
+            "leaves lm_head.weight empty outside its module's forward) that was not gathered for this call; gather "
+            "it around the call (deepspeed.zero.GatheredParameters(model.lm_head.weight)) or compute the loss "
+            "inside the head module's forward (memops.integrations.transformers.apply, "
+            "memops.distributed.LinearCrossEntropyHead)"
+        )
     if weight.dim() != 2:
         _fail(f"{w} must be 2-D [V, D], got shape {tuple(weight.shape)}")
     if weight.dtype != input.dtype:

@@ -9,14 +9,14 @@ hidden states and ``lm_head`` (weight and bias), with the original's label shift
 ``num_items_in_batch`` normalization and ``logits_to_keep`` slicing, and returns ``logits=None``.  Without
 labels, or in eval mode (unless ``apply(..., eval=True)``), the original forward runs unchanged.
 
-The loss is computed inside ``lm_head``'s own forward call (under PEFT's ``modules_to_save``, inside the
-call of whichever module PEFT picks), so the head's forward hooks run around it: a head wrapped by FSDP2
-(``fully_shard``) has its full weight there.
+The loss is computed as ``lm_head``'s own forward (under PEFT's ``modules_to_save``, as that of whichever
+module PEFT picks) and is that call's output as the head's forward hooks see it: FSDP2 and DeepSpeed ZeRO-3
+gather the weight before it and attach their pre-backward re-gather to it, so memops' backward reads the
+gathered weight too.  The model's forward then sees an empty stand-in for the logits.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ._module_call import output_taken
 
 _PATCHED = "_memops_original_forward"
 
@@ -130,31 +132,38 @@ class _Loss:
         return t[..., k] if k.dim() == 1 else t.gather(-1, k)
 
 
-def _head_forward(head, ctx: _Loss):
-    def forward(hidden_states):
-        from .. import linear_cross_entropy
+def _head_forward(ctx: _Loss):
+    def make(head):
+        def forward(hidden_states):
+            from .. import linear_cross_entropy
 
-        weight = head.weight  # read on every call: a trained copy (PEFT modules_to_save) is used as it is now
-        if weight.numel() == 0:
-            raise RuntimeError(
-                "memops: lm_head.weight has no elements here: it is partitioned (DeepSpeed ZeRO-3 or similar) "
-                "and was not gathered for this forward; gather it around the call (for example "
-                "deepspeed.zero.GatheredParameters(model.lm_head.weight)) or let the head's forward hooks do it"
+            # read on every call: a trained copy (PEFT modules_to_save) is used as it is now; a partitioned
+            # weight (ZeRO-3 outside its gather) is refused by the op's argument check
+            return linear_cross_entropy(
+                hidden_states,
+                head.weight,
+                ctx.targets().to(hidden_states.device),
+                getattr(head, "bias", None),
+                ignore_index=ctx.ignore_index,
+                num_items=ctx.num_items,
+                softcap=ctx.softcap,
+                logit_scale=ctx.logit_scale,
             )
-        target = ctx.targets().to(hidden_states.device)
-        ctx.loss = linear_cross_entropy(
-            hidden_states,
-            weight,
-            target,
-            getattr(head, "bias", None),
-            ignore_index=ctx.ignore_index,
-            num_items=ctx.num_items,
-            softcap=ctx.softcap,
-            logit_scale=ctx.logit_scale,
-        )
-        return hidden_states.new_zeros(hidden_states.shape[:-1] + (0,))  # stands in for the logits
 
-    return forward
+        return forward
+
+    return make
+
+
+def _take_loss(ctx: _Loss):
+    def sink(loss):
+        ctx.loss = loss
+
+    return sink
+
+
+def _no_logits(hidden_states, *args):
+    return hidden_states.new_zeros(hidden_states.shape[:-1] + (0,))  # stands in for the logits
 
 
 def _linear_heads(head) -> list[torch.nn.Linear]:
@@ -178,20 +187,9 @@ def _linear_heads(head) -> list[torch.nn.Linear]:
     return leaves
 
 
-@contextlib.contextmanager
 def _loss_in_head(head, ctx: _Loss):
-    leaves = _linear_heads(head)
-    saved = [(leaf, "forward" in leaf.__dict__, leaf.__dict__.get("forward")) for leaf in leaves]
-    for leaf in leaves:
-        leaf.forward = _head_forward(leaf, ctx)
-    try:
-        yield
-    finally:
-        for leaf, had, old in saved:
-            if had:
-                leaf.forward = old
-            else:
-                del leaf.forward
+    """The loss is ``lm_head``'s output as its forward hooks see it; the model's forward gets a stand-in."""
+    return output_taken(_linear_heads(head), _head_forward(ctx), _take_loss(ctx), _no_logits)
 
 
 def _wrap(orig):

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..ops.distill import linear_distillation_loss
 from ..ops.logprobs import linear_logprobs
+from ._module_call import call_as_forward
 
 SUPPORTED = "1.16."
 
@@ -104,6 +105,12 @@ def _distillation_module():
     return distillation_trainer
 
 
+def _projection_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype TRL's kernels project in: autocast's when it is on, else the hidden states'."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
 def _projection(hidden: Tensor, weight: Tensor, bias: Tensor | None):
     """``(hidden, weight, bias)`` in the dtype TRL's kernels project in: autocast's when it is on (as an
     ``nn.Linear`` lm_head would run under the trainer's mixed precision), else the hidden states'; a DTensor
@@ -111,8 +118,7 @@ def _projection(hidden: Tensor, weight: Tensor, bias: Tensor | None):
     if isinstance(weight, torch.distributed.tensor.DTensor):
         weight = weight.full_tensor()
         bias = None if bias is None else bias.full_tensor()
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    dtype = _projection_dtype(hidden)
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
@@ -407,9 +413,8 @@ def _make_grpo_trainer():
             mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
             with self.accelerator.autocast():
                 hidden = _backbone(unwrapped)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                head = unwrapped.get_output_embeddings()
-                h, w, b = _projection(hidden.last_hidden_state[:, -k - 1 : -1], head.weight, head.bias)
-            cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
+                hidden = hidden.last_hidden_state[:, -k - 1 : -1]
+                cdt = torch.float64 if _projection_dtype(hidden) == torch.float64 else torch.float32
             m = mask.to(cdt)
             batch = m.shape[0]
             mode = "train" if self.model.training else "eval"
@@ -436,31 +441,39 @@ def _make_grpo_trainer():
             ent_w = None
             if self._entropy_bonus_enabled:
                 ent_w = -self.entropy_coef * m / m.sum().clamp(min=1.0) / accum
-            loss, logp, entropies, _ = GRPO.call(
-                input=h,
-                weight=w,
-                target=completion_ids,
-                bias=b,
-                token_weight=weights,
-                advantages=advantages,
-                old_logprobs=None if old is None else old.detach().to(cdt),
-                ref_logprobs=None if ref is None else ref.detach().to(cdt),
-                entropy_weight=ent_w,
-                loss_type=lt,
-                importance_sampling_level=self.importance_sampling_level,
-                beta=float(self.beta),
-                epsilon_low=float(self.epsilon_low),
-                epsilon_high=float(self.epsilon_high),
-                delta=None if self.args.delta is None else float(self.args.delta),
-                use_bias_correction_kl=bool(self.args.use_bias_correction_kl),
-                sapo_temperature_pos=float(self.args.sapo_temperature_pos),
-                sapo_temperature_neg=float(self.args.sapo_temperature_neg),
-                temperature=float(self.temperature),
-                logit_scale=head_opts["logit_scale"],
-                softcap=head_opts["softcap"],
-                return_entropy=True,
-            )
-            family.donate(loss)
+            head = unwrapped.get_output_embeddings()
+
+            def grpo(hidden):  # lm_head's forward: ZeRO-3 / FSDP2 gather its weight, also for the backward
+                with self.accelerator.autocast():
+                    h, w, b = _projection(hidden, head.weight, head.bias)
+                out = GRPO.call(
+                    input=h,
+                    weight=w,
+                    target=completion_ids,
+                    bias=b,
+                    token_weight=weights,
+                    advantages=advantages,
+                    old_logprobs=None if old is None else old.detach().to(cdt),
+                    ref_logprobs=None if ref is None else ref.detach().to(cdt),
+                    entropy_weight=ent_w,
+                    loss_type=lt,
+                    importance_sampling_level=self.importance_sampling_level,
+                    beta=float(self.beta),
+                    epsilon_low=float(self.epsilon_low),
+                    epsilon_high=float(self.epsilon_high),
+                    delta=None if self.args.delta is None else float(self.args.delta),
+                    use_bias_correction_kl=bool(self.args.use_bias_correction_kl),
+                    sapo_temperature_pos=float(self.args.sapo_temperature_pos),
+                    sapo_temperature_neg=float(self.args.sapo_temperature_neg),
+                    temperature=float(self.temperature),
+                    logit_scale=head_opts["logit_scale"],
+                    softcap=head_opts["softcap"],
+                    return_entropy=True,
+                )
+                family.donate(out[0])
+                return out
+
+            loss, logp, entropies, _ = call_as_forward(head, grpo, hidden)
             self._memops_metrics(
                 mode, logp.detach(), entropies, advantages, old, ref, mask, m, loss, ent_w, policy_scale
             )
