@@ -1,6 +1,11 @@
-"""Small test utilities: matmul FLOP counting that sees inside memops' kernels."""
+"""Small test utilities: matmul FLOP counting that sees inside memops' kernels; a multi-process launcher."""
 
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
 
 from torch.profiler import ProfilerActivity, profile
 
@@ -54,3 +59,52 @@ def backward_op_args(name: str, args: tuple, grad_outputs: list, need: list | No
     tensors = [plain(t) for t in spec.tensors(a)]
     need = [True] * len(spec.grad_slots(a)) if need is None else need
     return (grad_outputs, *tensors, saved, *spec.option_values(a), need, have)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], world: int, timeout: float = 240, env: dict | None = None, ranks: int | None = None):
+    """Run ``argv`` as ``ranks`` processes (default ``world``: one per rank, RANK / LOCAL_RANK / WORLD_SIZE /
+    MASTER_ADDR / MASTER_PORT set as torchrun sets them; ``ranks=1`` for a launcher such as ``accelerate
+    launch`` that starts the ranks itself), tests/ on PYTHONPATH, one thread each.  Returns
+    ``[(returncode, output), ...]``; a process still running at ``timeout`` is killed."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    base = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    )
+    procs = [
+        subprocess.Popen(
+            argv,
+            env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world if ranks is None else ranks)
+    ]
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in procs:
+            try:
+                out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, _ = p.communicate()
+                out += f"\n[killed after {timeout} s]"
+            results.append((p.returncode, out))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return results

@@ -3,55 +3,19 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import time
 
 import pytest
 import torch.distributed as dist
+from helpers import launch
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(case: str, world: int, timeout: float = 240, dist_timeout: float = 60):
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_port()),
-        WORLD_SIZE=str(world),
-        DIST_TIMEOUT=str(dist_timeout),
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, case],
-            env=dict(env, RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    deadline = time.monotonic() + timeout
-    results = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            results.append((p.returncode, out))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return results
+    return launch([sys.executable, WORKER, case], world, timeout=timeout, env={"DIST_TIMEOUT": str(dist_timeout)})
 
 
 CASES = ["vocab", "dtensor", "compile", "ddp", "fsdp"]

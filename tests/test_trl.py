@@ -20,8 +20,8 @@ WORDS = [f"w{i}" for i in range(40)]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def make_tokenizer():
+    """A word-level tokenizer over ``WORDS``, built in code."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -33,6 +33,11 @@ def tokenizer():
     )
     out.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
 
 
 def _model(seed: int, hidden: int):
