@@ -544,11 +544,128 @@ def test_cuda_weight_gradient_accumulates_in_place_in_fp32():
         torch.empty(6, 50, dtype=torch.bfloat16, device="meta"),
         torch.empty(6, 8, dtype=torch.bfloat16, device="meta"),
     )
+    engine.fp32_out_gemm(gw.device)  # the once-per-process probe, outside the recording
     ops = Ops()
     with ops:
         engine._accumulate_weight_grad(gw, dz, xc, first=True)
         engine._accumulate_weight_grad(gw, dz, xc, first=False)
     assert ops.seen == ["aten.t.default", "aten.mm.dtype_out", "aten.t.default", "aten.addmm.dtype_out"], ops.seen
+
+
+@pytest.mark.parametrize(
+    "kind, ops_seen",
+    [
+        (
+            "mm",
+            [
+                "aten.t.default",
+                "aten.mm.dtype_out",
+                "aten.t.default",
+                "aten.empty_like.default",
+                "aten.mm.dtype_out",
+                "aten.add_.Tensor",
+                "aten.t.default",
+                "aten.mm.dtype_out",
+                "aten.add_.Tensor",
+            ],
+        ),
+        (
+            "cast",
+            [
+                "aten.t.default",
+                "aten.mm.default",
+                "aten.copy_.default",
+                "aten.t.default",
+                "aten.mm.default",
+                "aten.add_.Tensor",
+                "aten.t.default",
+                "aten.mm.default",
+                "aten.add_.Tensor",
+            ],
+        ),
+    ],
+)
+def test_weight_gradient_fallbacks_of_older_builds(monkeypatch, kind, ops_seen):
+    """Builds whose addmm rejects an fp32 accumulator with bf16 operands ("mm"): fp32 partials through one
+    scratch buffer reused by every chunk; builds without out_dtype ("cast"): the product, then an add."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from memops.ops import engine
+
+    monkeypatch.setitem(engine._FP32_OUT_GEMM, "meta", kind)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    gw = torch.empty(50, 8, device="meta")
+    dz, xc = (torch.empty(6, n, dtype=torch.bfloat16, device="meta") for n in (50, 8))
+    ops, scratch = Ops(), []
+    with ops:
+        for first in (True, False, False):
+            engine._accumulate_weight_grad(gw, dz, xc, first=first, scratch=scratch)
+    assert ops.seen == ops_seen, ops.seen
+
+
+def test_fp32_output_gemm_probed_once_and_warned_once(monkeypatch):
+    from memops.ops import engine
+
+    monkeypatch.setattr(engine, "_FP32_OUT_GEMM", {})
+    assert engine.fp32_out_gemm(torch.device("meta")) == "addmm"  # torch 2.13's CUDA ops, shown on meta
+
+    def reject(*args, **kwargs):
+        raise RuntimeError("self and mat2 must have the same dtype")
+
+    calls = []
+
+    def counted_mm(*args, **kwargs):
+        calls.append(1)
+        if "out_dtype" in kwargs:
+            raise TypeError("mm() got an unexpected keyword argument 'out_dtype'")
+        return torch.ones(2, 2)
+
+    for patched_mm, want in ((None, "mm"), (counted_mm, "cast")):
+        monkeypatch.setattr(engine, "_FP32_OUT_GEMM", {})
+        monkeypatch.setattr(engine.torch, "addmm", reject)
+        if patched_mm is not None:
+            monkeypatch.setattr(engine.torch, "mm", patched_mm)
+        with pytest.warns(UserWarning, match="no in-place fp32-output addmm") as seen:
+            assert engine.fp32_out_gemm(torch.device("meta")) == want
+            assert engine.fp32_out_gemm(torch.device("meta")) == want  # cached: no second probe, no warning
+        assert len(seen) == 1
+    assert len(calls) == 1
+
+
+def test_torch_heads_off_the_cpu_cast_each_chunks_gradient_once():
+    """bf16 input, fp32 chunk logits, torch heads, off the CPU (meta tensors take that branch): each chunk's
+    ``d logits`` is cast to bf16 once for both gradient GEMMs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from memops.ops import engine
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.chunk_casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and sorted(out.shape) == [4, 50]:
+                self.chunk_casts += 1
+            return out
+
+    x = torch.empty(12, 8, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(50, 8, dtype=torch.bfloat16, device="meta")
+    engine.fp32_out_gemm(x.device)
+    casts = Casts()
+    with casts:
+        engine.run(x, w, None, lambda z, sel: z, chunk_size=4, grad_input=True, grad_weight=True)
+    assert casts.chunk_casts == 3  # 3 chunks, d logits cast to bf16 once in each
 
 
 # ---- bytes moved ---------------------------------------------------------------------------------------

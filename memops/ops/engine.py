@@ -40,12 +40,59 @@ from .plan import rows_out
 Head = Callable[[torch.Tensor, "slice | torch.Tensor"], torch.Tensor | None]
 
 
-def _accumulate_weight_grad(gw: torch.Tensor, dz: torch.Tensor, xc: torch.Tensor, first: bool) -> None:
+_FP32_OUT_GEMM: dict[str, str] = {}  # device type -> "addmm" | "mm" | "cast", probed once per process
+
+
+def fp32_out_gemm(device: torch.device) -> str:
+    """Which GEMM with low-precision operands and an fp32 result this build runs on ``device``, probed once
+    per process and device type on 2x2 tensors:
+
+    * ``"addmm"``: ``addmm(gw, a, b, out_dtype=fp32, out=gw)`` accumulates in place;
+    * ``"mm"``: ``mm(a, b, out_dtype=fp32)`` only (releases before pytorch#167931, Nov 2025, reject an fp32
+      ``self`` with bf16 operands in ``addmm``): each chunk's fp32 partial goes into one scratch buffer, then
+      one add;
+    * ``"cast"``: no ``out_dtype`` at all (torch < 2.8): each chunk's partial is rounded to the operands'
+      dtype before the fp32 add (less accurate; warned once).
+    """
+    kind = _FP32_OUT_GEMM.get(device.type)
+    if kind is None:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
+        kind = "cast"
+        try:
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            kind = "addmm"
+        except (TypeError, RuntimeError, NotImplementedError):
+            try:
+                torch.mm(a, a, out_dtype=torch.float32, out=acc)
+                kind = "mm"
+            except (TypeError, RuntimeError, NotImplementedError):
+                pass
+        if kind != "addmm":
+            import warnings
+
+            warnings.warn(
+                f"memops: torch {torch.__version__} on {device.type} has no in-place fp32-output addmm for "
+                + (
+                    "bf16 operands: weight-gradient partials go through one fp32 scratch buffer"
+                    if kind == "mm"
+                    else "low-precision operands (no out_dtype): each chunk's weight-gradient partial is rounded "
+                    "to bf16/fp16 before its fp32 sum; torch >= 2.8 avoids this"
+                ),
+                stacklevel=3,
+            )
+        _FP32_OUT_GEMM[device.type] = kind
+    return kind
+
+
+def _accumulate_weight_grad(
+    gw: torch.Tensor, dz: torch.Tensor, xc: torch.Tensor, first: bool, scratch: list | None = None
+) -> None:
     """``gw (+)= dz.T @ xc`` (``first``: overwrite) with ``gw`` and the sum kept in the compute dtype.
 
-    ``dz`` is in the compute dtype (torch heads) or in ``xc``'s (fused heads).  On CUDA a low-precision
-    GEMM with an fp32 result accumulates into ``gw`` in place (``addmm(out_dtype=)``, torch >= 2.8): no
-    extra ``[V, D]`` pass per chunk; builds without it get the product, then one add.
+    Off the CPU ``dz`` comes in ``xc``'s dtype (cast once per chunk by the caller, or written so by a fused
+    head): a low-precision GEMM with an fp32 result accumulates into ``gw`` (:func:`fp32_out_gemm` says how;
+    ``scratch`` holds the one fp32 buffer of its ``"mm"`` way across chunks).
     """
     if xc.dtype == gw.dtype and dz.dtype == gw.dtype:
         if first:
@@ -54,19 +101,24 @@ def _accumulate_weight_grad(gw: torch.Tensor, dz: torch.Tensor, xc: torch.Tensor
             gw.addmm_(dz.t(), xc)
         return
     if xc.device.type != "cpu":
-        dzt = dz.t().to(xc.dtype)
-        try:
+        dzt = dz.t() if dz.dtype == xc.dtype else dz.t().to(xc.dtype)
+        kind = fp32_out_gemm(xc.device)
+        if kind == "addmm" or (kind == "mm" and first):
             if first:
                 torch.mm(dzt, xc, out_dtype=gw.dtype, out=gw)
             else:
                 torch.addmm(gw, dzt, xc, out_dtype=gw.dtype, out=gw)
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            part = torch.mm(dzt, xc).to(gw.dtype)
-        if first:
-            gw.copy_(part)
+        elif kind == "mm":
+            if scratch is None:
+                scratch = []
+            if not scratch:
+                scratch.append(torch.empty_like(gw))
+            torch.mm(dzt, xc, out_dtype=gw.dtype, out=scratch[0])
+            gw.add_(scratch[0])
+        elif first:
+            gw.copy_(torch.mm(dzt, xc))
         else:
-            gw.add_(part)
+            gw.add_(torch.mm(dzt, xc))
         return
     # CPU: chunk-sized upcast; fp32 GEMM is the fast path on CPUs anyway.
     dzt = dz.t().to(gw.dtype)
@@ -193,6 +245,7 @@ def run(
     gw = torch.empty(weight.shape, dtype=cdt, device=weight.device) if grad_weight else None
     gb = torch.zeros(vocab, dtype=cdt, device=weight.device) if (grad_bias and bias is not None) else None
     written = False
+    scratch: list = []  # the weight gradient's fp32 scratch, where the build needs one (fp32_out_gemm)
     size = config.chunk_rows(m, vocab, d, x2d.dtype, x2d.device, chunk_size)
     sub = size if fused else _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
     buf = torch.empty((size, vocab), dtype=x2d.dtype if fused else cdt, device=x2d.device)
@@ -224,14 +277,17 @@ def run(
             continue
         if gb is not None:
             gb.add_(z.sum(0, dtype=cdt))
+        dz = z
+        if z.dtype != x2d.dtype and x2d.device.type != "cpu":
+            dz = z.to(x2d.dtype)  # the gradient GEMMs' operand, cast once for both
         if gx is not None:
             if rows is None:
-                _input_grad(z, weight, gx[sel])
+                _input_grad(dz, weight, gx[sel])
             else:
-                _input_grad(z, weight, gx_part[: stop - start])
+                _input_grad(dz, weight, gx_part[: stop - start])
                 gx.index_copy_(0, sel, gx_part[: stop - start])
         if gw is not None:
-            _accumulate_weight_grad(gw, z, xc, first=not written)
+            _accumulate_weight_grad(gw, dz, xc, first=not written, scratch=scratch)
         written = True
     if not written:  # no rows, or a head that computed no gradient
         for g in (gx, gw):
