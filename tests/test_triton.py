@@ -684,7 +684,7 @@ def test_traffic_bf16_triton_ce_head_at_most_8_bytes_per_logit():
 
 
 def test_docs_hold_the_traffic_table():
-    """docs/internals.md holds ``python -m memops traffic``'s table (regenerate: scripts/update_traffic_docs.py)."""
+    """docs/internals.md holds ``python -m memops traffic``'s table (regenerate: scripts/update_docs.py)."""
     from memops.bench import traffic
 
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "internals.md")).read()
