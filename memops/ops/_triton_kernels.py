@@ -29,6 +29,15 @@ STATS = 3  # the row's shift (its max, 0 when not finite), s (NaN when not finit
 
 
 @triton.jit
+def _option(hi, lo, CDT: tl.constexpr):
+    """A float option passed as two fp32 scalars (Triton types a Python float as fp32): ``hi`` is the
+    option rounded to fp32, ``lo`` the rest; their sum in the compute dtype is the option to 48 bits (fp64),
+    or ``hi`` itself (fp32).  Scalars, not a tensor of options: nothing is copied to the device per call,
+    so a captured CUDA graph replays no copy from freed host memory."""
+    return tl.cast(hi, tl.float32).to(CDT) + tl.cast(lo, tl.float32).to(CDT)
+
+
+@triton.jit
 def _logits(z_row, cols, mask, p_scale, p_softcap, p_post, SOFTCAP: tl.constexpr, CDT: tl.constexpr):
     """One tile's final logits (``-inf`` outside the row) and ``dy/dz``."""
     z = tl.load(z_row + cols, mask=mask, other=0.0).to(CDT)
@@ -179,7 +188,14 @@ def ce_head(
     Z,
     stride,
     V,
-    P,
+    scale_hi,
+    scale_lo,
+    cap_hi,
+    cap_lo,
+    eps_hi,
+    eps_lo,
+    zl_hi,
+    zl_lo,
     T,
     COEF,
     LOSS,
@@ -197,13 +213,14 @@ def ce_head(
 ):
     """Cross-entropy of one row: loss, lse, top-1, and (``GRAD``) ``d loss / d z`` times ``COEF[row]``.
 
-    ``P`` holds (logit scale, soft-cap, label smoothing, z-loss) in the compute dtype."""
+    The float options (logit scale, soft-cap, label smoothing, z-loss) come as scalar arguments, each an fp32
+    ``hi + lo`` pair (:func:`_option`)."""
     row = tl.program_id(0)
     z_row = Z + row.to(tl.int64) * stride
-    p_scale = tl.load(P)
-    p_softcap = tl.load(P + 1)
-    eps = tl.load(P + 2)
-    zl = tl.load(P + 3)
+    p_scale = _option(scale_hi, scale_lo, CDT)
+    p_softcap = _option(cap_hi, cap_lo, CDT)
+    eps = _option(eps_hi, eps_lo, CDT)
+    zl = _option(zl_hi, zl_lo, CDT)
     t = tl.load(T + row)
     valid = t != ignore_index
     t_safe = tl.where(valid, t, 0)
@@ -238,7 +255,23 @@ def ce_head(
         d = tl.where(valid, coef * (eps - 1.0), 0.0)
         shift = tl.where(finite, m, 0.0)
         _grad_pass(
-            z_row, V, t_safe, shift, s, a, 0.0, c, d, p_scale, p_softcap, 1.0, SOFTCAP, False, RNE_BF16, BLOCK, CDT
+            z_row,
+            V,
+            t_safe,
+            shift,
+            s,
+            a,
+            0.0,
+            c,
+            d,
+            p_scale,
+            p_softcap,
+            1.0,
+            SOFTCAP,
+            False,
+            RNE_BF16,
+            BLOCK,
+            CDT,
         )
 
 
@@ -247,7 +280,12 @@ def logprobs_head(
     Z,
     stride,
     V,
-    P,
+    scale_hi,
+    scale_lo,
+    cap_hi,
+    cap_lo,
+    post_hi,
+    post_lo,
     T,
     C1,
     C2,
@@ -276,12 +314,13 @@ def logprobs_head(
     when the coefficients are known beforehand; GRPO's, a function of the log-probs, take two: the forward
     launch ``SAVE``s (shift, s, entropy) to ``STATS`` and the gradient launch reads them back.
 
-    ``P`` holds (scale, soft-cap, post) in the compute dtype: ``y = post * softcap(scale * z)``."""
+    The float options (scale, soft-cap, post: ``y = post * softcap(scale * z)``) come as scalar arguments,
+    each an fp32 ``hi + lo`` pair (:func:`_option`)."""
     row = tl.program_id(0)
     z_row = Z + row.to(tl.int64) * stride
-    p_scale = tl.load(P)
-    p_softcap = tl.load(P + 1)
-    p_post = tl.load(P + 2)
+    p_scale = _option(scale_hi, scale_lo, CDT)
+    p_softcap = _option(cap_hi, cap_lo, CDT)
+    p_post = _option(post_hi, post_lo, CDT)
     t = tl.load(T + row)
     ninf = float("-inf")
     if FORWARD:
@@ -324,5 +363,21 @@ def logprobs_head(
             a = a - c2 * ent
         a = tl.where(s == s, a, float("nan"))
         _grad_pass(
-            z_row, V, t, shift, s, a, -c2, 0.0, c1, p_scale, p_softcap, p_post, SOFTCAP, HAS_C2, RNE_BF16, BLOCK, CDT
+            z_row,
+            V,
+            t,
+            shift,
+            s,
+            a,
+            -c2,
+            0.0,
+            c1,
+            p_scale,
+            p_softcap,
+            p_post,
+            SOFTCAP,
+            HAS_C2,
+            RNE_BF16,
+            BLOCK,
+            CDT,
         )

@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
+import math
+import os
+import struct
 
 import torch
 from torch import Tensor
@@ -27,8 +31,53 @@ from torch import Tensor
 from .. import config
 
 LAUNCHES: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """How a head kernel walks a row longer than one tile: vocabulary tile, warps, and the launch's
+    ``num_stages`` (software pipelining of the tile loops' loads; 1: none; 3 is Triton's CUDA default)."""
+
+    block: int
+    warps: int
+    stages: int = 3
+
+    @property
+    def maxnreg(self) -> int:
+        """The registers a thread may use, passed to ptxas (``.maxnreg``): all an SM's 64k registers allow
+        for one block of ``warps`` (at most 255).  Set explicitly, it keeps ptxas from trading spills for
+        occupancy on its own (Triton 3.9's ptxas caps some variants at 80 registers and spills 8 bytes to
+        fit 3 blocks per SM; ``scripts/triton_aot_check.py`` fails on any spill)."""
+        return min(255, 65536 // (32 * self.warps))
+
+
+# the configurations a device check times (scripts/gpu_bench.sh; MEMOPS_TRITON_LAUNCH="block,warps,stages"
+# picks one); every one compiles for sm_90 and sm_100 without spills (scripts/triton_aot_check.py --configs;
+# a 16384 tile spills in cross-entropy's full option set, so none is offered).  fp64 rows keep a tile of at
+# most FP64_BLOCK (an 8192 fp64 tile spills).  The default stays the first until a GPU measures another faster.
+LAUNCH_CONFIGS = tuple(
+    LaunchConfig(b, w, st)
+    for b, w, st in ((4096, 8, 3), (4096, 8, 1), (4096, 8, 2), (4096, 16, 3), (8192, 8, 3), (8192, 16, 3))
+)  # fmt: skip
+
+
+def _launch_config_from_env() -> LaunchConfig:
+    value = os.environ.get("MEMOPS_TRITON_LAUNCH")
+    if not value:
+        return LAUNCH_CONFIGS[0]
+    try:
+        cfg = LaunchConfig(*(int(v) for v in value.split(",")))
+    except (TypeError, ValueError):
+        raise ValueError(f"MEMOPS_TRITON_LAUNCH must be 'block,warps[,stages]', got {value!r}") from None
+    if cfg not in LAUNCH_CONFIGS:
+        raise ValueError(f"MEMOPS_TRITON_LAUNCH={value!r} is not one of {LAUNCH_CONFIGS}")
+    return cfg
+
+
+LAUNCH = _launch_config_from_env()
+FP64_BLOCK = 4096
 # widest vocabulary tile; a row longer than this is walked in tiles (the tests lower it to exercise that)
-BLOCK_MAX = 4096
+BLOCK_MAX = LAUNCH.block
 
 
 @functools.cache
@@ -50,9 +99,9 @@ def _kernels():
 @functools.cache
 def interpreted() -> bool:
     """Whether the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` when they were built)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_kernels().ce_head, InterpretedFunction)
+    # by the kernel object's type name: importing triton.runtime.interpreter would import numpy, which
+    # neither torch nor triton requires
+    return type(_kernels().ce_head).__name__ == "InterpretedFunction"
 
 
 def wanted(x: Tensor) -> bool:
@@ -71,10 +120,13 @@ def wanted(x: Tensor) -> bool:
     return True
 
 
-def _launch_shape(vocab: int) -> tuple[int, int]:
-    """(vocabulary tile, warps) for a row of ``vocab`` logits."""
-    block = min(BLOCK_MAX, 1 << max(vocab - 1, 1).bit_length())
-    return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
+def _launch_shape(vocab: int, cdt: torch.dtype) -> tuple[int, int, int]:
+    """(vocabulary tile, warps, stages) for a row of ``vocab`` logits computed in ``cdt``: one tile of the
+    next power of two for a short row (4 warps up to 1024 columns), else :data:`LAUNCH`'s."""
+    widest = min(BLOCK_MAX, FP64_BLOCK) if cdt == torch.float64 else BLOCK_MAX
+    block = min(widest, 1 << max(vocab - 1, 1).bit_length())
+    warps = 4 if block <= 1024 else LAUNCH.warps
+    return block, warps, LAUNCH.stages
 
 
 def _rne_by_hand(z: Tensor) -> bool:
@@ -109,13 +161,23 @@ def _store(outs: dict, sel) -> None:
             out[sel] = buf
 
 
-def _params(values, dtype: torch.dtype, device) -> Tensor:
-    """The kernels' float options as one device tensor of the compute dtype (exact in fp64), made once per
-    call; on a GPU copied from pinned memory without a sync."""
-    host = torch.tensor([1.0 if v is None else float(v) for v in values], dtype=dtype)
-    if torch.device(device).type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+def _fp32(v: float) -> float:
+    """``v`` rounded to fp32 (round to nearest even); ValueError where that overflows to infinity."""
+    r = struct.unpack("f", struct.pack("f", v))[0]
+    if math.isinf(r) and not math.isinf(v):
+        raise ValueError(f"memops' Triton heads take float options within fp32's range, got {v!r}")
+    return r
+
+
+def _params(values) -> tuple[float, ...]:
+    """The kernels' float options as scalar launch arguments: each an fp32 ``(hi, lo)`` pair with
+    ``hi + lo`` equal to the option to 48 bits (``_triton_kernels._option``); None (no soft-cap) as 1."""
+    out = []
+    for v in values:
+        v = 1.0 if v is None else float(v)
+        hi = _fp32(v)
+        out += [hi, _fp32(v - hi)]
+    return tuple(out)
 
 
 def ce(t1d: Tensor, coef: Tensor | None, a, loss_rows: Tensor, lse_rows: Tensor, top1: Tensor | None):
@@ -124,7 +186,7 @@ def ce(t1d: Tensor, coef: Tensor | None, a, loss_rows: Tensor, lse_rows: Tensor,
     ``coef * d loss / d z``: one launch per chunk."""
     k = _kernels()
     cdt = loss_rows.dtype
-    params = _params((a.logit_scale, a.softcap, a.label_smoothing, a.z_loss), cdt, loss_rows.device)
+    params = _params((a.logit_scale, a.softcap, a.label_smoothing, a.z_loss))
     top1_u8 = None if top1 is None else top1.view(torch.uint8)
 
     def head(z: Tensor, sel):
@@ -132,14 +194,14 @@ def ce(t1d: Tensor, coef: Tensor | None, a, loss_rows: Tensor, lse_rows: Tensor,
         t = t1d[sel].contiguous()
         outs = {out: _rows(out, sel, n) for out in (loss_rows, lse_rows, top1_u8) if out is not None}
         c = None if coef is None else coef[sel].contiguous()
-        block, warps = _launch_shape(vocab)
+        block, warps, stages = _launch_shape(vocab, cdt)
         _launch(
             k.ce_head,
             n,
             z,
             z.stride(0),
             vocab,
-            params,
+            *params,
             t,
             z if c is None else c,
             outs[loss_rows][0],
@@ -155,6 +217,8 @@ def ce(t1d: Tensor, coef: Tensor | None, a, loss_rows: Tensor, lse_rows: Tensor,
             BLOCK=block,
             CDT=_cdt(cdt),
             num_warps=warps,
+            num_stages=stages,
+            maxnreg=LAUNCH.maxnreg,
         )
         _store(outs, sel)
         return None if c is None else z
@@ -180,7 +244,7 @@ def logprobs(
     k = _kernels()
     logp_rows, ent_rows = out
     cdt = logp_rows.dtype
-    params = _params((scale, softcap, post), cdt, logp_rows.device)
+    params = _params((scale, softcap, post))
     top1 = extras.get("is_top1")
     named = {
         "LOGP": logp_rows,
@@ -192,7 +256,7 @@ def logprobs(
 
     def launch(z, t, *, forward, grad, c1=None, c2=None, stats=None, save=False, outs=None):
         n, vocab = z.shape
-        block, warps = _launch_shape(vocab)
+        block, warps, stages = _launch_shape(vocab, cdt)
         bufs = {name: (z if o is None or outs is None else outs[o][0]) for name, o in named.items()}
         _launch(
             k.logprobs_head,
@@ -200,7 +264,7 @@ def logprobs(
             z,
             z.stride(0),
             vocab,
-            params,
+            *params,
             t,
             z if c1 is None else c1,
             z if c2 is None else c2,
@@ -220,6 +284,8 @@ def logprobs(
             BLOCK=block,
             CDT=_cdt(cdt),
             num_warps=warps,
+            num_stages=stages,
+            maxnreg=LAUNCH.maxnreg,
         )
 
     def head(z: Tensor, sel):
