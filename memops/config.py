@@ -115,15 +115,19 @@ def chunk_rows(
     device: torch.device,
     requested: int = 0,
     logit_rows: int = 1,
+    fused: bool = False,
 ) -> int:
     """Rows per chunk for ``n_rows`` rows of ``[*, vocab]`` logits.
 
-    ``requested`` (per call) wins, then ``set_chunk_size``, then the budget: each
-    row costs one ``vocab``-long row of the compute dtype (fp32, fp64 for fp64
-    inputs), plus one in the input dtype when that differs (the matmul output),
-    plus its ``hidden``-sized input and gradient rows; ``logit_rows`` such rows per
-    token when a family holds more than one logits buffer (distillation: the
-    student's and the teacher's).  With the default CPU
+    ``requested`` (per call) wins, then ``set_chunk_size``, then the budget, sized
+    by what the engine allocates per row: the torch heads hold one ``vocab``-long
+    row of the compute dtype (fp32, fp64 for fp64 inputs) plus one in the input
+    dtype when that differs (the matmul output, or ``dz`` cast for the gradient
+    GEMMs); a fused (Triton) head holds one row in the input dtype only
+    (``fused=True``).  Both add the row's ``hidden``-sized input and input-gradient
+    rows in the input dtype; ``logit_rows`` logits rows per token when a family
+    holds more than one logits buffer (distillation: the student's and the
+    teacher's).  With the default CPU
     budget, chunks smaller than ``_AMORTIZE_ROWS`` rows are raised towards it
     (so the pass over the weight each chunk makes is amortised), but never
     above a fifth of ``n_rows`` (so a chunk's buffer stays at most a fifth of
@@ -138,7 +142,8 @@ def chunk_rows(
     else:
         budget = _settings.budget_bytes or default_budget(device)
         work = 8 if dtype == torch.float64 else 4
-        per_row = logit_rows * vocab * (work + (dtype.itemsize if dtype.itemsize != work else 0)) + 2 * hidden * work
+        logit_bytes = dtype.itemsize if fused else work + (dtype.itemsize if dtype.itemsize != work else 0)
+        per_row = logit_rows * vocab * logit_bytes + 2 * hidden * dtype.itemsize
         rows = max(_MIN_ROWS, budget // max(per_row, 1))
         if device.type == "cpu" and _settings.budget_bytes is None and rows < _AMORTIZE_ROWS:
             rows = max(rows, min(_AMORTIZE_ROWS, -(-n_rows // _MAX_SHARE)))

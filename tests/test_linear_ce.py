@@ -232,6 +232,34 @@ def test_chunk_rows_follow_budget():
         assert config.chunk_rows(4096, 32000, 1024, torch.float32, cpu) == 820
 
 
+def test_chunks_are_sized_by_what_each_path_allocates():
+    """A fused (Triton) head holds one bf16 logits row per row; the torch heads an fp32 row and its bf16 cast."""
+    from memops import config
+
+    dev = torch.device("meta")  # an explicit budget: no device query, no CPU raise
+    n, d, v = 16384, 4096, 128256
+    with memops.chunking(budget_bytes=2 << 30):  # the H200's default budget (1/32 of its memory, capped)
+        fused = config.chunk_rows(n, v, d, torch.bfloat16, dev, fused=True)
+        torch_heads = config.chunk_rows(n, v, d, torch.bfloat16, dev)
+        fp32 = config.chunk_rows(n, v, d, torch.float32, dev, fused=True)
+        assert fp32 == config.chunk_rows(n, v, d, torch.float32, dev)  # fp32 inputs: one fp32 row either way
+    assert (2 << 30) // (v * 2 + 2 * d * 2) == 7869 and fused == 5462  # 3 balanced chunks
+    assert (2 << 30) // (v * (4 + 2) + 2 * d * 2) == 2732 and torch_heads == 2731  # 6 balanced chunks
+    # the engine sizes its buffer the same way: a fused bf16 run at this budget makes 3 chunks
+    from memops.ops import engine
+
+    calls = []
+    x = torch.zeros(192, 8, dtype=torch.bfloat16)
+    w = torch.zeros(64, 8, dtype=torch.bfloat16)
+    per_row = 64 * 2 + 2 * 8 * 2
+    with memops.chunking(budget_bytes=64 * per_row):
+        engine.run(x, w, None, lambda z, sel: calls.append(z.shape) and None, fused=True)
+    assert calls == [torch.Size([64, 64])] * 3
+    with memops.chunking(budget_bytes=64 * per_row):  # the torch heads: an fp32 row and a bf16 row each
+        assert 64 * per_row // (64 * 6 + 32) == 24
+        assert config.chunk_rows(192, 64, 8, torch.bfloat16, torch.device("cpu")) == 24
+
+
 def test_default_cpu_chunks_amortise_the_weight_pass():
     from memops import config
 

@@ -246,7 +246,7 @@ def run(
     gb = torch.zeros(vocab, dtype=cdt, device=weight.device) if (grad_bias and bias is not None) else None
     written = False
     scratch: list = []  # the weight gradient's fp32 scratch, where the build needs one (fp32_out_gemm)
-    size = config.chunk_rows(m, vocab, d, x2d.dtype, x2d.device, chunk_size)
+    size = config.chunk_rows(m, vocab, d, x2d.dtype, x2d.device, chunk_size, fused=fused)
     sub = size if fused else _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
     buf = torch.empty((size, vocab), dtype=x2d.dtype if fused else cdt, device=x2d.device)
     gx_part = None  # with skipped rows a chunk's input gradient is made here, then scattered to its rows
