@@ -27,3 +27,14 @@ settings.register_profile(
 )
 settings.load_profile("default")
 torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def plan_small_calls(monkeypatch):
+    """Row planning at every size: the tests of which rows a call skips use small shapes, which by default
+    compute every row (``memops.ops.plan.PLAN_MIN_MACS``)."""
+    from memops.ops import plan
+
+    monkeypatch.setattr(plan, "PLAN_MIN_MACS", 0)

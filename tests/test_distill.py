@@ -188,6 +188,7 @@ def test_four_projection_matmuls_when_a_scalar_loss_is_trained():
     assert m.flops == 4 * projection_flops(n, v, ds) + 2 * projection_flops(n, v, dt)
 
 
+@pytest.mark.usefixtures("plan_small_calls")
 def test_ignored_tokens_cost_no_matmul_work():
     n, v, d = 64, 40, 8
     x, w, b, t, teacher = _case(0, (n,), v, d, d, dtype=torch.float32)

@@ -260,6 +260,7 @@ def _masked_inputs():
     return g, x, w, b, ids, mask, adv, old, ref
 
 
+@pytest.mark.usefixtures("plan_small_calls")
 def test_masked_tokens_cost_forward_work_only():
     n, d, v, k = N_MASKED, D_MASKED, V_MASKED, K_MASKED
     g, x, w, b, ids, mask, adv, old, ref = _masked_inputs()
@@ -278,6 +279,7 @@ def test_masked_tokens_cost_forward_work_only():
     assert m.flops == projection_flops(n, v, d) + 3 * projection_flops(n - k, v, d)
 
 
+@pytest.mark.usefixtures("plan_small_calls")
 @pytest.mark.parametrize("ref_given", [False, True])
 def test_masked_tokens_cost_nothing_without_kl(ref_given):
     # beta = 0 (TRL's default): a masked token's log-prob reaches neither the loss nor its gradients

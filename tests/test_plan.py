@@ -11,6 +11,8 @@ import memops
 from memops.contract import SPECS
 from memops.ops import family, plan
 
+pytestmark = pytest.mark.usefixtures("plan_small_calls")  # these shapes are small: plan them anyway
+
 
 class Syncs(TorchDispatchMode):
     """Counts the ops that make a device wait for the host: reading a value (``item``, ``bool``), and ops
@@ -60,6 +62,26 @@ def test_cross_entropy_syncs(ignore):
     assert _run("linear_ce", _ce_args(ignore, all_lse=False)) == ["aten::_local_scalar_dense"] * 2  # + plan
     args = _ce_args(ignore, all_lse=False, reduction="none")
     assert _run("linear_ce", args, [True] * 3, [torch.randn(40)]) == ["aten::_local_scalar_dense"]  # plan
+
+
+def test_small_calls_compute_every_row_without_a_plan(monkeypatch):
+    """Under ``PLAN_MIN_MACS`` a call computes every row (no bound, no sync, no sort) with the same results:
+    a row the reference also computes is exact."""
+    args = _ce_args(True, all_lse=False)
+    x, w = args[0], args[1]
+    monkeypatch.setattr(plan, "PLAN_MIN_MACS", x.shape[0] * w.shape[0] * x.shape[1] + 1)
+    assert plan.plan(x, w, None, 1.0, needed=args[2] != -100) is plan.EVERY_ROW
+    assert _run("linear_ce", args) == ["aten::_local_scalar_dense"]  # validation only
+    forward, _ = family.KERNELS["linear_ce"]
+    small = forward(SPECS["linear_ce"].bind(args), [True] * 3)
+    monkeypatch.setattr(plan, "PLAN_MIN_MACS", 0)
+    assert _run("linear_ce", args) == ["aten::_local_scalar_dense"] * 2  # validation + plan
+    planned = forward(SPECS["linear_ce"].bind(args), [True] * 3)
+    # loss, top-1 and gradients (an ignored row's lse is an output only with all_lse)
+    pick = lambda out: [out[0][0], out[0][2], *out[1]]  # noqa: E731
+    for a, b in zip(pick(small), pick(planned)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # different row sets per chunk: rounding apart
+    assert plan.PLAN_MIN_MACS == 0 and 40 * 13 * 8 < (1 << 18)
 
 
 def test_logprobs_and_transform_syncs():

@@ -83,6 +83,7 @@ def _ignored_inputs(k=30):
     return x, w, b, t, N - k
 
 
+@pytest.mark.usefixtures("plan_small_calls")
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_ignored_tokens_cost_no_matmul_work(reduction):
     x, w, b, t, live = _ignored_inputs()
@@ -97,6 +98,7 @@ def test_ignored_tokens_cost_no_matmul_work(reduction):
         assert _count(lambda: memops.linear_cross_entropy(x, w, t, b, chunk_size=17)) == projection_flops(live, V, D)
 
 
+@pytest.mark.usefixtures("plan_small_calls")
 def test_transform_skips_ignored_tokens():
     x, w, b, t, live = _ignored_inputs()
     step = lambda: memops.linear_loss(x, w, t, "focal", b, gamma=2.0, chunk_size=17).backward()  # noqa: E731

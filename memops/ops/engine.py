@@ -307,17 +307,23 @@ def denominator(valid: torch.Tensor, num_items: torch.Tensor | None, cdt: torch.
 
 
 def reduce_rows(
-    loss_rows: torch.Tensor, reduction: str, valid: torch.Tensor, num_items: torch.Tensor | None, shape
+    loss_rows: torch.Tensor,
+    reduction: str,
+    valid: torch.Tensor,
+    num_items: torch.Tensor | None,
+    shape,
+    den: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reduced loss.  The per-row losses are summed in float64 (N numbers: free next to a chunk) and
     rounded once: an fp32 sum of thousands of O(10) losses would add rounding of its own, as large as
-    the bf16 logits' contribution to the loss error (``tests/test_bf16.py``)."""
+    the bf16 logits' contribution to the loss error (``tests/test_bf16.py``).  ``den``: the caller's
+    :func:`denominator`, when it has it."""
     if reduction == "none":
         return loss_rows.view(shape)
     total = loss_rows.sum(dtype=torch.float64).to(loss_rows.dtype)
     if reduction == "sum":
         return total
-    return total / denominator(valid, num_items, loss_rows.dtype)
+    return total / (denominator(valid, num_items, loss_rows.dtype) if den is None else den)
 
 
 def upstream(
@@ -326,17 +332,18 @@ def upstream(
     valid: torch.Tensor,
     num_items: torch.Tensor | None,
     cdt: torch.dtype,
+    den: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row (``"none"``) or shared factor on each row's d(loss)/d(logits).
 
-    ``grad_loss=None`` means the forward pass of a scalar loss (incoming gradient 1).
+    ``grad_loss=None`` means the forward pass of a scalar loss (incoming gradient 1); ``den``: the caller's
+    :func:`denominator`, when it has it.
     """
-    g = torch.ones((), dtype=cdt, device=valid.device) if grad_loss is None else grad_loss.to(cdt)
-    if reduction == "none":
-        return g.reshape(-1)
     if reduction == "mean":
-        return g / denominator(valid, num_items, cdt)
-    return g
+        den = denominator(valid, num_items, cdt) if den is None else den
+        return den.reciprocal() if grad_loss is None else grad_loss.to(cdt) / den
+    g = torch.ones((), dtype=cdt, device=valid.device) if grad_loss is None else grad_loss.to(cdt)
+    return g.reshape(-1) if reduction == "none" else g
 
 
 def row_coef(up: torch.Tensor, sel, valid: torch.Tensor) -> torch.Tensor:

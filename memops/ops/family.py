@@ -208,4 +208,70 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
                 result[k] = g
         return tuple(result)
 
-    torch.library.register_autograd(spec.qualname, backward, setup_context=setup_context, lib=LIB)
+    _register_autograd(spec, kernel, setup_context, backward)
+
+
+_DIRECT = (torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA)
+
+
+def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
+    """``spec``'s autograd kernel: what ``torch.library.register_autograd`` installs, for this schema shape.
+
+    The same mechanism (a kernel at the ``Autograd`` key that runs one ``autograd.Function`` whose forward
+    redispatches below autograd), with the argument layout known from the spec: ``Tensor[]`` inputs are
+    spread into the function's arguments and the ``Tensor[] grads`` output spread out of it by position,
+    where the generic wrapper flattens and rebuilds every call's arguments and results as pytrees and
+    re-fills schema defaults (memops schemas have none).  At small shapes that generic work was most of a
+    call's fixed cost (``python -m memops bench --preset overhead``).  Where the redispatch below autograd
+    would reach the real kernel next (nothing but the CPU or CUDA backend key left: no dispatch mode,
+    functionalization, vmap or fake tensors), the kernel is called directly, saving a round trip through the
+    dispatcher's argument boxing.
+    """
+    n_inputs, n_outputs = len(spec.inputs), len(spec.outputs)
+    op = spec.op().default
+    below = torch._C._after_autograd_keyset
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, keyset, layout, n_flat, *flat_and_rest):
+            args = _unflat(flat_and_rest[:n_flat], layout) + list(flat_and_rest[n_flat:])
+            with torch._C._AutoDispatchBelowAutograd():
+                result = redispatch(keyset, args)
+            setup_context(ctx, args, result)
+            ctx.flat_layout = (layout, n_flat)
+            if spec.forward_grads:
+                return (*result[:n_outputs], *result[n_outputs])
+            return tuple(result)
+
+        @staticmethod
+        def backward(ctx, *grad_outputs):
+            layout, n_flat = ctx.flat_layout
+            flags = ctx.needs_input_grad
+            prev = flags
+            try:
+                ctx.needs_input_grad = tuple(_unflat(flags[3 : 3 + n_flat], layout)) + flags[3 + n_flat :]
+                result = backward(ctx, *grad_outputs[:n_outputs], list(grad_outputs[n_outputs:]))
+            finally:
+                ctx.needs_input_grad = prev
+            flat = []
+            for g, n in zip(result[:n_inputs], layout):
+                flat.extend((g if g is not None else [None] * n) if n is not None else [g])
+            return (None, None, None, *flat, *result[n_inputs:])
+
+    Fn.__name__ = Fn.__qualname__ = f"MemopsBackward_{spec.name}"
+
+    def redispatch(keyset, args):
+        rest = (keyset & below).remove(torch._C.DispatchKey.ADInplaceOrView)  # a fallthrough for these ops
+        if rest.highestPriorityTypeId() in _DIRECT:
+            return kernel(*args)
+        return op.redispatch(keyset & below, *args)
+
+    def autograd_kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            flat, layout = _flat(args[:n_inputs])
+            out = Fn.apply(keyset, layout, len(flat), *flat, *args[n_inputs:])
+            return (*out[:n_outputs], list(out[n_outputs:])) if spec.forward_grads else out
+        with torch._C._AutoDispatchBelowAutograd():
+            return redispatch(keyset, args)
+
+    LIB.impl(spec.name, autograd_kernel, "Autograd", with_keyset=True)

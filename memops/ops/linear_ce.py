@@ -41,7 +41,17 @@ LOCAL = Reducer()
 
 
 def ce_chunks(
-    x2d, weight, t1d, bias, upstream: Tensor | None, need, a: Args, rows=None, reducer: Reducer = LOCAL, top1=None
+    x2d,
+    weight,
+    t1d,
+    bias,
+    upstream: Tensor | None,
+    need,
+    a: Args,
+    rows=None,
+    reducer: Reducer = LOCAL,
+    top1=None,
+    valid: Tensor | None = None,
 ):
     """Per-row loss and lse over the rows ``rows`` (``plan.plan``); gradients when ``upstream`` is given.
 
@@ -50,7 +60,8 @@ def ce_chunks(
     group ``reducer``, ``weight`` holds vocabulary rows ``reducer.start ...``: the row max, the sum of
     exponentials, the target logit and the logit sum are reduced across the group, and the gradients
     are this shard's (input gradient: its partial sum).  ``top1`` (bool ``[N]``), when given, gets whether
-    each non-ignored row's target is its first most likely token (one process only).
+    each non-ignored row's target is its first most likely token (one process only).  ``valid``: the
+    caller's ``t1d != ignore_index``, when it has it.
     """
     n = x2d.shape[0]
     local = weight.shape[0]
@@ -59,16 +70,24 @@ def ce_chunks(
     loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
     lse_rows = plan.rows_out(n, cdt, x2d.device, rows)
     eps, zl, ignore = a.label_smoothing, a.z_loss, a.ignore_index
+    # per-row target facts, once per call (a head indexes them by its rows)
+    t_all = t1d.long()
+    valid_all = t_all != ignore if valid is None else valid
+    if reducer is LOCAL:  # targets were range-checked: every valid target's row is in this weight
+        mine_all, safe_all = valid_all, torch.where(valid_all, t_all, 0).unsqueeze(1)
+    else:
+        mine_all = valid_all & (t_all >= first) & (t_all < first + local)  # the target's row is in this weight
+        safe_all = torch.where(mine_all, t_all - first, 0).unsqueeze(1)
+    coef_all = None if upstream is None else engine.row_coef(upstream, slice(None), valid_all)
 
     def head(z: Tensor, sel):
-        t = t1d[sel].long()
-        valid = t != ignore
-        mine = valid & (t >= first) & (t < first + local)  # the target's row is in this weight
-        safe = torch.where(mine, t - first, 0).unsqueeze(1)
-        z_target = torch.where(mine, z.gather(1, safe).squeeze(1), 0.0)
+        valid, safe = valid_all[sel], safe_all[sel]
+        z_target = z.gather(1, safe).squeeze(1)
+        if reducer is not LOCAL:  # summed over the group: the shards that do not hold the target add 0
+            z_target = torch.where(mine_all[sel], z_target, 0.0)
         z_sum = z.sum(dim=1) if eps else None
         if top1 is not None:  # the first maximum, as argmax: a tie with an earlier token is not top-1
-            top1[sel] = valid & (z.argmax(dim=1) == t)
+            top1[sel] = valid & (z.argmax(dim=1) == t_all[sel])
         # softmax numerator in place over the logits: z <- exp(z - rowmax)
         zmax = z.amax(dim=1, keepdim=True)
         reducer.max_(zmax)
@@ -79,8 +98,9 @@ def ce_chunks(
         # logsumexp as torch.logsumexp gives it (a +-inf row max is the answer) ...
         lse_out = torch.where(zmax.isinf(), zmax, zmax + total.log())
         # ... but log_softmax, hence the loss and its gradient, is NaN across such a row
-        lse = torch.where(lse_out.isfinite(), lse_out, torch.nan)
-        loss = lse - z_target
+        # (x - x + x is x exactly for finite x and NaN for +-inf and NaN: isfinite + where in two ops)
+        lse = (lse_out - lse_out).add_(lse_out)
+        loss = lse - z_target  # an ignored row's (a stand-in target's) is masked below
         if eps:
             loss = (1.0 - eps) * loss + eps * (lse - z_sum / vocab)
         if zl:
@@ -89,7 +109,7 @@ def ce_chunks(
         lse_rows[sel] = lse_out
         if upstream is None:
             return None
-        coef = engine.row_coef(upstream, sel, valid)
+        coef = coef_all[sel]
         # d loss / d z = coef * [softmax * (1 + 2 zl lse) - eps / V - (1 - eps) onehot(target)]
         row = coef / total
         if zl:
@@ -97,12 +117,14 @@ def ce_chunks(
         z.mul_(row.unsqueeze(1))
         if eps:
             z.sub_((coef * (eps / vocab)).unsqueeze(1))
-        return z.scatter_add_(1, safe, torch.where(mine, coef * (eps - 1.0), 0.0).unsqueeze(1))
+        onehot = coef * (eps - 1.0)  # 0 at ignored rows (coef is)
+        if reducer is not LOCAL:
+            onehot = torch.where(mine_all[sel], onehot, 0.0)
+        return z.scatter_add_(1, safe, onehot.unsqueeze(1))
 
     fused = reducer is LOCAL and triton_heads.wanted(x2d)
     if fused:  # the same head in one Triton kernel per chunk
-        coef = None if upstream is None else engine.row_coef(upstream, slice(None), t1d != ignore)
-        head = triton_heads.ce(t1d, coef, a, loss_rows, lse_rows, top1)
+        head = triton_heads.ce(t1d, coef_all, a, loss_rows, lse_rows, top1)
     gx, gw, gb = engine.run(
         x2d,
         weight,
@@ -126,12 +148,13 @@ def _forward(a: Args, need: list) -> tuple:
     x2d, t1d, _ = engine.flatten(a.input, a.target)
     cdt = engine.compute_dtype(a.input.dtype)
     valid = t1d != a.ignore_index
-    up = engine.upstream(None, a.reduction, valid, a.num_items, cdt) if any(need) else None
+    den = engine.denominator(valid, a.num_items, cdt) if a.reduction == "mean" else None
+    up = engine.upstream(None, a.reduction, valid, a.num_items, cdt, den=den) if any(need) else None
     # ignored rows reach no output unless their lse was asked for
     rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=None if a.all_lse else valid).full
     top1 = torch.zeros(t1d.shape, dtype=torch.bool, device=x2d.device) if a.return_is_top1 else None
-    loss_rows, lse_rows, gx, gw, gb = ce_chunks(x2d, a.weight, t1d, a.bias, up, need, a, rows, top1=top1)
-    loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, a.target.shape)
+    loss_rows, lse_rows, gx, gw, gb = ce_chunks(x2d, a.weight, t1d, a.bias, up, need, a, rows, top1=top1, valid=valid)
+    loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, a.target.shape, den=den)
     top1 = placeholder(loss) if top1 is None else top1.view(a.target.shape)
     return (loss, lse_rows.view(a.target.shape), top1), engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
@@ -141,7 +164,7 @@ def _gradients(a: Args, grad_outputs: list, need: list) -> list:
     valid = t1d != a.ignore_index
     up = engine.upstream(grad_outputs[0], a.reduction, valid, a.num_items, engine.compute_dtype(a.input.dtype))
     rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=valid).full
-    *_, gx, gw, gb = ce_chunks(x2d, a.weight, t1d, a.bias, up, need, a, rows)
+    *_, gx, gw, gb = ce_chunks(x2d, a.weight, t1d, a.bias, up, need, a, rows, valid=valid)
     return engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 

@@ -11,6 +11,8 @@ Every family asks one question with :func:`plan`.  A row is
   log-prob turns it non-finite; the family checks that afterwards and computes the few such rows in full;
 * **full** otherwise: forward, and gradients when the call wants them.
 
+Small calls (under :data:`PLAN_MIN_MACS` multiply-adds) compute every row: no plan, no sync.
+
 Device-to-host syncs: :func:`plan` makes at most one (the row counts, read as one scalar); the bound is
 a device tensor.  A call also makes one in validation (``check_target_range``) and GRPO one more after a
 probe (``nonzero`` of the rows that need a full pass).  ``tests/test_plan.py`` counts them.
@@ -31,6 +33,11 @@ class Plan:
 
 
 EVERY_ROW = Plan(None, None)
+
+# Below this many multiply-adds in the whole projection (rows x vocab x hidden) a call computes every
+# row: planning (a bound over the inputs, a sync, an index sort) costs more than skipping saves, and
+# computing a row the reference also computes is always exact.
+PLAN_MIN_MACS = 1 << 18
 
 
 def _abs_max(t: Tensor | None, device) -> Tensor:
@@ -73,7 +80,7 @@ def plan(
     (:func:`bounded`, with ``finite`` extra tensors whose NaN/inf would reach the reference's gradient, and
     ``bounded_too`` the bound of a second projection of the same rows), else computed in full."""
     n = x2d.shape[0]
-    if (needed is None and probe is None) or n == 0:
+    if (needed is None and probe is None) or n == 0 or n * weight.shape[0] * x2d.shape[1] < PLAN_MIN_MACS:
         return EVERY_ROW
     full = torch.ones(n, dtype=torch.bool, device=x2d.device) if needed is None else needed
     if needed is not None:
