@@ -194,6 +194,28 @@ def test_presets_and_default_sweep():
     assert bench._resolve(_parse())[0] == bench.DEFAULT
 
 
+def test_overhead_preset(tmp_path, capsys):
+    """``--preset overhead``: N=8 D=16 V=128 unless given, µs per forward+backward call, one row per method."""
+    import torch
+
+    from memops.bench import overhead
+
+    assert bench._resolve(_parse("--preset", "overhead")) == [{"tokens": 8, "hidden": 16, "vocab": 128}]
+    assert bench._resolve(_parse("--preset", "overhead", "--tokens", "32"))[0]["tokens"] == 32
+    threads = torch.get_num_threads()
+    try:
+        rows = overhead.measure(methods=("eager", "memops", "liger"), calls=3, reps=1)
+        args = _parse("--preset", "overhead", "--methods", "eager,memops", "--json", str(tmp_path / "o.json"))
+        assert bench.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["method"] for r in rows] == ["eager", "memops", "liger"] and "skipped" in rows[2]
+    assert rows[0]["vs_eager"] == 1.0 and rows[1]["us"] > 0 and rows[1]["vs_eager"] > 0
+    saved = json.loads((tmp_path / "o.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["eager", "memops"] and saved["config"]["tokens"] == 8
+    assert "| memops |" in capsys.readouterr().out
+
+
 def test_format_table_reports_failed_oom_and_skipped_methods():
     table = report.format_table(
         [

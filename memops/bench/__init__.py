@@ -27,15 +27,22 @@ PRESETS = {
     "llama3-8b": {"hidden": 4096, "vocab": 128256, "softcap": None},
     "gemma2-2b": {"hidden": 2304, "vocab": 256000, "softcap": 30.0},
     "qwen2.5-7b": {"hidden": 3584, "vocab": 152064, "softcap": None},
+    # the fixed cost per call: tiny shapes, memops vs eager vs compile vs torch_lce, µs per call (bench/overhead.py)
+    "overhead": {"tokens": 8, "hidden": 16, "vocab": 128, "softcap": None},
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int, default=DEFAULT["tokens"], help="rows N (default %(default)s)")
+    p.add_argument("--tokens", type=int, help=f"rows N (default {DEFAULT['tokens']} or the preset's)")
     p.add_argument("--hidden", type=int, help=f"hidden size D (default {DEFAULT['hidden']} or the preset's)")
     p.add_argument("--vocab", type=int, help=f"vocabulary size V (default {DEFAULT['vocab']} or the preset's)")
     p.add_argument("--softcap", type=float, help="final-logit soft-capping (default none or the preset's)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a real model head's D, V and soft-capping")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a real model head's D, V and soft-capping; overhead: the fixed cost of one call (N=8 D=16 V=128, "
+        "one thread, µs per forward+backward of memops, eager, compile and torch_lce)",
+    )
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per method (default 3)")
@@ -107,6 +114,7 @@ class Progress:
 def _resolve(args) -> list[dict]:
     """Fill preset defaults, check every argument, return the shapes to run."""
     preset = PRESETS.get(args.preset, {})
+    args.tokens = args.tokens if args.tokens is not None else preset.get("tokens", DEFAULT["tokens"])
     args.hidden = args.hidden if args.hidden is not None else preset.get("hidden", DEFAULT["hidden"])
     args.vocab = args.vocab if args.vocab is not None else preset.get("vocab", DEFAULT["vocab"])
     if args.softcap is None:
@@ -213,6 +221,10 @@ def main(args) -> int:
         run_worker(args)
         return 0
     shapes = _resolve(args)
+    if args.preset == "overhead":
+        from . import overhead
+
+        return overhead.main(args)
     import torch
 
     import memops
