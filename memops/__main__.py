@@ -1,4 +1,4 @@
-"""``python -m memops bench ...`` (see ``memops.bench``), ``train-demo``, ``schemas``, ``traffic``."""
+"""``python -m memops bench ...`` (see ``memops.bench``), ``doctor``, ``train-demo``, ``schemas``, ``traffic``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,15 @@ def main(argv: list[str] | None = None) -> int:
             help="train a small Llama unpatched and patched: loss parity, step time, peak memory (needs memops[hf])",
         )
     )
+    from . import doctor
+
+    doctor.add_arguments(
+        sub.add_parser(
+            "doctor",
+            help="versions, the kernels and chunk plan memops picks here, a self-test of every family against "
+            "float64 and a speed probe; paste its output into a bug report",
+        )
+    )
     sub.add_parser("schemas", help="print every op's schema (forward and backward), one per line")
     sub.add_parser(
         "traffic",
@@ -39,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n".join(schemas()))
         return 0
+    if args.command == "doctor":
+        return doctor.main(args)
     if args.command == "train-demo":
         return train_demo.main(args)
     return bench.main(args)
