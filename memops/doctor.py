@@ -222,12 +222,15 @@ def self_test(device: str, dtype: str) -> list[dict]:
     """Every family, each head set, against float64; the multi-chunk weight gradient; CUDA-graph capture."""
     from . import config
     from .bench.methods import build
+    from .ops import triton_heads
 
     n, d, v = SMALL["tokens"], SMALL["hidden"], SMALL["vocab"]
     results = []
     head_sets = ["torch"]
     if device.startswith("cuda") and kernels(device, dtype)["heads"]["cross_entropy, log-probs, GRPO"] == "triton":
         head_sets.append("triton")
+    elif os.environ.get("TRITON_INTERPRET") == "1" and triton_heads.available() and triton_heads.interpreted():
+        head_sets.append("triton")  # a dry run on CPU: the Triton heads under the interpreter
     for loss, softcap in FAMILIES:
         label = loss + (f" softcap={softcap:g}" if softcap else "")
         x, w, t = _inputs(n, d, v, dtype, device, loss)
@@ -238,7 +241,8 @@ def self_test(device: str, dtype: str) -> list[dict]:
         ref = (lr.detach(), xr.grad, wr.grad)
         eager = _errors(make("eager"), x, w, t, ref)
         for heads in head_sets if loss in TRITON_FAMILIES else ["torch"]:
-            row = {"check": f"{label} ({heads} heads)", "unfused_error": eager}
+            how = " heads, interpreted" if heads == "triton" and not device.startswith("cuda") else " heads"
+            row = {"check": f"{label} ({heads}{how})", "unfused_error": eager}
             try:
                 with config.kernels(heads):
                     row["error"] = _errors(make("memops"), x, w, t, ref)

@@ -1,84 +1,78 @@
 #!/usr/bin/env bash
-# The benchmark on a CUDA device, memops' torch heads and Triton heads side by side with eager, torch.compile,
-# torch_lce (F.linear_cross_entropy), CCE and Liger in each run:
-#   1. the issue's target shape: llama3-8b head (D=4096, V=128256), 16384 tokens, bf16, forward + backward;
-#   2. gemma2-2b (soft-capped logits), bf16;
-#   3. a token sweep of the llama3-8b head, bf16, with plots;
-#   4. a GRPO step (bf16), memops vs the unfused code and TRL 1.16's chunked log-prob kernel plus its loss.
-# Before them: a correctness check of the Triton heads against the torch heads on the device.
-# Writes tables (*.md), JSON and PNG plots (when matplotlib is installed) under $OUT (default ./gpu-bench-out).
-# Each run is cut at a time limit (150 + 90 + 110 + 110 s) so the script ends within about 8 minutes.
+# Everything a first GPU run must answer, most important first, in under 5 minutes; every result printed and
+# saved as soon as it is measured, all of it packed (again after each step) into one archive:
+# $OUT/gpu-bench.tar.gz (OUT defaults to ./gpu-bench-out).
+#   0. peers (liger-kernel, cut-cross-entropy: pure Python + Triton) installed from wheels carried in the tree,
+#      --no-deps --no-index, when scripts/wheels/*.whl exist (scripts/fetch_peer_wheels.sh puts them there);
+#   1. python -m memops doctor: versions, GPU, kernel choice, chunk plan, every family against float64 on the
+#      device (torch and Triton heads), the weight-gradient path, a CUDA-graph capture, a speed probe;
+#   2. the target step: llama3-8b head (D=4096, V=128256), 16384 tokens, bf16, forward + backward:
+#      memops (Triton and torch heads) vs the three matmuls alone and torch.compile, then eager, CCE, Liger
+#      (no float64 reference at this size: run 3 checks errors);
+#   3. errors against float64 at a small shape (N=1024, D=1024, V=32000, bf16), every method;
+#   4. a GRPO step (bf16) vs the unfused code and TRL's chunked log-prob kernel, when TRL is installed;
+#   5. gemma2-2b (soft-capped logits), bf16;
+#   6. the fixed cost per call (--preset overhead).
+# Each step has its own time limit and the script stops starting steps at its deadline (MEMOPS_BENCH_BUDGET,
+# default 290 s).  Inputs are drawn on the device from seeded generators.
 # Dry run on a CPU (the Triton heads under the interpreter), as the tests do:
-#   MEMOPS_BENCH_DEVICE=cpu MEMOPS_BENCH_TOKENS=16 MEMOPS_BENCH_SWEEP=8,16 MEMOPS_BENCH_ARGS="--hidden 8 --vocab 64" \
-#   scripts/gpu_bench.sh
+#   MEMOPS_BENCH_DEVICE=cpu MEMOPS_BENCH_TOKENS=16 MEMOPS_BENCH_SMALL="--tokens 16 --hidden 8 --vocab 64" \
+#   MEMOPS_BENCH_ARGS="--hidden 8 --vocab 64" scripts/gpu_bench.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
+START=$SECONDS
 OUT="${OUT:-gpu-bench-out}"
 DEVICE="${MEMOPS_BENCH_DEVICE:-cuda}"
 TOKENS="${MEMOPS_BENCH_TOKENS:-16384}"
-PY="${PYTHON:-python}"
-SWEEP=()
-[ -n "${MEMOPS_BENCH_SWEEP:-}" ] && SWEEP=(--sweep-values "$MEMOPS_BENCH_SWEEP")  # sizes of run 3 (default: N/8 .. N)
+BUDGET="${MEMOPS_BENCH_BUDGET:-290}"
+PY="${PYTHON:-python3}"
 read -r -a EXTRA <<< "${MEMOPS_BENCH_ARGS:-}"
+read -r -a SMALL <<< "${MEMOPS_BENCH_SMALL:---tokens 1024 --hidden 1024 --vocab 32000}"
 if [ "$DEVICE" = cpu ]; then export TRITON_INTERPRET=1; fi  # the Triton heads on CPU tensors: the interpreter
 mkdir -p "$OUT"
-PLOT=1
-"$PY" -c "import matplotlib" 2>/dev/null || PLOT=0
-"$PY" - "$DEVICE" > "$OUT/env.txt" 2>&1 <<'EOF'
-import sys
-import torch
-print('torch', torch.__version__, '| cuda', torch.version.cuda)
-try:
-    import triton; print('triton', triton.__version__)
-except ImportError:
-    print('triton not installed')
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print('gpu', torch.cuda.get_device_name(0), '|', p.total_memory // 2**20, 'MiB')
-# the Triton heads against the torch heads on this device: loss, lse, log-probs and every gradient
-import memops
-dev = sys.argv[1]
-g = torch.Generator().manual_seed(0)
-n, d, v = 64, 256, 5000
-for dtype in (torch.bfloat16, torch.float32):
-    x = torch.randn(n, d, generator=g).to(dev, dtype).requires_grad_()
-    w = (torch.randn(v, d, generator=g) / d**0.5).to(dev, dtype).requires_grad_()
-    t = torch.randint(0, v, (n,), generator=g).to(dev)
-    t[::5] = -100
-    out = {}
-    for kind in ("torch", "triton"):
-        with memops.kernels(kind):
-            loss, lse = memops.linear_cross_entropy(x, w, t, label_smoothing=0.1, softcap=30.0, return_lse=True)
-            lp, ent = memops.linear_logprobs(x[None], w, t.clamp(min=0)[None], return_entropy=True, temperature=0.7)
-            grads = torch.autograd.grad(loss + (lp * 0.3 + ent * 0.1).sum(), (x, w))
-        out[kind] = (loss, lse, lp, ent, *grads)
-    worst = max(((a.double() - b.double()).abs().max() / (1 + b.double().abs().max())).item()
-                for a, b in zip(out["triton"], out["torch"]))
-    tol = 2.0**-6 if dtype == torch.bfloat16 else 1e-5
-    print(f"triton vs torch heads, {dtype}: max relative difference {worst:.2e} (tolerance {tol:.1e}):",
-          "OK" if worst <= tol else "FAIL")
-from memops.ops import triton_heads
-print('triton launches', dict(triton_heads.LAUNCHES))
-EOF
-cat "$OUT/env.txt"
+WORK="$(mktemp -d)/gpu-bench"  # the files; $OUT gets one archive of them
+mkdir -p "$WORK"
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$WORK/../inductor-cache}"  # shared by the steps
 status=0
-grep -q "FAIL\|Traceback" "$OUT/env.txt" && status=1
-run() {  # name, time limit (s), then bench arguments; each run is bounded so one hang cannot eat the budget
+pack() { tar czf "$OUT/gpu-bench.tar.gz.tmp" -C "$(dirname "$WORK")" gpu-bench && mv "$OUT/gpu-bench.tar.gz.tmp" "$OUT/gpu-bench.tar.gz"; }
+left() { echo $((BUDGET - (SECONDS - START))); }
+step() {  # name, time limit (s), command...; cut at the limit or the deadline, whichever comes first
   local name=$1 limit=$2; shift 2
-  local plot=()
-  [ "$PLOT" = 1 ] && plot=(--plot "$OUT/$name.png")
-  echo "== $name: python -m memops bench --device $DEVICE $* ${EXTRA[*]}"
-  timeout "$limit" "$PY" -m memops bench --device "$DEVICE" "$@" "${EXTRA[@]}" --json "$OUT/$name.json" \
-      "${plot[@]}" > "$OUT/$name.md" 2> "$OUT/$name.log"
+  local remaining
+  remaining=$(left)
+  if [ "$remaining" -lt 15 ]; then echo "!! $name not started: the ${BUDGET}s deadline"; status=1; return; fi
+  [ "$limit" -gt "$remaining" ] && limit=$remaining
+  echo "== $name (limit ${limit}s, $((SECONDS - START))s elapsed): $*"
+  timeout --kill-after=5 "$limit" "$@" > >(tee "$WORK/$name.md") 2> "$WORK/$name.log"
   local rc=$?
-  cat "$OUT/$name.md"
-  if [ "$rc" -ne 0 ]; then echo "!! $name exited with $rc"; tail -5 "$OUT/$name.log"; status=1; fi
+  if [ "$rc" -ne 0 ]; then echo "!! $name exited with $rc"; tail -5 "$WORK/$name.log"; status=1; fi
+  pack
 }
-CE=eager,compile,torch_lce,memops_torch,memops_triton,floor,cce,liger
-run "target-llama3-8b-bf16" 150 --preset llama3-8b --dtype bfloat16 --tokens "$TOKENS" --reps 5 --methods "$CE"
-run "gemma2-2b-bf16" 90 --preset gemma2-2b --dtype bfloat16 --tokens "$TOKENS" --reps 5 --methods "$CE"
-run "sweep-tokens-llama3-8b-bf16" 110 --preset llama3-8b --dtype bfloat16 --tokens "$TOKENS" \
-    --sweep tokens "${SWEEP[@]}" --reps 3 --no-check --methods "$CE"
-run "grpo-llama3-8b-bf16" 110 --loss grpo --preset llama3-8b --dtype bfloat16 --tokens "$TOKENS" --batch 8 \
-    --reps 5 --methods eager,compile,memops_torch,memops_triton,trl
+{
+  echo "date $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -4 || true
+} > "$WORK/machine.txt"
+cat "$WORK/machine.txt"
+WHEELS=(scripts/wheels/*.whl)
+if [ -e "${WHEELS[0]}" ]; then
+  timeout 60 "$PY" -m pip install --no-deps --no-index --quiet "${WHEELS[@]}" > "$WORK/wheels.log" 2>&1 \
+    || echo "!! installing ${WHEELS[*]} failed (see wheels.log)"
+fi
+pack
+BENCH=("$PY" -m memops bench --device "$DEVICE")
+step doctor 75 "$PY" -m memops doctor --device "$DEVICE" --seconds 15 "${EXTRA[@]}" --tokens "$TOKENS" \
+    --json "$WORK/doctor.json"
+step target-llama3-8b-bf16 80 "${BENCH[@]}" --preset llama3-8b --dtype bfloat16 --tokens "$TOKENS" --reps 5 --no-check \
+    --methods memops_triton,floor,compile,memops_torch,eager,cce,liger "${EXTRA[@]}" \
+    --json "$WORK/target-llama3-8b-bf16.json"
+step errors-small-bf16 40 "${BENCH[@]}" --dtype bfloat16 --reps 2 "${SMALL[@]}" \
+    --methods eager,compile,memops_torch,memops_triton,cce,liger --json "$WORK/errors-small-bf16.json"
+step grpo-llama3-8b-bf16 50 "${BENCH[@]}" --loss grpo --preset llama3-8b --dtype bfloat16 --tokens "$TOKENS" --batch 8 \
+    --reps 3 --no-check --methods memops_triton,memops_torch,compile,eager,trl "${EXTRA[@]}" \
+    --json "$WORK/grpo-llama3-8b-bf16.json"
+step gemma2-2b-bf16 35 "${BENCH[@]}" --preset gemma2-2b --dtype bfloat16 --tokens "$TOKENS" --reps 3 --no-check \
+    --methods memops_triton,memops_torch,compile,floor "${EXTRA[@]}" --json "$WORK/gemma2-2b-bf16.json"
+step overhead 20 "${BENCH[@]}" --preset overhead --json "$WORK/overhead.json"
+echo "done in $((SECONDS - START))s: $OUT/gpu-bench.tar.gz"
+pack
 exit $status

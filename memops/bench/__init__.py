@@ -175,9 +175,16 @@ def _check_grpo(shapes: list[dict], args) -> list[dict]:
 
 
 def _run_shape(
-    args, shape: dict, methods: list[str], skipped: dict[str, str], progress: Progress, tmp: str
+    args, shape: dict, methods: list[str], skipped: dict[str, str], progress: Progress, tmp: str, done=None
 ) -> list[dict]:
+    """Every method's row at ``shape``; ``done(rows)`` (when given) gets the rows measured so far as each
+    one is measured (on CUDA after each method, on CPU after the round-robin)."""
     rows = {m: {"method": m, "status": "skipped", "error": why} for m, why in skipped.items()}
+
+    def report(new: dict) -> None:
+        if done is not None:
+            done(new, add_ratios([rows[m] for m in methods if m in rows]))
+
     runnable = [m for m in methods if m not in skipped]
     ref_file = None
     if not args.no_check:
@@ -206,6 +213,7 @@ def _run_shape(
         steps(workers)
         for wk in workers:
             rows[wk.method] = wk.result()
+            report(rows[wk.method])
     else:  # one process at a time: no other method's memory on the device
         for m in runnable:
             wk = Worker(args, m, shape, ref_file, tmp)
@@ -213,6 +221,7 @@ def _run_shape(
             progress.update(f"{m} warm-up")
             steps([wk])
             rows[m] = wk.result()
+            report(rows[m])
     return add_ratios([rows[m] for m in methods])
 
 
@@ -256,14 +265,11 @@ def main(args) -> int:
     runnable = len(methods) - len(skipped)
     progress = Progress(len(shapes) * ((0 if args.no_check else 1) + runnable * (1 + args.reps)))
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for shape in shapes:
-            rows = _run_shape(args, shape, methods, skipped, progress, tmp)
-            runs.append(dict(shape, rows=rows))
-            print(f"\n## N={shape['tokens']} D={shape['hidden']} V={shape['vocab']}\n", flush=True)
-            print(format_table(rows), flush=True)
-    print(f"\n{LEGEND}", flush=True)
-    if args.json:
+
+    def write_json(partial=None) -> None:
+        """The JSON file rewritten whole as each row arrives: a run cut short keeps what it measured."""
+        if not args.json:
+            return
         config = {
             k: getattr(args, k)
             for k in (
@@ -284,18 +290,37 @@ def main(args) -> int:
             )
         }
         config["methods"] = methods
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "config": config,
-                    "torch": torch.__version__,
-                    "device_name": device_name,
-                    "threads": torch.get_num_threads(),
-                    "runs": runs,
-                },
-                f,
-                indent=2,
-            )
+        data = {
+            "config": config,
+            "torch": torch.__version__,
+            "device_name": device_name,
+            "threads": torch.get_num_threads(),
+            "runs": runs + ([partial] if partial else []),
+            "complete": partial is None,
+        }
+        tmp_path = args.json + ".tmp"
+        with open(tmp_path, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp_path, args.json)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in shapes:
+
+            def done(row, so_far, shape=shape):
+                t = row.get("time_s")
+                print(
+                    f"row N={shape['tokens']} D={shape['hidden']} V={shape['vocab']}: {row['method']} "
+                    f"{row.get('status')}" + (f" {t * 1e3:.2f} ms" if isinstance(t, (int, float)) else ""),
+                    flush=True,
+                )
+                write_json(dict(shape, rows=so_far))
+
+            rows = _run_shape(args, shape, methods, skipped, progress, tmp, done)
+            runs.append(dict(shape, rows=rows))
+            print(f"\n## N={shape['tokens']} D={shape['hidden']} V={shape['vocab']}\n", flush=True)
+            print(format_table(rows), flush=True)
+            write_json()
+    print(f"\n{LEGEND}", flush=True)
     if args.plot:
         plot(
             runs,

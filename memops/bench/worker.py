@@ -61,14 +61,16 @@ def make_inputs(
 ):
     device = torch.device(device_name)
     dtype = getattr(torch, dtype_name)
-    g = torch.Generator().manual_seed(0)
+    # drawn where they are used, from a seeded generator there: a CPU draw of a [128256, 4096] weight takes
+    # seconds per worker, single-threaded (CUDA draws differ from CPU draws; each run's reference uses its own)
+    g = torch.Generator(device=device).manual_seed(0)
     n, d, v = shape["tokens"], shape["hidden"], shape["vocab"]
-    x = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
-    w = (torch.randn(v, d, generator=g) / d**0.5).to(device=device, dtype=dtype)
-    t = torch.randint(0, v, (n,), generator=g).to(device)
+    x = torch.randn(n, d, generator=g, device=device).to(dtype=dtype)
+    w = (torch.randn(v, d, generator=g, device=device) / d**0.5).to(dtype=dtype)
+    t = torch.randint(0, v, (n,), generator=g, device=device)
     if loss != "grpo":  # GRPO masks tokens through its completion mask instead
         # padding / prompt tokens, as in real batches: a random ``ignored`` fraction of the targets
-        t[torch.randperm(n, generator=g)[: round(ignored * n)].to(device)] = -100
+        t[torch.randperm(n, generator=g, device=device)[: round(ignored * n)]] = -100
     return x.requires_grad_(True), w.requires_grad_(True), t
 
 
