@@ -216,6 +216,30 @@ def test_overhead_preset(tmp_path, capsys):
     assert "| memops |" in capsys.readouterr().out
 
 
+def test_a_cut_run_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsys):
+    """Each row is printed and the JSON rewritten as it is measured: a run stopped after its first row still
+    leaves that row on disk (``complete: false``)."""
+    real = bench._run_shape
+
+    def cut_after_first_row(args, shape, methods, skipped, progress, tmp, done):
+        def stop(row, so_far):
+            done(row, so_far)
+            raise KeyboardInterrupt
+
+        return real(args, shape, methods, skipped, progress, tmp, stop)
+
+    monkeypatch.setattr(bench, "_run_shape", cut_after_first_row)
+    path = tmp_path / "cut.json"
+    args = _parse("--tokens", "16", "--hidden", "8", "--vocab", "64", "--methods", "eager,memops", "--reps", "1",
+                  "--no-check", "--json", str(path))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(args)
+    data = json.loads(path.read_text())
+    assert data["complete"] is False and [r["method"] for r in data["runs"][0]["rows"]] == ["eager"]
+    assert data["runs"][0]["rows"][0]["status"] == "ok"
+    assert "row N=16 D=8 V=64: eager ok" in capsys.readouterr().out
+
+
 def test_format_table_reports_failed_oom_and_skipped_methods():
     table = report.format_table(
         [
