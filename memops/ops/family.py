@@ -162,9 +162,12 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
     n_outputs = len(spec.outputs)
     diff = [k for k, name in enumerate(spec.outputs) if name in spec.differentiable]
 
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output, flat=None, layout=None):
+        """``flat`` / ``layout``: the inputs' tensors spread out (``_flat``), when the caller has them."""
         a = spec.bind(inputs)
-        flat, ctx.layout = _flat(spec.tensors(a))
+        if flat is None:
+            flat, layout = _flat(spec.tensors(a))
+        ctx.layout = layout
         ctx.save_for_backward(*flat)
         ctx.options = spec.option_values(a)
         fixed = [o for k, o in enumerate(output[:n_outputs]) if k not in diff]
@@ -233,12 +236,12 @@ def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
 
     class Fn(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, keyset, layout, n_flat, *flat_and_rest):
-            args = _unflat(flat_and_rest[:n_flat], layout) + list(flat_and_rest[n_flat:])
+        def forward(ctx, keyset, layout, rest, *flat):  # rest: the non-tensor arguments, as one tuple
+            args = _unflat(flat, layout) + list(rest)
             with torch._C._AutoDispatchBelowAutograd():
                 result = redispatch(keyset, args)
-            setup_context(ctx, args, result)
-            ctx.flat_layout = (layout, n_flat)
+            setup_context(ctx, args, result, flat, layout)
+            ctx.flat_layout = (layout, len(flat))
             if spec.forward_grads:
                 return (*result[:n_outputs], *result[n_outputs])
             return tuple(result)
@@ -249,14 +252,14 @@ def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
             flags = ctx.needs_input_grad
             prev = flags
             try:
-                ctx.needs_input_grad = tuple(_unflat(flags[3 : 3 + n_flat], layout)) + flags[3 + n_flat :]
+                ctx.needs_input_grad = tuple(_unflat(flags[3 : 3 + n_flat], layout))
                 result = backward(ctx, *grad_outputs[:n_outputs], list(grad_outputs[n_outputs:]))
             finally:
                 ctx.needs_input_grad = prev
             flat = []
             for g, n in zip(result[:n_inputs], layout):
                 flat.extend((g if g is not None else [None] * n) if n is not None else [g])
-            return (None, None, None, *flat, *result[n_inputs:])
+            return (None, None, None, *flat)
 
     Fn.__name__ = Fn.__qualname__ = f"MemopsBackward_{spec.name}"
 
@@ -269,7 +272,7 @@ def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
     def autograd_kernel(keyset, *args):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             flat, layout = _flat(args[:n_inputs])
-            out = Fn.apply(keyset, layout, len(flat), *flat, *args[n_inputs:])
+            out = Fn.apply(keyset, layout, tuple(args[n_inputs:]), *flat)
             return (*out[:n_outputs], list(out[n_outputs:])) if spec.forward_grads else out
         with torch._C._AutoDispatchBelowAutograd():
             return redispatch(keyset, args)
