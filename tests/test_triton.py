@@ -26,9 +26,11 @@ import test_bf16
 import test_linear_ce
 import test_logprobs
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import ref_grpo_loss, ref_linear_cross_entropy, ref_linear_logprobs, ref_logits, ref_logprob_extras
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import memops
 from memops.ops import triton_heads
@@ -217,12 +219,52 @@ def _param_sets(fn, grid):
 
 
 @pytest.mark.parametrize("name", sorted(REUSED))
-def test_edge_cases_of_the_torch_heads_hold_on_the_triton_heads(name):
+def test_edge_cases_of_the_torch_heads_hold_on_the_triton_heads(name, monkeypatch):
+    from memops.ops import plan
+
     fn, grid = REUSED[name]
     for kw in _param_sets(fn, grid):
-        all_ignored = name == "ce_all_ignored"  # no row is computed: nothing may launch
-        with triton_path(block=8, expect=not all_ignored):
+        with triton_path(block=8):  # small calls: every row computed
             fn(**kw)
+        if name == "ce_all_ignored":  # planned, no row is computed: nothing may launch
+            with monkeypatch.context() as m:
+                m.setattr(plan, "PLAN_MIN_MACS", 0)
+                with triton_path(block=8, expect=False):
+                    fn(**kw)
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        [0.5, float("inf"), -1.0, float("inf"), 2.0],  # +inf max, no NaN: lse +inf
+        [0.5, float("inf"), float("nan"), 1.0, 2.0],  # +inf and NaN: NaN
+        [float("-inf")] * 5,  # every logit -inf: lse -inf
+        [float("nan"), 0.5, -1.0, 3.0, 2.0],  # NaN first
+        [0.5, -1.0, 3.0, 2.0, float("nan")],  # NaN in the last tile
+        [0.5, float("-inf"), 3.0, 2.0, -4.0],  # finite max with a -inf
+    ],
+)
+def test_non_finite_rows_across_tiles(row):
+    """A row's NaN / inf pattern spread over several tiles (tile 2): the Triton heads' lse is
+    ``torch.logsumexp``'s, their loss, log-prob, entropy and top-1 are the reference's (the row's NaN is read
+    from the sum of exponentials, not counted per tile)."""
+    logits = torch.tensor(row, dtype=torch.float64)
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    w = torch.zeros(5, 3, dtype=torch.float64)  # logits = bias exactly, in every row
+    t = torch.tensor([1, 3])
+    want_lse = torch.logsumexp(logits, 0)
+    ref_loss = F.cross_entropy(logits.expand(2, 5), t, reduction="none")
+    ref_lp, ref_ent = ref_linear_logprobs(x, w, t, logits)
+    with triton_path(block=2):
+        loss, lse, top1 = memops.linear_cross_entropy(
+            x, w, t, logits, reduction="none", return_lse=True, return_is_top1=True
+        )
+        lp, ent = memops.linear_logprobs(x, w, t, logits, return_entropy=True)
+    torch.testing.assert_close(lse, want_lse.expand(2), equal_nan=True, rtol=0, atol=1e-12)
+    torch.testing.assert_close(loss, ref_loss, equal_nan=True, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lp, ref_lp, equal_nan=True, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ent, ref_ent, equal_nan=True, rtol=0, atol=1e-12)
+    assert torch.equal(top1, logits.expand(2, 5).argmax(1) == t)
 
 
 # ---- log-probs and GRPO -------------------------------------------------------------------------------
@@ -597,22 +639,23 @@ def test_launch_configurations_table_and_environment():
             assert out.returncode != 0 and "MEMOPS_TRITON_LAUNCH='1,2' is not one of" in out.stderr
 
 
+class Ops(TorchDispatchMode):
+    """Records every aten op run under it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def test_cuda_weight_gradient_accumulates_in_place_in_fp32():
     """Off the CPU a low-precision chunk's weight gradient is one fp32-output GEMM into the fp32 accumulator
     (``mm`` / ``addmm`` with ``out_dtype``): no product tensor and no extra pass over ``[V, D]`` per chunk.
     Shown on meta tensors, which take the same branch (the build's ops are the CUDA ones)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from memops.ops import engine
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     gw = torch.empty(50, 8, device="meta")
     dz, xc = (
@@ -663,20 +706,9 @@ def test_cuda_weight_gradient_accumulates_in_place_in_fp32():
 def test_weight_gradient_fallbacks_of_older_builds(monkeypatch, kind, ops_seen):
     """Builds whose addmm rejects an fp32 accumulator with bf16 operands ("mm"): fp32 partials through one
     scratch buffer reused by every chunk; builds without out_dtype ("cast"): the product, then an add."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from memops.ops import engine
 
     monkeypatch.setitem(engine._FP32_OUT_GEMM, "meta", kind)
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     gw = torch.empty(50, 8, device="meta")
     dz, xc = (torch.empty(6, n, dtype=torch.bfloat16, device="meta") for n in (50, 8))
@@ -719,8 +751,6 @@ def test_fp32_output_gemm_probed_once_and_warned_once(monkeypatch):
 def test_torch_heads_off_the_cpu_cast_each_chunks_gradient_once():
     """bf16 input, fp32 chunk logits, torch heads, off the CPU (meta tensors take that branch): each chunk's
     ``d logits`` is cast to bf16 once for both gradient GEMMs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from memops.ops import engine
 
     class Casts(TorchDispatchMode):

@@ -7,7 +7,8 @@ tiles twice at most:
 1. *statistics*: each tile is loaded, upcast to the compute dtype (fp32, fp64 for fp64 inputs) and turned
    into the final logits ``y = post * softcap(scale * z)``; the row max ``m``, ``s = sum exp(y - m)`` and
    what the head asks for (``sum exp(y - m) (y - m)`` for the entropy, ``sum exp(2 (y - m))``, ``sum y``,
-   the first arg-max, NaN count) are kept online, rescaled when ``m`` grows;
+   the first arg-max) are kept online, rescaled when ``m`` grows; whether the row holds a NaN is read from
+   ``s`` at the end;
 2. *gradient*: each tile is loaded again and ``d loss / d z = dy/dz * (p (A + B log p) + C + D onehot)``
    (``p = exp(y - m) / s``, per-row ``A, B, C, D`` from the head's formula) is stored over it in place, in
    ``Z``'s dtype, which the gradient GEMMs then read as they are.
@@ -83,9 +84,10 @@ def _row_stats(
     BLOCK: tl.constexpr,
     CDT: tl.constexpr,
 ):
-    """Online statistics of one row: (m, s, ent_sum, sq_sum, y_sum, argmax, nan_count).
+    """Online statistics of one row: (m, s, ent_sum, sq_sum, y_sum, argmax, nans).
 
-    ``m`` is the max over non-NaN logits, ``s = sum exp(y - m)``, ``ent_sum = sum exp(y - m) (y - m)``,
+    ``nans`` is 1 for a row with a NaN logit and 0 without, read from ``s`` once after the loop (no count
+    reduction per tile).  ``m`` is the max over non-NaN logits, ``s = sum exp(y - m)``, ``ent_sum = sum exp(y - m) (y - m)``,
     ``sq_sum = sum exp(2 (y - m))``, ``y_sum = sum y``; the shift is 0 while the max is ``-inf``."""
     ninf = float("-inf")
     big = V + 1
@@ -94,7 +96,6 @@ def _row_stats(
     ent = tl.zeros([], CDT)
     sq = tl.zeros([], CDT)
     tot = tl.zeros([], CDT)
-    nans = tl.zeros([], tl.int32)
     best = tl.full([], ninf, CDT)
     best_i = tl.full([], big, tl.int32)
     nan_i = tl.full([], big, tl.int32)
@@ -103,7 +104,6 @@ def _row_stats(
         mask = cols < V
         y, _ = _logits(z_row, cols, mask, p_scale, p_softcap, p_post, SOFTCAP, CDT)
         isnan = y != y
-        nans += tl.sum(isnan.to(tl.int32), axis=0)
         y_num = tl.where(isnan, ninf, y)
         t_max = tl.max(y_num, axis=0)
         if ARGMAX:
@@ -114,8 +114,10 @@ def _row_stats(
             nan_i = tl.minimum(nan_i, tl.min(tl.where(isnan, cols, big), axis=0))
         m_new = tl.maximum(m, t_max)
         shift = tl.where(m_new == ninf, 0.0, m_new)
-        alpha = tl.exp(m - shift)
-        e = tl.where(mask, tl.exp(y - shift), 0.0)
+        # exp(0) where a value equals the shift (the same 1 for finite values; 1, not NaN, for a +inf), so
+        # s is NaN exactly when the row holds a NaN and counts the +inf logits of a row whose max is +inf
+        alpha = tl.where(m == shift, 1.0, tl.exp(m - shift))
+        e = tl.where(mask, tl.where(y == shift, 1.0, tl.exp(y - shift)), 0.0)
         if ENTROPY:  # sum e (y - m) re-based from the old shift to the new one
             old = tl.where(m == ninf, 0.0, m)
             moved = tl.where(s == 0, 0.0, (old - shift) * s)
@@ -126,6 +128,7 @@ def _row_stats(
             tot += tl.sum(tl.where(mask, y, 0.0), axis=0)
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new
+    nans = (s != s).to(tl.int32)  # 1 for a row with a NaN logit (NaN reaches s), else 0: no count per tile
     arg = tl.where(nans > 0, nan_i, best_i)
     return m, s, ent, sq, tot, arg, nans
 
