@@ -208,14 +208,9 @@ def _errors(fn, x, w, t, ref) -> dict:
 def _inputs(tokens, hidden, vocab, dtype, device, loss, seed=0):
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, hidden, generator=g)
-    w = torch.randn(vocab, hidden, generator=g) / hidden**0.5
-    t = torch.randint(0, vocab, (tokens,), generator=g)
-    if loss != "grpo":
-        t[torch.randperm(tokens, generator=g)[: tokens // 10]] = -100
-    cast = lambda v: v.to(device=device, dtype=getattr(torch, dtype)).requires_grad_()  # noqa: E731
-    return cast(x), cast(w), t.to(device)
+    from .bench.worker import make_inputs
+
+    return make_inputs({"tokens": tokens, "hidden": hidden, "vocab": vocab}, dtype, device, torch, loss, seed=seed)
 
 
 def self_test(device: str, dtype: str) -> list[dict]:

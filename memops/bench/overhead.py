@@ -16,16 +16,6 @@ METHODS = ("eager", "compile", "torch_lce", "memops")
 SHAPE = {"tokens": 8, "hidden": 16, "vocab": 128}
 
 
-def _inputs(tokens: int, hidden: int, vocab: int, dtype, device: str):
-    import torch
-
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(tokens, hidden, generator=g, device=device).to(dtype).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=g, device=device) / hidden**0.5).to(dtype).requires_grad_()
-    t = torch.randint(0, vocab, (tokens,), generator=g, device=device)
-    return x, w, t
-
-
 def measure(
     tokens: int = SHAPE["tokens"],
     hidden: int = SHAPE["hidden"],
@@ -42,10 +32,11 @@ def measure(
     import torch
 
     from .methods import build, unavailable
+    from .worker import make_inputs
 
     if threads:
         torch.set_num_threads(threads)
-    x, w, t = _inputs(tokens, hidden, vocab, getattr(torch, dtype), device)
+    x, w, t = make_inputs({"tokens": tokens, "hidden": hidden, "vocab": vocab}, dtype, device, torch, ignored=0.0)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     steps, rows = {}, []
     for m in methods:

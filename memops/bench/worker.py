@@ -57,13 +57,19 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def make_inputs(
-    shape: dict, dtype_name: str, device_name: str, torch, loss: str = "cross_entropy", ignored: float = 0.1
+    shape: dict,
+    dtype_name: str,
+    device_name: str,
+    torch,
+    loss: str = "cross_entropy",
+    ignored: float = 0.1,
+    seed: int = 0,
 ):
     device = torch.device(device_name)
     dtype = getattr(torch, dtype_name)
     # drawn where they are used, from a seeded generator there: a CPU draw of a [128256, 4096] weight takes
     # seconds per worker, single-threaded (CUDA draws differ from CPU draws; each run's reference uses its own)
-    g = torch.Generator(device=device).manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(seed)
     n, d, v = shape["tokens"], shape["hidden"], shape["vocab"]
     x = torch.randn(n, d, generator=g, device=device).to(dtype=dtype)
     w = (torch.randn(v, d, generator=g, device=device) / d**0.5).to(dtype=dtype)

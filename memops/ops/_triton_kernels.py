@@ -87,8 +87,9 @@ def _row_stats(
     """Online statistics of one row: (m, s, ent_sum, sq_sum, y_sum, argmax, nans).
 
     ``nans`` is 1 for a row with a NaN logit and 0 without, read from ``s`` once after the loop (no count
-    reduction per tile).  ``m`` is the max over non-NaN logits, ``s = sum exp(y - m)``, ``ent_sum = sum exp(y - m) (y - m)``,
-    ``sq_sum = sum exp(2 (y - m))``, ``y_sum = sum y``; the shift is 0 while the max is ``-inf``."""
+    reduction per tile).  ``m`` is the max over non-NaN logits, ``s = sum exp(y - m)``,
+    ``ent_sum = sum exp(y - m) (y - m)``, ``sq_sum = sum exp(2 (y - m))``, ``y_sum = sum y``; the shift is 0
+    while the max is ``-inf``."""
     ninf = float("-inf")
     big = V + 1
     m = tl.full([], ninf, CDT)
