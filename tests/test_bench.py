@@ -369,7 +369,7 @@ def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [p.name for p in out.iterdir()] == ["gpu-bench.tar.gz"]
     with tarfile.open(out / "gpu-bench.tar.gz") as tar:
-        tar.extractall(tmp_path, filter="data")
+        tar.extractall(tmp_path, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     got = tmp_path / "gpu-bench"
     doctor = json.loads((got / "doctor.json").read_text())
     assert doctor["verdict"].startswith("OK"), doctor["verdict"]
