@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from .bench.worker import describe
+
 # a self-test passes when memops' error against float64 is within FACTOR x the unfused code's error in the
 # same dtype, or under the dtype's floor (a relative error, of the loss and of max |gradient|)
 FACTOR = 2.0
@@ -205,6 +207,14 @@ def _errors(fn, x, w, t, ref) -> dict:
     }
 
 
+def _reference(fn, x, w, t) -> tuple:
+    """``fn``'s loss and input / weight gradients in float64 at ``x``, ``w`` (the unfused reference)."""
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    loss = fn(xr, wr, t)
+    loss.backward()
+    return loss.detach(), xr.grad, wr.grad
+
+
 def _inputs(tokens, hidden, vocab, dtype, device, loss, seed=0):
     import torch
 
@@ -230,10 +240,7 @@ def self_test(device: str, dtype: str) -> list[dict]:
         label = loss + (f" softcap={softcap:g}" if softcap else "")
         x, w, t = _inputs(n, d, v, dtype, device, loss)
         make = lambda m, loss=loss, softcap=softcap: build(m, loss, softcap, device, tokens=n, vocab=v, batch=8)  # noqa: E731
-        xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-        lr = make("reference")(xr, wr, t)
-        lr.backward()
-        ref = (lr.detach(), xr.grad, wr.grad)
+        ref = _reference(make("reference"), x, w, t)
         eager = _errors(make("eager"), x, w, t, ref)
         for heads in head_sets if loss in TRITON_FAMILIES else ["torch"]:
             how = " heads, interpreted" if heads == "triton" and not device.startswith("cuda") else " heads"
@@ -248,7 +255,7 @@ def self_test(device: str, dtype: str) -> list[dict]:
                 if worst:
                     row["why"] = f"{', '.join(worst)} above {FACTOR:g}x the unfused code's error"
             except Exception as exc:  # noqa: BLE001  (reported in the table)
-                row["status"], row["why"] = "FAIL", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+                row["status"], row["why"] = "FAIL", describe(exc)
             results.append(row)
     results.append(_weight_grad_check(device, dtype))
     results.append(_graph_capture(device, dtype))
@@ -263,10 +270,7 @@ def _weight_grad_check(device: str, dtype: str) -> dict:
 
     n, d, v = 256, 64, 1000
     x, w, t = _inputs(n, d, v, dtype, device, "cross_entropy", seed=1)
-    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    lr = build("reference", "cross_entropy", None, device)(xr, wr, t)
-    lr.backward()
-    ref = (lr.detach(), xr.grad, wr.grad)
+    ref = _reference(build("reference", "cross_entropy", None, device), x, w, t)
     eager = _errors(build("eager", "cross_entropy", None, device), x, w, t, ref)
     err = _errors(lambda a, b, c: memops.linear_cross_entropy(a, b, c, chunk_size=n // 8), x, w, t, ref)
     bound = max(FACTOR * eager["grad_weight"], FLOOR[dtype])
@@ -303,7 +307,7 @@ def _graph_capture(device: str, dtype: str) -> dict:
         ok = torch.allclose(loss.detach().float(), want.float(), rtol=1e-3)
         return dict(row, status="OK" if ok else "FAIL", **({} if ok else {"why": "replayed loss differs"}))
     except Exception as exc:  # noqa: BLE001
-        return dict(row, status="FAIL", why=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
+        return dict(row, status="FAIL", why=describe(exc))
 
 
 def speed_probe(tokens: int, hidden: int, vocab: int, dtype: str, device: str, seconds: float) -> list[dict]:
@@ -339,7 +343,7 @@ def speed_probe(tokens: int, hidden: int, vocab: int, dtype: str, device: str, s
             if cuda:
                 row["peak_extra_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
         except Exception as exc:  # noqa: BLE001  (an OOM of the unfused code is a result)
-            row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
+            row["error"] = describe(exc, 160)
         x.grad = w.grad = None
         rows.append(row)
     floor = next((r.get("ms") for r in rows if r["method"] == "three matmuls"), None)

@@ -395,3 +395,11 @@ def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
     assert target["floor"]["status"] == target["compile"]["status"] == "ok"
     assert {r["method"] for r in json.loads((got / "overhead.json").read_text())["rows"]} >= {"eager", "memops"}
     assert "row N=16 D=8 V=64: memops_triton ok" in proc.stdout  # each row printed as it is measured
+
+
+def test_describe_gives_one_line_even_for_an_empty_message():
+    from memops.bench.worker import describe
+
+    assert describe(RuntimeError("out of memory\nmore detail")) == "RuntimeError: out of memory"
+    assert describe(RuntimeError()) == "RuntimeError: "
+    assert describe(ValueError("x" * 300), 10) == "ValueError: " + "x" * 10

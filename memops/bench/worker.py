@@ -56,6 +56,12 @@ def is_oom(exc: BaseException) -> bool:
     return any(s in str(exc).lower() for s in _OOM_TEXT)
 
 
+def describe(exc: BaseException, width: int = 200) -> str:
+    """An exception as one line for a results row: its type and the first line of its message."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:width]}"
+
+
 def make_inputs(
     shape: dict,
     dtype_name: str,
@@ -174,7 +180,7 @@ def run_worker(args) -> None:
         step()  # warm-up (and compilation)
         peak = _peak_extra_bytes(step, x, w, cuda, torch)
     except Exception as exc:  # noqa: BLE001  (reported in the method's row)
-        _say({"oom": is_oom(exc), "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"})
+        _say({"oom": is_oom(exc), "error": describe(exc)})
         return
     steady_state_malloc()
     _say({"ready": True})
@@ -196,7 +202,7 @@ def run_worker(args) -> None:
                 loss = step()
                 times.append(time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001
-            _say({"oom": is_oom(exc), "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"})
+            _say({"oom": is_oom(exc), "error": describe(exc)})
             return
         _say({"time_s": times[-1]})
     out = {

@@ -162,11 +162,9 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
     n_outputs = len(spec.outputs)
     diff = [k for k, name in enumerate(spec.outputs) if name in spec.differentiable]
 
-    def setup_context(ctx, inputs, output, flat=None, layout=None):
-        """``flat`` / ``layout``: the inputs' tensors spread out (``_flat``), when the caller has them."""
+    def setup_context(ctx, inputs, output, flat, layout):
+        """``flat`` / ``layout``: the inputs' tensors spread out, as :func:`_flat` gives them."""
         a = spec.bind(inputs)
-        if flat is None:
-            flat, layout = _flat(spec.tensors(a))
         ctx.layout = layout
         ctx.save_for_backward(*flat)
         ctx.options = spec.option_values(a)
@@ -241,14 +239,14 @@ def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
             with torch._C._AutoDispatchBelowAutograd():
                 result = redispatch(keyset, args)
             setup_context(ctx, args, result, flat, layout)
-            ctx.flat_layout = (layout, len(flat))
             if spec.forward_grads:
                 return (*result[:n_outputs], *result[n_outputs])
             return tuple(result)
 
         @staticmethod
         def backward(ctx, *grad_outputs):
-            layout, n_flat = ctx.flat_layout
+            layout = ctx.layout  # setup_context's
+            n_flat = sum(1 if n is None else n for n in layout)
             flags = ctx.needs_input_grad
             prev = flags
             try:
