@@ -29,6 +29,7 @@ class _Settings:
     chunk_size: int | None = None
     budget_bytes: int | None = None
     kernels: str = "auto"
+    sync_free: bool = False
 
 
 KERNELS = ("auto", "triton", "torch")
@@ -91,6 +92,39 @@ def kernels(kind: str) -> Iterator[None]:
         yield
     finally:
         _settings.kernels = old
+
+
+def set_sync_free(on: bool) -> None:
+    """Turn the sync-free path on (``True``) or back to the default (``False``) for every later call.
+
+    Sync-free, an op never makes the host wait for the device: every row is computed (an ignored or masked
+    row with a zero coefficient, the NaN/inf rules unchanged), ``num_items`` stays where it is, and
+    out-of-range targets are caught by a device-side assert (``torch._assert_async``: on CUDA the next
+    synchronizing call raises, as ``F.cross_entropy``'s own check does; on CPU the op raises at once).  A call
+    whose inputs are on a CUDA stream that is being captured into a graph is sync-free whatever this says.
+    The default skips the rows whose result reaches nothing (padding, prompt tokens), which costs a sync.
+    """
+    if not isinstance(on, bool):
+        raise TypeError(f"set_sync_free takes a bool, got {type(on).__name__}")
+    _settings.sync_free = on
+
+
+@contextlib.contextmanager
+def sync_free(on: bool = True) -> Iterator[None]:
+    """Temporarily turn the sync-free path on (see :func:`set_sync_free`)."""
+    old = _settings.sync_free
+    set_sync_free(on)
+    try:
+        yield
+    finally:
+        _settings.sync_free = old
+
+
+def is_sync_free(t: torch.Tensor) -> bool:
+    """Whether a call on ``t``'s device runs sync-free: :func:`set_sync_free`, or ``t``'s CUDA stream capturing."""
+    if _settings.sync_free:
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def default_budget(device: torch.device) -> int:

@@ -20,6 +20,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     import torch.distributed as dist
 
+from . import config
 from .meta.vocab_parallel import SPEC as VOCAB_PARALLEL
 from .ops import family
 from .ops.linear_ce import linear_cross_entropy
@@ -63,9 +64,15 @@ def _dtensor_parts(weight, bias, input):
 
 
 def _shard_layout(weight: Tensor, group) -> tuple[int, int]:
-    """``(vocab_start, vocab_size)`` from every rank's shard row count, in rank order."""
+    """``(vocab_start, vocab_size)`` from every rank's shard row count, in rank order (one all-gather, read on
+    the host: not in sync-free calls, which must be given the layout)."""
     from .ops.vocab_parallel import all_gather
 
+    if config.is_sync_free(weight):
+        raise ValueError(
+            "vocab_parallel_cross_entropy: a sync-free call (memops.set_sync_free, CUDA-graph capture) cannot read "
+            "the shard layout from the group; pass vocab_start and vocab_size"
+        )
     rows = torch.tensor([weight.shape[0]], dtype=torch.int64, device=weight.device)
     sizes = all_gather(rows, group).tolist()
     rank = torch.distributed.get_rank(group)
@@ -95,10 +102,11 @@ def vocab_parallel_cross_entropy(
 
     Each rank passes the same ``input`` and ``target`` and its own ``[V_local, D]`` shard holding rows
     ``[vocab_start, vocab_start + V_local)`` of the full ``[vocab_size, D]`` weight (shards may be uneven).
-    ``vocab_start``/``vocab_size`` default to the ranks' shards in rank order (one small all-gather; pass
-    them explicitly inside ``torch.compile``d code).  ``weight`` may also be a DTensor sharded
-    ``(Shard(0),)`` on a 1-D mesh (then ``group`` and the layout come from it).  Every rank gets the full
-    loss; the input gradient is the full one; the weight/bias gradients are the rank's shard's.
+    ``vocab_start``/``vocab_size`` default to the ranks' shards in rank order (one small all-gather read on
+    the host; pass them explicitly inside ``torch.compile``d code and in sync-free calls).  ``weight`` may
+    also be a DTensor sharded ``(Shard(0),)`` on a 1-D mesh (then ``group`` and the layout come from it).
+    Every rank gets the full loss; the input gradient is the full one; the weight/bias gradients are the
+    rank's shard's.
     """
     from torch.distributed.tensor import DTensor
 

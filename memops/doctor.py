@@ -11,7 +11,8 @@ Run it first on any machine, and paste its output into a bug report.  In order:
 * **self-test** on the device at small shapes: every family (cross-entropy plain and soft-capped, a
   transform, GRPO, distillation) with each head set available, loss and gradients against the unfused
   computation in float64, next to the unfused code's own error in the same dtype; the weight gradient
-  summed over 8 chunks; a CUDA-graph capture of one step (CUDA only);
+  summed over 8 chunks; CUDA-graph captures of a cross-entropy and a GRPO step replayed on new data,
+  and a ``torch.compile(mode="reduce-overhead")`` training step (CUDA only);
 * **speed probe** (``--seconds``, default 20): memops vs the unfused code vs the three projection matmuls
   alone at the given shape.
 
@@ -258,7 +259,7 @@ def self_test(device: str, dtype: str) -> list[dict]:
                 row["status"], row["why"] = "FAIL", describe(exc)
             results.append(row)
     results.append(_weight_grad_check(device, dtype))
-    results.append(_graph_capture(device, dtype))
+    results.extend(_graph_capture(device, dtype))
     return results
 
 
@@ -280,32 +281,110 @@ def _weight_grad_check(device: str, dtype: str) -> dict:
             **({} if ok else {"why": "grad_weight above the bound"})}  # fmt: skip
 
 
-def _graph_capture(device: str, dtype: str) -> dict:
+CAPTURED = ("cross_entropy", "grpo")  # the families whose step a CUDA graph captures in the self-test
+
+
+def _graph_capture(device: str, dtype: str) -> list[dict]:
+    """Each of :data:`CAPTURED`: one forward+backward step captured in a ``torch.cuda.CUDAGraph`` (sync-free by
+    itself: the stream is capturing), replayed on new data and compared with eager on that data; and one
+    ``torch.compile(mode="reduce-overhead")`` training step (inductor's CUDA graphs) against eager."""
+    rows = [_capture_step(loss, device, dtype) for loss in CAPTURED]
+    rows.append(_reduce_overhead_step(device, dtype))
+    return rows
+
+
+def _capture_step(loss: str, device: str, dtype: str, dry_run: bool = False) -> dict:
+    """``dry_run`` (CPU, for the tests): the same steps with the captured step re-run in place of a replay."""
+    import torch
+
+    from .bench.methods import build
+
+    row = {"check": f"CUDA-graph capture of a {loss} step, replayed on new data"}
+    if not device.startswith("cuda") and not dry_run:
+        return dict(row, status="n/a", why="CPU")
+    n, d, v = 256, 64, 1000
+    step = build("memops", loss, None, device, tokens=n, vocab=v, batch=8)
+    x, w, t = _inputs(n, d, v, dtype, device, loss)
+    held = {}
+
+    def body():  # grads allocated inside the capture: a replay overwrites them, nothing accumulates
+        x.grad = w.grad = None
+        held["loss"] = step(x, w, t)
+        held["loss"].backward()
+
+    try:
+        replay = body
+        if device.startswith("cuda"):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: kernels compiled, probes made, outside the capture
+                for _ in range(2):
+                    body()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                body()
+            replay = graph.replay
+        else:
+            body()
+        worst = 0.0
+        for seed in (1, 2):
+            x2, w2, t2 = _inputs(n, d, v, dtype, device, loss, seed=seed)
+            with torch.no_grad():
+                x.copy_(x2)
+                w.copy_(w2)
+                t.copy_(t2)
+            replay()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            want = step(x2, w2, t2)
+            want.backward()
+            for got, ref in ((held["loss"], want), (x.grad, x2.grad), (w.grad, w2.grad)):
+                got, ref = got.detach().double(), ref.detach().double()
+                worst = max(worst, float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-30)))
+        ok = worst <= FLOOR[dtype]
+        return dict(row, error=worst, bound=FLOOR[dtype], status="OK" if ok else "FAIL",
+                    **({} if ok else {"why": "replayed step differs from eager"}))  # fmt: skip
+    except Exception as exc:  # noqa: BLE001
+        return dict(row, status="FAIL", why=describe(exc))
+
+
+def _reduce_overhead_step(device: str, dtype: str, dry_run: bool = False) -> dict:
+    """``dry_run``: run it on CPU too (inductor's compile path there, no CUDA graphs)."""
+    import copy
+
     import torch
 
     import memops
 
-    row = {"check": "CUDA-graph capture of one cross-entropy step"}
-    if not device.startswith("cuda"):
-        return dict(row, status="n/a", why="CPU")
-    x, w, t = _inputs(64, 64, 1000, dtype, device, "cross_entropy")
+    row = {"check": 'torch.compile(mode="reduce-overhead") training step'}
+    if not device.startswith("cuda") and not dry_run:
+        return dict(row, status="n/a", why="CPU (tests/test_sync_free.py runs the compile path there)")
+    n, d, v = 256, 64, 1000
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                memops.linear_cross_entropy(x, w, t).backward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        x.grad = w.grad = None
-        with torch.cuda.graph(graph):
-            loss = memops.linear_cross_entropy(x, w, t)
-            loss.backward()
-        graph.replay()
-        torch.cuda.synchronize()
-        want = memops.linear_cross_entropy(x.detach(), w.detach(), t)
-        ok = torch.allclose(loss.detach().float(), want.float(), rtol=1e-3)
-        return dict(row, status="OK" if ok else "FAIL", **({} if ok else {"why": "replayed loss differs"}))
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.Tanh(), torch.nn.Linear(d, v, bias=False))
+        models = [m.to(device=device, dtype=getattr(torch, dtype)) for m in (model, copy.deepcopy(model))]
+
+        def loss_of(model, x, t):
+            return memops.linear_cross_entropy(model[1](model[0](x)), model[2].weight, t)
+
+        compiled = torch.compile(loss_of, mode="reduce-overhead")
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+        worst = 0.0
+        for seed in range(4):  # cudagraph trees: warm-up, capture, then replays
+            x, _, t = _inputs(n, d, v, dtype, device, "cross_entropy", seed=seed)
+            losses = []
+            for fn, model, opt in zip((loss_of, compiled), models, opts):
+                opt.zero_grad()
+                out = fn(model, x.detach(), t)
+                out.backward()
+                opt.step()
+                losses.append(out.detach().double().clone())
+            worst = max(worst, float((losses[0] - losses[1]).abs() / losses[0].abs()))
+        ok = worst <= 10 * FLOOR[dtype]  # four optimizer steps apart, in dtype
+        return dict(row, error=worst, bound=10 * FLOOR[dtype], status="OK" if ok else "FAIL",
+                    **({} if ok else {"why": "compiled losses drift from eager's"}))  # fmt: skip
     except Exception as exc:  # noqa: BLE001
         return dict(row, status="FAIL", why=describe(exc))
 

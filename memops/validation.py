@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import config
 from .registry import get_transform
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -80,15 +81,22 @@ def check_target(input: torch.Tensor, target: torch.Tensor, name: str = "target"
 
 
 def check_target_range(target: torch.Tensor, vocab: int, ignore_index: int | None, name: str = "target") -> None:
-    """Every entry is in ``[0, vocab)`` or equals ``ignore_index`` when there is one (reads tensor data)."""
+    """Every entry is in ``[0, vocab)`` or equals ``ignore_index`` when there is one (reads tensor data).
+
+    Sync-free (``memops.set_sync_free``, CUDA-graph capture) the check is a device-side assert: on CPU it
+    raises at once, on CUDA at the next call that synchronizes (the CUDA context is then unusable, as after
+    ``F.cross_entropy``'s own device assert), with the same message less the offending value."""
     if target.numel() == 0:
         return
     bad = (target < 0) | (target >= vocab)
     if ignore_index is not None:
         bad &= target != ignore_index
+    also = "" if ignore_index is None else f" and is not ignore_index ({ignore_index})"
+    if config.is_sync_free(target):
+        torch._assert_async(bad.any().logical_not(), f"memops: a {name} value is out of range [0, {vocab}){also}")
+        return
     if bool(bad.any()):
         value = int(target[bad].flatten()[0])
-        also = "" if ignore_index is None else f" and is not ignore_index ({ignore_index})"
         _fail(f"{name} value {value} is out of range [0, {vocab}){also}")
 
 

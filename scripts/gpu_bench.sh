@@ -5,12 +5,15 @@
 #   0. peers (liger-kernel, cut-cross-entropy: pure Python + Triton) installed from wheels carried in the tree,
 #      --no-deps --no-index, when scripts/wheels/*.whl exist (scripts/fetch_peer_wheels.sh puts them there);
 #   1. python -m memops doctor: versions, GPU, kernel choice, chunk plan, every family against float64 on the
-#      device (torch and Triton heads), the weight-gradient path, a CUDA-graph capture, a speed probe;
+#      device (torch and Triton heads), the weight-gradient path, CUDA-graph captures of a cross-entropy and
+#      a GRPO step replayed on new data, a torch.compile(mode="reduce-overhead") training step, a speed probe;
 #   2. the target step: llama3-8b head (D=4096, V=128256), 16384 tokens, bf16, forward + backward:
-#      memops (Triton and torch heads) vs the three matmuls alone and torch.compile, then eager, CCE, Liger
+#      memops (Triton and torch heads, and sync-free) vs the three matmuls alone and torch.compile, then
+#      eager, CCE, Liger
 #      (no float64 reference at this size: run 3 checks errors);
 #   3. errors against float64 at a small shape (N=1024, D=1024, V=32000, bf16), every method;
-#   4. a GRPO step (bf16) vs the unfused code and TRL's chunked log-prob kernel, when TRL is installed;
+#   4. a GRPO step (bf16; memops default and sync-free) vs the unfused code and TRL's chunked log-prob kernel,
+#      when TRL is installed;
 #   5. gemma2-2b (soft-capped logits), bf16;
 #   6. the fixed cost per call (--preset overhead).
 # Each step has its own time limit and the script stops starting steps at its deadline (MEMOPS_BENCH_BUDGET,
@@ -63,12 +66,12 @@ BENCH=("$PY" -m memops bench --device "$DEVICE")
 step doctor 75 "$PY" -m memops doctor --device "$DEVICE" --seconds 15 "${EXTRA[@]}" --tokens "$TOKENS" \
     --json "$WORK/doctor.json"
 step target-llama3-8b-bf16 80 "${BENCH[@]}" --preset llama3-8b --dtype bfloat16 --tokens "$TOKENS" --reps 5 --no-check \
-    --methods memops_triton,floor,compile,memops_torch,eager,cce,liger "${EXTRA[@]}" \
+    --methods memops_triton,floor,compile,memops_torch,memops_sync_free,eager,cce,liger "${EXTRA[@]}" \
     --json "$WORK/target-llama3-8b-bf16.json"
 step errors-small-bf16 40 "${BENCH[@]}" --dtype bfloat16 --reps 2 "${SMALL[@]}" \
     --methods eager,compile,memops_torch,memops_triton,cce,liger --json "$WORK/errors-small-bf16.json"
 step grpo-llama3-8b-bf16 50 "${BENCH[@]}" --loss grpo --preset llama3-8b --dtype bfloat16 --tokens "$TOKENS" --batch 8 \
-    --reps 3 --no-check --methods memops_triton,memops_torch,compile,eager,trl "${EXTRA[@]}" \
+    --reps 3 --no-check --methods memops_triton,memops_torch,memops_sync_free,compile,eager,trl "${EXTRA[@]}" \
     --json "$WORK/grpo-llama3-8b-bf16.json"
 step gemma2-2b-bf16 35 "${BENCH[@]}" --preset gemma2-2b --dtype bfloat16 --tokens "$TOKENS" --reps 3 --no-check \
     --methods memops_triton,memops_torch,compile,floor "${EXTRA[@]}" --json "$WORK/gemma2-2b-bf16.json"

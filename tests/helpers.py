@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -108,3 +109,83 @@ def launch(argv: list[str], world: int, timeout: float = 240, env: dict | None =
             if p.poll() is None:
                 p.kill()
     return results
+
+
+class Syncs:
+    """Counts, in ``seen``, every operation inside the block that makes the host wait for the device, as it
+    would on CUDA: reading a value (``_local_scalar_dense``: ``item``, ``bool``, ``int``; ``is_nonzero``,
+    ``equal``), an output sized by the data (``nonzero``, ``masked_select``, ``unique``, boolean-mask
+    indexing), a copy to the CPU (``_to_copy`` / ``copy_`` / ``.cpu()`` / ``.to("cpu")`` / ``tolist`` /
+    ``numpy``, counted at the Python call even on CPU tensors, where nothing moves).
+
+    It sees inside memops' ops: a memops op reaching the dispatch mode runs its real kernel
+    (``memops.ops.family.IMPLS``) with the counter still on.  The mode only watches (``observes_only``), so
+    memops' eager-only paths (donated gradients) run as without it.
+    """
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def __enter__(self):
+        import torch
+        from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from memops.ops import family
+
+        seen = self.seen
+        cpu = torch.device("cpu")
+        copies = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}
+
+        def to_cpu(args, kwargs) -> bool:
+            for v in (*args[1:], kwargs.get("device")):
+                if (isinstance(v, str) and v.startswith("cpu")) or v == cpu:
+                    return True
+            return False
+
+        class Functions(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func in copies or (func is torch.Tensor.to and to_cpu(args, kwargs)):
+                    seen.append(f"Tensor.{func.__name__}")
+                return func(*args, **kwargs)
+
+        functions = Functions()
+
+        class Dispatch(TorchDispatchMode):
+            observes_only = True
+            DATA_SIZED = {
+                "aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique2", "aten::unique_dim",
+                "aten::unique_consecutive",
+            }  # fmt: skip
+            # one sync each: a read called from Python at the top reaches the mode as ``_local_scalar_dense``;
+            # inside a memops kernel (below autograd) as the op called, ``item`` or ``is_nonzero``
+            READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal"}
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = func._schema.name
+                if name.startswith("memops::"):
+                    impl = family.IMPLS[name.split("::", 1)[1]]
+                    on = functions in _get_current_function_mode_stack()
+                    with self, contextlib.nullcontext() if on else functions:
+                        return impl(*args, **kwargs)
+                bool_index = name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ())
+                )
+                to_host = (name == "aten::_to_copy" and kwargs.get("device") == cpu and args[0].device != cpu) or (
+                    name == "aten::copy_" and args[0].device == cpu and args[1].device != cpu
+                )
+                if name in self.READS or name in self.DATA_SIZED or bool_index or to_host:
+                    seen.append(name)
+                return func(*args, **kwargs)
+
+        self._modes = [functions, Dispatch()]
+        for m in self._modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for m in reversed(self._modes):
+            m.__exit__(*exc)
+        return False

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import backward_op_args
+from helpers import Syncs, backward_op_args
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import memops
@@ -171,6 +171,34 @@ def _leaves(args, spec):
         if i.grad and v is not None:
             leaves.extend(v if isinstance(v, list) else [v])
     return leaves
+
+
+@pytest.mark.parametrize("name", _discovered())
+def test_sync_free_forward_and_backward_make_no_sync(name, plan_small_calls):
+    """Sync-free (``memops.sync_free()``), the op's forward with its gradients, autograd's backward and the
+    backward op recomputing every gradient (``have`` all False) make no device-to-host sync; without it the
+    same calls make some (the counter sees inside the op).  Rows are planned at every size here."""
+    spec = SPECS[name]
+
+    def calls():
+        g = torch.Generator().manual_seed(3)
+        args = _requiring_grad(SAMPLES[name](6, g), spec)
+        out = spec.op()(*args)
+        _scalar(spec, out).backward()
+        grads = [torch.randn(o.shape, generator=g) for n, o in zip(spec.outputs, out) if n in spec.differentiable]
+        bargs = list(backward_op_args(name, args, grads))
+        bargs[-1] = [False] * len(bargs[-1])  # nothing precomputed: the recompute path
+        spec.backward_op()(*bargs)
+
+    from memops.ops import vocab_parallel
+
+    with Syncs() as default:
+        calls()
+    vocab_parallel._TILED.clear()  # the shard layout's first check, sync-free: a device-side assert
+    with memops.sync_free(), Syncs() as free:
+        calls()
+    assert default.seen, f"{name}: the counter saw no sync in the default path"
+    assert free.seen == [], f"{name}: sync-free path synced: {free.seen}"
 
 
 @pytest.mark.parametrize("name", _discovered())

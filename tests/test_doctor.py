@@ -38,7 +38,9 @@ def test_doctor_runs_on_cpu(tmp_path, capsys, dtype):
         assert row["status"] == "OK", row
         assert set(row["error"]) == {"loss", "grad_input", "grad_weight"}
     assert checks["weight gradient over 8 chunks"]["status"] == "OK"
-    assert checks["CUDA-graph capture of one cross-entropy step"]["status"] == "n/a"
+    for family in doctor.CAPTURED:
+        assert checks[f"CUDA-graph capture of a {family} step, replayed on new data"]["status"] == "n/a"
+    assert checks['torch.compile(mode="reduce-overhead") training step']["status"] == "n/a"
     assert [r["method"] for r in result["speed"]] == ["three matmuls", "unfused", "memops"]
     assert all(r["ms"] > 0 for r in result["speed"])
     assert result["verdict"].startswith("OK") and "verdict: OK" in out and "| grpo (torch heads) |" in out
@@ -58,3 +60,19 @@ def test_doctor_rejects_bad_arguments():
         doctor.run(_args("--device", "tpu"))
     with pytest.raises(SystemExit, match="--tokens"):
         doctor.run(_args("--tokens", "-3", "--seconds", "0"))
+
+
+@pytest.mark.parametrize("family", doctor.CAPTURED)
+def test_capture_checks_dry_run_on_cpu(family):
+    """The CUDA-graph checks' own code on CPU: the captured step re-run in place of a replay, on new data, must
+    match eager (a step that kept stale gradients or inputs would not)."""
+    row = doctor._capture_step(family, "cpu", "float32", dry_run=True)
+    assert row["status"] == "OK", row
+    assert 0 <= row["error"] <= row["bound"]
+
+
+def test_reduce_overhead_check_dry_run_on_cpu():
+    torch._dynamo.reset()
+    row = doctor._reduce_overhead_step("cpu", "float32", dry_run=True)
+    torch._dynamo.reset()
+    assert row["status"] == "OK", row

@@ -5,33 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import Syncs
 
 import memops
 from memops.contract import SPECS
 from memops.ops import family, plan
 
 pytestmark = pytest.mark.usefixtures("plan_small_calls")  # these shapes are small: plan them anyway
-
-
-class Syncs(TorchDispatchMode):
-    """Counts the ops that make a device wait for the host: reading a value (``item``, ``bool``), and ops
-    whose output size depends on data (``nonzero``, boolean-mask indexing)."""
-
-    DATA_SIZED = {"aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique2", "aten::unique_consecutive"}
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        bool_index = name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ()
-        )
-        if name == "aten::_local_scalar_dense" or name in self.DATA_SIZED or bool_index:
-            self.seen.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 def _run(name, args, need=None, backward_grads=None):
@@ -120,7 +100,12 @@ def test_the_counter_sees_syncs():
         bool(t.sum() > 0)
         t[t > 2]
         t.nonzero()
-    assert s.seen == ["aten::_local_scalar_dense", "aten::index", "aten::nonzero"]
+        torch.equal(t, t)
+        t.tolist()
+        t.to("cpu")
+    assert s.seen == [
+        "aten::_local_scalar_dense", "aten::index", "aten::nonzero", "aten::equal", "Tensor.tolist", "Tensor.to"
+    ]  # fmt: skip
 
 
 def _rows(p):
@@ -136,11 +121,13 @@ def test_plan_rules():
     assert _rows(plan.plan(x, w, None, 1.0, needed=needed)) == ([0, 2, 4, 5], None)
     assert _rows(plan.plan(x, w, None, 1.0, needed=needed, probe=probe)) == ([0, 4, 5], [2])
     assert _rows(plan.plan(x, w, None, 1.0, probe=probe)) == ([0, 1, 4, 5], [2, 3])
-    # a logit that may be NaN / inf: unneeded rows are computed in full (the reference's NaN reaches them)
+    # a logit that may be NaN / inf: unneeded rows are computed in full, and no row is probed (a zero
+    # gradient row times an infinite weight is NaN in the reference's input gradient)
     for bad in (float("nan"), float("inf"), 1e38):
         xb = x.clone()
         xb[1, 0] = bad
-        assert _rows(plan.plan(xb, w, None, 1.0, needed=needed, probe=probe)) == ([0, 1, 3, 4, 5], [2])
+        assert _rows(plan.plan(xb, w, None, 1.0, needed=needed, probe=probe)) == (None, None)
+        assert _rows(plan.plan(xb, w, None, 1.0, probe=probe)) == (None, None)
     # a non-finite extra tensor too
     extra = torch.ones(6)
     extra[3] = float("nan")
@@ -161,3 +148,24 @@ def test_skipped_rows_keep_nan_parity_end_to_end():
     ref_w = w.detach().clone().requires_grad_(True)
     torch.nn.functional.cross_entropy(x.detach() @ ref_w.T, t).backward()
     assert torch.isnan(ref_w.grad).any() and torch.equal(torch.isnan(w.grad), torch.isnan(ref_w.grad))
+
+
+def test_masked_grpo_tokens_keep_nan_parity_with_an_infinite_weight():
+    """A masked token's zero logit gradient times an infinite weight entry is NaN in the reference's input
+    gradient: probing it forward only (a zero gradient) would hide that."""
+    from reference import ref_grpo_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 4, dtype=torch.float64, generator=g)
+    w = torch.randn(7, 4, dtype=torch.float64, generator=g)
+    w[3, 1] = float("-inf")
+    ids = torch.randint(0, 7, (2, 5), generator=g)
+    mask = torch.ones(2, 5, dtype=torch.int64)
+    mask[:, 3:] = 0
+    adv = torch.randn(2, dtype=torch.float64, generator=g)
+    ref = torch.full((2, 5), -2.0, dtype=torch.float64)
+    got, want = (x.clone().requires_grad_(True) for _ in range(2))
+    memops.linear_grpo_loss(got, w, ids, mask, adv, ref_logprobs=ref, beta=0.04)[0].backward()
+    ref_grpo_loss(want, w, ids, mask, adv, ref_logprobs=ref, beta=0.04)[0].backward()
+    assert want.grad[:, 3:].isnan().any()
+    assert torch.equal(got.grad.isnan(), want.grad.isnan())

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 
-from .methods import DISTILL_BETA, GRPO_BETA, KERNEL_CHOICE, METHODS, unavailable
+from .methods import DISTILL_BETA, GRPO_BETA, METHODS, VARIANTS, unavailable
 from .report import LEGEND, add_ratios, format_table, plot
 from .worker import Worker, run_worker
 
@@ -48,9 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per method (default 3)")
     p.add_argument(
         "--methods",
-        default=",".join(m for m in METHODS if m not in KERNEL_CHOICE),
+        default=",".join(m for m in METHODS if m not in VARIANTS),
         help="comma-separated subset of %(default)s, memops_torch and memops_triton (memops with the torch or "
-        "the Triton chunk heads: memops.set_kernels); peers that are not installed are skipped",
+        "the Triton chunk heads: memops.set_kernels) and memops_sync_free (memops.set_sync_free(True)); peers "
+        "that are not installed are skipped",
     )
     p.add_argument(
         "--loss",

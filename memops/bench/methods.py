@@ -40,11 +40,14 @@ import os
 
 IGNORE = -100
 METHODS = (
-    "eager", "compile", "chunked", "torch_lce", "memops", "memops_torch", "memops_triton", "floor", "cce", "liger",
-    "trl",
+    "eager", "compile", "chunked", "torch_lce", "memops", "memops_torch", "memops_triton", "memops_sync_free",
+    "floor", "cce", "liger", "trl",
 )  # fmt: skip
 # memops with its heads chosen (memops.set_kernels): "memops" is the default choice ("auto")
 KERNEL_CHOICE = {"memops_torch": "torch", "memops_triton": "triton"}
+# memops variants run on request only (--methods): the head choices, and the sync-free path
+# (memops.set_sync_free: every row computed, so its cost shows on batches with many ignored targets)
+VARIANTS = (*KERNEL_CHOICE, "memops_sync_free")
 UNCHECKED = ("floor",)  # no loss: no error columns
 PEERS = {
     "cce": ("cut_cross_entropy", "pip install cut-cross-entropy"),
@@ -308,10 +311,13 @@ def build(
     beta: float | None = None,
 ):
     """The step function of ``method``: ``fn(x, w, t) -> scalar loss`` (mean over non-ignored tokens)."""
-    if method in KERNEL_CHOICE:  # each method runs in a process of its own: the choice is global there
+    if method in VARIANTS:  # each method runs in a process of its own: the choice is global there
         import memops
 
-        memops.set_kernels(KERNEL_CHOICE[method])
+        if method == "memops_sync_free":
+            memops.set_sync_free(True)
+        else:
+            memops.set_kernels(KERNEL_CHOICE[method])
         method = "memops"
 
     if loss == "grpo":

@@ -299,10 +299,25 @@ def run(
 # ---- reductions shared by the op families ---------------------------------------------------------
 
 
+def scalar_on(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim ``dtype`` tensor on ``device`` holding ``value`` (a number or a 0-dim tensor), made without a
+    host-to-device copy: a CPU tensor's value is read on the host (no device sync) and filled in, so the call
+    stays capturable in a CUDA graph (which then replays the value it was captured with; a tensor on
+    ``device`` is read when the graph runs)."""
+    if isinstance(value, torch.Tensor):
+        if value.device == device:
+            return value.to(dtype)
+        if value.device.type == "cpu":
+            value = value.item()
+        else:
+            return value.to(device=device, dtype=dtype)
+    return torch.full((), value, dtype=dtype, device=device)
+
+
 def denominator(valid: torch.Tensor, num_items: torch.Tensor | None, cdt: torch.dtype) -> torch.Tensor:
     """Divisor of ``reduction="mean"``: ``num_items`` when given, else the non-ignored row count."""
     if num_items is not None:
-        return num_items.to(device=valid.device, dtype=cdt)
+        return scalar_on(num_items, cdt, valid.device)
     return valid.sum().to(cdt)
 
 

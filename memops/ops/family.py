@@ -20,13 +20,21 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .. import config
 from ..contract import LIB, Args, Spec
 from ..rules import compute_dtype, placeholder
 
 
 def plain_eager(t: Tensor) -> bool:
-    """True outside torch.compile / export / make_fx tracing and any dispatch mode."""
-    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+    """True outside torch.compile / export / make_fx tracing and any dispatch mode (but one that only
+    watches: a mode with ``observes_only = True``, as the tests' sync counter)."""
+    if type(t) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    if torch._C._len_torch_dispatch_stack() == 0:
+        return True
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return all(getattr(m, "observes_only", False) for m in _get_current_dispatch_mode_stack())
 
 
 def setup(ctx, grads: Sequence[Tensor], have: Sequence[bool], non_differentiable: Sequence[Tensor]) -> None:
@@ -61,7 +69,8 @@ def take_precomputed(ctx, grad_loss: Tensor, need: Sequence[bool]) -> tuple | No
         return None
     ctx.consumed = True
     grads, ctx.grads = ctx.grads, None
-    if not bool(grad_loss == 1):
+    # multiplying by 1 is exact; sync-free, the check (a device-to-host read) is skipped
+    if config.is_sync_free(grad_loss) or not bool(grad_loss == 1):
         for g, n in zip(grads, need):
             if n:
                 g.mul_(grad_loss)
@@ -124,6 +133,9 @@ def _unflat(flat: Sequence, layout: Sequence) -> list:
 
 # op name -> (forward, gradients), for tests that run a family's kernel code directly (``tests/test_plan.py``)
 KERNELS: dict[str, tuple[Forward, Gradients]] = {}
+# op name (forward and backward op) -> its real kernel, as registered: a test's dispatch mode that watches
+# every tensor op a call makes (``tests/helpers.py: Syncs``) runs it in place of the op
+IMPLS: dict[str, Callable] = {}
 
 
 def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
@@ -156,6 +168,7 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
             out = [f if m else o for o, f, m in zip(out, fresh, missing)]
         return [placeholder(a.input) if o is None else o for o in out]
 
+    IMPLS[spec.name], IMPLS[spec.backward_name] = kernel, backward_kernel
     torch.library.impl(spec.qualname, "CompositeExplicitAutograd", kernel, lib=LIB)
     torch.library.impl(f"memops::{spec.backward_name}", "CompositeExplicitAutograd", backward_kernel, lib=LIB)
 

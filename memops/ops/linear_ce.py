@@ -156,6 +156,8 @@ def _forward(a: Args, need: list) -> tuple:
     loss_rows, lse_rows, gx, gw, gb = ce_chunks(x2d, a.weight, t1d, a.bias, up, need, a, rows, top1=top1, valid=valid)
     loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, a.target.shape, den=den)
     top1 = placeholder(loss) if top1 is None else top1.view(a.target.shape)
+    if not a.all_lse:  # an ignored row's lse is 0 then, whether the plan computed the row or not
+        lse_rows = torch.where(valid, lse_rows, 0.0)
     return (loss, lse_rows.view(a.target.shape), top1), engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 

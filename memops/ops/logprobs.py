@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .. import validation
+from .. import config, validation
 from ..contract import Args
 from ..meta.logprobs import EXTRAS, GRPO, LOGPROBS
 from ..rules import placeholder
@@ -331,16 +331,25 @@ def _grpo_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
         softcap=a.softcap,
     )
     masked = (w == 0) if ent_w is None else (w == 0) & (ent_w == 0)
-    needed = None
+    needed = ok = None
+    scale = a.logit_scale / a.temperature
     if a.beta == 0 and not a.all_logprobs and a.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
         needed = ~(masked & _unreachable(adv, old, a.epsilon_low, a.epsilon_high))
-    scale = a.logit_scale / a.temperature
-    rows = plan.plan(x2d, weight, bias, scale, needed=needed, probe=masked if upstream is not None else None)
+        ok = plan.bounded(x2d, weight, bias, scale)
+    rows = plan.plan(x2d, weight, bias, scale, needed=needed, probe=masked if upstream is not None else None, ok=ok)
+
+    def outputs(logp, ent, *grads):
+        """A token the plan may skip has log-prob (and entropy) 0, computed or not: one result either way."""
+        if needed is None:
+            return logp, ent, *grads
+        keep = needed | ~ok
+        return torch.where(keep, logp, 0.0), None if ent is None else torch.where(keep, ent, 0.0), *grads
+
     if upstream is None:
-        return run(coef=None, need=need, rows=rows.full)
+        return outputs(*run(coef=None, need=need, rows=rows.full))
     logp, ent, gx, gw, gb = run(coef=coef, need=need, rows=rows.full)
     if rows.probe is None:
-        return logp, ent, gx, gw, gb
+        return outputs(logp, ent, gx, gw, gb)
     bad = torch.zeros_like(masked)
 
     def probe(sel, logp, ent):  # forward only: which masked tokens have a gradient after all
@@ -352,7 +361,7 @@ def _grpo_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
     if again.numel():
         _, _, *extra = run(coef=coef, need=need, rows=again, out=(logp, ent))
         gx, gw, gb = (g if e is None else g + e for g, e in zip((gx, gw, gb), extra))
-    return logp, ent, gx, gw, gb
+    return outputs(logp, ent, gx, gw, gb)
 
 
 def _grpo_sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args, shape):
@@ -449,7 +458,7 @@ def _token_weight(mask: Tensor, loss_type: str, max_completion_length: int | Non
     if loss_type == "luspo":  # sum over each sequence's tokens, mean over sequences
         return m / mask.shape[0]
     if loss_type in ("dapo", "cispo") and num_items is not None:  # the batch's active tokens (num_items_in_batch)
-        return m / torch.as_tensor(num_items, dtype=m.dtype, device=m.device).clamp(min=1.0)
+        return m / engine.scalar_on(num_items, m.dtype, m.device).clamp(min=1.0)
     return m / m.sum().clamp(min=1.0)  # bnpo, and dapo / cispo within one call
 
 
@@ -503,8 +512,9 @@ def linear_grpo_loss(
     ref = None if ref_logprobs is None else ref_logprobs.detach().to(cdt)
     m = completion_mask.to(cdt)
     ent_w = None if entropy_coef == 0 else -entropy_coef * m / m.sum().clamp(min=1.0)
-    # the metrics read the log-probs of every token with mask 1, and the kl metric those of every token
-    all_logprobs = ref is not None or bool(((w == 0) & (m != 0)).any())
+    # the metrics read the log-probs of every token with mask 1, and the kl metric those of every token;
+    # sync-free, every row is computed anyway (and the test would read a device value)
+    all_logprobs = ref is not None or config.is_sync_free(input) or bool(((w == 0) & (m != 0)).any())
     loss, logp, ent, _ = GRPO.call(
         input=input,
         weight=weight,

@@ -8,14 +8,19 @@ Every family asks one question with :func:`plan`.  A row is
   when the row's logits hold NaN or +inf (softmax backward multiplies a zero upstream by ``exp(nan)``),
   so rows are skipped only when every logit is certainly finite (:func:`bounded`);
 * **probed** (GRPO): computed forward only, because its gradient coefficient is zero unless its own
-  log-prob turns it non-finite; the family checks that afterwards and computes the few such rows in full;
+  log-prob turns it non-finite; the family checks that afterwards and computes the few such rows in full.
+  Only where every logit is certainly finite as well (:func:`bounded`): a zero row of ``d loss / d logits``
+  times an infinite weight entry is NaN in the reference's input gradient;
 * **full** otherwise: forward, and gradients when the call wants them.
 
-Small calls (under :data:`PLAN_MIN_MACS` multiply-adds) compute every row: no plan, no sync.
+Small calls (under :data:`PLAN_MIN_MACS` multiply-adds) and sync-free calls (``memops.set_sync_free``,
+CUDA-graph capture) compute every row: no plan, no sync.  Computing a row the reference also computes is
+always exact, so both paths give the same results; skipping only saves work.
 
-Device-to-host syncs: :func:`plan` makes at most one (the row counts, read as one scalar); the bound is
-a device tensor.  A call also makes one in validation (``check_target_range``) and GRPO one more after a
-probe (``nonzero`` of the rows that need a full pass).  ``tests/test_plan.py`` counts them.
+Device-to-host syncs of the default path: :func:`plan` makes at most one (the row counts, read as one
+scalar); the bound is a device tensor.  A call also makes one in validation (``check_target_range``) and
+GRPO one more after a probe (``nonzero`` of the rows that need a full pass).  ``tests/test_plan.py`` counts
+them, and ``tests/test_sync_free.py`` that the sync-free path makes none.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .. import config
 
 
 @dataclass(frozen=True)
@@ -74,19 +81,25 @@ def plan(
     probe: Tensor | None = None,
     finite: tuple = (),
     bounded_too: Tensor | None = None,
+    ok: Tensor | None = None,
 ) -> Plan:
     """The rows to compute: ``needed`` (bool ``[N]``, None for all) marks the rows whose results matter,
     ``probe`` the needed rows to compute forward only first; rows not needed are skipped where exact
     (:func:`bounded`, with ``finite`` extra tensors whose NaN/inf would reach the reference's gradient, and
-    ``bounded_too`` the bound of a second projection of the same rows), else computed in full."""
+    ``bounded_too`` the bound of a second projection of the same rows; ``ok``: the caller's :func:`bounded`
+    of this projection, when it has it), else computed in full.  Every row when the call is sync-free."""
     n = x2d.shape[0]
     if (needed is None and probe is None) or n == 0 or n * weight.shape[0] * x2d.shape[1] < PLAN_MIN_MACS:
         return EVERY_ROW
-    full = torch.ones(n, dtype=torch.bool, device=x2d.device) if needed is None else needed
-    if needed is not None:
-        ok = bounded(x2d, weight, bias, logit_scale, finite)
-        full = full | ~(ok if bounded_too is None else ok & bounded_too)
-    probe_rows = torch.zeros_like(full) if probe is None else (probe & (needed if needed is not None else full))
+    if config.is_sync_free(x2d):
+        return EVERY_ROW
+    ok = bounded(x2d, weight, bias, logit_scale, finite) if ok is None else ok
+    if bounded_too is not None:
+        ok = ok & bounded_too
+    full = torch.ones(n, dtype=torch.bool, device=x2d.device) if needed is None else needed | ~ok
+    # a probed row's zero gradient is exact only with finite logits and weights (0 * inf is NaN in the
+    # reference's input gradient): otherwise every needed row is computed in full
+    probe_rows = torch.zeros_like(full) if probe is None else probe & full & ok
     full = full & ~probe_rows
     # the one sync: both counts in one scalar
     packed = int(full.sum() * (n + 1) + probe_rows.sum())

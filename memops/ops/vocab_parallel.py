@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import validation
+from .. import config, validation
 from ..contract import Args
 from ..meta.vocab_parallel import SPEC
 from . import engine, family
@@ -81,8 +81,21 @@ def _reducer(a: Args) -> GroupReducer:
 
 
 def _check_tiling(group, vocab_start: int, vocab_size: int, local: int, device) -> None:
-    mine = torch.tensor([vocab_start, local, vocab_size], dtype=torch.int64, device=device)
-    everyone = all_gather(mine, group).view(-1, 3).tolist()
+    # filled on the device, not copied from the host: capturable
+    mine = torch.stack([torch.full((), v, dtype=torch.int64, device=device) for v in (vocab_start, local, vocab_size)])
+    gathered = all_gather(mine, group).view(-1, 3)
+    if config.is_sync_free(mine):  # the same rule as a device-side assert
+        start, rows, size = gathered.unbind(1)
+        order = start.argsort()
+        lo, hi = start[order], (start + rows)[order]
+        tiled = (lo[0] == 0) & (hi[:-1] == lo[1:]).all() & (hi[-1] == size).all()
+        torch._assert_async(
+            tiled,
+            "memops: vocab shards do not tile the vocabulary: each rank must hold a distinct contiguous slice and "
+            "all must agree on vocab_size = the total rows",
+        )
+        return
+    everyone = gathered.tolist()
     spans = sorted((s, s + n) for s, n, _ in everyone)
     sizes = {v for _, _, v in everyone}
     tiled = spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] in sizes
