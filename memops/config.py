@@ -9,6 +9,7 @@ overrides both.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -120,11 +121,30 @@ def sync_free(on: bool = True) -> Iterator[None]:
         _settings.sync_free = old
 
 
+_thread = threading.local()  # .sync_free: a backward pass of a sync-free forward, on this thread
+
+
 def is_sync_free(t: torch.Tensor) -> bool:
-    """Whether a call on ``t``'s device runs sync-free: :func:`set_sync_free`, or ``t``'s CUDA stream capturing."""
-    if _settings.sync_free:
+    """Whether a call on ``t``'s device runs sync-free: :func:`set_sync_free`, the backward pass of a sync-free
+    forward (:func:`backward_like`), or ``t``'s CUDA stream capturing."""
+    if _settings.sync_free or getattr(_thread, "sync_free", False):
         return True
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+@contextlib.contextmanager
+def backward_like(forward_was_sync_free: bool) -> Iterator[None]:
+    """Run a backward pass sync-free when its forward was (on this thread only: autograd may run it on a
+    device thread of its own, whatever the stream it sees)."""
+    if not forward_was_sync_free:
+        yield
+        return
+    old = getattr(_thread, "sync_free", False)
+    _thread.sync_free = True
+    try:
+        yield
+    finally:
+        _thread.sync_free = old
 
 
 def default_budget(device: torch.device) -> int:

@@ -371,3 +371,21 @@ def test_reduce_overhead_training_step_runs_on_cpu():
     for a, b in zip(eager.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_the_backward_of_a_sync_free_forward_is_sync_free(plan_small_calls):
+    """The mode of a forward holds for its backward, wherever autograd runs it (on CUDA a device thread of its
+    own): here the backward runs after the block, with the counter on."""
+    x, w, b, t = _data(11)
+    xl, wl, bl = _leaves(x, w, b)
+    with memops.sync_free():
+        per_token = memops.linear_cross_entropy(xl, wl, t, bl, reduction="none")  # backward recomputes
+        mean = memops.linear_cross_entropy(xl, wl, t, bl)  # donated gradients, scaled by the incoming one
+        lp = memops.linear_logprobs(xl, wl, t.clamp(min=0), bl)
+    with Syncs() as s:
+        ((per_token * per_token.detach()).sum() + 3 * mean + lp.sum()).backward()
+    assert s.seen == []
+    assert not memops.config.is_sync_free(x)
+    with Syncs() as s:  # the default path's backward, for contrast
+        memops.linear_cross_entropy(xl, wl, t, bl, reduction="none").sum().backward()
+    assert s.seen

@@ -178,6 +178,7 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
     def setup_context(ctx, inputs, output, flat, layout):
         """``flat`` / ``layout``: the inputs' tensors spread out, as :func:`_flat` gives them."""
         a = spec.bind(inputs)
+        ctx.sync_free = config.is_sync_free(a.input)  # its backward too
         ctx.layout = layout
         ctx.save_for_backward(*flat)
         ctx.options = spec.option_values(a)
@@ -264,7 +265,8 @@ def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
             prev = flags
             try:
                 ctx.needs_input_grad = tuple(_unflat(flags[3 : 3 + n_flat], layout))
-                result = backward(ctx, *grad_outputs[:n_outputs], list(grad_outputs[n_outputs:]))
+                with config.backward_like(ctx.sync_free):
+                    result = backward(ctx, *grad_outputs[:n_outputs], list(grad_outputs[n_outputs:]))
             finally:
                 ctx.needs_input_grad = prev
             flat = []
