@@ -1,5 +1,6 @@
 """The shape layer imports no kernel code: ``memops/meta`` (fake kernels) and the neutral modules it uses
-(``contract``, ``rules``, ``registry``, ``validation``) import nothing from ``memops/ops`` or above it."""
+(``contract``, ``rules``, ``registry``, ``validation``, ``config``: the settings) import nothing from
+``memops/ops`` or above it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "memops"
-NEUTRAL = {"memops.contract", "memops.rules", "memops.registry", "memops.validation"}
+NEUTRAL = {"memops.config", "memops.contract", "memops.rules", "memops.registry", "memops.validation"}
 
 
 def _module(path: Path) -> str:
