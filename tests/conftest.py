@@ -38,3 +38,17 @@ def plan_small_calls(monkeypatch):
     from memops.ops import plan
 
     monkeypatch.setattr(plan, "PLAN_MIN_MACS", 0)
+
+
+@pytest.fixture(scope="module")
+def one_process_group(tmp_path_factory):
+    """A one-process gloo group (the default group) for the tests of the vocab-parallel op, unless one exists."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

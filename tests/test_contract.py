@@ -22,6 +22,7 @@ import memops
 from memops.contract import SPECS
 
 V, D = 11, 6
+pytestmark = pytest.mark.usefixtures("one_process_group")  # conftest.py: the vocab-parallel op's group
 
 
 def _base(n: int, g: torch.Generator, dtype=torch.float32):
@@ -111,17 +112,6 @@ def _focal(logits, target, weight, gamma=2.0):
 def _discovered() -> list[str]:
     names = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("memops::")}
     return sorted(n for n in names if not n.endswith("_backward"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group(tmp_path_factory):
-    if dist.is_initialized():
-        yield
-        return
-    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_every_op_is_declared_and_sampled():

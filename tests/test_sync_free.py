@@ -10,7 +10,6 @@ import itertools
 
 import pytest
 import torch
-import torch.distributed as dist
 from helpers import Syncs
 from hypothesis import given
 from hypothesis import strategies as st
@@ -242,17 +241,6 @@ def test_distillation(case, poison):
         return [*out, *_grads((loss * loss.detach().cos()).sum(), [xl, wl, bl])]
 
     _same(*_both(fn))
-
-
-@pytest.fixture(scope="module")
-def one_process_group(tmp_path_factory):
-    if dist.is_initialized():
-        yield
-        return
-    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("poison", POISONS)
