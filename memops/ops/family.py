@@ -24,11 +24,13 @@ from .. import config
 from ..contract import LIB, Args, Spec
 from ..rules import compute_dtype, placeholder
 
+_fwad = torch.autograd.forward_ad
+
 
 def plain_eager(t: Tensor) -> bool:
-    """True outside torch.compile / export / make_fx tracing and any dispatch mode (but one that only
-    watches: a mode with ``observes_only = True``, as the tests' sync counter)."""
-    if type(t) is not torch.Tensor or torch.compiler.is_compiling():
+    """True outside torch.compile / export / make_fx tracing, torch.func transforms and any dispatch mode (but
+    one that only watches: a mode with ``observes_only = True``, as the tests' sync counter)."""
+    if type(t) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     if torch._C._len_torch_dispatch_stack() == 0:
         return True
@@ -169,6 +171,9 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
         return [placeholder(a.input) if o is None else o for o in out]
 
     IMPLS[spec.name], IMPLS[spec.backward_name] = kernel, backward_kernel
+    for name in (spec.name, spec.backward_name):
+        torch.library.register_vmap(f"memops::{name}", _vmap_rule(getattr(torch.ops.memops, name)), lib=LIB)
+        LIB.impl(name, _legacy_vmap_refusal(f"memops::{name}"), "Batched")
     torch.library.impl(spec.qualname, "CompositeExplicitAutograd", kernel, lib=LIB)
     torch.library.impl(f"memops::{spec.backward_name}", "CompositeExplicitAutograd", backward_kernel, lib=LIB)
 
@@ -181,6 +186,7 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
         ctx.sync_free = config.is_sync_free(a.input)  # its backward too
         ctx.layout = layout
         ctx.save_for_backward(*flat)
+        ctx.save_for_forward(*flat)  # forward-mode AD (forward_tangents)
         ctx.options = spec.option_values(a)
         fixed = [o for k, o in enumerate(output[:n_outputs]) if k not in diff]
         if spec.forward_grads:
@@ -229,6 +235,142 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
 _DIRECT = (torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA)
 
 
+def _has_tangent(tensors: Sequence) -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``) gave any of
+    ``tensors`` a tangent (one global read when no dual level is open)."""
+    if _fwad._current_level < 0:
+        return False
+    for t in tensors:
+        for u in t if isinstance(t, (list, tuple)) else (t,):
+            if isinstance(u, Tensor) and _fwad.unpack_dual(u).tangent is not None:
+                return True
+    return False
+
+
+class ForwardADError(NotImplementedError):
+    """Forward-mode AD through a memops op that has no forward derivative for this call."""
+
+
+def forward_tangents(spec: Spec, ctx, tangents: Sequence) -> tuple:
+    """Forward-mode AD of a memops op (``autograd.Function.jvp``): the tangent of each output.
+
+    A scalar loss's tangent is ``sum_k <d loss / d p_k, dp_k>`` over the inputs ``p_k`` with a tangent,
+    exactly: the gradients come from the family's backward op (one more chunk pass, the forward's three
+    matmuls, with an incoming gradient of 1), so every family has it.  A per-token output
+    (``reduction="none"``, log-probs, ...) would need each chunk's tangent logits, which memops does not
+    compute: refused, as is a tangent on an input that has no derivative (targets, advantages, class
+    weights, ...) -- never a silent zero tangent.
+    """
+    layout = ctx.layout
+    tensors = _unflat(ctx.saved_tensors, layout)
+    per_input = _unflat(tangents, layout)
+    a = spec.bind([*tensors, *ctx.rest])
+    for i, tan in zip(spec.inputs, per_input):
+        given = any(x is not None for x in tan) if isinstance(tan, list) else tan is not None
+        if given and not i.grad:
+            raise ForwardADError(
+                f"{spec.qualname}: forward-mode AD: {i.name!r} has a tangent, but memops computes no derivative "
+                "with respect to it; pass it without one (detach it from the dual level)"
+            )
+    diff = [k for k, name in enumerate(spec.outputs) if name in spec.differentiable]
+    if not (spec.forward_grads and spec.scalar(a) and len(diff) == 1):
+        raise ForwardADError(
+            f"{spec.qualname}: forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) is implemented "
+            "for scalar losses only (reduction='mean' / 'sum' / 'batchmean'); this call's "
+            f"{', '.join(spec.outputs[k] for k in diff)} output is per token: use reverse mode "
+            "(torch.autograd.grad, torch.func.vjp / grad / jacrev)"
+        )
+    slots, tans = spec.grad_slots(a), []
+    for i, tan in zip(spec.inputs, per_input):
+        if i.grad:
+            tans.extend(tan if isinstance(tan, list) else [tan])
+    need = [t is not None and s is not None for s, t in zip(slots, tans)]
+    cdt = compute_dtype(a.input.dtype)
+    one = torch.ones((), dtype=cdt, device=a.input.device)
+    grads = spec.backward_op()(
+        [one], *tensors, [placeholder(a.input)] * len(slots), *ctx.options, need, [False] * len(slots)
+    )
+    total = torch.zeros((), dtype=cdt, device=a.input.device)
+    for g, t, n in zip(grads, tans, need):
+        if n:
+            total = total + (g.to(cdt) * t.to(cdt)).sum()
+    out = [None] * (len(spec.outputs) + (len(slots) if spec.forward_grads else 0))
+    out[diff[0]] = total
+    return tuple(out)
+
+
+class HigherOrderError(NotImplementedError):
+    """A derivative of a memops op's gradient (``create_graph=True``, ``torch.func.hessian``, nested
+    ``torch.func.grad`` / ``jacrev``)."""
+
+
+def _grad_tracked(t) -> bool:
+    """Whether ``t`` is tracked by a torch.func grad level enclosing the one whose backward runs (its
+    wrappers, vmap's included, hold two grad-tracking layers: this level's and an outer one's)."""
+    ft, layers = torch._C._functorch, 0
+    while isinstance(t, Tensor) and ft.is_functorch_wrapped_tensor(t):
+        layers += bool(ft.is_gradtrackingtensor(t))
+        t = ft.get_unwrapped(t)
+    return layers > 1
+
+
+def refuse_higher_order(spec: Spec, saved: Sequence, grad_outputs: Sequence) -> None:
+    """Raise where the backward being run would itself be differentiated: memops' gradients carry no
+    graph, and a silent zero second derivative is a wrong answer.  Eager: grad mode on in backward
+    (``create_graph=True``) with an input that requires grad.  Under ``torch.func``:
+    what backward reads is tracked by an enclosing grad level, or has a tangent (an enclosing jvp)."""
+    ft = torch._C._functorch
+    nested = any(_grad_tracked(t) for t in (*saved, *grad_outputs)) or (
+        torch.is_grad_enabled()
+        and not torch._C._are_functorch_transforms_active()
+        and any(isinstance(t, Tensor) and t.requires_grad and not ft.is_functorch_wrapped_tensor(t) for t in saved)
+    )
+    if nested or _has_tangent((*saved, *grad_outputs)):
+        raise HigherOrderError(
+            f"{spec.qualname}: higher-order derivatives (create_graph=True, torch.func.hessian, nested "
+            "torch.func.grad / jacrev / jacfwd) are not implemented: memops' gradients carry no graph of their "
+            "own; differentiate memops once, or use the unfused reference for second derivatives"
+        )
+
+
+def _legacy_vmap_refusal(qualname: str):
+    """The kernel at the legacy ``Batched`` key (``torch.autograd.grad(..., is_grads_batched=True)``'s
+    vmap, which has no Python batching rules): a clear error, not torch's generic one."""
+
+    def refuse(*args):
+        raise NotImplementedError(
+            f"{qualname}: torch.autograd.grad(..., is_grads_batched=True) runs the legacy vmap, which takes no "
+            "batching rule from Python; use torch.func.vmap over torch.func.vjp (memops ops have a batching rule "
+            "there) or one backward per gradient"
+        )
+
+    return refuse
+
+
+def _vmap_rule(op):
+    """A batching rule for ``op`` (a memops forward or backward op): one call per batch element, the
+    results stacked on dimension 0 -- the loop torch's own rules fall back to, so ``torch.func.vmap`` and
+    batched gradients (``torch.autograd.grad(..., is_grads_batched=True)``) work, exactly."""
+
+    def pick(value, dim, b):
+        if isinstance(value, (list, tuple)) and isinstance(dim, (list, tuple)):
+            return [pick(v, d, b) for v, d in zip(value, dim)]
+        return value if dim is None else value.select(dim, b)
+
+    def rule(info, in_dims, *args):
+        results = [op(*(pick(v, d, b) for v, d in zip(args, in_dims))) for b in range(info.batch_size)]
+
+        def stack(parts):
+            if isinstance(parts[0], (list, tuple)):
+                pairs = [stack([p[k] for p in parts]) for k in range(len(parts[0]))]
+                return type(parts[0])(p[0] for p in pairs), type(parts[0])(p[1] for p in pairs)
+            return torch.stack(parts), 0
+
+        return stack(results)
+
+    return rule
+
+
 def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
     """``spec``'s autograd kernel: what ``torch.library.register_autograd`` installs, for this schema shape.
 
@@ -247,18 +389,26 @@ def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
     below = torch._C._after_autograd_keyset
 
     class Fn(torch.autograd.Function):
+        # forward / setup_context kept apart: what torch.func's transforms (grad, vjp, jvp) need
         @staticmethod
-        def forward(ctx, keyset, layout, rest, *flat):  # rest: the non-tensor arguments, as one tuple
+        def forward(keyset, layout, rest, *flat):  # rest: the non-tensor arguments, as one tuple
             args = _unflat(flat, layout) + list(rest)
             with torch._C._AutoDispatchBelowAutograd():
                 result = redispatch(keyset, args)
-            setup_context(ctx, args, result, flat, layout)
             if spec.forward_grads:
                 return (*result[:n_outputs], *result[n_outputs])
             return tuple(result)
 
         @staticmethod
+        def setup_context(ctx, inputs, output):
+            _, layout, rest, *flat = inputs
+            result = (*output[:n_outputs], list(output[n_outputs:])) if spec.forward_grads else output
+            setup_context(ctx, _unflat(flat, layout) + list(rest), result, flat, layout)
+            ctx.rest = rest
+
+        @staticmethod
         def backward(ctx, *grad_outputs):
+            refuse_higher_order(spec, ctx.saved_tensors, grad_outputs)
             layout = ctx.layout  # setup_context's
             n_flat = sum(1 if n is None else n for n in layout)
             flags = ctx.needs_input_grad
@@ -274,6 +424,10 @@ def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
                 flat.extend((g if g is not None else [None] * n) if n is not None else [g])
             return (None, None, None, *flat)
 
+        @staticmethod
+        def jvp(ctx, _keyset, _layout, _rest, *tangents):
+            return forward_tangents(spec, ctx, tangents)
+
     Fn.__name__ = Fn.__qualname__ = f"MemopsBackward_{spec.name}"
 
     def redispatch(keyset, args):
@@ -282,10 +436,32 @@ def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
             return kernel(*args)
         return op.redispatch(keyset & below, *args)
 
+    # autograd.Function.apply less its torch.func branch: this kernel runs at the Autograd key, where a
+    # torch.func transform has already unwrapped its level's tensors and expects a plain autograd node
+    single = super(torch.autograd.Function, Fn).apply
+
+    def apply(*args):
+        if not torch._C._are_functorch_transforms_active():
+            return single(*args)
+        allowed = torch._C._functorch.get_single_level_autograd_function_allowed()
+        torch._C._functorch.set_single_level_autograd_function_allowed(True)
+        try:
+            return single(*args)
+        finally:
+            torch._C._functorch.set_single_level_autograd_function_allowed(allowed)
+
+    no_grad = [k for k, i in enumerate(spec.inputs) if i.refuse_grad]
+
     def autograd_kernel(keyset, *args):
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or _has_tangent(args[:n_inputs]):
+            for k in no_grad:
+                if args[k] is not None and args[k].requires_grad and torch.is_grad_enabled():
+                    raise ValueError(
+                        f"{spec.qualname}: {spec.inputs[k].name} requires grad, but memops computes no gradient "
+                        f"for it; pass {spec.inputs[k].name}.detach()"
+                    )
             flat, layout = _flat(args[:n_inputs])
-            out = Fn.apply(keyset, layout, tuple(args[n_inputs:]), *flat)
+            out = apply(keyset, layout, tuple(args[n_inputs:]), *flat)
             return (*out[:n_outputs], list(out[n_outputs:])) if spec.forward_grads else out
         with torch._C._AutoDispatchBelowAutograd():
             return redispatch(keyset, args)
