@@ -39,12 +39,15 @@ LIB = torch.library.Library("memops", "DEF")  # owns every memops schema
 @dataclass(frozen=True)
 class Input:
     """A tensor argument: ``kind`` is its schema type (``Tensor``, ``Tensor?`` or ``Tensor[]``); ``grad``:
-    the op returns a gradient for it; ``convert``: what the front end applies to the user's value."""
+    the op returns a gradient for it; ``convert``: what the front end applies to the user's value;
+    ``refuse_grad``: a float input the op has no derivative for, refused when it requires grad (a silent
+    zero gradient otherwise)."""
 
     name: str
     kind: str = "Tensor"
     grad: bool = False
     convert: Callable[[Any], Any] | None = None
+    refuse_grad: bool = False
 
 
 @dataclass(frozen=True)

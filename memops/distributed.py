@@ -97,6 +97,7 @@ def vocab_parallel_cross_entropy(
     num_items: int | float | Tensor | None = None,
     chunk_size: int | None = None,
     return_lse: bool = False,
+    class_weight: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``memops.linear_cross_entropy`` with ``weight`` (and ``bias``) split by rows over ``group``.
 
@@ -106,14 +107,19 @@ def vocab_parallel_cross_entropy(
     the host; pass them explicitly inside ``torch.compile``d code and in sync-free calls).  ``weight`` may
     also be a DTensor sharded ``(Shard(0),)`` on a 1-D mesh (then ``group`` and the layout come from it).
     Every rank gets the full loss; the input gradient is the full one; the weight/bias gradients are the
-    rank's shard's.
+    rank's shard's.  ``class_weight`` (F.cross_entropy's ``weight``) is sharded like the weight: this rank's
+    ``[V_local]`` classes (a ``Shard(0)`` DTensor with a DTensor weight).
     """
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Shard
 
     if isinstance(weight, DTensor):
         if group is not None or vocab_start is not None or vocab_size is not None:
             raise ValueError("with a DTensor weight, group / vocab_start / vocab_size come from its mesh")
         weight, bias, input, group, vocab_start, vocab_size = _dtensor_parts(weight, bias, input)
+        if class_weight is not None:
+            if not isinstance(class_weight, DTensor) or tuple(class_weight.placements) != (Shard(0),):
+                raise ValueError("with a DTensor weight, class_weight must be a DTensor sharded as (Shard(0),) too")
+            class_weight = class_weight.to_local()
     group = group if group is not None else torch.distributed.group.WORLD
     if (vocab_start is None) != (vocab_size is None):
         raise ValueError("pass both vocab_start and vocab_size, or neither")
@@ -125,6 +131,7 @@ def vocab_parallel_cross_entropy(
         target=target,
         bias=bias,
         num_items=num_items,
+        class_weight=class_weight,
         vocab_start=vocab_start,
         vocab_size=vocab_size,
         group_name=group.group_name,

@@ -215,16 +215,53 @@ def as_chunk_size(chunk_size) -> int:
 # ---- the families' cross-argument checks (``Spec.check``; ``a`` holds the op's arguments by name) ----------
 
 
+def check_class_weight(class_weight: torch.Tensor | None, weight: torch.Tensor) -> None:
+    """``class_weight [V]`` (one per row of ``weight``): a float tensor on weight's device."""
+    if class_weight is None:
+        return
+    if not isinstance(class_weight, torch.Tensor):
+        raise TypeError(f"class_weight must be a Tensor or None, got {type(class_weight).__name__}")
+    if class_weight.dtype not in _FLOATS:
+        _fail(f"class_weight must be a float tensor, got {class_weight.dtype}")
+    if class_weight.shape != (weight.shape[0],):
+        _fail(
+            f"class_weight must have shape [V]=[{weight.shape[0]}] (one weight per class of this weight's rows), "
+            f"got {tuple(class_weight.shape)}"
+        )
+    if class_weight.device != weight.device:
+        _fail(f"class_weight is on {class_weight.device} but weight is on {weight.device}")
+
+
+def check_probability_target(input: torch.Tensor, target: torch.Tensor, vocab: int) -> None:
+    """Class probabilities ``[..., V]``, a float tensor on input's device."""
+    if target.shape != (*input.shape[:-1], vocab):
+        _fail(
+            f"probability target (a float target) must have shape input.shape[:-1] + (V,) = "
+            f"{(*input.shape[:-1], vocab)}, got {tuple(target.shape)}"
+        )
+    if target.device != input.device:
+        _fail(f"target is on {target.device} but input is on {input.device}")
+
+
 def check_linear_ce(a) -> None:
-    """``memops::linear_ce``: projection, target, ``num_items`` (options are checked one by one before)."""
+    """``memops::linear_ce``: projection, target (class indices, or probabilities when float), class weights,
+    ``num_items`` (options are checked one by one before)."""
     check_projection(a.input, a.weight, a.bias)
-    check_target(a.input, a.target)
+    if isinstance(a.target, torch.Tensor) and a.target.is_floating_point():
+        check_probability_target(a.input, a.target, a.weight.shape[0])
+        if getattr(a, "return_is_top1", False):
+            _fail("return_is_top1 needs class-index targets, not probabilities")
+    else:
+        check_target(a.input, a.target)
+    check_class_weight(a.class_weight, a.weight)
     check_num_items(a.num_items, a.reduction)
 
 
 def check_vocab_parallel_ce(a) -> None:
-    """``memops::vocab_parallel_ce``: the CE checks, with ``weight`` holding rows
-    ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-row weight."""
+    """``memops::vocab_parallel_ce``: the CE checks, with ``weight`` (and ``class_weight``) holding rows
+    ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-row weight; class-index targets."""
+    if isinstance(a.target, torch.Tensor) and a.target.is_floating_point():
+        _fail("vocab_parallel_cross_entropy takes class-index targets (int64/int32), not probabilities")
     check_linear_ce(a)
     if not (0 <= a.vocab_start and a.vocab_start + a.weight.shape[0] <= a.vocab_size):
         _fail(

@@ -13,6 +13,9 @@ import sys
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference  # noqa: E402  (tests/reference.py: the one unfused reference)
+
 import memops
 from memops.distributed import LinearCrossEntropyHead, vocab_parallel_cross_entropy
 
@@ -23,7 +26,12 @@ OPTIONS = [
     dict(reduction="none", z_loss=1e-2, softcap=3.0, logit_scale=0.7),
     dict(num_items=17, label_smoothing=0.1, z_loss=1e-3),
     dict(ignore_index=5, chunk_size=7),
+    # class weights (F.cross_entropy's weight), each rank holding its classes' weights
+    dict(class_weight=True, label_smoothing=0.2, z_loss=1e-2, chunk_size=7),
+    dict(class_weight=True, reduction="none", label_smoothing=0.1),
+    dict(class_weight=True, num_items=11.5, softcap=2.0),
 ]
+CLASS_WEIGHT = torch.rand(V, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 2
 
 
 def _close(a, b, what):
@@ -61,14 +69,25 @@ def case_vocab():
             ign = opts.get("ignore_index", -100)
             tt = torch.where(t == -100, torch.full_like(t, ign), t)
             xf, wf, bf = (p.clone().requires_grad_() for p in (x, w, b))
-            full = memops.linear_cross_entropy(xf, wf, tt, bf, **opts)
+            mine = {}
+            if opts.pop("class_weight", False):
+                mine = dict(class_weight=CLASS_WEIGHT[lo:hi])
+                full_cw = dict(class_weight=CLASS_WEIGHT)
+                ref = reference.ref_linear_cross_entropy(
+                    x, w, tt, b, **full_cw, **{k: v for k, v in opts.items() if k != "chunk_size"}
+                )
+                _close(memops.linear_cross_entropy(x, w, tt, b, **full_cw, **opts), ref, f"class weights {opts}")
+                opts_full = {**opts, **full_cw}
+            else:
+                opts_full = opts
+            full = memops.linear_cross_entropy(xf, wf, tt, bf, **opts_full)
             go = torch.randn(full.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
             gx, gw, gb = torch.autograd.grad(full, (xf, wf, bf), go)
             xs = x.clone().requires_grad_()
             ws, bs = w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
             explicit = dict(vocab_start=lo, vocab_size=V) if uneven else {}
-            loss, lse = vocab_parallel_cross_entropy(xs, ws, tt, bs, return_lse=True, **explicit, **opts)
-            _close(loss, full, f"loss {opts} uneven={uneven}")
+            loss, lse = vocab_parallel_cross_entropy(xs, ws, tt, bs, return_lse=True, **explicit, **opts, **mine)
+            _close(loss, full, f"loss {opts} {sorted(mine)} uneven={uneven}")
             _close(lse, memops.linear_cross_entropy(x, w, tt, b, return_lse=True, **opts)[1], "lse")
             sx, sw, sb = torch.autograd.grad(loss, (xs, ws, bs), go)
             _close(sx, gx, f"grad input {opts}")
@@ -85,10 +104,11 @@ def case_dtensor():
     wd = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
     bd = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_()
     xs = x.clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(xs, wd, t, bd, label_smoothing=0.1, chunk_size=9)
+    cwd = distribute_tensor(CLASS_WEIGHT, mesh, [Shard(0)])
+    loss = vocab_parallel_cross_entropy(xs, wd, t, bd, label_smoothing=0.1, chunk_size=9, class_weight=cwd)
     loss.backward()
     xf, wf, bf = (p.clone().requires_grad_() for p in (x, w, b))
-    full = memops.linear_cross_entropy(xf, wf, t, bf, label_smoothing=0.1)
+    full = memops.linear_cross_entropy(xf, wf, t, bf, label_smoothing=0.1, class_weight=CLASS_WEIGHT)
     full.backward()
     _close(loss, full, "dtensor loss")
     _close(xs.grad, xf.grad, "dtensor grad input")

@@ -26,24 +26,35 @@ def ref_linear_cross_entropy(
     softcap=None,
     logit_scale=1.0,
     num_items=None,
+    class_weight=None,
 ):
+    """``F.cross_entropy`` of the full logits (``weight=class_weight``; a float ``target [..., V]`` holds
+    probabilities), plus ``z_loss * lse**2`` per non-ignored token weighted like the token (its target's
+    class weight; 1 for probability targets) and divided like the loss."""
+    vocab = weight.shape[0]
     logits = ref_logits(input, weight, bias, softcap=softcap, logit_scale=logit_scale)
-    flat = logits.reshape(-1, weight.shape[0])
-    t = target.reshape(-1).long()
+    flat = logits.reshape(-1, vocab)
+    probs = target.is_floating_point()
+    t = target.reshape(-1, vocab).to(flat.dtype) if probs else target.reshape(-1).long()
+    cw = None if class_weight is None else class_weight.to(flat.dtype)
     red = "sum" if num_items is not None else reduction
-    loss = F.cross_entropy(flat, t, ignore_index=ignore_index, reduction=red, label_smoothing=label_smoothing)
+    kw = {} if probs else {"ignore_index": ignore_index}
+    loss = F.cross_entropy(flat, t, weight=cw, reduction=red, label_smoothing=label_smoothing, **kw)
     if z_loss:
-        valid = t != ignore_index
-        zz = torch.where(valid, torch.logsumexp(flat, dim=-1) ** 2, 0.0)
+        valid = torch.ones(flat.shape[0], dtype=torch.bool) if probs else t != ignore_index
+        zz = torch.logsumexp(flat, dim=-1) ** 2
+        wt = None if probs or cw is None else cw[torch.where(valid, t, 0)]
+        zz = torch.where(valid, zz if wt is None else wt * zz, 0.0)
         if red == "none":
             loss = loss + z_loss * zz
         elif red == "sum":
             loss = loss + z_loss * zz.sum()
         else:
-            loss = loss + z_loss * zz.sum() / valid.sum()
+            loss = loss + z_loss * zz.sum() / (valid.sum() if wt is None else torch.where(valid, wt, 0.0).sum())
     if num_items is not None:
         loss = loss / num_items
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    shape = target.shape[:-1] if probs else target.shape
+    return loss.reshape(shape) if reduction == "none" else loss
 
 
 def ref_linear_loss(

@@ -36,7 +36,8 @@ def _base(n: int, g: torch.Generator, dtype=torch.float32):
 def _ce(n, g):
     x, w, b, t = _base(n, g)
     t[0, 0] = -100
-    return (x, w, t, b, None, -100, "mean", 0.1, 1e-3, 4.0, 0.9, 3, False, True, [True, True, True])
+    cw = torch.rand(V, generator=g) + 0.5
+    return (x, w, t, b, None, cw, -100, "mean", 0.1, 1e-3, 4.0, 0.9, 3, False, True, [True, True, True])
 
 
 def _vocab_parallel(n, g):
@@ -48,6 +49,7 @@ def _vocab_parallel(n, g):
         t,
         b,
         None,
+        torch.rand(V, generator=g) + 0.5,
         0,
         V,
         dist.group.WORLD.group_name,
@@ -301,3 +303,124 @@ def test_front_end_defaults_are_the_declared_ones():
                 assert p.default == option.default, f"{fn.__name__}({option.name}=...)"
                 checked += 1
     assert checked >= 25
+
+
+# ---- function transforms: torch.func.grad / vjp, forward-mode AD, vmap, higher order -----------------
+
+
+def _as_function_of_leaves(name, n=4, seed=5, dtype=torch.float64):
+    """``(f, leaves)``: ``f(*leaves)`` is the sample's scalar of every differentiable output with the
+    gradient inputs replaced by ``leaves`` (float64 copies of the sample's)."""
+    spec = SPECS[name]
+    args = list(SAMPLES[name](n, torch.Generator().manual_seed(seed)))
+    args = [
+        a.to(dtype)
+        if isinstance(a, torch.Tensor) and a.is_floating_point()
+        else [e.to(dtype) for e in a]
+        if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+        else a
+        for a in args
+    ]
+    where = []  # (argument position, list index or None) of each gradient input
+    for k, i in enumerate(spec.inputs):
+        v = args[k]
+        if i.grad and v is not None:
+            where += [(k, j) for j in range(len(v))] if isinstance(v, list) else [(k, None)]
+    leaves = [args[k] if j is None else args[k][j] for k, j in where]
+
+    def f(*ls):
+        call = [list(a) if isinstance(a, list) else a for a in args]
+        for (k, j), t in zip(where, ls):
+            if j is None:
+                call[k] = t
+            else:
+                call[k][j] = t
+        return _scalar(spec, spec.op()(*call))
+
+    return f, leaves
+
+
+def _autograd_grads(f, leaves):
+    ls = [t.detach().clone().requires_grad_(True) for t in leaves]
+    return torch.autograd.grad(f(*ls), ls)
+
+
+@pytest.mark.parametrize("name", _discovered())
+def test_func_grad_and_vjp_match_autograd(name):
+    f, leaves = _as_function_of_leaves(name)
+    want = _autograd_grads(f, leaves)
+    got = torch.func.grad(f, argnums=tuple(range(len(leaves))))(*leaves)
+    value, vjp = torch.func.vjp(f, *leaves)
+    by_vjp = vjp(torch.tensor(-1.5, dtype=value.dtype))
+    for a, b, c in zip(got, by_vjp, want):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b, -1.5 * c, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", _discovered())
+def test_forward_mode_ad_is_exact_or_refused(name):
+    """A scalar loss's tangent is the gradient dotted with the tangents (exact, float64); a per-token
+    differentiable output is refused with the op's name, in torch.func.jvp and torch.autograd.forward_ad
+    alike -- never a zero tangent."""
+    from memops.ops.family import ForwardADError
+
+    spec = SPECS[name]
+    f, leaves = _as_function_of_leaves(name)
+    g = torch.Generator().manual_seed(9)
+    tangents = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in leaves]
+    a = spec.bind(SAMPLES[name](4, torch.Generator().manual_seed(5)))
+    per_token = [o for o in spec.differentiable if o in spec.outputs]
+    scalar = spec.forward_grads and spec.scalar(a) and len(per_token) == 1
+    if not scalar:
+        with pytest.raises(ForwardADError, match=spec.qualname):
+            torch.func.jvp(f, tuple(leaves), tuple(tangents))
+        return
+    want = sum((gr * t).sum() for gr, t in zip(_autograd_grads(f, leaves), tangents))
+    _, got = torch.func.jvp(f, tuple(leaves), tuple(tangents))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert got.abs() > 1e-6
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = f(*(fwAD.make_dual(p, t) for p, t in zip(leaves, tangents)))
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, want, rtol=1e-12, atol=1e-12)
+    jac = torch.func.jacfwd(f, argnums=0)(*leaves)
+    torch.testing.assert_close(jac, _autograd_grads(f, leaves)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", _discovered())
+def test_vmap_of_the_op_and_of_its_gradient(name):
+    """``torch.func.vmap`` over the op (the first gradient input batched) equals one call per batch element,
+    and so does ``vmap(grad(...))`` (the backward op batched too)."""
+    f, leaves = _as_function_of_leaves(name)
+    g = torch.Generator().manual_seed(2)
+    batch = torch.stack(
+        [leaves[0] + 0.1 * k * torch.randn(leaves[0].shape, generator=g, dtype=leaves[0].dtype) for k in range(3)]
+    )
+
+    def first(x):
+        return f(x, *leaves[1:])
+
+    got = torch.func.vmap(first)(batch)
+    torch.testing.assert_close(got, torch.stack([first(b) for b in batch]), rtol=1e-12, atol=1e-12)
+    got = torch.func.vmap(torch.func.grad(first))(batch)
+    want = torch.stack([_autograd_grads(first, [b])[0] for b in batch])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", _discovered())
+def test_higher_order_derivatives_and_legacy_batched_grads_are_refused(name):
+    from memops.ops.family import HigherOrderError
+
+    spec = SPECS[name]
+    f, leaves = _as_function_of_leaves(name)
+    ls = [t.detach().clone().requires_grad_(True) for t in leaves]
+    with pytest.raises(HigherOrderError, match=spec.qualname):
+        torch.autograd.grad(f(*ls), ls, create_graph=True)
+    with pytest.raises(HigherOrderError, match=spec.qualname):
+        torch.func.grad(lambda x: torch.func.grad(f)(x, *leaves[1:]).sum())(leaves[0])
+    with pytest.raises(HigherOrderError, match=spec.qualname):
+        torch.func.hessian(f)(*leaves)
+    out = f(*ls)
+    with pytest.raises(NotImplementedError, match="is_grads_batched"):
+        torch.autograd.grad(out.expand(2), ls[0], torch.ones(2, 2, dtype=out.dtype), is_grads_batched=True)

@@ -16,7 +16,7 @@ CASES = [
     ("input's last dim", lambda x, w, t: (x[..., :5], w, t), {}),
     ("weight must be 2-D", lambda x, w, t: (x, w[None], t), {}),
     ("target shape", lambda x, w, t: (x, w, t[:, :2]), {}),
-    ("target must hold int64 or int32", lambda x, w, t: (x, w, t.float()), {}),
+    ("probability target \\(a float target\\) must have shape", lambda x, w, t: (x, w, t.float()), {}),
     ("target must hold int64 or int32", lambda x, w, t: (x, w, t.to(torch.int16)), {}),
     ("weight dtype", lambda x, w, t: (x, w.double(), t), {}),
     ("input must be a float", lambda x, w, t: (x.long(), w, t), {}),
@@ -62,11 +62,11 @@ def test_direct_op_call_validates_too():
     x, w, t = _ok()
     with pytest.raises(ValueError, match="reduction must be one of"):
         torch.ops.memops.linear_ce(
-            x, w, t, None, None, -100, "bogus", 0.0, 0.0, None, 1.0, 0, False, False, [False] * 3
+            x, w, t, None, None, None, -100, "bogus", 0.0, 0.0, None, 1.0, 0, False, False, [False] * 3
         )
     with pytest.raises(ValueError, match="target value"):
         torch.ops.memops.linear_ce(
-            x, w, t + 100, None, None, -100, "mean", 0.0, 0.0, None, 1.0, 0, False, False, [False] * 3
+            x, w, t + 100, None, None, None, -100, "mean", 0.0, 0.0, None, 1.0, 0, False, False, [False] * 3
         )
 
 

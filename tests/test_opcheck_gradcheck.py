@@ -57,6 +57,7 @@ def test_opcheck_linear_ce(sample, opts, all_lse):
         t,
         b,
         num_items,
+        None,
         IGNORE,
         reduction,
         ls,
@@ -74,7 +75,24 @@ def test_opcheck_linear_ce(sample, opts, all_lse):
 @pytest.mark.parametrize("sample", ["fp32-bias", "fp64-nobias", "empty"])
 def test_opcheck_linear_ce_num_items_and_no_grad_mask(sample):
     x, w, b, t = _sample(**SAMPLES[sample])
-    args = (x, w, t, b, torch.tensor(7.0), IGNORE, "mean", 0.0, 0.0, None, 1.0, 0, False, True, [False, False, False])
+    args = (
+        x,
+        w,
+        t,
+        b,
+        torch.tensor(7.0),
+        None,
+        IGNORE,
+        "mean",
+        0.0,
+        0.0,
+        None,
+        1.0,
+        0,
+        False,
+        True,
+        [False, False, False],
+    )
     torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
 
 
@@ -86,7 +104,7 @@ def test_opcheck_linear_ce_backward(sample, opts):
     grad_loss = torch.randn(t.shape if reduction == "none" else ())
     has_b = b is not None
     num_items = torch.tensor(3.0) if (reduction == "mean" and t.numel() == 0) else None
-    args = (x, w, t, b, num_items, IGNORE, reduction, ls, zl, cap, scale, chunk, False, True, [True, True, has_b])
+    args = (x, w, t, b, num_items, None, IGNORE, reduction, ls, zl, cap, scale, chunk, False, True, [True, True, has_b])
     args = backward_op_args("linear_ce", args, [grad_loss])
     torch.library.opcheck(torch.ops.memops.linear_ce_backward.default, args)
 
@@ -129,7 +147,7 @@ def test_a_direct_op_call_keeps_its_outputs_and_the_front_end_donates(monkeypatc
     x, w, b, t = _sample()
     x, w, b = (p.requires_grad_(True) for p in (x, w, b))
     loss, lse, top1, grads = torch.ops.memops.linear_ce(
-        x, w, t, b, None, IGNORE, "mean", 0.1, 1e-3, None, 1.0, 4, False, True, [True] * 3
+        x, w, t, b, None, None, IGNORE, "mean", 0.1, 1e-3, None, 1.0, 4, False, True, [True] * 3
     )
     out = [loss, lse, top1, *grads]
     kept = [o.detach().clone() for o in out]

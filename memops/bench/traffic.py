@@ -58,7 +58,15 @@ class _Count(TorchDispatchMode):
 
 
 def _ce_args(**kw) -> Args:
-    base = dict(logit_scale=1.0, softcap=None, label_smoothing=0.0, z_loss=0.0, ignore_index=-100, chunk_size=0)
+    base = dict(
+        logit_scale=1.0,
+        softcap=None,
+        label_smoothing=0.0,
+        z_loss=0.0,
+        ignore_index=-100,
+        chunk_size=0,
+        class_weight=None,
+    )
     return Args(**{**base, **kw})
 
 

@@ -1,8 +1,10 @@
 """``memops::linear_ce`` declared: inputs, options, outputs and their shape rules.
 
-* ``loss``: compute dtype (fp64 for fp64 inputs, else fp32); ``target``'s shape for ``reduction="none"``,
-  else 0-dim.  ``lse``: compute dtype, ``target``'s shape (``all_lse`` changes values only).
-  ``is_top1`` (no gradient): bool, ``target``'s shape when ``return_is_top1``, else an empty ``[0]`` tensor
+* ``target``: class indices shaped like ``input.shape[:-1]``, or probabilities ``[..., V]`` (float); the
+  per-token shape is ``input.shape[:-1]`` either way.
+* ``loss``: compute dtype (fp64 for fp64 inputs, else fp32); the per-token shape for ``reduction="none"``,
+  else 0-dim.  ``lse``: compute dtype, the per-token shape (``all_lse`` changes values only).
+  ``is_top1`` (no gradient): bool, the per-token shape when ``return_is_top1``, else an empty ``[0]`` tensor
   of the compute dtype.
 * gradients (``Tensor[] grads``): contiguous, shaped and typed like input / weight / bias when produced,
   else an empty ``[0]`` tensor of input's dtype.
@@ -32,22 +34,34 @@ CE_OPTIONS = (
     Option("logit_scale", "float", 1.0),
     CHUNK_SIZE,
 )
-CE_INPUTS = (*PROJECTION, Input("target"), Input("bias", "Tensor?", grad=True), NUM_ITEMS)
+# class_weight: F.cross_entropy's ``weight`` (one per class of this process's weight rows), no derivative
+CE_INPUTS = (
+    *PROJECTION,
+    Input("target", refuse_grad=True),  # a probability target gets no gradient
+    Input("bias", "Tensor?", grad=True),
+    NUM_ITEMS,
+    Input("class_weight", "Tensor?", refuse_grad=True),
+)
+
+
+def token_shape(a):
+    """The per-token shape: ``target``'s, less its class dimension for probability targets."""
+    return a.target.shape[:-1] if a.target.is_floating_point() else a.target.shape
 
 
 def loss_only(a):
     """The loss: compute dtype, ``target``'s shape for ``reduction="none"``, else 0-dim."""
-    return (a.input.new_empty(a.target.shape if a.reduction == "none" else (), dtype=compute_dtype(a.input.dtype)),)
+    return (a.input.new_empty(token_shape(a) if a.reduction == "none" else (), dtype=compute_dtype(a.input.dtype)),)
 
 
 def loss_and_rows(a):
     """A reduced (or per-token) loss and one per-token output, both in the compute dtype."""
-    return (*loss_only(a), a.input.new_empty(a.target.shape, dtype=compute_dtype(a.input.dtype)))
+    return (*loss_only(a), a.input.new_empty(token_shape(a), dtype=compute_dtype(a.input.dtype)))
 
 
 def _ce_outputs(a):
     if a.return_is_top1:
-        top1 = a.input.new_empty(a.target.shape, dtype=torch.bool)
+        top1 = a.input.new_empty(token_shape(a), dtype=torch.bool)
     else:
         top1 = a.input.new_empty((0,), dtype=compute_dtype(a.input.dtype))
     return (*loss_and_rows(a), top1)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import validation
 from ..contract import Args
-from ..meta.linear_ce import SPEC
+from ..meta.linear_ce import SPEC, token_shape
 from ..rules import placeholder
 from . import engine, family, plan, triton_heads
 
@@ -40,6 +40,25 @@ class Reducer:
 LOCAL = Reducer()
 
 
+def target_weights(a: Args, t1d: Tensor, valid: Tensor, reducer: Reducer = LOCAL):
+    """``(per-row class weight of the target [N], 0 at ignored rows; the weights' total)`` in the compute
+    dtype, or ``(None, None)`` without ``class_weight``.  ``class_weight`` holds the classes of this process's
+    weight rows; with a group ``reducer`` both are summed across the group (one all-reduce per call)."""
+    if a.class_weight is None:
+        return None, None
+    cw = a.class_weight.to(engine.compute_dtype(a.input.dtype))
+    t = t1d.long()
+    local = cw.shape[0]
+    mine = valid & (t >= reducer.start) & (t < reducer.start + local)
+    rows = torch.where(mine, cw[torch.where(mine, t - reducer.start, 0)], 0.0)
+    total = cw.sum()
+    if reducer is not LOCAL:
+        both = torch.cat([rows, total.reshape(1)])
+        reducer.sum_(both)
+        rows, total = both[:-1], both[-1]
+    return rows, total
+
+
 def ce_chunks(
     x2d,
     weight,
@@ -52,6 +71,8 @@ def ce_chunks(
     reducer: Reducer = LOCAL,
     top1=None,
     valid: Tensor | None = None,
+    weights: tuple = (None, None),
+    probs: Tensor | None = None,
 ):
     """Per-row loss and lse over the rows ``rows`` (``plan.plan``); gradients when ``upstream`` is given.
 
@@ -61,7 +82,21 @@ def ce_chunks(
     exponentials, the target logit and the logit sum are reduced across the group, and the gradients
     are this shard's (input gradient: its partial sum).  ``top1`` (bool ``[N]``), when given, gets whether
     each non-ignored row's target is its first most likely token (one process only).  ``valid``: the
-    caller's ``t1d != ignore_index``, when it has it.
+    caller's ``t1d != ignore_index``, when it has it.  ``weights``: :func:`target_weights`' pair (class
+    weights, ``a.class_weight``: F.cross_entropy's ``weight``).  ``probs`` (``[N, V]``, one process):
+    probability targets in place of ``t1d`` (which is then unused), read one block of rows at a time.
+
+    Per row, with ``w`` the class weights (all 1 without them), ``w_t`` the target's, ``W = sum w``,
+    ``eps`` the label smoothing, ``zl`` the z-loss and ``lse`` the logsumexp::
+
+        loss = (1 - eps) w_t (lse - z_t) + eps / V (W lse - sum_c w_c z_c) + zl w_t lse^2
+        d loss / d z = softmax ((1 - eps) w_t + eps W / V + 2 zl w_t lse) - eps / V w - (1 - eps) w_t onehot
+
+    (torch's label smoothing with class weights; the z-loss weighted like its token).  Probability
+    targets ``p``, smoothed to ``q = (1 - eps) p + eps / V`` and weighted ``u = w q``::
+
+        loss = lse sum_c u_c - sum_c u_c z_c + zl lse^2
+        d loss / d z = softmax (sum_c u_c + 2 zl lse) - u
     """
     n = x2d.shape[0]
     local = weight.shape[0]
@@ -70,59 +105,111 @@ def ce_chunks(
     loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
     lse_rows = plan.rows_out(n, cdt, x2d.device, rows)
     eps, zl, ignore = a.label_smoothing, a.z_loss, a.ignore_index
-    # per-row target facts, once per call (a head indexes them by its rows)
-    t_all = t1d.long()
-    valid_all = t_all != ignore if valid is None else valid
-    if reducer is LOCAL:  # targets were range-checked: every valid target's row is in this weight
-        mine_all, safe_all = valid_all, torch.where(valid_all, t_all, 0).unsqueeze(1)
+    wt_all, w_total = weights
+    cw = None if a.class_weight is None else a.class_weight.to(cdt)
+    if probs is not None:
+        valid_all = torch.ones(n, dtype=torch.bool, device=x2d.device)
     else:
-        mine_all = valid_all & (t_all >= first) & (t_all < first + local)  # the target's row is in this weight
-        safe_all = torch.where(mine_all, t_all - first, 0).unsqueeze(1)
+        # per-row target facts, once per call (a head indexes them by its rows)
+        t_all = t1d.long()
+        valid_all = t_all != ignore if valid is None else valid
+        if reducer is LOCAL:  # targets were range-checked: every valid target's row is in this weight
+            mine_all, safe_all = valid_all, torch.where(valid_all, t_all, 0).unsqueeze(1)
+        else:
+            mine_all = valid_all & (t_all >= first) & (t_all < first + local)  # the target's row is in this weight
+            safe_all = torch.where(mine_all, t_all - first, 0).unsqueeze(1)
     coef_all = None if upstream is None else engine.row_coef(upstream, slice(None), valid_all)
+
+    def softmax_stats(z: Tensor):
+        """z <- exp(z - rowmax) in place; (row sum, lse as torch.logsumexp gives it, lse for the loss)."""
+        zmax = z.amax(dim=1, keepdim=True)
+        reducer.max_(zmax)
+        z.sub_(zmax).exp_()
+        return zmax.squeeze(1)
+
+    def finish(zmax, total):
+        # logsumexp as torch.logsumexp gives it (a +-inf row max is the answer) ...
+        lse_out = torch.where(zmax.isinf(), zmax, zmax + total.log())
+        # ... but log_softmax, hence the loss and its gradient, is NaN across such a row
+        # (x - x + x is x exactly for finite x and NaN for +-inf and NaN: isfinite + where in two ops)
+        return lse_out, (lse_out - lse_out).add_(lse_out)
+
+    def prob_head(z: Tensor, sel):
+        # this block's targets (a copy: the user's tensor is never written): q = (1 - eps) p + eps / V, times w
+        u = probs[sel].to(cdt, copy=isinstance(sel, slice))
+        if eps:
+            u.mul_(1.0 - eps).add_(eps / vocab)
+        if cw is not None:
+            u.mul_(cw)
+        u_sum, uz = u.sum(dim=1), (u * z).sum(dim=1)
+        zmax = softmax_stats(z)
+        total = z.sum(dim=1)
+        lse_out, lse = finish(zmax, total)
+        loss = lse * u_sum - uz
+        if zl:
+            loss = loss + zl * lse.square()
+        loss_rows[sel] = loss
+        lse_rows[sel] = lse_out
+        if upstream is None:
+            return None
+        coef = coef_all[sel]
+        grow = u_sum + 2.0 * zl * lse if zl else u_sum
+        z.mul_((coef * grow / total).unsqueeze(1))
+        return z.sub_(u.mul_(coef.unsqueeze(1)))
 
     def head(z: Tensor, sel):
         valid, safe = valid_all[sel], safe_all[sel]
         z_target = z.gather(1, safe).squeeze(1)
         if reducer is not LOCAL:  # summed over the group: the shards that do not hold the target add 0
             z_target = torch.where(mine_all[sel], z_target, 0.0)
-        z_sum = z.sum(dim=1) if eps else None
+        # the smoothing term's sum_c w_c z_c (w = 1 without class weights)
+        z_sum = (z.sum(dim=1) if cw is None else z @ cw) if eps else None
         if top1 is not None:  # the first maximum, as argmax: a tie with an earlier token is not top-1
             top1[sel] = valid & (z.argmax(dim=1) == t_all[sel])
-        # softmax numerator in place over the logits: z <- exp(z - rowmax)
-        zmax = z.amax(dim=1, keepdim=True)
-        reducer.max_(zmax)
-        z.sub_(zmax).exp_()
+        zmax = softmax_stats(z)
         total = z.sum(dim=1)
         reducer.sum_(total, z_target, z_sum)
-        zmax = zmax.squeeze(1)
-        # logsumexp as torch.logsumexp gives it (a +-inf row max is the answer) ...
-        lse_out = torch.where(zmax.isinf(), zmax, zmax + total.log())
-        # ... but log_softmax, hence the loss and its gradient, is NaN across such a row
-        # (x - x + x is x exactly for finite x and NaN for +-inf and NaN: isfinite + where in two ops)
-        lse = (lse_out - lse_out).add_(lse_out)
+        lse_out, lse = finish(zmax, total)
+        wt = None if wt_all is None else wt_all[sel]
         loss = lse - z_target  # an ignored row's (a stand-in target's) is masked below
+        if wt is not None:
+            loss = wt * loss
         if eps:
-            loss = (1.0 - eps) * loss + eps * (lse - z_sum / vocab)
+            smooth = (lse - z_sum / vocab) if cw is None else (w_total * lse - z_sum) / vocab
+            loss = (1.0 - eps) * loss + eps * smooth
         if zl:
-            loss = loss + zl * lse.square()
+            loss = loss + zl * (lse.square() if wt is None else wt * lse.square())
         loss_rows[sel] = torch.where(valid, loss, 0.0)
         lse_rows[sel] = lse_out
         if upstream is None:
             return None
         coef = coef_all[sel]
-        # d loss / d z = coef * [softmax * (1 + 2 zl lse) - eps / V - (1 - eps) onehot(target)]
+        # d loss / d z = coef * [softmax * g - eps / V * w - (1 - eps) w_t onehot]
+        if wt is None:
+            g = 1.0 + 2.0 * zl * lse if zl else None
+        else:
+            g = (1.0 - eps) * wt + (eps / vocab) * w_total
+            if zl:
+                g = g + 2.0 * zl * wt * lse
         row = coef / total
-        if zl:
-            row = row * (1.0 + 2.0 * zl * lse)
+        if g is not None:
+            row = row * g
         z.mul_(row.unsqueeze(1))
         if eps:
-            z.sub_((coef * (eps / vocab)).unsqueeze(1))
+            if cw is None:
+                z.sub_((coef * (eps / vocab)).unsqueeze(1))
+            else:
+                z.sub_((coef * (eps / vocab)).unsqueeze(1) * cw)
         onehot = coef * (eps - 1.0)  # 0 at ignored rows (coef is)
+        if wt is not None:
+            onehot = onehot * wt
         if reducer is not LOCAL:
             onehot = torch.where(mine_all[sel], onehot, 0.0)
         return z.scatter_add_(1, safe, onehot.unsqueeze(1))
 
-    fused = reducer is LOCAL and triton_heads.wanted(x2d)
+    if probs is not None:
+        head = prob_head
+    fused = reducer is LOCAL and cw is None and probs is None and triton_heads.wanted(x2d)
     if fused:  # the same head in one Triton kernel per chunk
         head = triton_heads.ce(t1d, coef_all, a, loss_rows, lse_rows, top1)
     gx, gw, gb = engine.run(
@@ -143,30 +230,56 @@ def ce_chunks(
     return loss_rows, lse_rows, gx, gw, gb
 
 
-def _forward(a: Args, need: list) -> tuple:
-    validation.check_target_range(a.target, a.weight.shape[0], a.ignore_index)
+def _rows(a: Args):
+    """``(x2d, t1d or None, probability targets [N, V] or None, valid [N])`` of a call."""
+    if a.target.is_floating_point():
+        vocab = a.target.shape[-1]
+        x2d = a.input.reshape(-1, a.input.shape[-1])
+        probs = a.target.reshape(-1, vocab)
+        return x2d, None, probs, torch.ones(x2d.shape[0], dtype=torch.bool, device=x2d.device)
     x2d, t1d, _ = engine.flatten(a.input, a.target)
+    return x2d, t1d, None, t1d != a.ignore_index
+
+
+def _den(a: Args, valid, wt, cdt):
+    """``reduction="mean"``'s divisor: ``num_items``, else the targets' class weights' sum (torch's weighted
+    mean), else the non-ignored count; probability targets: the row count (torch's mean over rows)."""
+    if a.num_items is not None or wt is None or a.target.is_floating_point():
+        return engine.denominator(valid, a.num_items, cdt)
+    return wt.sum()
+
+
+def _forward(a: Args, need: list) -> tuple:
+    if not a.target.is_floating_point():
+        validation.check_target_range(a.target, a.weight.shape[0], a.ignore_index)
+    x2d, t1d, probs, valid = _rows(a)
     cdt = engine.compute_dtype(a.input.dtype)
-    valid = t1d != a.ignore_index
-    den = engine.denominator(valid, a.num_items, cdt) if a.reduction == "mean" else None
+    weights = target_weights(a, t1d, valid) if probs is None else (None, None)
+    den = _den(a, valid, weights[0], cdt) if a.reduction == "mean" else None
     up = engine.upstream(None, a.reduction, valid, a.num_items, cdt, den=den) if any(need) else None
     # ignored rows reach no output unless their lse was asked for
-    rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=None if a.all_lse else valid).full
-    top1 = torch.zeros(t1d.shape, dtype=torch.bool, device=x2d.device) if a.return_is_top1 else None
-    loss_rows, lse_rows, gx, gw, gb = ce_chunks(x2d, a.weight, t1d, a.bias, up, need, a, rows, top1=top1, valid=valid)
-    loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, a.target.shape, den=den)
-    top1 = placeholder(loss) if top1 is None else top1.view(a.target.shape)
+    needed = None if (a.all_lse or probs is not None) else valid
+    rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=needed).full
+    top1 = torch.zeros(valid.shape, dtype=torch.bool, device=x2d.device) if a.return_is_top1 else None
+    loss_rows, lse_rows, gx, gw, gb = ce_chunks(
+        x2d, a.weight, t1d, a.bias, up, need, a, rows, top1=top1, valid=valid, weights=weights, probs=probs
+    )
+    shape = token_shape(a)
+    loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, shape, den=den)
+    top1 = placeholder(loss) if top1 is None else top1.view(shape)
     if not a.all_lse:  # an ignored row's lse is 0 then, whether the plan computed the row or not
         lse_rows = torch.where(valid, lse_rows, 0.0)
-    return (loss, lse_rows.view(a.target.shape), top1), engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
+    return (loss, lse_rows.view(shape), top1), engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
 def _gradients(a: Args, grad_outputs: list, need: list) -> list:
-    x2d, t1d, _ = engine.flatten(a.input, a.target)
-    valid = t1d != a.ignore_index
-    up = engine.upstream(grad_outputs[0], a.reduction, valid, a.num_items, engine.compute_dtype(a.input.dtype))
-    rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=valid).full
-    *_, gx, gw, gb = ce_chunks(x2d, a.weight, t1d, a.bias, up, need, a, rows, valid=valid)
+    x2d, t1d, probs, valid = _rows(a)
+    cdt = engine.compute_dtype(a.input.dtype)
+    weights = target_weights(a, t1d, valid) if probs is None else (None, None)
+    den = _den(a, valid, weights[0], cdt) if a.reduction == "mean" else None
+    up = engine.upstream(grad_outputs[0], a.reduction, valid, a.num_items, cdt, den=den)
+    rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=None if probs is not None else valid).full
+    *_, gx, gw, gb = ce_chunks(x2d, a.weight, t1d, a.bias, up, need, a, rows, valid=valid, weights=weights, probs=probs)
     return engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
@@ -189,6 +302,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     return_lse: bool = False,
     return_is_top1: bool = False,
+    class_weight: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """Cross-entropy of ``logit_scale * (input @ weight.T + bias)`` without materializing the logits.
 
@@ -202,6 +316,14 @@ def linear_cross_entropy(
     so padding and prompt tokens cost no matmul work.  With ``return_is_top1=True`` also returns, last,
     whether each token's target is its most likely token (bool, shaped like ``target``, False at ignored
     tokens; a tie with an earlier token does not count, as ``argmax``): the accuracy TRL's SFT logs.
+
+    ``class_weight`` (``[V]``) is ``F.cross_entropy``'s ``weight``: each token's loss is scaled by its
+    target's weight, label smoothing uses torch's weighted formula, ``reduction="mean"`` divides by the
+    targets' weight sum (``num_items``, when given, replaces it), and the z-loss term is weighted like its
+    token.  It gets no gradient (one that requires grad is refused).  A float ``target`` ``[..., V]`` holds
+    class probabilities (torch's soft targets: ``ignore_index`` does not apply, ``"mean"`` divides by the
+    token count, smoothing and class weights as ``F.cross_entropy``), read one chunk of rows at a time; it
+    gets no gradient either.
     """
     loss, lse, top1, _ = SPEC.call(
         input=input,
@@ -209,6 +331,7 @@ def linear_cross_entropy(
         target=target,
         bias=bias,
         num_items=num_items,
+        class_weight=class_weight,
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,

@@ -21,7 +21,7 @@ from .. import config, validation
 from ..contract import Args
 from ..meta.vocab_parallel import SPEC
 from . import engine, family
-from .linear_ce import Reducer, ce_chunks
+from .linear_ce import Reducer, _den, ce_chunks, target_weights
 
 
 def _group(name: str):
@@ -107,11 +107,20 @@ def _check_tiling(group, vocab_start: int, vocab_size: int, local: int, device) 
         )
 
 
-def _chunks(a: Args, up, need):
-    """Every row on every rank (the ranks' rows must match for the collectives)."""
+def _prepare(a: Args):
+    """``(x2d, t1d, valid, reducer, class weights)`` of a call (every row on every rank: the ranks' rows must
+    match for the collectives)."""
     x2d, t1d, _ = engine.flatten(a.input, a.target)
+    valid = t1d != a.ignore_index
     reducer = _reducer(a)
-    loss_rows, lse_rows, gx, gw, gb = ce_chunks(x2d, a.weight, t1d, a.bias, up, need, a, None, reducer)
+    return x2d, t1d, valid, reducer, target_weights(a, t1d, valid, reducer)
+
+
+def _chunks(a: Args, up, need, parts):
+    x2d, t1d, valid, reducer, weights = parts
+    loss_rows, lse_rows, gx, gw, gb = ce_chunks(
+        x2d, a.weight, t1d, a.bias, up, need, a, None, reducer, valid=valid, weights=weights
+    )
     if gx is not None:
         gx = _all_reduce(gx, "sum", reducer.group)
     return loss_rows, lse_rows, gx, gw, gb
@@ -120,17 +129,22 @@ def _chunks(a: Args, up, need):
 def _forward(a: Args, need: list) -> tuple:
     validation.check_target_range(a.target, a.vocab_size, a.ignore_index)
     cdt = engine.compute_dtype(a.input.dtype)
-    valid = a.target.reshape(-1) != a.ignore_index
-    up = engine.upstream(None, a.reduction, valid, a.num_items, cdt) if any(need) else None
-    loss_rows, lse_rows, gx, gw, gb = _chunks(a, up, need)
-    loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, a.target.shape)
+    parts = _prepare(a)
+    valid, weights = parts[2], parts[4]
+    den = _den(a, valid, weights[0], cdt) if a.reduction == "mean" else None
+    up = engine.upstream(None, a.reduction, valid, a.num_items, cdt, den=den) if any(need) else None
+    loss_rows, lse_rows, gx, gw, gb = _chunks(a, up, need, parts)
+    loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, a.target.shape, den=den)
     return (loss, lse_rows.view(a.target.shape)), engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
 def _gradients(a: Args, grad_outputs: list, need: list) -> list:
     cdt = engine.compute_dtype(a.input.dtype)
-    up = engine.upstream(grad_outputs[0], a.reduction, a.target.reshape(-1) != a.ignore_index, a.num_items, cdt)
-    *_, gx, gw, gb = _chunks(a, up, need)
+    parts = _prepare(a)
+    valid, weights = parts[2], parts[4]
+    den = _den(a, valid, weights[0], cdt) if a.reduction == "mean" else None
+    up = engine.upstream(grad_outputs[0], a.reduction, valid, a.num_items, cdt, den=den)
+    *_, gx, gw, gb = _chunks(a, up, need, parts)
     return engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
