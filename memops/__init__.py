@@ -6,6 +6,7 @@ Importing memops registers every op under ``torch.ops.memops``.
 from . import (
     distributed,  # noqa: F401  (memops.distributed.*)
     meta,  # noqa: F401  (registers the fake kernels)
+    nn,  # noqa: F401  (memops.nn: drop-ins for torch's LinearCrossEntropyLoss and its functional form)
     ops,  # noqa: F401  (registers the ops and their autograd)
     transforms,  # noqa: F401  (registers the built-in transforms)
 )
