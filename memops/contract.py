@@ -89,6 +89,13 @@ class Spec:
     differentiable: tuple[str, ...] = ("loss",)  # outputs that take an incoming gradient
     forward_grads: bool = True
     scalar: Callable[[Args], bool] = field(default=lambda a: a.reduction != "none")
+    # differentiable outputs that a call returns detached (an option turns their gradient on)
+    detached: Callable[[Args], tuple[str, ...]] = field(default=lambda a: ())
+
+    def live(self, a: Args) -> list[int]:
+        """Positions of the outputs that carry a gradient in this call."""
+        off = self.detached(a)
+        return [k for k, name in enumerate(self.outputs) if name in self.differentiable and name not in off]
 
     # ---- names and schemas -------------------------------------------------------------------------
     @property

@@ -204,6 +204,19 @@ def as_num_items(num_items) -> torch.Tensor | None:
     return torch.tensor(float(num_items), dtype=torch.float64)
 
 
+def as_shift(shift, target) -> int:
+    """``shift`` (``True``/``False`` or an int >= 0) as a position offset; class-index targets ``[..., T]``."""
+    if isinstance(shift, bool):
+        k = int(shift)
+    elif isinstance(shift, int) and shift >= 0:
+        k = shift
+    else:
+        raise ValueError(f"shift must be a bool or an int >= 0, got {shift!r}")
+    if k and isinstance(target, torch.Tensor) and (target.is_floating_point() or target.dim() < 1):
+        _fail("shift needs class-index targets with a position dimension ([..., T])")
+    return k
+
+
 def as_chunk_size(chunk_size) -> int:
     if chunk_size is None:
         return 0

@@ -128,7 +128,9 @@ def test_matches_reference_float32_inputs(case):
     for name, a, r in zip("xwb", _grads(out, (x, w, b), go.float()), _grads(ref, (x64, w64, b64), go)):
         assert a.dtype == torch.float32
         finite = r[r.isfinite()]
-        _assert_close(a.double(), r, 1e-4 * (1.0 + (finite.abs().max().item() if finite.numel() else 0.0)), f"grad {name}")
+        _assert_close(
+            a.double(), r, 1e-4 * (1.0 + (finite.abs().max().item() if finite.numel() else 0.0)), f"grad {name}"
+        )
 
 
 def test_empty_input_matches_reference():
@@ -353,3 +355,100 @@ def test_return_is_top1_is_the_argmax_accuracy(opts):
     torch.testing.assert_close(
         loss, memops.linear_cross_entropy(x, w, t, **opts) if "return_lse" not in opts else out[0]
     )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("class_weight", [False, True])
+@pytest.mark.parametrize("loss_used", [True, False])
+def test_differentiable_lse_trains_a_users_own_term(reduction, class_weight, loss_used):
+    """``lse_grad=True``: a term of the user's own on the returned lse (here a z-loss-like square) gets its
+    gradient (``softmax`` per row) with the loss's, against the reference's ``torch.logsumexp``; ignored
+    tokens' lse is theirs too (return_lse), and a call whose loss is unused trains the lse term alone.
+    One forward projection plus the three of the backward: four projection-sized matmuls."""
+    from helpers import MatmulFlops, projection_flops
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 9, (3, 5), generator=g)
+    t[0, :2] = IGNORE
+    cw = torch.rand(9, generator=g, dtype=torch.float64) + 0.5 if class_weight else None
+    opts = dict(reduction=reduction, label_smoothing=0.1, softcap=4.0, class_weight=cw, chunk_size=4)
+    with MatmulFlops() as flops:
+        loss, lse = memops.linear_cross_entropy(x, w, t, b, return_lse=True, lse_grad=True, **opts)
+        obj = 0.3 * (lse.square() * torch.cos(lse.detach())).sum() + (
+            (loss * torch.cos(loss.detach())).sum() if loss_used else 0
+        )
+        got = torch.autograd.grad(obj, (x, w, b))
+    assert flops.flops == 4 * projection_flops(15, 9, 6)
+    ref = ref_linear_cross_entropy(x, w, t, b, **{k: v for k, v in opts.items() if k != "chunk_size"})
+    ref_lse = torch.logsumexp(ref_logits(x, w, b, softcap=4.0), dim=-1)
+    _assert_close(loss, ref, 1e-12, "loss")
+    _assert_close(lse, ref_lse, 1e-12, "lse")
+    obj = 0.3 * (ref_lse.square() * torch.cos(ref_lse.detach())).sum() + (
+        (ref * torch.cos(ref.detach())).sum() if loss_used else 0
+    )
+    for name, a, r in zip("xwb", got, torch.autograd.grad(obj, (x, w, b))):
+        _assert_close(a, r, 1e-12, f"grad {name}")
+
+
+def test_lse_is_detached_unless_asked_and_lse_grad_needs_return_lse():
+    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(5, 3)
+    t = torch.tensor([0, 1, 2, 3])
+    _, lse = memops.linear_cross_entropy(x, w, t, return_lse=True)
+    assert not lse.requires_grad
+    with pytest.raises(ValueError, match="lse_grad=True needs return_lse=True"):
+        memops.linear_cross_entropy(x, w, t, lse_grad=True)
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """The shapes of every tensor an aten op returns (views included)."""
+
+    observes_only = True
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(o, torch.Tensor):
+                self.shapes.append((str(func), tuple(o.shape), o.untyped_storage().data_ptr()))
+        return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 7])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_shift_pairs_each_position_with_a_later_target_without_copying_the_hidden_states(k, reduction):
+    """``shift=k``: position ``i`` with ``target[..., i + k]`` (CCE's ``shift``), equal to slicing
+    ``input[..., :-k, :]`` and ``target[..., k:]`` (float64), the last ``k`` positions' input gradient 0,
+    per-token outputs ``T - k`` long; no op makes a tensor of the sliced hidden states' shape, a copy
+    slicing makes (``[B, T - k, D]`` is not contiguous in ``[B, T, D]``)."""
+    g = torch.Generator().manual_seed(k)
+    B, T, D, V = 3, 7, 5, 11
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, V, (B, T), generator=g)
+    t[1, 3] = IGNORE
+    with _Allocations() as seen:
+        out = memops.linear_cross_entropy(
+            x, w, t, shift=k, reduction=reduction, return_lse=True, return_is_top1=True, z_loss=1e-2
+        )
+    loss, lse, top1 = out
+    sliced = [s for s in seen.shapes if s[1] in ((B, T - k, D), (B * (T - k), D))]
+    assert sliced == [], sliced
+    ref = ref_linear_cross_entropy(x[:, : T - k], w, t[:, k:], reduction=reduction, z_loss=1e-2)
+    _assert_close(loss, ref, 1e-12, "loss")
+    assert lse.shape == top1.shape == (B, max(T - k, 0))
+    ref_lse = torch.logsumexp(ref_logits(x[:, : T - k], w), dim=-1)
+    _assert_close(lse, ref_lse, 1e-12, "lse")
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    gx, gw = torch.autograd.grad(loss, (x, w), go)
+    rx, rw = torch.autograd.grad(ref, (x, w), go)
+    _assert_close(gx, rx, 1e-12, "grad input")  # the reference's slice backward puts zeros at the end
+    _assert_close(gw, rw, 1e-12, "grad weight")
+    assert torch.equal(memops.linear_cross_entropy(x, w, t, shift=True), memops.linear_cross_entropy(x, w, t, shift=1))
+    with pytest.raises(ValueError, match="shift must be a bool or an int >= 0"):
+        memops.linear_cross_entropy(x, w, t, shift=-1)

@@ -67,6 +67,7 @@ def test_opcheck_linear_ce(sample, opts, all_lse):
         chunk,
         all_lse,
         not all_lse,
+        all_lse,  # lse_grad: the lse differentiable, the gradients computed in backward
         [True, True, b is not None],
     )
     torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
@@ -91,6 +92,7 @@ def test_opcheck_linear_ce_num_items_and_no_grad_mask(sample):
         0,
         False,
         True,
+        False,
         [False, False, False],
     )
     torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
@@ -104,8 +106,49 @@ def test_opcheck_linear_ce_backward(sample, opts):
     grad_loss = torch.randn(t.shape if reduction == "none" else ())
     has_b = b is not None
     num_items = torch.tensor(3.0) if (reduction == "mean" and t.numel() == 0) else None
-    args = (x, w, t, b, num_items, None, IGNORE, reduction, ls, zl, cap, scale, chunk, False, True, [True, True, has_b])
-    args = backward_op_args("linear_ce", args, [grad_loss])
+    args = (
+        x,
+        w,
+        t,
+        b,
+        num_items,
+        None,
+        IGNORE,
+        reduction,
+        ls,
+        zl,
+        cap,
+        scale,
+        chunk,
+        False,
+        True,
+        False,
+        [True, True, has_b],
+    )
+    args = backward_op_args("linear_ce", args, [grad_loss, None])
+    torch.library.opcheck(torch.ops.memops.linear_ce_backward.default, args)
+    # a differentiable lse (lse_grad, with all_lse): its incoming gradient joins the loss's
+    grad_lse = torch.randn(t.shape)
+    args = (
+        x,
+        w,
+        t,
+        b,
+        num_items,
+        None,
+        IGNORE,
+        reduction,
+        ls,
+        zl,
+        cap,
+        scale,
+        chunk,
+        True,
+        True,
+        True,
+        [True, True, has_b],
+    )
+    args = backward_op_args("linear_ce", args, [grad_loss, grad_lse])
     torch.library.opcheck(torch.ops.memops.linear_ce_backward.default, args)
 
 
@@ -147,7 +190,7 @@ def test_a_direct_op_call_keeps_its_outputs_and_the_front_end_donates(monkeypatc
     x, w, b, t = _sample()
     x, w, b = (p.requires_grad_(True) for p in (x, w, b))
     loss, lse, top1, grads = torch.ops.memops.linear_ce(
-        x, w, t, b, None, None, IGNORE, "mean", 0.1, 1e-3, None, 1.0, 4, False, True, [True] * 3
+        x, w, t, b, None, None, IGNORE, "mean", 0.1, 1e-3, None, 1.0, 4, False, True, False, [True] * 3
     )
     out = [loss, lse, top1, *grads]
     kept = [o.detach().clone() for o in out]
@@ -161,3 +204,19 @@ def test_a_direct_op_call_keeps_its_outputs_and_the_front_end_donates(monkeypatc
     (-2.5 * memops.linear_cross_entropy(x, w, t, b, label_smoothing=0.1, z_loss=1e-3, chunk_size=4)).backward()
     assert len(handed) == 1 and handed[0] is not None  # donated: autograd got the forward's tensors
     torch.testing.assert_close(w.grad, -2.5 * kept[4])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("all_ignored_lse", [False, True])
+def test_gradcheck_float64_differentiable_lse(reduction, all_ignored_lse):
+    """``lse_grad=True``: loss and lse both differentiable (gradcheck of both outputs at once)."""
+    x, w, b, t = _sample(n_lead=(3, 3), d=4, v=7, dtype=torch.float64, seed=2)
+    for tensor in (x, w, b):
+        tensor.requires_grad_(True)
+
+    def f(x, w, b):
+        return memops.linear_cross_entropy(
+            x, w, t, b, reduction=reduction, chunk_size=4, z_loss=0.01, softcap=2.5, return_lse=True, lse_grad=True
+        )
+
+    assert torch.autograd.gradcheck(f, (x, w, b))

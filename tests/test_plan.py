@@ -33,7 +33,7 @@ def _ce_args(ignore: bool, all_lse: bool, reduction="mean"):
     t = torch.randint(0, 13, (40,), generator=g)
     if ignore:
         t[::3] = -100
-    return (x, w, t, b, None, None, -100, reduction, 0.1, 0.0, None, 1.0, 7, all_lse, True, [True, True, True])
+    return (x, w, t, b, None, None, -100, reduction, 0.1, 0.0, None, 1.0, 7, all_lse, True, False, [True, True, True])
 
 
 @pytest.mark.parametrize("ignore", [False, True])

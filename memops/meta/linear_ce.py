@@ -3,7 +3,9 @@
 * ``target``: class indices shaped like ``input.shape[:-1]``, or probabilities ``[..., V]`` (float); the
   per-token shape is ``input.shape[:-1]`` either way.
 * ``loss``: compute dtype (fp64 for fp64 inputs, else fp32); the per-token shape for ``reduction="none"``,
-  else 0-dim.  ``lse``: compute dtype, the per-token shape (``all_lse`` changes values only).
+  else 0-dim.  ``lse``: compute dtype, the per-token shape (``all_lse`` changes values only); it takes a
+  gradient when ``lse_grad`` (then the forward computes no gradients: backward computes the loss's and
+  the lse's together), else it is returned detached.
   ``is_top1`` (no gradient): bool, the per-token shape when ``return_is_top1``, else an empty ``[0]`` tensor
   of the compute dtype.
 * gradients (``Tensor[] grads``): contiguous, shaped and typed like input / weight / bias when produced,
@@ -71,9 +73,18 @@ SPEC = register(
     Spec(
         name="linear_ce",
         inputs=CE_INPUTS,
-        options=(*CE_OPTIONS, Option("all_lse", "bool", False), Option("return_is_top1", "bool", False)),
+        options=(
+            *CE_OPTIONS,
+            Option("all_lse", "bool", False),
+            Option("return_is_top1", "bool", False),
+            Option("lse_grad", "bool", False),
+        ),
         outputs=("loss", "lse", "is_top1"),
         shapes=_ce_outputs,
         check=V.check_linear_ce,
+        differentiable=("loss", "lse"),
+        # a differentiable lse: the loss's gradients are computed with the lse's in backward, not in forward
+        scalar=lambda a: a.reduction != "none" and not a.lse_grad,
+        detached=lambda a: () if a.lse_grad else ("lse",),
     )
 )

@@ -188,7 +188,8 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
         ctx.save_for_backward(*flat)
         ctx.save_for_forward(*flat)  # forward-mode AD (forward_tangents)
         ctx.options = spec.option_values(a)
-        fixed = [o for k, o in enumerate(output[:n_outputs]) if k not in diff]
+        live = spec.live(a)
+        fixed = [o for k, o in enumerate(output[:n_outputs]) if k not in live]
         if spec.forward_grads:
             setup(ctx, output[n_outputs], spec.forward_mask(a), fixed)
         else:
@@ -273,11 +274,12 @@ def forward_tangents(spec: Spec, ctx, tangents: Sequence) -> tuple:
                 "with respect to it; pass it without one (detach it from the dual level)"
             )
     diff = [k for k, name in enumerate(spec.outputs) if name in spec.differentiable]
-    if not (spec.forward_grads and spec.scalar(a) and len(diff) == 1):
+    live = spec.live(a)
+    if not (spec.forward_grads and spec.scalar(a) and len(live) == 1):
         raise ForwardADError(
             f"{spec.qualname}: forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) is implemented "
             "for scalar losses only (reduction='mean' / 'sum' / 'batchmean'); this call's "
-            f"{', '.join(spec.outputs[k] for k in diff)} output is per token: use reverse mode "
+            f"{', '.join(spec.outputs[k] for k in live)} output is per token: use reverse mode "
             "(torch.autograd.grad, torch.func.vjp / grad / jacrev)"
         )
     slots, tans = spec.grad_slots(a), []
@@ -287,15 +289,16 @@ def forward_tangents(spec: Spec, ctx, tangents: Sequence) -> tuple:
     need = [t is not None and s is not None for s, t in zip(slots, tans)]
     cdt = compute_dtype(a.input.dtype)
     one = torch.ones((), dtype=cdt, device=a.input.device)
+    incoming = [one if k == live[0] else None for k in diff]
     grads = spec.backward_op()(
-        [one], *tensors, [placeholder(a.input)] * len(slots), *ctx.options, need, [False] * len(slots)
+        incoming, *tensors, [placeholder(a.input)] * len(slots), *ctx.options, need, [False] * len(slots)
     )
     total = torch.zeros((), dtype=cdt, device=a.input.device)
     for g, t, n in zip(grads, tans, need):
         if n:
             total = total + (g.to(cdt) * t.to(cdt)).sum()
     out = [None] * (len(spec.outputs) + (len(slots) if spec.forward_grads else 0))
-    out[diff[0]] = total
+    out[live[0]] = total
     return tuple(out)
 
 

@@ -73,6 +73,7 @@ def ce_chunks(
     valid: Tensor | None = None,
     weights: tuple = (None, None),
     probs: Tensor | None = None,
+    lse_upstream: Tensor | None = None,
 ):
     """Per-row loss and lse over the rows ``rows`` (``plan.plan``); gradients when ``upstream`` is given.
 
@@ -85,6 +86,8 @@ def ce_chunks(
     caller's ``t1d != ignore_index``, when it has it.  ``weights``: :func:`target_weights`' pair (class
     weights, ``a.class_weight``: F.cross_entropy's ``weight``).  ``probs`` (``[N, V]``, one process):
     probability targets in place of ``t1d`` (which is then unused), read one block of rows at a time.
+    ``lse_upstream`` (``[N]``, 0 where the lse output is a constant): the incoming gradient of the lse
+    output, added to each row's gradient as ``lse_upstream * softmax`` (d lse / d z = softmax).
 
     Per row, with ``w`` the class weights (all 1 without them), ``w_t`` the target's, ``W = sum w``,
     ``eps`` the label smoothing, ``zl`` the z-loss and ``lse`` the logsumexp::
@@ -119,6 +122,9 @@ def ce_chunks(
             mine_all = valid_all & (t_all >= first) & (t_all < first + local)  # the target's row is in this weight
             safe_all = torch.where(mine_all, t_all - first, 0).unsqueeze(1)
     coef_all = None if upstream is None else engine.row_coef(upstream, slice(None), valid_all)
+    if lse_upstream is not None and coef_all is None:
+        coef_all = torch.zeros(n, dtype=cdt, device=x2d.device)
+        upstream = coef_all
 
     def softmax_stats(z: Tensor):
         """z <- exp(z - rowmax) in place; (row sum, lse as torch.logsumexp gives it, lse for the loss)."""
@@ -154,7 +160,8 @@ def ce_chunks(
             return None
         coef = coef_all[sel]
         grow = u_sum + 2.0 * zl * lse if zl else u_sum
-        z.mul_((coef * grow / total).unsqueeze(1))
+        srow = coef * grow if lse_upstream is None else coef * grow + lse_upstream[sel]
+        z.mul_((srow / total).unsqueeze(1))
         return z.sub_(u.mul_(coef.unsqueeze(1)))
 
     def head(z: Tensor, sel):
@@ -191,10 +198,10 @@ def ce_chunks(
             g = (1.0 - eps) * wt + (eps / vocab) * w_total
             if zl:
                 g = g + 2.0 * zl * wt * lse
-        row = coef / total
-        if g is not None:
-            row = row * g
-        z.mul_(row.unsqueeze(1))
+        row = coef if g is None else coef * g
+        if lse_upstream is not None:
+            row = row + lse_upstream[sel]
+        z.mul_((row / total).unsqueeze(1))
         if eps:
             if cw is None:
                 z.sub_((coef * (eps / vocab)).unsqueeze(1))
@@ -209,7 +216,7 @@ def ce_chunks(
 
     if probs is not None:
         head = prob_head
-    fused = reducer is LOCAL and cw is None and probs is None and triton_heads.wanted(x2d)
+    fused = reducer is LOCAL and cw is None and probs is None and lse_upstream is None and triton_heads.wanted(x2d)
     if fused:  # the same head in one Triton kernel per chunk
         head = triton_heads.ce(t1d, coef_all, a, loss_rows, lse_rows, top1)
     gx, gw, gb = engine.run(
@@ -277,9 +284,20 @@ def _gradients(a: Args, grad_outputs: list, need: list) -> list:
     cdt = engine.compute_dtype(a.input.dtype)
     weights = target_weights(a, t1d, valid) if probs is None else (None, None)
     den = _den(a, valid, weights[0], cdt) if a.reduction == "mean" else None
-    up = engine.upstream(grad_outputs[0], a.reduction, valid, a.num_items, cdt, den=den)
-    rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=None if probs is not None else valid).full
-    *_, gx, gw, gb = ce_chunks(x2d, a.weight, t1d, a.bias, up, need, a, rows, valid=valid, weights=weights, probs=probs)
+    g_loss, g_lse = grad_outputs[0], grad_outputs[1] if (a.lse_grad and len(grad_outputs) > 1) else None
+    if g_loss is None:  # only the lse's gradient came in
+        g_loss = torch.zeros(token_shape(a) if a.reduction == "none" else (), dtype=cdt, device=x2d.device)
+    up = engine.upstream(g_loss, a.reduction, valid, a.num_items, cdt, den=den)
+    lse_up, needed = None, valid
+    if g_lse is not None:
+        # the lse output is 0 at ignored rows unless all_lse: a constant there
+        lse_up = g_lse.reshape(-1).to(cdt)
+        lse_up = lse_up if a.all_lse else torch.where(valid, lse_up, 0.0)
+        needed = None if a.all_lse else valid
+    rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=None if probs is not None else needed).full
+    *_, gx, gw, gb = ce_chunks(
+        x2d, a.weight, t1d, a.bias, up, need, a, rows, valid=valid, weights=weights, probs=probs, lse_upstream=lse_up
+    )
     return engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
@@ -303,6 +321,8 @@ def linear_cross_entropy(
     return_lse: bool = False,
     return_is_top1: bool = False,
     class_weight: Tensor | None = None,
+    lse_grad: bool = False,
+    shift: bool | int = False,
 ) -> Tensor | tuple[Tensor, ...]:
     """Cross-entropy of ``logit_scale * (input @ weight.T + bias)`` without materializing the logits.
 
@@ -324,7 +344,22 @@ def linear_cross_entropy(
     class probabilities (torch's soft targets: ``ignore_index`` does not apply, ``"mean"`` divides by the
     token count, smoothing and class weights as ``F.cross_entropy``), read one chunk of rows at a time; it
     gets no gradient either.
+
+    ``lse_grad=True`` (with ``return_lse``) makes the returned lse differentiable, so a term of the user's
+    own on it (a z-loss, an auxiliary loss) trains: its gradient joins the loss's in one backward pass
+    (the forward then computes no gradients; the same three projection matmuls in all, plus the forward's
+    logits).  ``shift=k`` (``True``: 1) pairs position ``i`` of ``input [..., T, D]`` with
+    ``target[..., i + k]`` (the causal-LM shift) without copying the hidden states: the last ``k``
+    positions are ignored, and per-token outputs have ``T - k`` positions.
     """
+    k = validation.as_shift(shift, target)
+    if k:
+        pad = torch.full(
+            (*target.shape[:-1], min(k, target.shape[-1])), ignore_index, dtype=target.dtype, device=target.device
+        )
+        target = torch.cat([target[..., k:], pad], dim=-1)
+    if lse_grad and not return_lse:
+        raise ValueError("lse_grad=True needs return_lse=True (it makes the returned lse differentiable)")
     loss, lse, top1, _ = SPEC.call(
         input=input,
         weight=weight,
@@ -341,7 +376,13 @@ def linear_cross_entropy(
         chunk_size=chunk_size,
         all_lse=bool(return_lse),
         return_is_top1=bool(return_is_top1),
+        lse_grad=bool(lse_grad),
     )
     family.donate(loss)
+    if k:  # the per-token outputs of the positions that have a target
+        keep = max(target.shape[-1] - k, 0)
+        lse, top1 = lse[..., :keep], top1[..., :keep] if return_is_top1 else top1
+        if reduction == "none":
+            loss = loss[..., :keep]
     out = (loss,) + ((lse,) if return_lse else ()) + ((top1,) if return_is_top1 else ())
     return out if len(out) > 1 else loss
