@@ -154,3 +154,27 @@ def test_gradients_it_does_not_compute_are_refused():
         MF.linear_cross_entropy(x, w, torch.rand(4, 5, dtype=torch.float64, requires_grad=True))
     with torch.no_grad():  # nothing to differentiate: fine
         MF.linear_cross_entropy(x, w, torch.rand(4, 5, dtype=torch.float64, requires_grad=True))
+
+
+def test_the_comparison_table_is_true():
+    """docs/api.md's comparison table: every argument named in the memops column is a parameter of
+    memops.linear_cross_entropy (and every parameter appears), every one in the torch column a parameter
+    of the installed torch's F.linear_cross_entropy."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    section = text.split("### Compared with torch's, CCE's and Liger's fused cross-entropy", 1)[1]
+    rows = [r for r in section.splitlines() if r.startswith("|")][2:]
+    ours = set(inspect.signature(memops.linear_cross_entropy).parameters)
+    torchs = set(inspect.signature(theirs).parameters)
+    named_ours, named_torch = set(), set()
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 5, row
+        named_ours |= set(re.findall(r"`(\w+)`", cells[1]))
+        named_torch |= set(re.findall(r"`(\w+)`", cells[2]))
+    assert named_ours <= ours, named_ours - ours
+    assert named_torch <= torchs, named_torch - torchs
+    assert ours - named_ours == set(), f"parameters missing from the table: {ours - named_ours}"
+    assert torchs - named_torch == set(), f"torch parameters missing from the table: {torchs - named_torch}"

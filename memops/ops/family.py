@@ -186,7 +186,8 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
         ctx.sync_free = config.is_sync_free(a.input)  # its backward too
         ctx.layout = layout
         ctx.save_for_backward(*flat)
-        ctx.save_for_forward(*flat)  # forward-mode AD (forward_tangents)
+        if _fwad._current_level >= 0:  # a dual level is open: forward-mode AD may ask (forward_tangents)
+            ctx.save_for_forward(*flat)
         ctx.options = spec.option_values(a)
         live = spec.live(a)
         fixed = [o for k, o in enumerate(output[:n_outputs]) if k not in live]
@@ -323,9 +324,12 @@ def refuse_higher_order(spec: Spec, saved: Sequence, grad_outputs: Sequence) -> 
     (``create_graph=True``) with an input that requires grad.  Under ``torch.func``:
     what backward reads is tracked by an enclosing grad level, or has a tangent (an enclosing jvp)."""
     ft = torch._C._functorch
+    functorch = torch._C._are_functorch_transforms_active()
+    if not (functorch or torch.is_grad_enabled() or _fwad._current_level >= 0):
+        return  # a plain backward (create_graph=False): nothing will differentiate it
     nested = any(_grad_tracked(t) for t in (*saved, *grad_outputs)) or (
         torch.is_grad_enabled()
-        and not torch._C._are_functorch_transforms_active()
+        and not functorch
         and any(isinstance(t, Tensor) and t.requires_grad and not ft.is_functorch_wrapped_tensor(t) for t in saved)
     )
     if nested or _has_tangent((*saved, *grad_outputs)):
