@@ -403,3 +403,27 @@ def test_describe_gives_one_line_even_for_an_empty_message():
     assert describe(RuntimeError("out of memory\nmore detail")) == "RuntimeError: out of memory"
     assert describe(RuntimeError()) == "RuntimeError: "
     assert describe(ValueError("x" * 300), 10) == "ValueError: " + "x" * 10
+
+
+def test_bench_class_weighted_cross_entropy():
+    """``--loss class_weighted``: class weights and label smoothing 0.1, every method that runs it within
+    fp32 rounding of the float64 reference (torch_lce runs it unfused)."""
+    proc = _run(
+        "--loss",
+        "class_weighted",
+        "--tokens",
+        "48",
+        "--hidden",
+        "8",
+        "--vocab",
+        "50",
+        "--reps",
+        "1",
+        "--methods",
+        "eager,torch_lce,memops,chunked",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| chunked | skipped: class-weighted cross-entropy" in proc.stdout
+    for m in ("eager", "torch_lce", "memops"):
+        errs = [float(c) for c in _row(proc.stdout, m).strip("|").split("|")[-3:]]
+        assert max(errs) < 1e-5, m

@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--loss",
         default="cross_entropy",
-        help="cross_entropy (memops.linear_cross_entropy), grpo (memops.linear_grpo_loss: a GRPO "
+        help="cross_entropy (memops.linear_cross_entropy), class_weighted (cross-entropy with class weights and "
+        "label smoothing 0.1), grpo (memops.linear_grpo_loss: a GRPO "
         "step on --batch completions), distill (memops.linear_distillation_loss against a teacher "
         "projection of the same size) or any registered transform, e.g. focal "
         "(memops.linear_loss; the baselines apply the same function to the full logits)",
@@ -239,7 +240,7 @@ def main(args) -> int:
 
     import memops
 
-    if args.loss not in ("grpo", "distill"):
+    if args.loss not in ("grpo", "distill", "class_weighted"):
         try:
             memops.registry.get_transform(args.loss)  # unknown names fail here, before any worker starts
         except (KeyError, ValueError) as exc:

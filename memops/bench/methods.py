@@ -62,17 +62,19 @@ DISTILL_BETA = 0.5  # ... with --loss distill (TRL's GKDConfig default)
 
 def unavailable(method: str, loss: str, device: str, softcap: float | None = None) -> str | None:
     """Why ``method`` cannot run here (the row is reported as skipped), or None."""
+    if loss == CLASS_WEIGHTED and method not in ("eager", "compile", "torch_lce", "memops", "memops_torch", "floor"):
+        return "class-weighted cross-entropy: eager, compile, torch_lce and memops only"
     if method == "memops_triton":
         if importlib.util.find_spec("triton") is None:
             return "not installed (pip install triton)"
         if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
             return "CUDA only (or TRITON_INTERPRET=1: the interpreter, for a dry run)"
-    if method in KERNEL_CHOICE and loss not in ("cross_entropy", "grpo"):
+    if method in KERNEL_CHOICE and loss not in ("cross_entropy", "grpo", CLASS_WEIGHTED):
         return "Triton heads: cross-entropy and GRPO (other losses keep the torch heads)"
     if method == "torch_lce":
         import torch.nn.functional as F
 
-        if loss != "cross_entropy":
+        if loss not in ("cross_entropy", CLASS_WEIGHTED):
             return "cross-entropy only"
         if softcap is not None:
             return "no soft-capping option"
@@ -94,6 +96,50 @@ def unavailable(method: str, loss: str, device: str, softcap: float | None = Non
         if importlib.util.find_spec(module) is None:
             return f"not installed ({hint})"
     return None
+
+
+# --loss class_weighted: cross-entropy with F.cross_entropy's class weights and label smoothing 0.1 (the
+# combination torch's chunked F.linear_cross_entropy runs unfused); the weights are fixed, in [0.5, 1.5)
+CLASS_WEIGHTED = "class_weighted"
+CLASS_SMOOTHING = 0.1
+
+
+def class_weights(vocab: int, device: str):
+    import torch
+
+    g = torch.Generator().manual_seed(11)
+    return (torch.rand(vocab, generator=g) + 0.5).to(device)
+
+
+def _build_class_weighted(method: str, softcap, vocab: int, device: str):
+    import torch.nn.functional as F
+
+    cw = class_weights(vocab, device)
+
+    def unfused(x, w, t, upcast=True):
+        z = _logits(x, w, softcap, upcast)
+        weight = cw.to(z.dtype)
+        return F.cross_entropy(z, t, weight=weight, ignore_index=IGNORE, label_smoothing=CLASS_SMOOTHING)
+
+    base = _unfused_family(method, unfused)
+    if base is not None:
+        return base
+    if method == "torch_lce":
+        import torch.nn as nn
+
+        options = nn.LinearCrossEntropyOptions()
+        return lambda x, w, t: F.linear_cross_entropy(
+            x, w, t, weight=cw.to(x.dtype), ignore_index=IGNORE, label_smoothing=CLASS_SMOOTHING, options=options
+        )
+    if method == "memops":
+        import memops
+
+        return lambda x, w, t: memops.linear_cross_entropy(
+            x, w, t, softcap=softcap, class_weight=cw, label_smoothing=CLASS_SMOOTHING
+        )
+    if method == "floor":
+        return _floor
+    raise ValueError(f"{method!r} does not run --loss {CLASS_WEIGHTED}")
 
 
 def _per_token(loss: str):
@@ -324,6 +370,8 @@ def build(
         return _build_grpo(method, tokens, vocab, batch, device, ignored, GRPO_BETA if beta is None else beta)
     if loss == "distill":
         return _build_distill(method, vocab, DISTILL_BETA if beta is None else beta)
+    if loss == CLASS_WEIGHTED:
+        return _build_class_weighted(method, softcap, vocab, device)
     per_token = _per_token(loss)
 
     def unfused(x, w, t, upcast=True):
