@@ -162,10 +162,11 @@ class Spec:
         self.check(a)
 
     def fake_grads(self, a: Args, mask: Sequence[bool]) -> list:
-        """Gradient outputs: contiguous and like their tensor where ``mask`` holds, else placeholders."""
+        """Gradient outputs: contiguous and like their tensor where ``mask`` holds (and the tensor is a float
+        one: class-index targets have a slot, never a gradient), else placeholders."""
         like = a.input
         return [
-            t.new_empty(t.shape) if (m and t is not None) else placeholder(like)
+            t.new_empty(t.shape) if (m and t is not None and t.is_floating_point()) else placeholder(like)
             for t, m in zip(self.grad_slots(a), mask)
         ]
 

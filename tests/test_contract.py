@@ -37,7 +37,7 @@ def _ce(n, g):
     x, w, b, t = _base(n, g)
     t[0, 0] = -100
     cw = torch.rand(V, generator=g) + 0.5
-    return (x, w, t, b, None, cw, -100, "mean", 0.1, 1e-3, 4.0, 0.9, 3, False, True, False, [True, True, True])
+    return (x, w, t, b, None, cw, -100, "mean", 0.1, 1e-3, 4.0, 0.9, 3, False, True, False, [True, True, False, True])
 
 
 def _vocab_parallel(n, g):
@@ -60,7 +60,7 @@ def _vocab_parallel(n, g):
         None,
         1.0,
         3,
-        [True, True, True],
+        [True, True, False, True],
     )
 
 
@@ -130,7 +130,8 @@ def _requiring_grad(args, spec):
         v = getattr(a, i.name)
         if i.grad and v is not None:
             for t in v if isinstance(v, list) else [v]:
-                t.requires_grad_(True)
+                if t.is_floating_point():  # a class-index target has a gradient slot but no gradient
+                    t.requires_grad_(True)
     return args
 
 
@@ -161,7 +162,7 @@ def _leaves(args, spec):
     for i in spec.inputs:
         v = getattr(a, i.name)
         if i.grad and v is not None:
-            leaves.extend(v if isinstance(v, list) else [v])
+            leaves.extend(t for t in (v if isinstance(v, list) else [v]) if t.is_floating_point())
     return leaves
 
 
@@ -325,7 +326,10 @@ def _as_function_of_leaves(name, n=4, seed=5, dtype=torch.float64):
     for k, i in enumerate(spec.inputs):
         v = args[k]
         if i.grad and v is not None:
-            where += [(k, j) for j in range(len(v))] if isinstance(v, list) else [(k, None)]
+            if isinstance(v, list):
+                where += [(k, j) for j in range(len(v))]
+            elif v.is_floating_point():
+                where += [(k, None)]
     leaves = [args[k] if j is None else args[k][j] for k, j in where]
 
     def f(*ls):

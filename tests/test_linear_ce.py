@@ -82,6 +82,7 @@ def _make(case, dtype=torch.float64):
     if case.get("probs"):  # probability targets: some rows one-hot, some with exact zeros
         t = torch.softmax(3 * torch.randn(*lead, v, generator=g, dtype=dtype), -1)
         t = torch.where(torch.rand(*lead, v, generator=g) < 0.2, 0.0, t).to(dtype)
+        t.requires_grad_(case["needs"][0] == 1)  # the target's gradient too
     cw = case.get("class_weight")
     if cw is not None:
         cw = torch.rand(v, generator=g, dtype=dtype) * 2
@@ -101,10 +102,10 @@ def test_matches_reference_float64(case):
     ref = ref_linear_cross_entropy(x, w, t, b, **{k: v for k, v in opts.items() if k != "chunk_size"})
     out = memops.linear_cross_entropy(x, w, t, b, **opts)
     _assert_close(out, ref, 1e-9, "loss")
-    if not any(tt is not None and tt.requires_grad for tt in (x, w, b)):
+    if not any(tt is not None and tt.requires_grad for tt in (x, w, b, t)):
         return
     go = torch.randn_like(ref)
-    for name, a, r in zip("xwb", _grads(out, (x, w, b), go), _grads(ref, (x, w, b), go)):
+    for name, a, r in zip("xwbt", _grads(out, (x, w, b, t), go), _grads(ref, (x, w, b, t), go)):
         _assert_close(a, r, 1e-9, f"grad {name}")
 
 
@@ -115,17 +116,17 @@ def test_matches_reference_float32_inputs(case):
     opts = case["opts"]
     x64, w64 = x.detach().double().requires_grad_(x.requires_grad), w.detach().double().requires_grad_(w.requires_grad)
     b64 = None if b is None else b.detach().double().requires_grad_(b.requires_grad)
-    t64 = t.double() if t.is_floating_point() else t
+    t64 = t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t
     kw = {k: (v.double() if k == "class_weight" and v is not None else v) for k, v in opts.items() if k != "chunk_size"}
     ref = ref_linear_cross_entropy(x64, w64, t64, b64, **kw)
     out = memops.linear_cross_entropy(x, w, t, b, **opts)
     assert out.dtype == torch.float32
     scale = 1.0 + (ref.abs().max().item() if ref.numel() and ref.isfinite().all() else 0.0)
     _assert_close(out.double(), ref, 1e-5 * scale, "loss")
-    if not any(tt is not None and tt.requires_grad for tt in (x, w, b)):
+    if not any(tt is not None and tt.requires_grad for tt in (x, w, b, t)):
         return
     go = torch.randn_like(ref)
-    for name, a, r in zip("xwb", _grads(out, (x, w, b), go.float()), _grads(ref, (x64, w64, b64), go)):
+    for name, a, r in zip("xwbt", _grads(out, (x, w, b, t), go.float()), _grads(ref, (x64, w64, b64, t64), go)):
         assert a.dtype == torch.float32
         finite = r[r.isfinite()]
         _assert_close(

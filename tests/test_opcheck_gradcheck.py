@@ -68,7 +68,7 @@ def test_opcheck_linear_ce(sample, opts, all_lse):
         all_lse,
         not all_lse,
         all_lse,  # lse_grad: the lse differentiable, the gradients computed in backward
-        [True, True, b is not None],
+        [True, True, False, b is not None],
     )
     torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
 
@@ -93,7 +93,7 @@ def test_opcheck_linear_ce_num_items_and_no_grad_mask(sample):
         False,
         True,
         False,
-        [False, False, False],
+        [False, False, False, False],
     )
     torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
 
@@ -123,7 +123,7 @@ def test_opcheck_linear_ce_backward(sample, opts):
         False,
         True,
         False,
-        [True, True, has_b],
+        [True, True, False, has_b],
     )
     args = backward_op_args("linear_ce", args, [grad_loss, None])
     torch.library.opcheck(torch.ops.memops.linear_ce_backward.default, args)
@@ -146,7 +146,7 @@ def test_opcheck_linear_ce_backward(sample, opts):
         True,
         True,
         True,
-        [True, True, has_b],
+        [True, True, False, has_b],
     )
     args = backward_op_args("linear_ce", args, [grad_loss, grad_lse])
     torch.library.opcheck(torch.ops.memops.linear_ce_backward.default, args)
@@ -190,7 +190,7 @@ def test_a_direct_op_call_keeps_its_outputs_and_the_front_end_donates(monkeypatc
     x, w, b, t = _sample()
     x, w, b = (p.requires_grad_(True) for p in (x, w, b))
     loss, lse, top1, grads = torch.ops.memops.linear_ce(
-        x, w, t, b, None, None, IGNORE, "mean", 0.1, 1e-3, None, 1.0, 4, False, True, False, [True] * 3
+        x, w, t, b, None, None, IGNORE, "mean", 0.1, 1e-3, None, 1.0, 4, False, True, False, [True, True, False, True]
     )
     out = [loss, lse, top1, *grads]
     kept = [o.detach().clone() for o in out]
@@ -220,3 +220,28 @@ def test_gradcheck_float64_differentiable_lse(reduction, all_ignored_lse):
         )
 
     assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_and_opcheck_probability_targets(reduction):
+    """Probability targets with class weights and label smoothing: gradcheck of input, weight, bias and the
+    target in float64, and opcheck of the op and its backward op."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    p = torch.softmax(torch.randn(3, 2, 7, generator=g, dtype=torch.float64), -1).requires_grad_(True)
+    cw = torch.rand(7, generator=g, dtype=torch.float64) + 0.5
+
+    def f(x, w, b, p):
+        return memops.linear_cross_entropy(
+            x, w, p, b, reduction=reduction, label_smoothing=0.2, z_loss=0.01, class_weight=cw, chunk_size=4
+        )
+
+    assert torch.autograd.gradcheck(f, (x, w, b, p))
+    args = (x, w, p, b, None, cw, IGNORE, reduction, 0.2, 0.01, None, 1.0, 4, False, False, False, [True] * 4)
+    torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
+    grad_loss = torch.randn(p.shape[:-1] if reduction == "none" else (), generator=g, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.memops.linear_ce_backward.default, backward_op_args("linear_ce", args, [grad_loss, None])
+    )

@@ -33,7 +33,25 @@ def _ce_args(ignore: bool, all_lse: bool, reduction="mean"):
     t = torch.randint(0, 13, (40,), generator=g)
     if ignore:
         t[::3] = -100
-    return (x, w, t, b, None, None, -100, reduction, 0.1, 0.0, None, 1.0, 7, all_lse, True, False, [True, True, True])
+    return (
+        x,
+        w,
+        t,
+        b,
+        None,
+        None,
+        -100,
+        reduction,
+        0.1,
+        0.0,
+        None,
+        1.0,
+        7,
+        all_lse,
+        True,
+        False,
+        [True, True, False, True],
+    )
 
 
 @pytest.mark.parametrize("ignore", [False, True])
@@ -41,7 +59,9 @@ def test_cross_entropy_syncs(ignore):
     assert _run("linear_ce", _ce_args(ignore, all_lse=True)) == ["aten::_local_scalar_dense"]  # validation
     assert _run("linear_ce", _ce_args(ignore, all_lse=False)) == ["aten::_local_scalar_dense"] * 2  # + plan
     args = _ce_args(ignore, all_lse=False, reduction="none")
-    assert _run("linear_ce", args, [True] * 3, [torch.randn(40)]) == ["aten::_local_scalar_dense"]  # plan
+    assert _run("linear_ce", args, [True, True, False, True], [torch.randn(40)]) == [
+        "aten::_local_scalar_dense"
+    ]  # plan
 
 
 def test_small_calls_compute_every_row_without_a_plan(monkeypatch):
@@ -53,10 +73,10 @@ def test_small_calls_compute_every_row_without_a_plan(monkeypatch):
     assert plan.plan(x, w, None, 1.0, needed=args[2] != -100) is plan.EVERY_ROW
     assert _run("linear_ce", args) == ["aten::_local_scalar_dense"]  # validation only
     forward, _ = family.KERNELS["linear_ce"]
-    small = forward(SPECS["linear_ce"].bind(args), [True] * 3)
+    small = forward(SPECS["linear_ce"].bind(args), [True, True, False, True])
     monkeypatch.setattr(plan, "PLAN_MIN_MACS", 0)
     assert _run("linear_ce", args) == ["aten::_local_scalar_dense"] * 2  # validation + plan
-    planned = forward(SPECS["linear_ce"].bind(args), [True] * 3)
+    planned = forward(SPECS["linear_ce"].bind(args), [True, True, False, True])
     # loss, top-1 and gradients (an ignored row's lse is an output only with all_lse)
     pick = lambda out: [out[0][0], out[0][2], *out[1]]  # noqa: E731
     for a, b in zip(pick(small), pick(planned)):

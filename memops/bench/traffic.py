@@ -83,7 +83,7 @@ HEADS = {
 def _run_head(family: str, opts: dict, grad: bool, x2d, w, t):
     from ..ops import linear_ce, logprobs
 
-    need = (grad, grad, False)
+    need = (grad, grad, False, False)
     if family == "ce":
         up = torch.ones((), dtype=torch.float32, device=x2d.device) if grad else None
         linear_ce.ce_chunks(x2d, w, t, None, up, need, _ce_args(**opts))

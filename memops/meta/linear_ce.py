@@ -8,7 +8,8 @@
   the lse's together), else it is returned detached.
   ``is_top1`` (no gradient): bool, the per-token shape when ``return_is_top1``, else an empty ``[0]`` tensor
   of the compute dtype.
-* gradients (``Tensor[] grads``): contiguous, shaped and typed like input / weight / bias when produced,
+* gradients (``Tensor[] grads``: input, weight, target, bias; the target's for probability targets only):
+  contiguous, shaped and typed like their tensor when produced,
   else an empty ``[0]`` tensor of input's dtype.
 """
 
@@ -39,7 +40,7 @@ CE_OPTIONS = (
 # class_weight: F.cross_entropy's ``weight`` (one per class of this process's weight rows), no derivative
 CE_INPUTS = (
     *PROJECTION,
-    Input("target", refuse_grad=True),  # a probability target gets no gradient
+    Input("target", grad=True),  # a gradient for probability targets (class indices have none)
     Input("bias", "Tensor?", grad=True),
     NUM_ITEMS,
     Input("class_weight", "Tensor?", refuse_grad=True),

@@ -9,8 +9,9 @@ torch's error messages for the inputs it refuses.  ``options`` (``torch.nn.Linea
 ``batch_chunk_size`` becomes memops' ``chunk_size``; ``chunking_method``, ``acc_policy``, ``acc_dtype`` and
 ``allow_retain_graph`` are accepted and ignored (memops always accumulates in fp32, sizes chunks itself,
 and a second backward recomputes).  ``options=None`` is chunked too (memops is exact, so there is no
-reference path to fall back to).  The loss has ``input``'s dtype, as torch's.  No gradient flows to
-``weight`` (class weights) or to probability targets: one that requires grad is refused.
+reference path to fall back to).  The loss has ``input``'s dtype, as torch's.  Gradients: input, linear
+weight and bias, and a probability target; none to ``weight`` (class weights): one that requires grad is
+refused.
 """
 
 from __future__ import annotations

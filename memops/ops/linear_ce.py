@@ -86,8 +86,10 @@ def ce_chunks(
     caller's ``t1d != ignore_index``, when it has it.  ``weights``: :func:`target_weights`' pair (class
     weights, ``a.class_weight``: F.cross_entropy's ``weight``).  ``probs`` (``[N, V]``, one process):
     probability targets in place of ``t1d`` (which is then unused), read one block of rows at a time.
-    ``lse_upstream`` (``[N]``, 0 where the lse output is a constant): the incoming gradient of the lse
-    output, added to each row's gradient as ``lse_upstream * softmax`` (d lse / d z = softmax).
+    ``need``: gradients of (input, weight, target, bias); the target's, with ``probs``, comes back last as
+    ``[N, V]`` in the compute dtype.  ``lse_upstream`` (``[N]``, 0 where the lse output is a constant): the
+    incoming gradient of the lse output, added to each row's gradient as ``lse_upstream * softmax``
+    (d lse / d z = softmax).
 
     Per row, with ``w`` the class weights (all 1 without them), ``w_t`` the target's, ``W = sum w``,
     ``eps`` the label smoothing, ``zl`` the z-loss and ``lse`` the logsumexp::
@@ -110,8 +112,11 @@ def ce_chunks(
     eps, zl, ignore = a.label_smoothing, a.z_loss, a.ignore_index
     wt_all, w_total = weights
     cw = None if a.class_weight is None else a.class_weight.to(cdt)
+    gt = None  # the probability target's gradient [N, V], when asked for
     if probs is not None:
         valid_all = torch.ones(n, dtype=torch.bool, device=x2d.device)
+        if upstream is not None and need[2]:
+            gt = torch.empty(probs.shape, dtype=cdt, device=x2d.device)
     else:
         # per-row target facts, once per call (a head indexes them by its rows)
         t_all = t1d.long()
@@ -148,6 +153,10 @@ def ce_chunks(
         if cw is not None:
             u.mul_(cw)
         u_sum, uz = u.sum(dim=1), (u * z).sum(dim=1)
+        gt_block = None
+        if gt is not None and upstream is not None:  # d loss / d p = coef (1 - eps) w (lse - z): z kept first
+            gt_block = gt[sel]
+            gt_block.copy_(z)
         zmax = softmax_stats(z)
         total = z.sum(dim=1)
         lse_out, lse = finish(zmax, total)
@@ -159,6 +168,12 @@ def ce_chunks(
         if upstream is None:
             return None
         coef = coef_all[sel]
+        if gt_block is not None:
+            gt_block.sub_(lse.unsqueeze(1)).mul_((coef * (eps - 1.0)).unsqueeze(1))
+            if cw is not None:
+                gt_block.mul_(cw)
+            if not isinstance(sel, slice):
+                gt[sel] = gt_block
         grow = u_sum + 2.0 * zl * lse if zl else u_sum
         srow = coef * grow if lse_upstream is None else coef * grow + lse_upstream[sel]
         z.mul_((srow / total).unsqueeze(1))
@@ -229,12 +244,18 @@ def ce_chunks(
         chunk_size=a.chunk_size,
         grad_input=need[0],
         grad_weight=need[1],
-        grad_bias=need[2] and bias is not None,
+        grad_bias=need[3] and bias is not None,
         rows=rows,
         sub_block_bytes=engine.WHOLE_CHUNK if reducer.whole_chunk else None,
         fused=fused,
     )
-    return loss_rows, lse_rows, gx, gw, gb
+    return loss_rows, lse_rows, gx, gw, gb, gt
+
+
+def _grads_out(gx, gw, gt, gb, a: Args) -> list:
+    """The op's gradient outputs (input, weight, target, bias), None where not computed."""
+    gx, gw, gb = engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
+    return [gx, gw, None if gt is None else gt.to(a.target.dtype).view(a.target.shape), gb]
 
 
 def _rows(a: Args):
@@ -268,7 +289,7 @@ def _forward(a: Args, need: list) -> tuple:
     needed = None if (a.all_lse or probs is not None) else valid
     rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=needed).full
     top1 = torch.zeros(valid.shape, dtype=torch.bool, device=x2d.device) if a.return_is_top1 else None
-    loss_rows, lse_rows, gx, gw, gb = ce_chunks(
+    loss_rows, lse_rows, gx, gw, gb, gt = ce_chunks(
         x2d, a.weight, t1d, a.bias, up, need, a, rows, top1=top1, valid=valid, weights=weights, probs=probs
     )
     shape = token_shape(a)
@@ -276,7 +297,7 @@ def _forward(a: Args, need: list) -> tuple:
     top1 = placeholder(loss) if top1 is None else top1.view(shape)
     if not a.all_lse:  # an ignored row's lse is 0 then, whether the plan computed the row or not
         lse_rows = torch.where(valid, lse_rows, 0.0)
-    return (loss, lse_rows.view(shape), top1), engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
+    return (loss, lse_rows.view(shape), top1), _grads_out(gx, gw, gt, gb, a)
 
 
 def _gradients(a: Args, grad_outputs: list, need: list) -> list:
@@ -295,10 +316,10 @@ def _gradients(a: Args, grad_outputs: list, need: list) -> list:
         lse_up = lse_up if a.all_lse else torch.where(valid, lse_up, 0.0)
         needed = None if a.all_lse else valid
     rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=None if probs is not None else needed).full
-    *_, gx, gw, gb = ce_chunks(
+    *_, gx, gw, gb, gt = ce_chunks(
         x2d, a.weight, t1d, a.bias, up, need, a, rows, valid=valid, weights=weights, probs=probs, lse_upstream=lse_up
     )
-    return engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
+    return _grads_out(gx, gw, gt, gb, a)
 
 
 family.implement(SPEC, _forward, _gradients)
@@ -342,8 +363,9 @@ def linear_cross_entropy(
     targets' weight sum (``num_items``, when given, replaces it), and the z-loss term is weighted like its
     token.  It gets no gradient (one that requires grad is refused).  A float ``target`` ``[..., V]`` holds
     class probabilities (torch's soft targets: ``ignore_index`` does not apply, ``"mean"`` divides by the
-    token count, smoothing and class weights as ``F.cross_entropy``), read one chunk of rows at a time; it
-    gets no gradient either.
+    token count, smoothing and class weights as ``F.cross_entropy``), read one chunk of rows at a time; its
+    gradient (``-(1 - eps) w log_softmax`` times the row's incoming gradient) is computed in the same pass
+    when it requires grad.
 
     ``lse_grad=True`` (with ``return_lse``) makes the returned lse differentiable, so a term of the user's
     own on it (a z-loss, an auxiliary loss) trains: its gradient joins the loss's in one backward pass

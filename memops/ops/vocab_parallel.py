@@ -118,7 +118,7 @@ def _prepare(a: Args):
 
 def _chunks(a: Args, up, need, parts):
     x2d, t1d, valid, reducer, weights = parts
-    loss_rows, lse_rows, gx, gw, gb = ce_chunks(
+    loss_rows, lse_rows, gx, gw, gb, _ = ce_chunks(
         x2d, a.weight, t1d, a.bias, up, need, a, None, reducer, valid=valid, weights=weights
     )
     if gx is not None:
@@ -135,7 +135,8 @@ def _forward(a: Args, need: list) -> tuple:
     up = engine.upstream(None, a.reduction, valid, a.num_items, cdt, den=den) if any(need) else None
     loss_rows, lse_rows, gx, gw, gb = _chunks(a, up, need, parts)
     loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, a.target.shape, den=den)
-    return (loss, lse_rows.view(a.target.shape)), engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
+    gx, gw, gb = engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
+    return (loss, lse_rows.view(a.target.shape)), [gx, gw, None, gb]  # class-index targets: no gradient
 
 
 def _gradients(a: Args, grad_outputs: list, need: list) -> list:
@@ -145,7 +146,8 @@ def _gradients(a: Args, grad_outputs: list, need: list) -> list:
     den = _den(a, valid, weights[0], cdt) if a.reduction == "mean" else None
     up = engine.upstream(grad_outputs[0], a.reduction, valid, a.num_items, cdt, den=den)
     *_, gx, gw, gb = _chunks(a, up, need, parts)
-    return engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
+    gx, gw, gb = engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
+    return [gx, gw, None, gb]
 
 
 family.implement(SPEC, _forward, _gradients)
