@@ -42,6 +42,13 @@ def _row(stdout: str, method: str) -> str:
     return next(line for line in stdout.splitlines() if line.startswith(f"| {method} |"))
 
 
+def _assert_errors_below(stdout: str, methods, bound: float = 1e-5) -> None:
+    """Each method's three error columns (loss, input and weight gradients) are under ``bound``."""
+    for m in methods:
+        errs = [float(c) for c in _row(stdout, m).strip("|").split("|")[-3:]]
+        assert max(errs) < bound, m
+
+
 def test_bench_tiny_end_to_end(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = _run(
@@ -276,9 +283,7 @@ def test_bench_grpo_step():
     assert proc.returncode == 0, proc.stderr
     assert "(grpo, 10% of completion tokens masked, beta=0.04)" in proc.stdout
     assert "| liger | skipped: cross-entropy only |" in proc.stdout
-    for m in ("eager", "chunked", "memops"):
-        errs = [float(c) for c in _row(proc.stdout, m).strip("|").split("|")[-3:]]
-        assert max(errs) < 1e-5, m
+    _assert_errors_below(proc.stdout, ("eager", "chunked", "memops"))
     bad = _run("--loss", "grpo", "--batch", "3", "--tokens", "32")
     assert bad.returncode != 0 and "divisible by --batch (3)" in bad.stderr
     bad = _run("--loss", "grpo", "--beta", "nan")
@@ -307,9 +312,7 @@ def test_bench_grpo_without_kl():
     )
     assert proc.returncode == 0, proc.stderr
     assert "(grpo, 10% of completion tokens masked, beta=0)" in proc.stdout
-    for m in ("eager", "memops"):
-        errs = [float(c) for c in _row(proc.stdout, m).strip("|").split("|")[-3:]]
-        assert max(errs) < 1e-5, m
+    _assert_errors_below(proc.stdout, ("eager", "memops"))
 
 
 @pytest.mark.parametrize("masked,zeros", [(0.0, 0), (0.25, 20), (1.0, 80)])
@@ -408,22 +411,8 @@ def test_describe_gives_one_line_even_for_an_empty_message():
 def test_bench_class_weighted_cross_entropy():
     """``--loss class_weighted``: class weights and label smoothing 0.1, every method that runs it within
     fp32 rounding of the float64 reference (torch_lce runs it unfused)."""
-    proc = _run(
-        "--loss",
-        "class_weighted",
-        "--tokens",
-        "48",
-        "--hidden",
-        "8",
-        "--vocab",
-        "50",
-        "--reps",
-        "1",
-        "--methods",
-        "eager,torch_lce,memops,chunked",
-    )
+    shape = ("--tokens", "48", "--hidden", "8", "--vocab", "50", "--reps", "1")
+    proc = _run("--loss", "class_weighted", *shape, "--methods", "eager,torch_lce,memops,chunked")
     assert proc.returncode == 0, proc.stderr
     assert "| chunked | skipped: class-weighted cross-entropy" in proc.stdout
-    for m in ("eager", "torch_lce", "memops"):
-        errs = [float(c) for c in _row(proc.stdout, m).strip("|").split("|")[-3:]]
-        assert max(errs) < 1e-5, m
+    _assert_errors_below(proc.stdout, ("eager", "torch_lce", "memops"))

@@ -106,50 +106,11 @@ def test_opcheck_linear_ce_backward(sample, opts):
     grad_loss = torch.randn(t.shape if reduction == "none" else ())
     has_b = b is not None
     num_items = torch.tensor(3.0) if (reduction == "mean" and t.numel() == 0) else None
-    args = (
-        x,
-        w,
-        t,
-        b,
-        num_items,
-        None,
-        IGNORE,
-        reduction,
-        ls,
-        zl,
-        cap,
-        scale,
-        chunk,
-        False,
-        True,
-        False,
-        [True, True, False, has_b],
-    )
-    args = backward_op_args("linear_ce", args, [grad_loss, None])
-    torch.library.opcheck(torch.ops.memops.linear_ce_backward.default, args)
-    # a differentiable lse (lse_grad, with all_lse): its incoming gradient joins the loss's
-    grad_lse = torch.randn(t.shape)
-    args = (
-        x,
-        w,
-        t,
-        b,
-        num_items,
-        None,
-        IGNORE,
-        reduction,
-        ls,
-        zl,
-        cap,
-        scale,
-        chunk,
-        True,
-        True,
-        True,
-        [True, True, False, has_b],
-    )
-    args = backward_op_args("linear_ce", args, [grad_loss, grad_lse])
-    torch.library.opcheck(torch.ops.memops.linear_ce_backward.default, args)
+    # the lse detached, then differentiable (lse_grad, with all_lse): its incoming gradient joins the loss's
+    for lse_grad, grad_lse in ((False, None), (True, torch.randn(t.shape))):
+        opts = (IGNORE, reduction, ls, zl, cap, scale, chunk, lse_grad, True, lse_grad, [True, True, False, has_b])
+        args = backward_op_args("linear_ce", (x, w, t, b, num_items, None, *opts), [grad_loss, grad_lse])
+        torch.library.opcheck(torch.ops.memops.linear_ce_backward.default, args)
 
 
 GRAD_OPTIONS = [
