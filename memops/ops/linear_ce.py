@@ -40,13 +40,19 @@ class Reducer:
 LOCAL = Reducer()
 
 
+NO_WEIGHTS = (None, None, None)
+
+
 def target_weights(a: Args, t1d: Tensor, valid: Tensor, reducer: Reducer = LOCAL):
-    """``(per-row class weight of the target [N], 0 at ignored rows; the weights' total)`` in the compute
-    dtype, or ``(None, None)`` without ``class_weight``.  ``class_weight`` holds the classes of this process's
-    weight rows; with a group ``reducer`` both are summed across the group (one all-reduce per call)."""
+    """``(class weights, per-row class weight of the target [N] (0 at ignored rows), the weights' total)`` in
+    the compute dtype, or ``NO_WEIGHTS`` without ``class_weight``.  ``class_weight`` holds the classes of this
+    process's weight rows; with a group ``reducer`` the last two are summed across the group (one all-reduce
+    per call)."""
     if a.class_weight is None:
-        return None, None
+        return NO_WEIGHTS
     cw = a.class_weight.to(engine.compute_dtype(a.input.dtype))
+    if t1d is None:  # probability targets: the weights enter per class, not per row
+        return cw, None, None
     t = t1d.long()
     local = cw.shape[0]
     mine = valid & (t >= reducer.start) & (t < reducer.start + local)
@@ -56,7 +62,7 @@ def target_weights(a: Args, t1d: Tensor, valid: Tensor, reducer: Reducer = LOCAL
         both = torch.cat([rows, total.reshape(1)])
         reducer.sum_(both)
         rows, total = both[:-1], both[-1]
-    return rows, total
+    return cw, rows, total
 
 
 def ce_chunks(
@@ -71,7 +77,7 @@ def ce_chunks(
     reducer: Reducer = LOCAL,
     top1=None,
     valid: Tensor | None = None,
-    weights: tuple = (None, None),
+    weights: tuple = NO_WEIGHTS,
     probs: Tensor | None = None,
     lse_upstream: Tensor | None = None,
 ):
@@ -83,7 +89,7 @@ def ce_chunks(
     exponentials, the target logit and the logit sum are reduced across the group, and the gradients
     are this shard's (input gradient: its partial sum).  ``top1`` (bool ``[N]``), when given, gets whether
     each non-ignored row's target is its first most likely token (one process only).  ``valid``: the
-    caller's ``t1d != ignore_index``, when it has it.  ``weights``: :func:`target_weights`' pair (class
+    caller's ``t1d != ignore_index``, when it has it.  ``weights``: :func:`target_weights`' triple (class
     weights, ``a.class_weight``: F.cross_entropy's ``weight``).  ``probs`` (``[N, V]``, one process):
     probability targets in place of ``t1d`` (which is then unused), read one block of rows at a time.
     ``need``: gradients of (input, weight, target, bias); the target's, with ``probs``, comes back last as
@@ -110,8 +116,7 @@ def ce_chunks(
     loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
     lse_rows = plan.rows_out(n, cdt, x2d.device, rows)
     eps, zl, ignore = a.label_smoothing, a.z_loss, a.ignore_index
-    wt_all, w_total = weights
-    cw = None if a.class_weight is None else a.class_weight.to(cdt)
+    cw, wt_all, w_total = weights
     gt = None  # the probability target's gradient [N, V], when asked for
     if probs is not None:
         valid_all = torch.ones(n, dtype=torch.bool, device=x2d.device)
@@ -132,7 +137,7 @@ def ce_chunks(
         upstream = coef_all
 
     def softmax_stats(z: Tensor):
-        """z <- exp(z - rowmax) in place; (row sum, lse as torch.logsumexp gives it, lse for the loss)."""
+        """z <- exp(z - rowmax) in place (the max reduced across the group); returns the row max ``[n]``."""
         zmax = z.amax(dim=1, keepdim=True)
         reducer.max_(zmax)
         z.sub_(zmax).exp_()
@@ -154,7 +159,7 @@ def ce_chunks(
             u.mul_(cw)
         u_sum, uz = u.sum(dim=1), (u * z).sum(dim=1)
         gt_block = None
-        if gt is not None and upstream is not None:  # d loss / d p = coef (1 - eps) w (lse - z): z kept first
+        if gt is not None:  # d loss / d p = coef (1 - eps) w (lse - z): z kept first
             gt_block = gt[sel]
             gt_block.copy_(z)
         zmax = softmax_stats(z)
@@ -282,8 +287,8 @@ def _forward(a: Args, need: list) -> tuple:
         validation.check_target_range(a.target, a.weight.shape[0], a.ignore_index)
     x2d, t1d, probs, valid = _rows(a)
     cdt = engine.compute_dtype(a.input.dtype)
-    weights = target_weights(a, t1d, valid) if probs is None else (None, None)
-    den = _den(a, valid, weights[0], cdt) if a.reduction == "mean" else None
+    weights = target_weights(a, t1d, valid)
+    den = _den(a, valid, weights[1], cdt) if a.reduction == "mean" else None
     up = engine.upstream(None, a.reduction, valid, a.num_items, cdt, den=den) if any(need) else None
     # ignored rows reach no output unless their lse was asked for
     needed = None if (a.all_lse or probs is not None) else valid
@@ -303,8 +308,8 @@ def _forward(a: Args, need: list) -> tuple:
 def _gradients(a: Args, grad_outputs: list, need: list) -> list:
     x2d, t1d, probs, valid = _rows(a)
     cdt = engine.compute_dtype(a.input.dtype)
-    weights = target_weights(a, t1d, valid) if probs is None else (None, None)
-    den = _den(a, valid, weights[0], cdt) if a.reduction == "mean" else None
+    weights = target_weights(a, t1d, valid)
+    den = _den(a, valid, weights[1], cdt) if a.reduction == "mean" else None
     g_loss, g_lse = grad_outputs[0], grad_outputs[1] if (a.lse_grad and len(grad_outputs) > 1) else None
     if g_loss is None:  # only the lse's gradient came in
         g_loss = torch.zeros(token_shape(a) if a.reduction == "none" else (), dtype=cdt, device=x2d.device)

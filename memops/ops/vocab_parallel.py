@@ -131,7 +131,7 @@ def _forward(a: Args, need: list) -> tuple:
     cdt = engine.compute_dtype(a.input.dtype)
     parts = _prepare(a)
     valid, weights = parts[2], parts[4]
-    den = _den(a, valid, weights[0], cdt) if a.reduction == "mean" else None
+    den = _den(a, valid, weights[1], cdt) if a.reduction == "mean" else None
     up = engine.upstream(None, a.reduction, valid, a.num_items, cdt, den=den) if any(need) else None
     loss_rows, lse_rows, gx, gw, gb = _chunks(a, up, need, parts)
     loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, a.target.shape, den=den)
@@ -143,7 +143,7 @@ def _gradients(a: Args, grad_outputs: list, need: list) -> list:
     cdt = engine.compute_dtype(a.input.dtype)
     parts = _prepare(a)
     valid, weights = parts[2], parts[4]
-    den = _den(a, valid, weights[0], cdt) if a.reduction == "mean" else None
+    den = _den(a, valid, weights[1], cdt) if a.reduction == "mean" else None
     up = engine.upstream(grad_outputs[0], a.reduction, valid, a.num_items, cdt, den=den)
     *_, gx, gw, gb = _chunks(a, up, need, parts)
     gx, gw, gb = engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
