@@ -41,6 +41,7 @@ SMALL = {"tokens": 96, "hidden": 64, "vocab": 1000}
 FAMILIES = (
     ("cross_entropy", None),
     ("cross_entropy", 30.0),  # soft-capped
+    ("class_weighted", None),  # class weights + label smoothing (the torch heads on every device)
     ("focal", None),
     ("grpo", None),
     ("distill", None),

@@ -4,7 +4,7 @@
 # $OUT/gpu-bench.tar.gz (OUT defaults to ./gpu-bench-out).
 #   0. peers (liger-kernel, cut-cross-entropy: pure Python + Triton) installed from wheels carried in the tree,
 #      --no-deps --no-index, when scripts/wheels/*.whl exist (scripts/fetch_peer_wheels.sh puts them there);
-#   1. python -m memops doctor: versions, GPU, kernel choice, chunk plan, every family against float64 on the
+#   1. python -m memops doctor: versions, GPU, kernel choice, chunk plan, every family (class-weighted CE too) against float64 on the
 #      device (torch and Triton heads), the weight-gradient path, CUDA-graph captures of a cross-entropy and
 #      a GRPO step replayed on new data, a torch.compile(mode="reduce-overhead") training step, a speed probe;
 #   2. the target step: llama3-8b head (D=4096, V=128256), 16384 tokens, bf16, forward + backward:

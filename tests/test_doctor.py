@@ -33,7 +33,7 @@ def test_doctor_runs_on_cpu(tmp_path, capsys, dtype):
     plan = result["chunk_plan"]["plans"]["torch heads"]
     assert plan["chunks"] * plan["rows_per_chunk"] >= 64
     checks = {r["check"]: r for r in result["self_test"]}
-    for family in ("cross_entropy", "cross_entropy softcap=30", "focal", "grpo", "distill"):
+    for family in ("cross_entropy", "cross_entropy softcap=30", "class_weighted", "focal", "grpo", "distill"):
         row = checks[f"{family} (torch heads)"]
         assert row["status"] == "OK", row
         assert set(row["error"]) == {"loss", "grad_input", "grad_weight"}
