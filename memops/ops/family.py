@@ -356,8 +356,8 @@ def _legacy_vmap_refusal(qualname: str):
 
 def _vmap_rule(op):
     """A batching rule for ``op`` (a memops forward or backward op): one call per batch element, the
-    results stacked on dimension 0 -- the loop torch's own rules fall back to, so ``torch.func.vmap`` and
-    batched gradients (``torch.autograd.grad(..., is_grads_batched=True)``) work, exactly."""
+    results stacked on dimension 0 -- the loop torch's own rules fall back to, so ``torch.func.vmap`` over
+    the op and over its gradient (``vmap(grad(...))``, ``vmap`` of a ``vjp``) works, exactly."""
 
     def pick(value, dim, b):
         if isinstance(value, (list, tuple)) and isinstance(dim, (list, tuple)):
