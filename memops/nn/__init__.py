@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 from torch.nn import Linear
 from torch.nn.modules.loss import _WeightedLoss
@@ -70,6 +69,3 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             f"out_features={self.out_features}, bias={self.linear.bias is not None}, reduction={self.reduction}, "
             f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, options={self.options}"
         )
-
-
-del torch
