@@ -22,8 +22,11 @@ if TYPE_CHECKING:
 
 from . import config
 from .meta.vocab_parallel import SPEC as VOCAB_PARALLEL
+from .meta.vocab_parallel import Layout
 from .ops import family
+from .ops.distill import linear_distillation_loss
 from .ops.linear_ce import linear_cross_entropy
+from .ops.logprobs import linear_grpo_loss, linear_logprobs
 
 
 class LinearCrossEntropyHead(nn.Linear):
@@ -40,27 +43,88 @@ class LinearCrossEntropyHead(nn.Linear):
         return linear_cross_entropy(input, self.weight, target, self.bias, **options)
 
 
-def _dtensor_parts(weight, bias, input):
-    """``(local weight, local bias, input, group, vocab_start, vocab_size)`` for a ``Shard(0)`` DTensor weight."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+class _Placed:
+    """A call's DTensor arguments made local: the weight's tensor-parallel mesh dimension gives the group and
+    the layout; a DTensor input's placements say whether the tokens are split (sequence parallelism) and
+    how to wrap the outputs (:meth:`wrap`).  Any other placement is refused by name."""
 
-    mesh = weight.device_mesh
-    if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
-        raise ValueError(
-            f"a DTensor weight must be sharded as (Shard(0),) on a 1-D mesh, got {weight.placements} "
-            f"on a {mesh.ndim}-D mesh"
-        )
-    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
-    if bias is not None:
-        if not isinstance(bias, DTensor) or tuple(bias.placements) != (Shard(0),):
-            raise ValueError("with a DTensor weight, bias must be a DTensor sharded as (Shard(0),) too")
-        bias = bias.to_local()
-    if isinstance(input, DTensor):
-        if any(p != Replicate() for p in input.placements):
-            raise ValueError(f"a DTensor input must be replicated, got {input.placements}")
-        input = input.to_local()
-    return weight.to_local(), bias, input, mesh.get_group(), int(offset[0]), int(weight.shape[0])
+    def __init__(self, weight, bias):
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        self.mesh, placements = weight.device_mesh, tuple(weight.placements)
+        tp = [d for d, p in enumerate(placements) if p == Shard(0)]
+        if len(tp) != 1 or any(p != Replicate() for d, p in enumerate(placements) if d != tp[0]):
+            raise ValueError(
+                f"a DTensor weight must be sharded Shard(0) over the vocabulary on one mesh dimension and "
+                f"Replicate() on the others, got placements {placements} on a {self.mesh.ndim}-D mesh"
+            )
+        self.tp, self.placements = tp[0], placements
+        self.group = self.mesh.get_group(self.tp)
+        _, offset = compute_local_shape_and_global_offset(weight.shape, self.mesh, placements)
+        self.vocab_start, self.vocab_size = int(offset[0]), int(weight.shape[0])
+        self.weight = weight.to_local()
+        self.bias = self.sharded("bias", bias)
+        self.input_placements = None  # set by input(): the outputs are DTensors then
+
+    def sharded(self, name: str, t, whole_too: bool = False):
+        """A tensor sharded like the weight (bias, class weights, a sharded teacher): its local rows; with
+        ``whole_too`` a replicated DTensor is accepted as well (a whole teacher on every rank)."""
+        from torch.distributed.tensor import DTensor, Replicate
+
+        if t is None:
+            return None
+        whole = isinstance(t, DTensor) and all(p == Replicate() for p in t.placements) and t.device_mesh == self.mesh
+        if whole_too and (whole or not isinstance(t, DTensor)):
+            return t.to_local() if whole else t
+        if not isinstance(t, DTensor) or tuple(t.placements) != self.placements or t.device_mesh != self.mesh:
+            raise ValueError(f"with a DTensor weight, {name} must be a DTensor placed like it ({self.placements})")
+        return t.to_local()
+
+    def input(self, name: str, t, tokens_dims: int | None = None) -> tuple:
+        """``(local tensor, sequence_parallel)`` of a per-token argument (``tokens_dims``: its leading token
+        dimensions; the input's are all but the last)."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        if not isinstance(t, DTensor):
+            return t, False
+        if t.device_mesh != self.mesh:
+            raise ValueError(f"a DTensor {name} must be on the weight's device mesh")
+        dims = t.dim() - 1 if tokens_dims is None else tokens_dims
+        placements = tuple(t.placements)
+        for d, p in enumerate(placements):
+            if d == self.tp:
+                if p != Replicate() and not (isinstance(p, Shard) and 0 <= p.dim < dims):
+                    raise ValueError(
+                        f"a DTensor {name} must be Replicate() or Shard(k) along a token dimension (k < {dims}) on "
+                        f"the tensor-parallel mesh dimension, got {p}"
+                    )
+            elif p != Replicate():
+                raise ValueError(
+                    f"a DTensor {name} must be Replicate() on the mesh dimensions other than the tensor-parallel one "
+                    f"(got {p} on dimension {d}); for data-parallel batches pass its local tensor ({name}.to_local())"
+                )
+        if self.input_placements is None:
+            self.input_placements = placements
+        elif placements != self.input_placements:
+            raise ValueError(f"a DTensor {name} must be placed like input ({self.input_placements}), got {placements}")
+        return t.to_local(), placements[self.tp] != Replicate()
+
+    def wrap(self, out):
+        """The outputs as DTensors when the input was one: scalars replicated, per-token outputs placed like the
+        input's tokens."""
+        from torch.distributed.tensor import DTensor, Replicate
+
+        if self.input_placements is None:
+            return out
+        if isinstance(out, dict):
+            return {k: self.wrap(v) for k, v in out.items()}
+        if isinstance(out, tuple):
+            return tuple(self.wrap(v) for v in out)
+        if not isinstance(out, Tensor):
+            return out
+        placements = [Replicate()] * self.mesh.ndim if out.dim() == 0 else list(self.input_placements)
+        return DTensor.from_local(out, self.mesh, placements, run_check=False)
 
 
 def _shard_layout(weight: Tensor, group) -> tuple[int, int]:
@@ -70,13 +134,54 @@ def _shard_layout(weight: Tensor, group) -> tuple[int, int]:
 
     if config.is_sync_free(weight):
         raise ValueError(
-            "vocab_parallel_cross_entropy: a sync-free call (memops.set_sync_free, CUDA-graph capture) cannot read "
-            "the shard layout from the group; pass vocab_start and vocab_size"
+            "vocab_parallel_*: a sync-free call (memops.set_sync_free, CUDA-graph capture) cannot read the shard "
+            "layout from the group; pass vocab_start and vocab_size"
         )
     rows = torch.tensor([weight.shape[0]], dtype=torch.int64, device=weight.device)
     sizes = all_gather(rows, group).tolist()
     rank = torch.distributed.get_rank(group)
     return int(sum(sizes[:rank])), int(sum(sizes))
+
+
+def _layout(weight, group, vocab_start, vocab_size, sequence_parallel) -> Layout:
+    group = group if group is not None else torch.distributed.group.WORLD
+    if (vocab_start is None) != (vocab_size is None):
+        raise ValueError("pass both vocab_start and vocab_size, or neither")
+    if vocab_start is None:
+        vocab_start, vocab_size = _shard_layout(weight, group)
+    return Layout(group.group_name, int(vocab_start), int(vocab_size), bool(sequence_parallel))
+
+
+def _parallel_call(weight, bias, group, vocab_start, vocab_size, sequence_parallel, per_token: dict, sharded=()):
+    """``(placed or None, weight, bias, per-token tensors, sharded tensors, layout)`` of a vocabulary-parallel
+    call: DTensors made local (group and layout from the weight's mesh), else the arguments as given."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(weight, DTensor):
+        if any(isinstance(t, DTensor) for t in per_token.values()):
+            raise ValueError("DTensor inputs need a DTensor weight (Shard(0) over the vocabulary)")
+        layout = _layout(weight, group, vocab_start, vocab_size, sequence_parallel)
+        return None, weight, bias, per_token, dict(sharded), layout
+    if group is not None or vocab_start is not None or vocab_size is not None:
+        raise ValueError("with a DTensor weight, group / vocab_start / vocab_size come from its mesh")
+    placed = _Placed(weight, bias)
+    local, split = {}, set()
+    for name, t in per_token.items():
+        local[name], s = placed.input(name, t, None if name.endswith("input") else _token_dims(name, per_token))
+        if t is not None and isinstance(t, DTensor):
+            split.add(s)
+    if len(split) > 1:
+        raise ValueError("DTensor per-token arguments must all be replicated or all be sharded along the tokens")
+    sp = bool(sequence_parallel) or split == {True}
+    layout = Layout(placed.group.group_name, placed.vocab_start, placed.vocab_size, sp)
+    extra = {k: placed.sharded(k, v, whole_too=k.startswith("teacher")) for k, v in sharded}
+    return placed, placed.weight, placed.bias, local, extra, layout
+
+
+def _token_dims(name: str, tensors: dict) -> int:
+    """The token dimensions of a per-token argument: those of the input but its last."""
+    x = next(t for k, t in tensors.items() if k.endswith("input") and t is not None)
+    return x.dim() - 1
 
 
 def vocab_parallel_cross_entropy(
@@ -88,6 +193,7 @@ def vocab_parallel_cross_entropy(
     group: dist.ProcessGroup | None = None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
+    sequence_parallel: bool = False,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
@@ -101,40 +207,37 @@ def vocab_parallel_cross_entropy(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``memops.linear_cross_entropy`` with ``weight`` (and ``bias``) split by rows over ``group``.
 
-    Each rank passes the same ``input`` and ``target`` and its own ``[V_local, D]`` shard holding rows
-    ``[vocab_start, vocab_start + V_local)`` of the full ``[vocab_size, D]`` weight (shards may be uneven).
+    Each rank passes its own ``[V_local, D]`` shard holding rows ``[vocab_start, vocab_start + V_local)`` of
+    the full ``[vocab_size, D]`` weight (shards may be uneven) and the same ``input`` and ``target``; with
+    ``sequence_parallel=True`` its own tokens' ``input`` and ``target`` instead (Megatron's sequence
+    parallelism: the group's tokens are rank 0's, then rank 1's, ...; per-token outputs and the input
+    gradient come back as this rank's tokens', a reduced loss is the group's).
     ``vocab_start``/``vocab_size`` default to the ranks' shards in rank order (one small all-gather read on
     the host; pass them explicitly inside ``torch.compile``d code and in sync-free calls).  ``weight`` may
-    also be a DTensor sharded ``(Shard(0),)`` on a 1-D mesh (then ``group`` and the layout come from it).
-    Every rank gets the full loss; the input gradient is the full one; the weight/bias gradients are the
-    rank's shard's.  ``class_weight`` (F.cross_entropy's ``weight``) is sharded like the weight: this rank's
-    ``[V_local]`` classes (a ``Shard(0)`` DTensor with a DTensor weight).
+    also be a DTensor sharded ``Shard(0)`` on one mesh dimension (then ``group`` and the layout come from
+    it; ``input`` may be a DTensor too, replicated or sharded along its tokens, and the outputs are then
+    DTensors).  Every rank gets the full loss; the weight/bias gradients are the rank's shard's.
+    ``class_weight`` (F.cross_entropy's ``weight``) is sharded like the weight: this rank's ``[V_local]``
+    classes (placed like the weight with a DTensor weight).
     """
-    from torch.distributed.tensor import DTensor, Shard
-
-    if isinstance(weight, DTensor):
-        if group is not None or vocab_start is not None or vocab_size is not None:
-            raise ValueError("with a DTensor weight, group / vocab_start / vocab_size come from its mesh")
-        weight, bias, input, group, vocab_start, vocab_size = _dtensor_parts(weight, bias, input)
-        if class_weight is not None:
-            if not isinstance(class_weight, DTensor) or tuple(class_weight.placements) != (Shard(0),):
-                raise ValueError("with a DTensor weight, class_weight must be a DTensor sharded as (Shard(0),) too")
-            class_weight = class_weight.to_local()
-    group = group if group is not None else torch.distributed.group.WORLD
-    if (vocab_start is None) != (vocab_size is None):
-        raise ValueError("pass both vocab_start and vocab_size, or neither")
-    if vocab_start is None:
-        vocab_start, vocab_size = _shard_layout(weight, group)
+    placed, weight, bias, tokens, sharded, layout = _parallel_call(
+        weight,
+        bias,
+        group,
+        vocab_start,
+        vocab_size,
+        sequence_parallel,
+        {"input": input, "target": target},
+        {"class_weight": class_weight}.items(),
+    )
     loss, lse, _ = VOCAB_PARALLEL.call(
-        input=input,
+        **layout.options(),
+        input=tokens["input"],
         weight=weight,
-        target=target,
+        target=tokens["target"],
         bias=bias,
         num_items=num_items,
-        class_weight=class_weight,
-        vocab_start=vocab_start,
-        vocab_size=vocab_size,
-        group_name=group.group_name,
+        class_weight=sharded["class_weight"],
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,
@@ -144,4 +247,71 @@ def vocab_parallel_cross_entropy(
         chunk_size=chunk_size,
     )
     family.donate(loss)
-    return (loss, lse) if return_lse else loss
+    out = (loss, lse) if return_lse else loss
+    return out if placed is None else placed.wrap(out)
+
+
+_PARALLEL_KEYWORDS = ("group", "vocab_start", "vocab_size", "sequence_parallel")
+
+
+def _parallel_front(single, name: str, projection: tuple[str, str, str], per_token: tuple[str, ...], sharded=()):
+    """``memops.distributed.<name>``: ``single`` (a single-process front end) with the vocabulary split over a
+    group.  Its keywords are ``single``'s plus ``group`` / ``vocab_start`` / ``vocab_size`` /
+    ``sequence_parallel``; ``projection`` names ``single``'s input, weight and bias arguments, ``per_token``
+    its per-token tensors (made local from DTensors), ``sharded`` the tensors sharded like the weight."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(single)
+    names = list(sig.parameters)
+    x_name, w_name, b_name = projection
+
+    @functools.wraps(single)
+    def front(*args, group=None, vocab_start=None, vocab_size=None, sequence_parallel=False, **kwargs):
+        bound = sig.bind_partial(*args, **kwargs)
+        values = dict(bound.arguments)
+        tokens = {k: values.get(k) for k in (x_name, *per_token)}
+        extra = {k: values.get(k) for k in sharded}
+        placed, weight, bias, tokens, extra, layout = _parallel_call(
+            values[w_name], values.get(b_name), group, vocab_start, vocab_size, sequence_parallel, tokens, extra.items()
+        )
+        values.update({w_name: weight, b_name: bias, **{k: v for k, v in tokens.items() if k in values}})
+        values.update({k: v for k, v in extra.items() if k in values})
+        out = single(**values, _parallel=layout)
+        return out if placed is None else placed.wrap(out)
+
+    params = [p for p in sig.parameters.values() if p.name != "_parallel"]
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    added = [
+        inspect.Parameter("group", keyword, default=None),
+        inspect.Parameter("vocab_start", keyword, default=None),
+        inspect.Parameter("vocab_size", keyword, default=None),
+        inspect.Parameter("sequence_parallel", keyword, default=False),
+    ]
+    front.__signature__ = sig.replace(parameters=params + added)
+    front.__name__ = front.__qualname__ = name
+    front.__doc__ = (
+        f"``memops.{single.__name__}`` with the vocabulary split over ``group`` (see "
+        "``vocab_parallel_cross_entropy`` for the layout, ``sequence_parallel`` and DTensor arguments): every "
+        f"keyword of ``{single.__name__}``, plus ``{'`` / ``'.join(_PARALLEL_KEYWORDS)}``.\n\n" + (single.__doc__ or "")
+    )
+    assert names[:2] == [x_name, w_name], names  # the projection comes first
+    return front
+
+
+vocab_parallel_logprobs = _parallel_front(
+    linear_logprobs, "vocab_parallel_logprobs", ("input", "weight", "bias"), ("target",)
+)
+vocab_parallel_grpo_loss = _parallel_front(
+    linear_grpo_loss,
+    "vocab_parallel_grpo_loss",
+    ("input", "weight", "bias"),
+    ("completion_ids", "completion_mask", "advantages", "old_logprobs", "ref_logprobs"),
+)
+vocab_parallel_distillation_loss = _parallel_front(
+    linear_distillation_loss,
+    "vocab_parallel_distillation_loss",
+    ("student_input", "student_weight", "student_bias"),
+    ("target", "teacher_input", "teacher_topk_ids", "teacher_topk_logprobs"),
+    ("teacher_weight", "teacher_bias"),
+)

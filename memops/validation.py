@@ -270,17 +270,44 @@ def check_linear_ce(a) -> None:
     check_num_items(a.num_items, a.reduction)
 
 
+def check_vocab_shard(a) -> None:
+    """This rank's weight rows ``[vocab_start, vocab_start + V_local)`` lie in ``[0, vocab_size)``."""
+    if not (0 <= a.vocab_start and a.vocab_start + a.weight.shape[0] <= a.vocab_size):
+        _fail(
+            f"this rank's weight shard rows [{a.vocab_start}, {a.vocab_start + a.weight.shape[0]}) must lie in "
+            f"[0, vocab_size={a.vocab_size})"
+        )
+
+
 def check_vocab_parallel_ce(a) -> None:
     """``memops::vocab_parallel_ce``: the CE checks, with ``weight`` (and ``class_weight``) holding rows
     ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-row weight; class-index targets."""
     if isinstance(a.target, torch.Tensor) and a.target.is_floating_point():
         _fail("vocab_parallel_cross_entropy takes class-index targets (int64/int32), not probabilities")
     check_linear_ce(a)
-    if not (0 <= a.vocab_start and a.vocab_start + a.weight.shape[0] <= a.vocab_size):
-        _fail(
-            f"this rank's weight shard rows [{a.vocab_start}, {a.vocab_start + a.weight.shape[0]}) must lie in "
-            f"[0, vocab_size={a.vocab_size})"
-        )
+
+
+def vocab_parallel_check(base):
+    """A single-process family's checks for its vocabulary-parallel op: ``weight`` (and ``bias``) this rank's
+    rows of a ``vocab_size``-row projection; an online distillation teacher sharded the same way or whole
+    (replicated: every rank passes all ``vocab_size`` rows)."""
+
+    def check(a) -> None:
+        tw = getattr(a, "teacher_weight", None)
+        local = a.weight.shape[0] if isinstance(a.weight, torch.Tensor) and a.weight.dim() == 2 else None
+        if isinstance(tw, torch.Tensor) and tw.dim() == 2 and local is not None and tw.shape[0] == a.vocab_size:
+            tb = a.teacher_bias
+            a = a.replace(teacher_weight=tw[:local], teacher_bias=None if tb is None else tb[:local])
+        base(a)
+        check_vocab_shard(a)
+        if a.sequence_parallel and getattr(a, "importance_sampling_level", "token") == "sequence":
+            _fail(
+                "importance_sampling_level='sequence' (GSPO) is not offered with sequence_parallel=True: a "
+                "sequence's importance weight needs all of its log-probabilities in one chunk pass; use "
+                "sequence_parallel=False (hidden states replicated over the group)"
+            )
+
+    return check
 
 
 _OPTION_TYPES = (bool, int, float, str, type(None))
@@ -439,10 +466,9 @@ def check_linear_distill(a) -> None:
                 f"teacher_topk_ids must have shape [..., k] with [...] = target's shape {tuple(a.target.shape)} "
                 f"and k >= 1, got {tuple(ids.shape)}"
             )
-        if ids.shape[-1] > a.weight.shape[0]:
-            _fail(
-                f"teacher_topk_ids has k={ids.shape[-1]} ids per token, more than the vocabulary ({a.weight.shape[0]})"
-            )
+        vocab = getattr(a, "vocab_size", None) or a.weight.shape[0]  # a vocabulary-parallel op: the whole one
+        if ids.shape[-1] > vocab:
+            _fail(f"teacher_topk_ids has k={ids.shape[-1]} ids per token, more than the vocabulary ({vocab})")
         _check_like("teacher_topk_logprobs", lp, ids, "teacher_topk_ids")
         if lp.dtype not in _FLOATS:
             _fail(f"teacher_topk_logprobs must be a float tensor, got {lp.dtype}")

@@ -302,6 +302,181 @@ def case_collectives():
         vp._all_reduce, vp.all_gather = originals
 
 
+def _tokens(world, n, zero_rank=False):
+    """Lopsided token counts per rank (sequence parallelism), one rank with none when asked."""
+    sizes = [2 + 3 * r for r in range(world - 1)]
+    if zero_rank and world > 2:
+        sizes[1] = 0
+    sizes.append(n - sum(sizes))
+    return [sum(sizes[:r]) for r in range(world)], sizes
+
+
+def _grads(out_parts, params, seed):
+    """Gradients of ``sum(g * out)`` over ``out_parts`` (random ``g`` per part, the same on every rank for the
+    same global part)."""
+    g = torch.Generator().manual_seed(seed)
+    total = 0
+    for o in out_parts:
+        total = total + (torch.randn(o.shape, dtype=torch.float64, generator=g) * o).sum()
+    return torch.autograd.grad(total, params)
+
+
+LP_OPTIONS = [
+    dict(return_entropy=True, extras=("log_sum_sq_probs", "mean_logits", "is_top1")),
+    dict(return_entropy=True, temperature=0.7, softcap=2.5, logit_scale=1.3, chunk_size=7),
+    dict(temperature=1.5, extras=("is_top1",), chunk_size=11),
+]
+
+
+def _logprob_outputs(out):
+    if isinstance(out, dict):
+        return [out[k] for k in sorted(out)]
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def case_families():
+    """Vocab-parallel log-probs (every extra), GRPO (every loss type) and distillation (online sharded and
+    whole teachers, offline top-k, hard labels), each with replicated and with sequence-parallel (lopsided,
+    one rank empty on 3+ ranks) tokens, against the single-process float64 op: outputs and every gradient."""
+    from memops.distributed import vocab_parallel_logprobs
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, w, b, t = _data(4)
+    t = t.clamp(min=0)
+    t[3] = t[5] = 0  # ties and repeats
+    w[0] = w[1]  # equal logits for two tokens: the first is the top-1 one
+    b[1] = b[0]
+    for uneven in (False, True):
+        starts, sizes = _split(world, uneven)
+        lo, hi = starts[rank], starts[rank] + sizes[rank]
+        for sp in (False, True):
+            offs, counts = _tokens(world, N, zero_rank=sp and uneven)
+            a, z = (offs[rank], offs[rank] + counts[rank]) if sp else (0, N)
+            for opts in LP_OPTIONS:
+                xf, wf, bf = (p.clone().requires_grad_() for p in (x, w, b))
+                full = _logprob_outputs(memops.linear_logprobs(xf, wf, t, bf, **opts))
+                diff = [o for o in full if o.is_floating_point()]
+                gx, gw, gb = _grads(diff, (xf, wf, bf), 5)
+                xs = x[a:z].clone().requires_grad_()
+                ws, bs = w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
+                mine = _logprob_outputs(vocab_parallel_logprobs(xs, ws, t[a:z], bs, sequence_parallel=sp, **opts))
+                for o, f in zip(mine, full):
+                    _close(o, f[a:z], f"logprobs {opts} sp={sp}")
+                g = torch.Generator().manual_seed(5)
+                total = 0
+                for o in [o for o in mine if o.is_floating_point()]:
+                    go = torch.randn((N,), dtype=torch.float64, generator=g)
+                    total = total + (go[a:z] * o).sum()
+                # each rank's weight gradient is that of the group's total (every rank's tokens)
+                sx, sw, sb = torch.autograd.grad(total, (xs, ws, bs))
+                _close(sx, gx[a:z], f"logprobs grad input {opts} sp={sp}")
+                _close(sw, gw[lo:hi], f"logprobs grad weight {opts} sp={sp}")
+                _close(sb, gb[lo:hi], f"logprobs grad bias {opts} sp={sp}")
+            _grpo(x, w, b, t, lo, hi, sp, world, rank)
+            _distill(x, w, b, t, lo, hi, sp, a, z)
+
+
+GRPO_OPTIONS = [
+    dict(loss_type="grpo", beta=0.1, epsilon_high=0.28, entropy_coef=0.01),
+    dict(loss_type="dapo", temperature=0.8, delta=1.5),
+    dict(loss_type="dr_grpo", max_completion_length=8, softcap=3.0),
+    dict(loss_type="bnpo", beta=0.05, use_bias_correction_kl=True),
+    dict(loss_type="luspo"),
+    dict(loss_type="cispo", epsilon_high=0.3),
+    dict(loss_type="sapo", chunk_size=5),
+    dict(loss_type="grpo", importance_sampling_level="sequence"),
+]
+
+
+def _grpo(x, w, b, t, lo, hi, sp, world, rank):
+    from memops.distributed import vocab_parallel_grpo_loss
+
+    B, T = 8, N // 8
+    g = torch.Generator().manual_seed(11)
+    ids, h = t.view(B, T), x.view(B, T, D)
+    mask = (torch.rand(B, T, generator=g) > 0.25).to(torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    ref = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    offs, counts = _tokens(world, B) if world < 4 else ([0, 1, 2, 4], [1, 1, 2, 4])
+    a, z = (offs[rank], offs[rank] + counts[rank]) if sp else (0, B)
+    for opts in GRPO_OPTIONS:
+        if sp and opts.get("importance_sampling_level") == "sequence":
+            continue  # refused with sequence parallelism (tests/test_distributed.py checks the message)
+        extra = dict(old_logprobs=old, ref_logprobs=ref) if opts.get("beta") else dict(old_logprobs=old)
+        hf, wf, bf = (p.clone().requires_grad_() for p in (h, w, b))
+        loss, metrics = memops.linear_grpo_loss(hf, wf, ids, mask, adv, bias=bf, **extra, **opts)
+        gx, gw, gb = torch.autograd.grad(loss, (hf, wf, bf))
+        hs = h[a:z].clone().requires_grad_()
+        ws, bs = w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
+        mine_extra = {k: v[a:z] for k, v in extra.items()}
+        ploss, pmetrics = vocab_parallel_grpo_loss(
+            hs, ws, ids[a:z], mask[a:z], adv[a:z], bias=bs, sequence_parallel=sp, **mine_extra, **opts
+        )
+        _close(ploss, loss, f"grpo loss {opts} sp={sp}")
+        assert sorted(pmetrics) == sorted(metrics), (pmetrics, metrics)
+        for k in metrics:
+            _close(pmetrics[k], metrics[k], f"grpo metric {k} {opts} sp={sp}")
+        sx, sw, sb = torch.autograd.grad(ploss, (hs, ws, bs))
+        _close(sx, gx[a:z], f"grpo grad input {opts} sp={sp}")
+        _close(sw, gw[lo:hi], f"grpo grad weight {opts} sp={sp}")
+        _close(sb, gb[lo:hi], f"grpo grad bias {opts} sp={sp}")
+
+
+DISTILL_OPTIONS = [
+    dict(beta=0.0),
+    dict(beta=1.0, temperature=2.0, hard_label_weight=0.3, return_entropy=True),
+    dict(beta=0.4, softcap=2.0, teacher_softcap=3.0, teacher_logit_scale=0.8, chunk_size=6),
+    dict(beta=0.5, reduction="sum", whole_teacher=True),
+    dict(beta=0.2, reduction="none", hard_label_weight=1.0),
+    dict(offline=True, temperature=1.5, hard_label_weight=0.2, return_entropy=True),
+]
+
+
+def _distill(x, w, b, t, lo, hi, sp, a, z):
+    from memops.distributed import vocab_parallel_distillation_loss
+
+    g = torch.Generator().manual_seed(13)
+    dt = 5
+    xt = torch.randn(N, dt, generator=g, dtype=torch.float64)
+    wt = torch.randn(V, dt, generator=g, dtype=torch.float64)
+    bt = torch.randn(V, generator=g, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(V, generator=g)[:4] for _ in range(N)])
+    lps = torch.log_softmax(torch.randn(N, 4, generator=g, dtype=torch.float64), -1)
+    tt = t.clone()
+    tt[::5] = -100
+    for opts in DISTILL_OPTIONS:
+        opts = dict(opts)
+        offline, whole = opts.pop("offline", False), opts.pop("whole_teacher", False)
+        if offline:
+            teacher = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lps)
+            mine_teacher = dict(teacher_topk_ids=ids[a:z], teacher_topk_logprobs=lps[a:z])
+            opts["beta"] = 0.0
+        else:
+            teacher = dict(teacher_input=xt, teacher_weight=wt, teacher_bias=bt)
+            rows = slice(None) if whole else slice(lo, hi)
+            mine_teacher = dict(teacher_input=xt[a:z], teacher_weight=wt[rows], teacher_bias=bt[rows])
+        xf, wf, bf = (p.clone().requires_grad_() for p in (x, w, b))
+        out = memops.linear_distillation_loss(xf, wf, tt, student_bias=bf, **teacher, **opts)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        gx, gw, gb = _grads(outs[:1], (xf, wf, bf), 7)
+        xs = x[a:z].clone().requires_grad_()
+        ws, bs = w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
+        pout = vocab_parallel_distillation_loss(
+            xs, ws, tt[a:z], student_bias=bs, sequence_parallel=sp, **mine_teacher, **opts
+        )
+        pouts = list(pout) if isinstance(pout, tuple) else [pout]
+        per_token = opts.get("reduction") == "none"
+        for k, (o, f) in enumerate(zip(pouts, outs)):
+            _close(o, f[a:z] if (sp and (k > 0 or per_token)) else f, f"distill {opts} offline={offline} sp={sp}")
+        go = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        mine_go = go[a:z] if (sp and per_token) else go
+        sx, sw, sb = torch.autograd.grad((pouts[0] * mine_go).sum(), (xs, ws, bs))
+        _close(sx, gx[a:z], f"distill grad input {opts} sp={sp}")
+        _close(sw, gw[lo:hi], f"distill grad weight {opts} sp={sp}")
+        _close(sb, gb[lo:hi], f"distill grad bias {opts} sp={sp}")
+
+
 def case_rank_failure():
     if dist.get_rank() == 1:
         os._exit(3)  # dies before the collective

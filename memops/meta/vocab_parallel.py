@@ -1,25 +1,77 @@
-"""``memops::vocab_parallel_ce`` declared: ``memops::linear_ce``'s inputs, options and shape rules, with
+"""The vocabulary-parallel ops declared: each single-process family's inputs, outputs and shape rules, with
 ``weight`` and ``bias`` this rank's rows ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-row
-projection (their gradients are the shard's) and ``group_name`` the process group."""
+projection (their gradients are the shard's), ``group_name`` the process group and ``sequence_parallel``
+whether ``input`` (and every per-token tensor) holds this rank's tokens only (outputs then this rank's
+tokens' too; a reduced loss is the whole group's).
+
+* ``memops::vocab_parallel_ce``: ``memops::linear_ce``'s class-index form (no ``all_lse``/``is_top1``);
+* ``memops::vocab_parallel_logprobs``, ``memops::vocab_parallel_grpo``, ``memops::vocab_parallel_distill``:
+  ``linear_logprobs``', ``linear_grpo``'s and ``linear_distill``'s, every option.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 from .. import validation as V
 from ..contract import Option, Spec, register
+from . import distill, logprobs
 from .linear_ce import CE_INPUTS, CE_OPTIONS, loss_and_rows
+
+PARALLEL = (
+    Option("vocab_start", "int", None),
+    Option("vocab_size", "int", None),
+    Option("group_name", "str", None),
+    Option("sequence_parallel", "bool", False),
+)
 
 SPEC = register(
     Spec(
         name="vocab_parallel_ce",
         inputs=CE_INPUTS,
-        options=(
-            Option("vocab_start", "int", None),
-            Option("vocab_size", "int", None),
-            Option("group_name", "str", None),
-            *CE_OPTIONS,
-        ),
+        options=(*PARALLEL, *CE_OPTIONS),
         outputs=("loss", "lse"),
         shapes=loss_and_rows,
-        check=V.check_vocab_parallel_ce,
+        check=V.vocab_parallel_check(V.check_vocab_parallel_ce),
     )
 )
+
+
+def _parallel(spec: Spec) -> Spec:
+    return register(
+        dataclasses.replace(
+            spec,
+            name="vocab_parallel_" + spec.name.removeprefix("linear_"),
+            options=(*PARALLEL, *spec.options),
+            check=V.vocab_parallel_check(spec.check),
+        )
+    )
+
+
+LOGPROBS = _parallel(logprobs.LOGPROBS)
+GRPO = _parallel(logprobs.GRPO)
+DISTILL = _parallel(distill.SPEC)
+
+_PARALLEL_OF = {"linear_ce": SPEC, "linear_logprobs": LOGPROBS, "linear_grpo": GRPO, "linear_distill": DISTILL}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a vocabulary-parallel call's rows live: this rank's weight rows ``[vocab_start, vocab_start +
+    V_local)`` of ``vocab_size``, the group, and whether the tokens are split over it too."""
+
+    group_name: str
+    vocab_start: int
+    vocab_size: int
+    sequence_parallel: bool = False
+
+    def options(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve(spec: Spec, layout: Layout | None) -> tuple[Spec, dict]:
+    """The op a front end calls, and the options it adds: ``spec`` itself in one process, else its
+    vocabulary-parallel op with ``layout``'s options."""
+    if layout is None:
+        return spec, {}
+    return _PARALLEL_OF[spec.name], layout.options()

@@ -29,6 +29,7 @@ from torch import Tensor
 from .. import config, validation
 from ..contract import Args
 from ..meta.distill import SPEC
+from ..meta.vocab_parallel import Layout, resolve
 from ..rules import placeholder
 from . import engine, family, plan
 
@@ -61,10 +62,11 @@ def _teacher_logits(u: Tensor, a: Args, cdt) -> Tensor:
     return u
 
 
-def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows):
+def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows, reducer=engine.LOCAL):
     """Per-row losses (and student entropies); gradients of the student's input/weight/bias when
-    ``upstream`` is given.  ``teacher``: ``("online", xt2d)`` or ``("offline", ids2d, logprobs2d)``."""
-    n, vocab = x2d.shape[0], a.weight.shape[0]
+    ``upstream`` is given.  ``teacher``: ``("online", xt2d)`` or ``("offline", ids2d, logprobs2d)``.  With a
+    group ``reducer`` the head is :func:`_group_head`'s."""
+    n, vocab = x2d.shape[0], reducer.rows_max or a.weight.shape[0]
     cdt = engine.compute_dtype(x2d.dtype)
     loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
     ent_rows = torch.zeros(n, dtype=cdt, device=x2d.device) if a.return_entropy else None
@@ -75,7 +77,10 @@ def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows):
         state["offset"] = 0
         if teacher[0] == "online":
             xt = teacher[1]
-            rows_t = xt[sel] if isinstance(sel, slice) else xt.index_select(0, sel)
+            if getattr(xt, "gathered", False):  # sequence-parallel teacher rows: this chunk's, gathered
+                rows_t = xt.rows(sel.start, sel.stop, size)
+            else:
+                rows_t = xt[sel] if isinstance(sel, slice) else xt.index_select(0, sel)
             state["u"] = F.linear(rows_t, a.teacher_weight, a.teacher_bias)
 
     def head(z: Tensor, sel):
@@ -115,9 +120,12 @@ def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows):
             return None
         return dz.mul_(engine.row_coef(upstream, sel, valid).unsqueeze(1))
 
+    if reducer is not engine.LOCAL:
+        head = _group_head(a, t1d, teacher, state, upstream, reducer, loss_rows, ent_rows)
     d = x2d.shape[1] + (teacher[1].shape[1] if teacher[0] == "online" else 0)
     m = n if rows is None else rows.numel()
     size = config.chunk_rows(m, vocab, d, x2d.dtype, x2d.device, a.chunk_size, logit_rows=2)
+    sub = _SUB_BLOCK_BYTES["cpu" if x2d.device.type == "cpu" else "other"]
     gx, gw, gb = engine.run(
         x2d,
         a.weight,
@@ -129,21 +137,123 @@ def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows):
         grad_input=need[0],
         grad_weight=need[1],
         grad_bias=need[2] and a.bias is not None,
-        sub_block_bytes=_SUB_BLOCK_BYTES["cpu" if x2d.device.type == "cpu" else "other"],
+        sub_block_bytes=sub,
         rows=rows,
         chunk_start=chunk_start,
+        reducer=reducer,
     )
     return loss_rows, ent_rows, engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
-def _prepare(a: Args):
+def _group_head(a: Args, t1d, teacher, state: dict, upstream, reducer, loss_rows, ent_rows):
+    """The head with the vocabulary split over a group: the same per-row formulas (``_divergence``'s), each
+    row's maxima, then its sums of exponentials and target logit, then the divergence's sums reduced across
+    the group (three reductions per chunk)."""
+    T, beta, h, ignore = a.temperature, a.beta, a.hard_label_weight, a.ignore_index
+    local = a.weight.shape[0]
+    cdt = engine.compute_dtype(a.input.dtype)
+    online = teacher[0] == "online"
+
+    def lse_of(v: Tensor, vmax: Tensor, vsum: Tensor) -> Tensor:
+        return v - (vmax + vsum.log()).unsqueeze(1)
+
+    def head(z: Tensor, sel):
+        lo = state["offset"]
+        state["offset"] = lo + z.shape[0]
+        t = t1d[sel].long()
+        valid = t != ignore
+        mine, safe = reducer.owned(torch.where(valid, t, 0), local)
+        soft = h != 1 or ent_rows is not None
+        zs = z / T if soft else None
+        us = None
+        if h != 1 and online:
+            us = _teacher_logits(state["u"][lo : lo + z.shape[0]], a, cdt) / T
+        mq = None if zs is None else zs.amax(1)
+        mp = None if us is None else us.amax(1)
+        m1 = z.amax(1) if h else None
+        reducer.max_(mq, mp, m1)
+        sq = None if zs is None else (zs - mq.unsqueeze(1)).exp().sum(1)
+        sp = None if us is None else (us - mp.unsqueeze(1)).exp().sum(1)
+        s1 = (z - m1.unsqueeze(1)).exp().sum(1) if h else None
+        z_t = torch.where(mine, z.gather(1, safe.unsqueeze(1)).squeeze(1), 0.0) if h else None
+        reducer.sum_(sq, sp, s1, z_t)
+        loss = torch.zeros(z.shape[0], dtype=cdt, device=z.device)
+        dz = None
+        parts: dict = {}
+        if soft:
+            lq = lse_of(zs, mq, sq)
+            q = lq.exp()
+            if ent_rows is not None:
+                parts["ent"] = -(q * lq).sum(1)
+        if h != 1:
+            if online:
+                lp = lse_of(us, mp, sp)
+                if beta == 0:
+                    p = lp.exp()
+                    parts["div"] = (p * (lp - lq)).sum(1)
+                    d_div = q - p
+                elif beta == 1:
+                    diff = lq - lp
+                    parts["div"] = (q * diff).sum(1)
+                else:
+                    lm = torch.logaddexp(lq + math.log(1 - beta), lp + math.log(beta))
+                    parts["div"] = beta * (lp.exp() * (lp - lm)).sum(1) + (1 - beta) * (q * (lq - lm)).sum(1)
+                    g = (1 - beta) * (lq - lm)
+                    parts["qg"] = (q * g).sum(1)
+            else:
+                ids = teacher[1][sel].long()
+                lpk = torch.log_softmax(teacher[2][sel].to(cdt) / T, dim=1)  # the top-k renormalised
+                pk = lpk.exp()
+                own, idx = reducer.owned(ids, local)
+                at = torch.where(own, lq.gather(1, idx), 0.0)
+                parts["div"] = torch.where(pk > 0, torch.where(own, pk * -at, 0.0), 0.0).sum(1)
+        reducer.sum_(*parts.values())
+        if "ent" in parts:
+            ent_rows[sel] = torch.where(valid, parts["ent"], 0.0)
+        if h != 1:
+            div = parts["div"]
+            if online and beta == 1:
+                d_div = q * (diff - div.unsqueeze(1))
+            elif online and beta != 0:
+                d_div = q * (g - parts["qg"].unsqueeze(1))
+            elif not online:
+                div = div + torch.where(pk > 0, pk * lpk, 0.0).sum(1)
+                d_div = q.scatter_add_(1, idx, torch.where(own, -pk, 0.0))
+            loss = loss + (1 - h) * div
+            dz = d_div.mul_((1 - h) / T)
+        if h:
+            lse = m1 + s1.log()
+            loss = loss + h * (lse - z_t)
+            if upstream is not None:
+                hard = (z - lse.unsqueeze(1)).exp_().mul_(h)
+                hard.scatter_add_(1, safe.unsqueeze(1), mine.to(cdt).mul_(-h).unsqueeze(1))
+                dz = hard if dz is None else dz.add_(hard)
+        loss_rows[sel] = torch.where(valid, loss, 0.0)
+        if upstream is None:
+            return None
+        return dz.mul_(engine.row_coef(upstream, sel, valid).unsqueeze(1))
+
+    return head
+
+
+def _sharded_teacher(a: Args, reducer) -> Args:
+    """With a group ``reducer``, a whole (replicated) online teacher's rows of this rank's vocabulary slice."""
+    tw = a.teacher_weight
+    if reducer is engine.LOCAL or tw is None or tw.shape[0] == a.weight.shape[0]:
+        return a
+    rows = slice(reducer.start, reducer.start + a.weight.shape[0])
+    return a.replace(teacher_weight=tw[rows], teacher_bias=None if a.teacher_bias is None else a.teacher_bias[rows])
+
+
+def _prepare(a: Args, reducer):
     """Rows, the teacher as rows, the mask, the engine's reduction and divisor, the row plan."""
     x2d, t1d, _ = engine.flatten(a.input, a.target)
     n = t1d.numel()
     if a.teacher_weight is not None:
         xt = a.teacher_input.reshape(n, a.teacher_input.shape[-1])
         teacher = ("online", xt)
-        also = plan.bounded(xt, a.teacher_weight, a.teacher_bias, a.teacher_logit_scale / a.temperature)
+        scale_t = a.teacher_logit_scale / a.temperature
+        also = plan.bounded(xt, a.teacher_weight, a.teacher_bias, scale_t, reducer=reducer)
         finite = ()
     else:
         k = a.teacher_topk_ids.shape[-1]
@@ -152,32 +262,37 @@ def _prepare(a: Args):
     valid = t1d != a.ignore_index
     # ignored tokens reach nothing: skipped where exact (student and teacher logits certainly finite)
     scale = abs(a.logit_scale) / a.temperature
-    rows = plan.plan(x2d, a.weight, a.bias, scale, needed=valid, finite=finite, bounded_too=also).full
+    rows = plan.plan(x2d, a.weight, a.bias, scale, needed=valid, finite=finite, bounded_too=also, reducer=reducer).full
     reduction = "mean" if a.reduction == "batchmean" else a.reduction
     # "batchmean" over no unmasked token is 0, as in TRL (its divisor is clamped to 1)
     divisor = a.num_items if a.num_items is not None or reduction != "mean" else valid.sum().clamp(min=1)
     return x2d, t1d, teacher, valid, reduction, divisor, rows
 
 
-def _forward(a: Args, need: list) -> tuple:
-    validation.check_target_range(a.target, a.weight.shape[0], a.ignore_index)
+def forward(a: Args, need: list) -> tuple:
+    reducer = engine.reducer_of(a)
+    vocab = reducer.vocab or a.weight.shape[0]
+    validation.check_target_range(a.target, vocab, a.ignore_index)
     if a.teacher_topk_ids is not None:
-        validation.check_target_range(a.teacher_topk_ids, a.weight.shape[0], None, "teacher_topk_ids")
-    x2d, t1d, teacher, valid, reduction, divisor, rows = _prepare(a)
+        validation.check_target_range(a.teacher_topk_ids, vocab, None, "teacher_topk_ids")
+    a = _sharded_teacher(a, reducer)
+    x2d, t1d, teacher, valid, reduction, divisor, rows = _prepare(a, reducer)
     cdt = engine.compute_dtype(a.input.dtype)
     up = engine.upstream(None, reduction, valid, divisor, cdt) if any(need) else None
-    loss_rows, ent_rows, grads = _chunks(a, x2d, t1d, teacher, up, need, rows)
+    loss_rows, ent_rows, grads = _chunks(a, x2d, t1d, teacher, up, need, rows, reducer)
     loss = engine.reduce_rows(loss_rows, reduction, valid, divisor, a.target.shape)
     return (loss, placeholder(loss) if ent_rows is None else ent_rows.view(a.target.shape)), grads
 
 
-def _gradients(a: Args, grad_outputs: list, need: list) -> list:
-    x2d, t1d, teacher, valid, reduction, divisor, rows = _prepare(a)
+def gradients(a: Args, grad_outputs: list, need: list) -> list:
+    reducer = engine.reducer_of(a)
+    a = _sharded_teacher(a, reducer)
+    x2d, t1d, teacher, valid, reduction, divisor, rows = _prepare(a, reducer)
     up = engine.upstream(grad_outputs[0], reduction, valid, divisor, engine.compute_dtype(a.input.dtype))
-    return _chunks(a, x2d, t1d, teacher, up, need, rows)[2]
+    return _chunks(a, x2d, t1d, teacher, up, need, rows, reducer)[2]
 
 
-family.implement(SPEC, _forward, _gradients)
+family.implement(SPEC, forward, gradients)
 
 
 def linear_distillation_loss(
@@ -203,6 +318,7 @@ def linear_distillation_loss(
     teacher_softcap: float | None = None,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    _parallel: Layout | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Teacher-student distillation loss of ``student_input @ student_weight.T (+ bias)`` without the logits.
 
@@ -227,7 +343,9 @@ def linear_distillation_loss(
         teacher_bias=teacher_bias,
         teacher_topk_logprobs=teacher_topk_logprobs,
     )
-    loss, entropy, _ = SPEC.call(
+    spec, parallel = resolve(SPEC, _parallel)
+    loss, entropy, _ = spec.call(
+        **parallel,
         input=student_input,
         weight=student_weight,
         target=target,

@@ -40,6 +40,47 @@ from .plan import rows_out
 Head = Callable[[torch.Tensor, "slice | torch.Tensor"], torch.Tensor | None]
 
 
+class Reducer:
+    """Per-row statistics of a head whose vocabulary is split over processes (``ops/vocab_parallel.py``).
+
+    This one is for a single process: the head's weight is the whole vocabulary and there is nothing to
+    reduce.  A group reducer all-reduces in place, once per chunk (``whole_chunk``: the head sees whole
+    chunks): the row max (``max_``), the sums (``sum_``), and finds the first most likely token across
+    the group (``first_argmax``)."""
+
+    start = 0  # the first vocabulary row of this process's weight
+    vocab: int | None = None  # the whole vocabulary's size (None: the weight's rows)
+    rows_max: int | None = None  # the largest shard's rows, which every rank sizes its chunks for
+    whole_chunk = False
+
+    def max_(self, *ts: torch.Tensor | None) -> None:
+        pass
+
+    def sum_(self, *ts: torch.Tensor | None) -> None:
+        pass
+
+    def first_argmax(self, z: torch.Tensor) -> torch.Tensor:
+        """Per row of ``z``, the vocabulary index ``argmax`` gives (the first maximum; the first NaN)."""
+        return z.argmax(dim=1)
+
+    def owned(self, t: torch.Tensor, local: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(mask or None, index)``: which class indices ``t`` fall in this process's ``local`` rows (None:
+        all of them), and their row there (0 elsewhere)."""
+        return None, t
+
+
+LOCAL = Reducer()
+
+
+def reducer_of(a) -> Reducer:
+    """The call's reducer: :data:`LOCAL`, or its group's for a vocabulary-parallel op."""
+    if getattr(a, "group_name", None) is None:
+        return LOCAL
+    from .vocab_parallel import group_reducer
+
+    return group_reducer(a)
+
+
 _FP32_OUT_GEMM: dict[str, str] = {}  # device type -> "addmm" | "mm" | "cast", probed once per process
 
 
@@ -213,6 +254,7 @@ def run(
     rows: torch.Tensor | None = None,
     chunk_start: Callable[[slice | torch.Tensor], None] | None = None,
     fused: bool = False,
+    reducer: Reducer = LOCAL,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Run ``head`` over ``x2d [N, D]`` in row chunks; return (grad_input, grad_weight, grad_bias).
 
@@ -228,6 +270,14 @@ def run(
     with each chunk's rows before its sub-blocks (a second projection of the same
     rows, as distillation's teacher logits, is made there once per chunk).
 
+    ``reducer``: a vocabulary-parallel head's group (``Reducer``): every rank sizes its chunks for the largest
+    shard (so that all run the same chunks), the head gets whole chunks, and the input gradient's partial
+    sums are summed across the group once per call.
+
+    ``x2d`` may also be a sequence-parallel group's rows (``ops/vocab_parallel.Gathered``): each chunk's rows
+    are gathered as the chunk starts and its input gradient sent back to the rows' owners; grad_input is
+    then this rank's rows' (every row is computed: no ``rows``).
+
     ``fused=True`` (a Triton head, ``ops/triton_heads.py``): the buffer has the input dtype, the head gets
     each whole chunk as the GEMM wrote it and does the scaling and soft-capping itself (``logit_scale`` and
     ``softcap`` are not applied here), and the gradient GEMMs read its ``dz`` in that dtype.
@@ -239,22 +289,28 @@ def run(
     want = grad_input or grad_weight or grad_bias
     # input/weight gradients are written whole by the first chunk that computes them (no zero fill),
     # except the input gradient's skipped rows
+    gathered = getattr(x2d, "gathered", False)
     gx = None
     if grad_input:
-        gx = rows_out(x2d.shape, x2d.dtype, x2d.device, rows)
+        gx = rows_out(x2d.local.shape if gathered else x2d.shape, x2d.dtype, x2d.device, rows)
     gw = torch.empty(weight.shape, dtype=cdt, device=weight.device) if grad_weight else None
     gb = torch.zeros(vocab, dtype=cdt, device=weight.device) if (grad_bias and bias is not None) else None
     written = False
     scratch: list = []  # the weight gradient's fp32 scratch, where the build needs one (fp32_out_gemm)
-    size = config.chunk_rows(m, vocab, d, x2d.dtype, x2d.device, chunk_size, fused=fused)
+    size = config.chunk_rows(m, reducer.rows_max or vocab, d, x2d.dtype, x2d.device, chunk_size, fused=fused)
+    if reducer.whole_chunk:
+        sub_block_bytes = WHOLE_CHUNK
     sub = size if fused else _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
     buf = torch.empty((size, vocab), dtype=x2d.dtype if fused else cdt, device=x2d.device)
     gx_part = None  # with skipped rows a chunk's input gradient is made here, then scattered to its rows
-    if gx is not None and rows is not None:
+    if gx is not None and (rows is not None or gathered):
         gx_part = torch.empty((size, d), dtype=x2d.dtype, device=x2d.device)
     for start in range(0, m, size):
         stop = min(start + size, m)
-        if rows is None:
+        if gathered:
+            sel = slice(start, stop)
+            xc = x2d.rows(start, stop, size)
+        elif rows is None:
             sel = slice(start, stop)
             xc = x2d[sel]
         else:
@@ -281,7 +337,10 @@ def run(
         if z.dtype != x2d.dtype and x2d.device.type != "cpu":
             dz = z.to(x2d.dtype)  # the gradient GEMMs' operand, cast once for both
         if gx is not None:
-            if rows is None:
+            if gathered:
+                _input_grad(dz, weight, gx_part[: stop - start])
+                x2d.give_grad(start, stop, gx_part[: stop - start], gx)
+            elif rows is None:
                 _input_grad(dz, weight, gx[sel])
             else:
                 _input_grad(dz, weight, gx_part[: stop - start])
@@ -293,6 +352,8 @@ def run(
         for g in (gx, gw):
             if g is not None:
                 g.zero_()
+    if gx is not None and not gathered:  # sequence-parallel rows went back to their owners chunk by chunk
+        reducer.sum_(gx)
     return gx, gw, gb
 
 
@@ -380,7 +441,7 @@ def flatten(input: torch.Tensor, target: torch.Tensor, extras=()):
 def grads_out(gx, gw, gb, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> list:
     """Engine gradients as op outputs: input's shape, parameter dtypes, None where not computed."""
     return [
-        None if gx is None else gx.view(input.shape),
+        None if gx is None else gx.view(getattr(input, "local_shape", None) or input.shape),
         None if gw is None else gw.to(weight.dtype),
         None if gb is None else gb.to(bias.dtype),
     ]

@@ -17,28 +17,7 @@ from ..contract import Args
 from ..meta.linear_ce import SPEC, token_shape
 from ..rules import placeholder
 from . import engine, family, plan, triton_heads
-
-
-class Reducer:
-    """Per-row statistics of a head whose vocabulary is split over processes (``ops/vocab_parallel.py``).
-
-    This one is for a single process: the head's weight is the whole vocabulary and there is nothing to
-    reduce.  A group reducer all-reduces the row max (``max_``) and the sums (``sum_``) in place, once
-    per chunk (``whole_chunk``: the head sees whole chunks)."""
-
-    start = 0  # the first vocabulary row of this process's weight
-    vocab: int | None = None  # the whole vocabulary's size (None: the weight's rows)
-    whole_chunk = False
-
-    def max_(self, t: Tensor) -> None:
-        pass
-
-    def sum_(self, *ts: Tensor | None) -> None:
-        pass
-
-
-LOCAL = Reducer()
-
+from .engine import LOCAL, Reducer
 
 NO_WEIGHTS = (None, None, None)
 
@@ -251,8 +230,8 @@ def ce_chunks(
         grad_weight=need[1],
         grad_bias=need[3] and bias is not None,
         rows=rows,
-        sub_block_bytes=engine.WHOLE_CHUNK if reducer.whole_chunk else None,
         fused=fused,
+        reducer=reducer,
     )
     return loss_rows, lse_rows, gx, gw, gb, gt
 

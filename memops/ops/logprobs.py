@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import config, validation
 from ..contract import Args
 from ..meta.logprobs import EXTRAS, GRPO, LOGPROBS
+from ..meta.vocab_parallel import Layout, resolve
 from ..rules import placeholder
 from . import engine, family, plan, triton_heads
 
@@ -49,6 +50,7 @@ def _chunks(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     extras: dict | None = None,
+    reducer: engine.Reducer = engine.LOCAL,
 ):
     """Run the head over ``x2d`` (only ``rows`` when given; see ``engine.run``), writing the per-row
     log-probs (and entropy) into ``out`` when given, else into new ``[N]`` tensors.  ``extras`` maps
@@ -58,7 +60,11 @@ def _chunks(
 
     The logits are ``softcap(logit_scale * (x @ W.T + b)) / temperature``: without soft-capping the
     engine applies ``logit_scale / temperature`` in one go, with it the head divides by the temperature
-    (and multiplies its gradient by ``1 / temperature``)."""
+    (and multiplies its gradient by ``1 / temperature``).
+
+    With a group ``reducer`` ``weight`` holds the vocabulary rows ``reducer.start ...``: the row max, then
+    the sums (exponentials, the target logit, those of the entropy and the extras) are reduced across the
+    group once per chunk (``is_top1``: two more), and the gradients are this shard's."""
     n = x2d.shape[0]
     cdt = engine.compute_dtype(x2d.dtype)
     if out is None:
@@ -76,29 +82,46 @@ def _chunks(
         def coef(sel, logp, ent):
             return (None if c1_all is None else c1_all[sel]), (None if c2_all is None else c2_all[sel])
 
+    local = reducer is engine.LOCAL
+    vocab = reducer.vocab or weight.shape[0]
+    t_all = t1d.long()
+    mine_all, safe_all = reducer.owned(t_all, weight.shape[0])  # the target's row in this weight
+
     def head(z: Tensor, sel):
         if in_head:
             z.mul_(inv_t)
-        t = t1d[sel].long().unsqueeze(1)
+        t = safe_all[sel].unsqueeze(1)
+        z_sum = None
         if "mean_logits" in extras:
-            extras["mean_logits"][sel] = z.mean(dim=1)
+            if local:
+                extras["mean_logits"][sel] = z.mean(dim=1)
+            else:
+                z_sum = z.sum(dim=1)
         if "is_top1" in extras:  # the first maximum, as argmax: a tie with an earlier token is not top-1
-            extras["is_top1"][sel] = z.argmax(dim=1) == t.squeeze(1)
+            extras["is_top1"][sel] = reducer.first_argmax(z) == t_all[sel]
         zmax = z.amax(dim=1, keepdim=True)
+        reducer.max_(zmax)
         z.sub_(zmax)  # z <- s = z - rowmax
         s_t = z.gather(1, t).squeeze(1)
+        if not local:  # summed over the group: the shards that do not hold the target add 0
+            s_t = torch.where(mine_all[sel], s_t, 0.0)
         if entropy:
             e = torch.exp(z)
-            total = e.sum(dim=1)
-            log_total = total.log()
-            ent = log_total - (e * z).sum(dim=1) / total  # H = log sum e^s - sum p s
-            ent_rows[sel] = ent
+            total, ez = e.sum(dim=1), (e * z).sum(dim=1)
         else:
             z.exp_()
-            e, total, ent = z, z.sum(dim=1), None
-            log_total = total.log()
-        if "log_sum_sq_probs" in extras:
-            extras["log_sum_sq_probs"][sel] = e.square().sum(dim=1).log() - 2 * log_total
+            e, total, ez = z, z.sum(dim=1), None
+        e_sq = e.square().sum(dim=1) if "log_sum_sq_probs" in extras else None
+        reducer.sum_(total, s_t, ez, e_sq, z_sum)
+        log_total = total.log()
+        ent = None
+        if entropy:
+            ent = log_total - ez / total  # H = log sum e^s - sum p s
+            ent_rows[sel] = ent
+        if e_sq is not None:
+            extras["log_sum_sq_probs"][sel] = e_sq.log() - 2 * log_total
+        if z_sum is not None:
+            extras["mean_logits"][sel] = z_sum / vocab
         logp = s_t - log_total
         logp_rows[sel] = logp
         c = coef(sel, logp, ent) if coef is not None else None
@@ -115,10 +138,10 @@ def _chunks(
                 z.copy_(e)
             z.mul_((-c1 / total).unsqueeze(1))
         if c1 is not None:
-            z.scatter_add_(1, t, c1.unsqueeze(1))
+            z.scatter_add_(1, t, (c1 if local else torch.where(mine_all[sel], c1, 0.0)).unsqueeze(1))
         return z.mul_(inv_t) if in_head else z
 
-    fused = triton_heads.wanted(x2d)
+    fused = local and triton_heads.wanted(x2d)
     if fused:  # the same head in Triton: one launch per chunk (two with ``coef``: forward, then gradient)
         scale = logit_scale if in_head else logit_scale * inv_t
         fused_coef = None if fixed is not None else coef
@@ -138,6 +161,7 @@ def _chunks(
         grad_bias=need[2] and bias is not None,
         rows=rows,
         fused=fused,
+        reducer=reducer,
     )
     return logp_rows, ent_rows, gx, gw, gb
 
@@ -145,8 +169,9 @@ def _chunks(
 # ---- memops::linear_logprobs ---------------------------------------------------------------------------
 
 
-def _logprobs_forward(a: Args, need: list) -> tuple:
-    validation.check_target_range(a.target, a.weight.shape[0], None)
+def logprobs_forward(a: Args, need: list) -> tuple:
+    reducer = engine.reducer_of(a)
+    validation.check_target_range(a.target, reducer.vocab or a.weight.shape[0], None)
     x2d, t1d, _ = engine.flatten(a.input, a.target)
     n, cdt = t1d.numel(), engine.compute_dtype(a.input.dtype)
     extras = {
@@ -167,12 +192,13 @@ def _logprobs_forward(a: Args, need: list) -> tuple:
         logit_scale=a.logit_scale,
         softcap=a.softcap,
         extras=extras,
+        reducer=reducer,
     )
     shaped = [logp, ent] + [extras.get(name) for name in EXTRAS[1:]]
     return tuple(placeholder(logp) if t is None else t.view(a.target.shape) for t in shaped), []
 
 
-def _logprobs_gradients(a: Args, grad_outputs: list, need: list) -> list:
+def logprobs_gradients(a: Args, grad_outputs: list, need: list) -> list:
     x2d, t1d, _ = engine.flatten(a.input, a.target)
     cdt = engine.compute_dtype(a.input.dtype)
     grad_logprobs, grad_entropy = grad_outputs[:2]
@@ -185,7 +211,12 @@ def _logprobs_gradients(a: Args, grad_outputs: list, need: list) -> list:
 
     # tokens with no incoming gradient (masked by the caller's loss) are skipped where that is exact
     needed = functools.reduce(torch.logical_or, [g != 0 for g in (g1, g2) if g is not None])
-    rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale / a.temperature, needed=needed).full
+    reducer = engine.reducer_of(a)
+    if reducer is not engine.LOCAL:  # every rank skips the same rows: those no rank has a gradient for
+        needed = needed.to(torch.uint8)
+        reducer.max_(needed)
+        needed = needed.bool()
+    rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale / a.temperature, needed=needed, reducer=reducer).full
     *_, gx, gw, gb = _chunks(
         x2d,
         a.weight,
@@ -199,11 +230,12 @@ def _logprobs_gradients(a: Args, grad_outputs: list, need: list) -> list:
         rows=rows,
         logit_scale=a.logit_scale,
         softcap=a.softcap,
+        reducer=reducer,
     )
     return engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
-family.implement(LOGPROBS, _logprobs_forward, _logprobs_gradients)
+family.implement(LOGPROBS, logprobs_forward, logprobs_gradients)
 
 
 def linear_logprobs(
@@ -218,6 +250,7 @@ def linear_logprobs(
     softcap: float | None = None,
     extras: Sequence[str] = (),
     chunk_size: int | None = None,
+    _parallel: Layout | None = None,
 ) -> Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]:
     """``log_softmax(softcap(logit_scale * (input @ weight.T + bias)) / temperature)`` at ``target``, shaped
     like ``target`` (``softcap(y) = c * tanh(y / c)`` when ``softcap=c`` is set).
@@ -234,7 +267,9 @@ def linear_logprobs(
     unknown = sorted(set(extras) - set(EXTRAS[1:]))
     if unknown:
         raise ValueError(f"extras must be among {EXTRAS[1:]}, got {unknown}")
-    out = LOGPROBS.call(
+    spec, parallel = resolve(LOGPROBS, _parallel)
+    out = spec.call(
+        **parallel,
         input=input,
         weight=weight,
         target=target,
@@ -305,6 +340,7 @@ def _grpo_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
     """
     weight, bias = a.weight, a.bias
     entropy = ent_w is not None or a.return_entropy
+    reducer = engine.reducer_of(a)
 
     def c1_of(sel, logp):
         with family.autograd_inside_kernel():
@@ -329,14 +365,16 @@ def _grpo_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
         chunk_size=a.chunk_size,
         logit_scale=a.logit_scale,
         softcap=a.softcap,
+        reducer=reducer,
     )
     masked = (w == 0) if ent_w is None else (w == 0) & (ent_w == 0)
     needed = ok = None
     scale = a.logit_scale / a.temperature
     if a.beta == 0 and not a.all_logprobs and a.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
         needed = ~(masked & _unreachable(adv, old, a.epsilon_low, a.epsilon_high))
-        ok = plan.bounded(x2d, weight, bias, scale)
-    rows = plan.plan(x2d, weight, bias, scale, needed=needed, probe=masked if upstream is not None else None, ok=ok)
+        ok = plan.bounded(x2d, weight, bias, scale, reducer=reducer)
+    probe = masked if upstream is not None else None
+    rows = plan.plan(x2d, weight, bias, scale, needed=needed, probe=probe, ok=ok, reducer=reducer)
 
     def outputs(logp, ent, *grads):
         """A token the plan may skip has log-prob (and entropy) 0, computed or not: one result either way."""
@@ -370,7 +408,13 @@ def _grpo_sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: 
     over the ``[B, T]`` log-probs gives every coefficient, and a second pass computes the gradients: one
     projection-sized matmul more than the token level's three."""
     entropy = ent_w is not None or a.return_entropy
-    common = dict(temperature=a.temperature, chunk_size=a.chunk_size, logit_scale=a.logit_scale, softcap=a.softcap)
+    common = dict(
+        temperature=a.temperature,
+        chunk_size=a.chunk_size,
+        logit_scale=a.logit_scale,
+        softcap=a.softcap,
+        reducer=engine.reducer_of(a),
+    )
     logp, ent, *_ = _chunks(x2d, a.weight, t1d, a.bias, entropy=entropy, coef=None, need=(False,) * 3, **common)
     if upstream is None:
         return logp, ent, None, None, None
@@ -422,8 +466,8 @@ def _grpo_pass(a: Args, upstream, need):
     return (w, adv, old, ref, ent_w), out
 
 
-def _grpo_forward(a: Args, need: list) -> tuple:
-    validation.check_target_range(a.target, a.weight.shape[0], None, "completion_ids")
+def grpo_forward(a: Args, need: list) -> tuple:
+    validation.check_target_range(a.target, engine.reducer_of(a).vocab or a.weight.shape[0], None, "completion_ids")
     up = torch.ones((), dtype=engine.compute_dtype(a.input.dtype), device=a.input.device) if any(need) else None
     (w, adv, old, ref, ent_w), (logp, ent, gx, gw, gb) = _grpo_pass(a, up, need)
     shape = a.target.shape
@@ -438,13 +482,13 @@ def _grpo_forward(a: Args, need: list) -> tuple:
     return (loss, logp.view(shape), ent_out), engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
-def _grpo_gradients(a: Args, grad_outputs: list, need: list) -> list:
+def grpo_gradients(a: Args, grad_outputs: list, need: list) -> list:
     up = grad_outputs[0].to(engine.compute_dtype(a.input.dtype))
     *_, (_, _, gx, gw, gb) = _grpo_pass(a.replace(all_logprobs=False), up, need)
     return engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
-family.implement(GRPO, _grpo_forward, _grpo_gradients)
+family.implement(GRPO, grpo_forward, grpo_gradients)
 
 
 def _token_weight(mask: Tensor, loss_type: str, max_completion_length: int | None, num_items, cdt) -> Tensor:
@@ -488,6 +532,7 @@ def linear_grpo_loss(
     max_completion_length: int | None = None,
     num_items: int | float | Tensor | None = None,
     chunk_size: int | None = None,
+    _parallel: Layout | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """TRL 1.16's GRPO loss on ``input [B, T, D]`` completion hidden states, without materializing logits.
 
@@ -506,16 +551,22 @@ def linear_grpo_loss(
     validation.check_grpo_front(input, completion_ids, completion_mask, advantages, loss_type, max_completion_length)
     validation.check_finite("entropy_coef", entropy_coef)
     cdt = engine.compute_dtype(input.dtype)
-    w = _token_weight(completion_mask, loss_type, max_completion_length, num_items, cdt)
+    spec, parallel = resolve(GRPO, _parallel)
+    # sequence parallelism: the token weights, the metrics and which log-probs they read are the group's
+    whole, mine = _group_rows(_parallel, completion_ids.shape[0], input.device)
+    mask_all = whole(completion_mask)
+    w_all = _token_weight(mask_all, loss_type, max_completion_length, num_items, cdt)
+    w = mine(w_all)
     adv = advantages.to(cdt).unsqueeze(1).expand(completion_ids.shape).contiguous()
     old = None if old_logprobs is None else old_logprobs.detach().to(cdt)
     ref = None if ref_logprobs is None else ref_logprobs.detach().to(cdt)
-    m = completion_mask.to(cdt)
-    ent_w = None if entropy_coef == 0 else -entropy_coef * m / m.sum().clamp(min=1.0)
+    m_all = mask_all.to(cdt)
+    ent_w = None if entropy_coef == 0 else mine(-entropy_coef * m_all / m_all.sum().clamp(min=1.0))
     # the metrics read the log-probs of every token with mask 1, and the kl metric those of every token;
     # sync-free, every row is computed anyway (and the test would read a device value)
-    all_logprobs = ref is not None or config.is_sync_free(input) or bool(((w == 0) & (m != 0)).any())
-    loss, logp, ent, _ = GRPO.call(
+    all_logprobs = ref is not None or config.is_sync_free(input) or bool(((w_all == 0) & (m_all != 0)).any())
+    loss, logp, ent, _ = spec.call(
+        **parallel,
         input=input,
         weight=weight,
         target=completion_ids,
@@ -543,12 +594,12 @@ def linear_grpo_loss(
     )
     family.donate(loss)
     return loss, _metrics(
-        logp,
-        None if ent_w is None else ent,
-        adv,
-        old,
-        ref,
-        m,
+        whole(logp.detach()),
+        None if ent_w is None else whole(ent),
+        whole(adv),
+        None if old is None else whole(old),
+        None if ref is None else whole(ref),
+        m_all,
         loss_type,
         importance_sampling_level,
         epsilon_low,
@@ -556,6 +607,20 @@ def linear_grpo_loss(
         bool(use_bias_correction_kl),
         delta,
     )
+
+
+def _group_rows(layout: Layout | None, rows: int, device: torch.device):
+    """``(whole, mine)`` for per-completion tensors under sequence parallelism (each rank holds ``rows`` whole
+    completions): ``whole(t)`` the group's ``[B, ...]`` from this rank's ``[rows, ...]`` (one all-gather),
+    ``mine(t)`` this rank's rows of a group-wide tensor.  Otherwise both return ``t``."""
+    if layout is None or not layout.sequence_parallel:
+        return (lambda t: t), (lambda t: t)
+    from . import vocab_parallel as vp
+
+    group = vp._group(layout.group_name)
+    sizes = vp.token_sizes(rows, group, device)
+    first = sum(sizes[: torch.distributed.get_rank(group)])
+    return (lambda t: vp.gather_tokens(t, group, sizes)), (lambda t: t[first : first + rows])
 
 
 def _metrics(logp, ent, adv, old, ref, m, loss_type, level, epsilon_low, epsilon_high, bias_corrected, delta):

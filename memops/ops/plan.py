@@ -55,15 +55,26 @@ def _abs_max(t: Tensor | None, device) -> Tensor:
     return torch.maximum(hi, -lo).to(torch.float64)
 
 
-def bounded(x2d: Tensor, weight: Tensor, bias: Tensor | None, logit_scale: float = 1.0, finite: tuple = ()) -> Tensor:
+def bounded(
+    x2d: Tensor, weight: Tensor, bias: Tensor | None, logit_scale: float = 1.0, finite: tuple = (), reducer=None
+) -> Tensor:
     """Whether every logit is certainly finite and far from overflow, as a bool 0-dim tensor (no sync).
 
     ``|logit_scale| * (D * max|x| * max|W| + max|b|)``, a bound on every logit, must be finite and far
     below the dtype's largest value (so inputs, weight and bias are free of NaN and inf; fp16, whose
-    range is small, may fail it); every tensor in ``finite`` must be free of NaN and inf as well.
+    range is small, may fail it); every tensor in ``finite`` must be free of NaN and inf as well.  With a
+    group ``reducer`` (vocabulary parallelism) the maxima are those of the whole weight and of every rank's
+    rows (``x2d`` may be sequence-parallel rows, ``ops/vocab_parallel.Gathered``), so every rank agrees.
     """
     dev = x2d.device
-    bound = abs(logit_scale) * (x2d.shape[1] * _abs_max(x2d, dev) * _abs_max(weight, dev) + _abs_max(bias, dev))
+    maxima = [_abs_max(getattr(x2d, "local", x2d), dev), _abs_max(weight, dev), _abs_max(bias, dev)]
+    if reducer is not None and getattr(reducer, "group", None) is not None:
+        # a NaN never wins a max reliably across backends: reduce it as +inf (the bound fails either way)
+        both = torch.stack(maxima).nan_to_num(nan=torch.inf)
+        reducer.max_(both)
+        maxima = both.unbind()
+    xm, wm, bm = maxima
+    bound = abs(logit_scale) * (x2d.shape[1] * xm * wm + bm)
     ok = bound < torch.finfo(x2d.dtype).max / 4  # also False for NaN / inf
     for t in finite:
         if t.is_floating_point():
@@ -82,18 +93,24 @@ def plan(
     finite: tuple = (),
     bounded_too: Tensor | None = None,
     ok: Tensor | None = None,
+    reducer=None,
 ) -> Plan:
     """The rows to compute: ``needed`` (bool ``[N]``, None for all) marks the rows whose results matter,
     ``probe`` the needed rows to compute forward only first; rows not needed are skipped where exact
     (:func:`bounded`, with ``finite`` extra tensors whose NaN/inf would reach the reference's gradient, and
     ``bounded_too`` the bound of a second projection of the same rows; ``ok``: the caller's :func:`bounded`
-    of this projection, when it has it), else computed in full.  Every row when the call is sync-free."""
+    of this projection, when it has it), else computed in full.  Every row when the call is sync-free.
+
+    With a group ``reducer`` (vocabulary parallelism) every rank must plan the same rows: the size rule reads
+    the whole vocabulary and the bound the whole weight (``needed`` / ``probe`` / ``ok`` must agree across the
+    group already).  Sequence-parallel rows (``ops/vocab_parallel.Gathered``) are all computed."""
     n = x2d.shape[0]
-    if (needed is None and probe is None) or n == 0 or n * weight.shape[0] * x2d.shape[1] < PLAN_MIN_MACS:
+    vocab = getattr(reducer, "vocab", None) or weight.shape[0]
+    if (needed is None and probe is None) or n == 0 or n * vocab * x2d.shape[1] < PLAN_MIN_MACS:
         return EVERY_ROW
-    if config.is_sync_free(x2d):
+    if config.is_sync_free(x2d) or getattr(x2d, "gathered", False):
         return EVERY_ROW
-    ok = bounded(x2d, weight, bias, logit_scale, finite) if ok is None else ok
+    ok = bounded(x2d, weight, bias, logit_scale, finite, reducer) if ok is None else ok
     if bounded_too is not None:
         ok = ok & bounded_too
     full = torch.ones(n, dtype=torch.bool, device=x2d.device) if needed is None else needed | ~ok
