@@ -97,15 +97,16 @@ class _Placed:
                 if p != Replicate() and not (isinstance(p, Shard) and 0 <= p.dim < dims):
                     raise ValueError(
                         f"a DTensor {name} must be Replicate() or Shard(k) along a token dimension (k < {dims}) on "
-                        f"the tensor-parallel mesh dimension, got {p}"
+                        f"the tensor-parallel mesh dimension, got {p!r}"
                     )
             elif p != Replicate():
                 raise ValueError(
                     f"a DTensor {name} must be Replicate() on the mesh dimensions other than the tensor-parallel one "
-                    f"(got {p} on dimension {d}); for data-parallel batches pass its local tensor ({name}.to_local())"
+                    f"(got {p!r} on dimension {d}); for data-parallel batches pass its local tensor ({name}.to_local())"
                 )
         if self.input_placements is None:
             self.input_placements = placements
+            self.token_shape = tuple(t.shape[:dims])  # the group's (global) token shape
         elif placements != self.input_placements:
             raise ValueError(f"a DTensor {name} must be placed like input ({self.input_placements}), got {placements}")
         return t.to_local(), placements[self.tp] != Replicate()
@@ -123,8 +124,14 @@ class _Placed:
             return tuple(self.wrap(v) for v in out)
         if not isinstance(out, Tensor):
             return out
-        placements = [Replicate()] * self.mesh.ndim if out.dim() == 0 else list(self.input_placements)
-        return DTensor.from_local(out, self.mesh, placements, run_check=False)
+        if out.dim() == 0:
+            return DTensor.from_local(out, self.mesh, [Replicate()] * self.mesh.ndim, run_check=False)
+        # uneven token shards: the global shape is the input's tokens', not the local one times the ranks
+        shape = torch.Size(self.token_shape)
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(
+            out, self.mesh, list(self.input_placements), run_check=False, shape=shape, stride=stride
+        )
 
 
 def _shard_layout(weight: Tensor, group) -> tuple[int, int]:
@@ -283,10 +290,10 @@ def _parallel_front(single, name: str, projection: tuple[str, str, str], per_tok
     params = [p for p in sig.parameters.values() if p.name != "_parallel"]
     keyword = inspect.Parameter.KEYWORD_ONLY
     added = [
-        inspect.Parameter("group", keyword, default=None),
-        inspect.Parameter("vocab_start", keyword, default=None),
-        inspect.Parameter("vocab_size", keyword, default=None),
-        inspect.Parameter("sequence_parallel", keyword, default=False),
+        inspect.Parameter("group", keyword, default=None, annotation="dist.ProcessGroup | None"),
+        inspect.Parameter("vocab_start", keyword, default=None, annotation="int | None"),
+        inspect.Parameter("vocab_size", keyword, default=None, annotation="int | None"),
+        inspect.Parameter("sequence_parallel", keyword, default=False, annotation="bool"),
     ]
     front.__signature__ = sig.replace(parameters=params + added)
     front.__name__ = front.__qualname__ = name

@@ -208,6 +208,55 @@ def case_fsdp():
             _close(p.grad.full_tensor(), expected[k], f"fsdp {head.__name__} grad {k}")
 
 
+class VocabParallelHead(torch.nn.Linear):
+    """An lm_head whose weight is a Shard(0) DTensor on a tensor-parallel mesh: the loss is computed inside
+    its forward (where FSDP2 has gathered the data-parallel shards), vocabulary-parallel over the TP group."""
+
+    def forward(self, h, labels, **options):
+        return vocab_parallel_cross_entropy(h, self.weight, labels, self.bias, **options)
+
+
+def case_fsdp_tp():
+    """FSDP2 on one dimension of a 2-D mesh and tensor parallelism (the head vocabulary-parallel) on the other:
+    three SGD steps give the single-process run's losses and parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 4
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp = mesh["dp"].get_local_rank()
+    tokens, labels = _batches(2)
+    torch.manual_seed(0)
+    single = TinyLM().double()
+    sgd = torch.optim.SGD(single.parameters(), lr=0.5)
+    torch.manual_seed(0)
+    model = TinyLM(VocabParallelHead).double()
+    for name in ("weight", "bias"):
+        full = getattr(model.lm_head, name)
+        setattr(model.lm_head, name, torch.nn.Parameter(distribute_tensor(full.detach(), mesh["tp"], [Shard(0)])))
+    fully_shard(model.lm_head, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(3):
+        expected = sum(single(tokens[2 * r : 2 * r + 2], labels[2 * r : 2 * r + 2]) for r in range(2)) / 2
+        expected.backward()
+        sgd.step()
+        sgd.zero_grad()
+        loss = model(tokens[2 * dp : 2 * dp + 2], labels[2 * dp : 2 * dp + 2])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean, group=mesh["dp"].get_group())
+        _close(mean / 2, expected.detach(), f"fsdp x tp loss step {step}")
+    for (name, p), q in zip(model.named_parameters(), single.parameters()):
+        _close(p.full_tensor(), q.detach(), f"fsdp x tp parameter {name} after 3 steps")
+    if rank == 0:
+        print(f"fsdp x tp: 3 steps on a 2x2 mesh equal the single process (loss {expected.item():.6f})")
+
+
 def _hf_llama():
     import transformers
 
@@ -374,6 +423,38 @@ def case_families():
                 _close(sb, gb[lo:hi], f"logprobs grad bias {opts} sp={sp}")
             _grpo(x, w, b, t, lo, hi, sp, world, rank)
             _distill(x, w, b, t, lo, hi, sp, a, z)
+            if sp:
+                _ce_sequence_parallel(lo, hi, a, z)
+
+
+def _ce_sequence_parallel(lo, hi, a, z):
+    """Cross-entropy with sequence-parallel tokens (every option set of the replicated case)."""
+    x, w, b, t = _data(6)
+    for opts in OPTIONS:
+        opts = dict(opts)
+        ign = opts.get("ignore_index", -100)
+        tt = torch.where(t == -100, torch.full_like(t, ign), t)
+        mine = {}
+        if opts.pop("class_weight", False):
+            mine, full_cw = dict(class_weight=CLASS_WEIGHT[lo:hi]), dict(class_weight=CLASS_WEIGHT)
+        else:
+            full_cw = {}
+        xf, wf, bf = (p.clone().requires_grad_() for p in (x, w, b))
+        full, lse = memops.linear_cross_entropy(xf, wf, tt, bf, return_lse=True, **opts, **full_cw)
+        go = torch.randn(full.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        gx, gw, gb = torch.autograd.grad(full, (xf, wf, bf), go)
+        xs = x[a:z].clone().requires_grad_()
+        ws, bs = w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
+        loss, plse = vocab_parallel_cross_entropy(
+            xs, ws, tt[a:z], bs, return_lse=True, sequence_parallel=True, **opts, **mine
+        )
+        per_token = opts.get("reduction") == "none"
+        _close(loss, full[a:z] if per_token else full, f"sp loss {opts}")
+        _close(plse, lse[a:z], f"sp lse {opts}")
+        sx, sw, sb = torch.autograd.grad(loss, (xs, ws, bs), go[a:z] if per_token else go)
+        _close(sx, gx[a:z], f"sp grad input {opts}")
+        _close(sw, gw[lo:hi], f"sp grad weight {opts}")
+        _close(sb, gb[lo:hi], f"sp grad bias {opts}")
 
 
 GRPO_OPTIONS = [
@@ -475,6 +556,180 @@ def _distill(x, w, b, t, lo, hi, sp, a, z):
         _close(sx, gx[a:z], f"distill grad input {opts} sp={sp}")
         _close(sw, gw[lo:hi], f"distill grad weight {opts} sp={sp}")
         _close(sb, gb[lo:hi], f"distill grad bias {opts} sp={sp}")
+
+
+def case_dtensor_families():
+    """DTensor front ends: the weight Shard(0) on a 1-D mesh, and on the tensor-parallel dimension of a 2-D
+    (data x tensor) mesh with 4 ranks; the input Replicate() or Shard(0) along the tokens (sequence
+    parallelism); outputs are DTensors placed like the input's tokens, gradients placed like their tensors;
+    a placement memops cannot compute is a ValueError naming it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from memops.distributed import vocab_parallel_distillation_loss, vocab_parallel_grpo_loss, vocab_parallel_logprobs
+
+    world = dist.get_world_size()
+    meshes = [(init_device_mesh("cpu", (world,)), 0)]
+    if world == 4:
+        meshes.append((init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp")), 1))
+    x, w, b, t = _data(8)
+    t = t.clamp(min=0)
+    B, T = 8, N // 8
+    g = torch.Generator().manual_seed(9)
+    mask = (torch.rand(B, T, generator=g) > 0.3).to(torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    wt = torch.randn(V, 4, generator=g, dtype=torch.float64)
+    xt = torch.randn(N, 4, generator=g, dtype=torch.float64)
+    for mesh, tp in meshes:
+        along = [Replicate()] * mesh.ndim
+        along[tp] = Shard(0)
+
+        def put(v, p, mesh=mesh):
+            return distribute_tensor(v, mesh, p)
+
+        for tokens in (Replicate(), Shard(0)):
+            xp = [Replicate()] * mesh.ndim
+            xp[tp] = tokens
+            what = f"mesh {mesh.ndim}-D tokens {tokens}"
+            # log-probs and entropy
+            wd, bd = put(w, along).requires_grad_(), put(b, along).requires_grad_()
+            xd = put(x, xp).requires_grad_()
+            lp, ent = vocab_parallel_logprobs(xd, wd, put(t, xp), bd, return_entropy=True, temperature=0.9)
+            assert isinstance(lp, DTensor) and tuple(lp.placements) == tuple(xp), (what, lp.placements)
+            xf, wf, bf = (p.clone().requires_grad_() for p in (x, w, b))
+            flp, fent = memops.linear_logprobs(xf, wf, t, bf, return_entropy=True, temperature=0.9)
+            _close(lp.full_tensor(), flp, f"dtensor logprobs {what}")
+            _close(ent.full_tensor(), fent, f"dtensor entropy {what}")
+            go = torch.randn(N, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+            (lp * put(go, xp) + ent).sum().backward()
+            (flp * go + fent).sum().backward()
+            assert tuple(xd.grad.placements) == tuple(xp) and tuple(wd.grad.placements) == tuple(along)
+            _close(xd.grad.full_tensor(), xf.grad, f"dtensor logprobs grad input {what}")
+            _close(wd.grad.full_tensor(), wf.grad, f"dtensor logprobs grad weight {what}")
+            _close(bd.grad.full_tensor(), bf.grad, f"dtensor logprobs grad bias {what}")
+            # GRPO: completions split over the ranks with the tokens
+            wd = put(w, along).requires_grad_()
+            hd = put(x.view(B, T, D), xp).requires_grad_()
+            loss, metrics = vocab_parallel_grpo_loss(
+                hd, wd, put(t.view(B, T), xp), put(mask, xp), put(adv, xp), beta=0.0, loss_type="dapo"
+            )
+            assert isinstance(loss, DTensor) and all(p == Replicate() for p in loss.placements)
+            hf, wf = x.view(B, T, D).clone().requires_grad_(), w.clone().requires_grad_()
+            floss, fmetrics = memops.linear_grpo_loss(hf, wf, t.view(B, T), mask, adv, beta=0.0, loss_type="dapo")
+            _close(loss.full_tensor(), floss, f"dtensor grpo {what}")
+            for k in fmetrics:
+                _close(metrics[k].full_tensor(), fmetrics[k], f"dtensor grpo {k} {what}")
+            loss.backward()
+            floss.backward()
+            _close(hd.grad.full_tensor(), hf.grad, f"dtensor grpo grad input {what}")
+            _close(wd.grad.full_tensor(), wf.grad, f"dtensor grpo grad weight {what}")
+            # distillation: the teacher whole on every rank (replicated DTensor) or sharded like the student
+            for teacher in (Replicate(), None):
+                wd = put(w, along).requires_grad_()
+                xd = put(x, xp).requires_grad_()
+                twd = put(wt, [Replicate()] * mesh.ndim if teacher is not None else along)
+                loss = vocab_parallel_distillation_loss(xd, wd, put(t, xp), put(xt, xp), twd, beta=0.3)
+                xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+                floss = memops.linear_distillation_loss(xf, wf, t, xt, wt, beta=0.3)
+                _close(loss.full_tensor(), floss, f"dtensor distill {what} teacher {teacher}")
+                loss.backward()
+                floss.backward()
+                _close(xd.grad.full_tensor(), xf.grad, f"dtensor distill grad input {what}")
+                _close(wd.grad.full_tensor(), wf.grad, f"dtensor distill grad weight {what}")
+        # placements memops cannot compute: refused by name, on every rank, before any collective
+        bad_weight = [Replicate()] * mesh.ndim
+        bad_weight[tp] = Shard(1)
+        bad_input = [Replicate()] * mesh.ndim
+        bad_input[tp] = Shard(1)
+        refusals = [([Replicate()] * mesh.ndim, bad_weight, "Shard(dim=1)"), (bad_input, along, "Shard(dim=1)")]
+        if mesh.ndim == 2:
+            refusals.append(([Shard(0), Replicate()], along, "to_local"))
+        for x_at, w_at, named in refusals:
+            try:
+                vocab_parallel_logprobs(put(x, x_at), put(w, w_at), t)
+            except ValueError as e:
+                assert named in str(e), str(e)
+            else:
+                raise AssertionError(f"not refused: {named}")
+    # GSPO needs whole sequences in one pass: refused with sequence parallelism
+    try:
+        vocab_parallel_grpo_loss(
+            x.view(B, T, D)[:1],
+            w[:2],
+            t.view(B, T)[:1].clamp(max=1),
+            mask[:1],
+            adv[:1],
+            vocab_start=2 * dist.get_rank(),
+            vocab_size=2 * world,
+            sequence_parallel=True,
+            importance_sampling_level="sequence",
+        )
+    except ValueError as e:
+        assert "GSPO" in str(e), str(e)
+    else:
+        raise AssertionError("GSPO with sequence parallelism was not refused")
+
+
+def case_collectives_families():
+    """Collectives per call of the other families and of sequence parallelism, counted on 2 ranks (one
+    process group call each), 2 chunks of 64 rows over a 40000-row shard per rank."""
+    from memops.distributed import vocab_parallel_logprobs
+    from memops.ops import vocab_parallel as vp
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2
+    names = ("_all_reduce", "all_gather", "_broadcast", "_reduce_to")
+    originals = {k: getattr(vp, k) for k in names}
+    counts = dict.fromkeys(names, 0)
+
+    def counting(name, fn):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    for k in names:
+        setattr(vp, k, counting(k, originals[k]))
+    try:
+        g = torch.Generator().manual_seed(0)
+        vocab, local = 80000, 40000
+        x = torch.randn(128, 8, generator=g, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(vocab, 8, generator=g, dtype=torch.float64)[rank * local : (rank + 1) * local]
+        w.requires_grad_(True)
+        t = torch.randint(0, vocab, (128,), generator=g)
+        layout = dict(vocab_start=rank * local, vocab_size=vocab, chunk_size=64)
+        vocab_parallel_cross_entropy(x, w, t, **layout)  # the layout's one check, not counted below
+
+        def counted(fn):
+            counts.update(dict.fromkeys(names, 0))
+            fn()
+            return dict(counts)
+
+        # log-probs and entropy, forward: per chunk the row max, then the sums (one all-reduce each)
+        lp = {}
+        c = counted(lambda: lp.update(out=vocab_parallel_logprobs(x, w, t, return_entropy=True, **layout)))
+        assert c == dict(_all_reduce=2 * 2, all_gather=0, _broadcast=0, _reduce_to=0), c
+        # backward: which tokens have a gradient (1) and the logits' bound (1), agreed by every rank; the
+        # chunks again (2 x 2); the input gradient's partial sums (1)
+        logp, ent = lp["out"]
+        c = counted(lambda: (logp.sum() + ent.sum()).backward())
+        assert c == dict(_all_reduce=1 + 1 + 2 * 2 + 1, all_gather=0, _broadcast=0, _reduce_to=0), c
+        # sequence parallelism, 64 tokens per rank (chunk k = rank k's rows): the token counts and the targets
+        # gathered once (2), per chunk its rows broadcast by their owner (1), the row max and sums (2), and the
+        # input gradient's rows reduced to their owner (1); a trained scalar loss computes all in the forward
+        xs = x[rank * 64 : (rank + 1) * 64].detach().clone().requires_grad_(True)
+        ts = t[rank * 64 : (rank + 1) * 64]
+        out = {}
+        c = counted(lambda: out.update(loss=vocab_parallel_cross_entropy(xs, w, ts, sequence_parallel=True, **layout)))
+        assert c == dict(_all_reduce=2 * 2, all_gather=2, _broadcast=2, _reduce_to=2), c
+        c = counted(lambda: out["loss"].backward())
+        assert c == dict.fromkeys(names, 0), c
+        if rank == 0:
+            print("collectives per call: log-probs forward 4, backward 7; sequence-parallel CE 4 + 2 + 2 + 2")
+    finally:
+        for k in names:
+            setattr(vp, k, originals[k])
 
 
 def case_rank_failure():

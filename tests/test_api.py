@@ -14,6 +14,9 @@ def _public():
         obj = getattr(memops, name)
         yield from ([obj.__init__, obj.forward] if inspect.isclass(obj) else [obj])
     yield memops.distributed.vocab_parallel_cross_entropy
+    yield memops.distributed.vocab_parallel_logprobs
+    yield memops.distributed.vocab_parallel_grpo_loss
+    yield memops.distributed.vocab_parallel_distillation_loss
     yield memops.distributed.LinearCrossEntropyHead.forward
 
 

@@ -53,6 +53,7 @@ def _vocab_parallel(n, g):
         0,
         V,
         dist.group.WORLD.group_name,
+        False,
         -100,
         "sum",
         0.1,
@@ -95,7 +96,22 @@ def _distill(n, g):
     return (x, w, t, b, xt, wt, None, None, None, None, *opts)
 
 
+def _parallel(base, name: str, sequence_parallel: bool):
+    """``base``'s sample for the vocabulary-parallel op: the whole vocabulary on the one-process group, the
+    tokens split over it when ``sequence_parallel`` (all on this rank: the gathered path still runs)."""
+    inputs = len(SPECS[name].inputs)
+
+    def sample(n, g):
+        args = base(n, g)
+        return (*args[:inputs], 0, V, dist.group.WORLD.group_name, sequence_parallel, *args[inputs:])
+
+    return sample
+
+
 SAMPLES = {
+    "vocab_parallel_logprobs": _parallel(_logprobs, "vocab_parallel_logprobs", True),
+    "vocab_parallel_grpo": _parallel(_grpo, "vocab_parallel_grpo", True),
+    "vocab_parallel_distill": _parallel(_distill, "vocab_parallel_distill", False),
     "linear_distill": _distill,
     "linear_ce": _ce,
     "vocab_parallel_ce": _vocab_parallel,
@@ -284,11 +300,14 @@ def test_front_end_defaults_are_the_declared_ones():
     an option's default lives (a front end only repeats it in its signature)."""
     import inspect
 
-    from memops.distributed import vocab_parallel_cross_entropy
+    from memops import distributed
 
     front_ends = {
         "linear_ce": memops.linear_cross_entropy,
-        "vocab_parallel_ce": vocab_parallel_cross_entropy,
+        "vocab_parallel_ce": distributed.vocab_parallel_cross_entropy,
+        "vocab_parallel_logprobs": distributed.vocab_parallel_logprobs,
+        "vocab_parallel_grpo": distributed.vocab_parallel_grpo_loss,
+        "vocab_parallel_distill": distributed.vocab_parallel_distillation_loss,
         "linear_transform": memops.linear_loss,
         "linear_logprobs": memops.linear_logprobs,
         "linear_grpo": memops.linear_grpo_loss,
@@ -303,7 +322,7 @@ def test_front_end_defaults_are_the_declared_ones():
             if p is not None and p.default is not inspect.Parameter.empty and option.default is not None:
                 assert p.default == option.default, f"{fn.__name__}({option.name}=...)"
                 checked += 1
-    assert checked >= 25
+    assert checked >= 50
 
 
 # ---- function transforms: torch.func.grad / vjp, forward-mode AD, vmap, higher order -----------------

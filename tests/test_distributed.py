@@ -31,6 +31,19 @@ def test_matches_single_process(world):
             assert f": {case} ok" in out
 
 
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_family_vocab_and_sequence_parallel(world):
+    """Log-probs (every extra), GRPO (every loss type, metrics), distillation (sharded / whole / offline
+    teachers) and CE, vocab-parallel with replicated and with sequence-parallel tokens (uneven vocabulary and
+    token shards, a rank without tokens), and their DTensor front ends (1-D mesh; with 4 ranks also the TP
+    dimension of a 2-D mesh, and FSDP2 x TP training 3 steps), against the single-process float64 op."""
+    cases = ["families", "dtensor_families"] + (["fsdp_tp"] if world == 4 else [])
+    for rc, out in _launch(",".join(cases), world):
+        assert rc == 0, out[-3000:]
+        for case in cases:
+            assert f": {case} ok" in out
+
+
 def test_patched_transformers_model_with_fully_sharded_lm_head():
     pytest.importorskip("transformers")
     for rc, out in _launch("hf_fsdp", 2):
@@ -39,9 +52,9 @@ def test_patched_transformers_model_with_fully_sharded_lm_head():
 
 
 def test_statistics_reduced_once_per_chunk_and_layout_checked_once():
-    for rc, out in _launch("collectives", 2):
+    for rc, out in _launch("collectives,collectives_families", 2):
         assert rc == 0, out[-3000:]
-        assert ": collectives ok" in out
+        assert ": collectives ok" in out and ": collectives_families ok" in out
 
 
 def test_mismatched_shards_raise_on_every_rank():

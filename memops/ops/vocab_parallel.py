@@ -273,13 +273,17 @@ class Gathered:
 
 
 def token_sizes(n: int, group, device) -> list[int]:
-    """Every rank's token count, in rank order (one all-gather, read on the host)."""
-    if config.is_sync_free(torch.empty(0, device=device)):
-        raise ValueError(
-            "sequence_parallel=True reads every rank's token count on the host: not in sync-free calls "
-            "(memops.set_sync_free, CUDA-graph capture)"
+    """Every rank's token count, in rank order: one all-gather, read on the host.  Sync-free (CUDA-graph
+    capture, ``memops.set_sync_free``) nothing is read: every rank must hold ``n`` tokens, which a device-side
+    assert checks."""
+    counts = all_gather(torch.full((1,), n, dtype=torch.int64, device=device), group)
+    if config.is_sync_free(counts):
+        torch._assert_async(
+            (counts == n).all(),
+            "memops: sync-free sequence parallelism needs the same token count on every rank of the group",
         )
-    return [int(v) for v in all_gather(torch.full((1,), n, dtype=torch.int64, device=device), group).tolist()]
+        return [n] * torch.distributed.get_world_size(group)
+    return [int(v) for v in counts.tolist()]
 
 
 def gather_tokens(t: Tensor, group, sizes: list[int]) -> Tensor:
@@ -358,9 +362,12 @@ def sequence_parallel(spec, forward, gradients):
             return gradients(a, grad_outputs, need)
         whole, _, n = _whole(spec, a)
         group = _group(a.group_name)
-        # every rank takes the same path: which incoming gradients exist anywhere in the group
-        have = torch.tensor([g is not None for g in grad_outputs], dtype=torch.int64, device=a.input.device)
-        have = _all_reduce(have, "max", group).tolist()
+        # every rank takes the same path: which incoming gradients exist anywhere in the group (sync-free: the
+        # same ones on every rank, as in a captured graph every rank replays)
+        have = [g is not None for g in grad_outputs]
+        if not config.is_sync_free(a.input):
+            flags = torch.tensor(have, dtype=torch.int64, device=a.input.device)
+            have = _all_reduce(flags, "max", group).tolist()
         names = [name for name in spec.outputs if name in spec.differentiable]
         cdt = engine.compute_dtype(a.input.dtype)
         full = []
