@@ -21,6 +21,14 @@ def _fail(msg: str) -> None:
     raise ValueError(msg)
 
 
+def _is_dtensor(t) -> bool:
+    if type(t) is torch.Tensor or t is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def check_projection(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prefix: str = "") -> None:
     """``input [..., D]``, ``weight [V, D]``, ``bias [V]``: same float dtype and device (``prefix`` names
     another projection's arguments: ``teacher_input``, ...)."""
@@ -29,6 +37,15 @@ def check_projection(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         raise TypeError(f"{i} must be a Tensor, got {type(input).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{w} must be a Tensor, got {type(weight).__name__}")
+    for name, t in ((i, input), (w, weight), (b, bias)):
+        if _is_dtensor(t):
+            _fail(
+                f"{name} is a DTensor (placements {tuple(t.placements)}): this op takes local tensors.  A head "
+                "sharded over the vocabulary goes through memops.distributed.vocab_parallel_cross_entropy / "
+                "vocab_parallel_logprobs / vocab_parallel_grpo_loss / vocab_parallel_distillation_loss; a "
+                "transform (memops.linear_loss) needs whole logit rows and is not offered vocabulary-parallel: "
+                f"give it {name}.full_tensor() (the whole head on every rank)"
+            )
     if input.dtype not in _FLOATS:
         _fail(f"{i} must be a float16/bfloat16/float32/float64 tensor, got {input.dtype}")
     if input.dim() < 1:

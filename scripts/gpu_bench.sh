@@ -15,7 +15,9 @@
 #   4. a GRPO step (bf16; memops default and sync-free) vs the unfused code and TRL's chunked log-prob kernel,
 #      when TRL is installed;
 #   5. gemma2-2b (soft-capped logits), bf16;
-#   6. the fixed cost per call (--preset overhead).
+#   6. the fixed cost per call (--preset overhead);
+#   7. on a box with two or more GPUs (or MEMOPS_BENCH_TP=N): vocabulary-parallel CE and log-probs over N ranks
+#      (NCCL), memops (replicated and sequence-parallel hidden states) vs gathered logits vs one GPU.
 # Each step has its own time limit and the script stops starting steps at its deadline (MEMOPS_BENCH_BUDGET,
 # default 290 s).  Inputs are drawn on the device from seeded generators.
 # Dry run on a CPU (the Triton heads under the interpreter), as the tests do:
@@ -76,6 +78,14 @@ step grpo-llama3-8b-bf16 50 "${BENCH[@]}" --loss grpo --preset llama3-8b --dtype
 step gemma2-2b-bf16 35 "${BENCH[@]}" --preset gemma2-2b --dtype bfloat16 --tokens "$TOKENS" --reps 3 --no-check \
     --methods memops_triton,memops_torch,compile,floor "${EXTRA[@]}" --json "$WORK/gemma2-2b-bf16.json"
 step overhead 20 "${BENCH[@]}" --preset overhead --json "$WORK/overhead.json"
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
+TP="${MEMOPS_BENCH_TP:-$([ "${GPUS:-0}" -ge 2 ] && echo 2 || echo 0)}"
+if [ "$TP" -ge 2 ]; then
+  for loss in cross_entropy logprobs; do
+    step "tp$TP-$loss-bf16" 40 "$PY" -m memops bench --tp "$TP" --loss "$loss" --dtype bfloat16 --tokens "$TOKENS" \
+        --hidden 4096 --vocab 128256 --reps 3 "${EXTRA[@]}" --json "$WORK/tp$TP-$loss-bf16.json"
+  done
+fi
 echo "done in $((SECONDS - START))s: $OUT/gpu-bench.tar.gz"
 pack
 exit $status

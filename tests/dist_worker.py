@@ -651,6 +651,14 @@ def case_dtensor_families():
                 assert named in str(e), str(e)
             else:
                 raise AssertionError(f"not refused: {named}")
+    # a transform needs whole logit rows: a sharded head is refused by name, pointing at the exact routes
+    mesh = meshes[0][0]
+    try:
+        memops.linear_loss(x, distribute_tensor(w, mesh, [Shard(0)]), t, "focal")
+    except ValueError as e:
+        assert "weight is a DTensor" in str(e) and "whole logit rows" in str(e), str(e)
+    else:
+        raise AssertionError("a transform on a vocabulary-sharded DTensor weight was not refused")
     # GSPO needs whole sequences in one pass: refused with sequence parallelism
     try:
         vocab_parallel_grpo_loss(

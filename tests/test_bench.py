@@ -367,6 +367,7 @@ def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
         MEMOPS_BENCH_TOKENS="16",
         MEMOPS_BENCH_SMALL="--tokens 16 --hidden 8 --vocab 64",
         MEMOPS_BENCH_ARGS="--hidden 8 --vocab 64",
+        MEMOPS_BENCH_TP="2",  # the multi-GPU step, over 2 gloo ranks here
     )
     proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -398,6 +399,20 @@ def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
     assert target["floor"]["status"] == target["compile"]["status"] == "ok"
     assert {r["method"] for r in json.loads((got / "overhead.json").read_text())["rows"]} >= {"eager", "memops"}
     assert "row N=16 D=8 V=64: memops_triton ok" in proc.stdout  # each row printed as it is measured
+    for loss in ("cross_entropy", "logprobs"):
+        tp = json.loads((got / f"tp2-{loss}-bf16.json").read_text())
+        assert [r["method"] for r in tp["rows"]] == ["memops_tp", "memops_sp", "memops_sp_serial", "gathered", "single"]
+        assert all(r["ms"] > 0 for r in tp["rows"]) and len(tp["ranks"]) == 2
+
+
+def test_bench_tensor_parallel_mode():
+    """``--tp 2``: vocabulary-parallel CE over two gloo ranks, every method timed and its per-rank peak memory
+    measured; memops' is below the gathered logits' (which hold the [N, V] logits on every rank)."""
+    proc = _run("--tp", "2", "--tokens", "256", "--hidden", "32", "--vocab", "4000", "--reps", "1")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split("|")[1].strip(): line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"memops_tp", "memops_sp", "gathered", "single"}
+    assert float(rows["memops_tp"][4]) < float(rows["gathered"][4]), proc.stdout
 
 
 def test_describe_gives_one_line_even_for_an_empty_message():

@@ -92,6 +92,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the float64 reference and error columns")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="also write a PNG of time and peak memory (needs matplotlib)")
+    p.add_argument(
+        "--tp",
+        type=int,
+        help="vocabulary-parallel mode over this many processes (gloo on CPU, NCCL on CUDA): --loss cross_entropy "
+        "or logprobs, memops (replicated and sequence-parallel hidden states) vs gathered logits vs the "
+        "single-process op; time and per-rank peak memory (bench/tp.py)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ref-file", help=argparse.SUPPRESS)
 
@@ -231,6 +238,10 @@ def main(args) -> int:
     if args.worker:
         run_worker(args)
         return 0
+    if args.tp:
+        from . import tp
+
+        return tp.main(args)
     shapes = _resolve(args)
     if args.preset == "overhead":
         from . import overhead

@@ -191,6 +191,11 @@ def _reduce_to(t: Tensor, dst: int, group) -> None:
     dist.reduce(t, dst=dist.get_global_rank(group, dst), op=dist.ReduceOp.SUM, group=group)
 
 
+# start each sequence-parallel chunk's broadcasts before the previous chunk's work (``python -m memops bench
+# --tp`` turns it off to measure what the overlap buys)
+PREFETCH = True
+
+
 class Gathered:
     """The rows of a sequence-parallel input: rank ``r`` of ``group`` holds ``sizes[r]`` of them (``local``),
     the group's rows being rank 0's, then rank 1's, ...  The chunk engine reads them one chunk at a time
@@ -250,7 +255,7 @@ class Gathered:
         _, _, buf, works = pending
         for w in works:
             w.wait()
-        if stop < self.shape[0]:  # the next chunk's broadcasts, into the other buffer
+        if PREFETCH and stop < self.shape[0]:  # the next chunk's broadcasts, into the other buffer
             slot = 1 if buf.data_ptr() == self._buffers[0].data_ptr() else 0
             self._pending = self._start(stop, min(stop + size, self.shape[0]), slot)
         return buf
