@@ -66,6 +66,7 @@ class _Placed:
         self.weight = weight.to_local()
         self.bias = self.sharded("bias", bias)
         self.input_placements = None  # set by input(): the outputs are DTensors then
+        self.split_dims = None  # the leading token dimensions a DTensor may be sharded along (None: all)
 
     def sharded(self, name: str, t, whole_too: bool = False):
         """A tensor sharded like the weight (bias, class weights, a sharded teacher): its local rows; with
@@ -91,6 +92,8 @@ class _Placed:
         if t.device_mesh != self.mesh:
             raise ValueError(f"a DTensor {name} must be on the weight's device mesh")
         dims = t.dim() - 1 if tokens_dims is None else tokens_dims
+        if self.split_dims is not None:  # GRPO: each rank holds whole completions (Shard(0) of [B, T])
+            dims = min(dims, self.split_dims)
         placements = tuple(t.placements)
         for d, p in enumerate(placements):
             if d == self.tp:
@@ -159,7 +162,9 @@ def _layout(weight, group, vocab_start, vocab_size, sequence_parallel) -> Layout
     return Layout(group.group_name, int(vocab_start), int(vocab_size), bool(sequence_parallel))
 
 
-def _parallel_call(weight, bias, group, vocab_start, vocab_size, sequence_parallel, per_token: dict, sharded=()):
+def _parallel_call(
+    weight, bias, group, vocab_start, vocab_size, sequence_parallel, per_token: dict, sharded=(), split_dims=None
+):
     """``(placed or None, weight, bias, per-token tensors, sharded tensors, layout)`` of a vocabulary-parallel
     call: DTensors made local (group and layout from the weight's mesh), else the arguments as given."""
     from torch.distributed.tensor import DTensor
@@ -172,6 +177,7 @@ def _parallel_call(weight, bias, group, vocab_start, vocab_size, sequence_parall
     if group is not None or vocab_start is not None or vocab_size is not None:
         raise ValueError("with a DTensor weight, group / vocab_start / vocab_size come from its mesh")
     placed = _Placed(weight, bias)
+    placed.split_dims = split_dims
     local, split = {}, set()
     for name, t in per_token.items():
         local[name], s = placed.input(name, t, None if name.endswith("input") else _token_dims(name, per_token))
@@ -261,7 +267,9 @@ def vocab_parallel_cross_entropy(
 _PARALLEL_KEYWORDS = ("group", "vocab_start", "vocab_size", "sequence_parallel")
 
 
-def _parallel_front(single, name: str, projection: tuple[str, str, str], per_token: tuple[str, ...], sharded=()):
+def _parallel_front(
+    single, name: str, projection: tuple[str, str, str], per_token: tuple[str, ...], sharded=(), split_dims=None
+):
     """``memops.distributed.<name>``: ``single`` (a single-process front end) with the vocabulary split over a
     group.  Its keywords are ``single``'s plus ``group`` / ``vocab_start`` / ``vocab_size`` /
     ``sequence_parallel``; ``projection`` names ``single``'s input, weight and bias arguments, ``per_token``
@@ -280,7 +288,15 @@ def _parallel_front(single, name: str, projection: tuple[str, str, str], per_tok
         tokens = {k: values.get(k) for k in (x_name, *per_token)}
         extra = {k: values.get(k) for k in sharded}
         placed, weight, bias, tokens, extra, layout = _parallel_call(
-            values[w_name], values.get(b_name), group, vocab_start, vocab_size, sequence_parallel, tokens, extra.items()
+            values[w_name],
+            values.get(b_name),
+            group,
+            vocab_start,
+            vocab_size,
+            sequence_parallel,
+            tokens,
+            extra.items(),
+            split_dims,
         )
         values.update({w_name: weight, b_name: bias, **{k: v for k, v in tokens.items() if k in values}})
         values.update({k: v for k, v in extra.items() if k in values})
@@ -314,6 +330,7 @@ vocab_parallel_grpo_loss = _parallel_front(
     "vocab_parallel_grpo_loss",
     ("input", "weight", "bias"),
     ("completion_ids", "completion_mask", "advantages", "old_logprobs", "ref_logprobs"),
+    split_dims=1,
 )
 vocab_parallel_distillation_loss = _parallel_front(
     linear_distillation_loss,

@@ -507,7 +507,7 @@ def _grpo(x, w, b, t, lo, hi, sp, world, rank):
 DISTILL_OPTIONS = [
     dict(beta=0.0),
     dict(beta=1.0, temperature=2.0, hard_label_weight=0.3, return_entropy=True),
-    dict(beta=0.4, softcap=2.0, teacher_softcap=3.0, teacher_logit_scale=0.8, chunk_size=6),
+    dict(beta=0.4, softcap=2.0, teacher_softcap=3.0, teacher_logit_scale=0.8, chunk_size=6, num_items=13.5),
     dict(beta=0.5, reduction="sum", whole_teacher=True),
     dict(beta=0.2, reduction="none", hard_label_weight=1.0),
     dict(offline=True, temperature=1.5, hard_label_weight=0.2, return_entropy=True),
@@ -642,6 +642,19 @@ def case_dtensor_families():
         bad_input = [Replicate()] * mesh.ndim
         bad_input[tp] = Shard(1)
         refusals = [([Replicate()] * mesh.ndim, bad_weight, "Shard(dim=1)"), (bad_input, along, "Shard(dim=1)")]
+        # [B, T, D] hidden states split along T: per-token ops take it (each rank's tokens) ...
+        h3 = x.view(B, T, D)
+        lp = vocab_parallel_logprobs(put(h3, bad_input).requires_grad_(), put(w, along), put(t.view(B, T), bad_input))
+        _close(lp.full_tensor(), memops.linear_logprobs(h3, w, t.view(B, T)), "logprobs, tokens split along T")
+        # ... GRPO needs whole completions per rank
+        try:
+            vocab_parallel_grpo_loss(
+                put(h3, bad_input), put(w, along), put(t.view(B, T), bad_input), put(mask, bad_input), put(adv, xp)
+            )
+        except ValueError as e:
+            assert "Shard(dim=1)" in str(e) and "k < 1" in str(e), str(e)
+        else:
+            raise AssertionError("GRPO with completions split along T was not refused")
         if mesh.ndim == 2:
             refusals.append(([Shard(0), Replicate()], along, "to_local"))
         for x_at, w_at, named in refusals:
