@@ -9,6 +9,7 @@ overrides both.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -145,6 +146,52 @@ def backward_like(forward_was_sync_free: bool) -> Iterator[None]:
         yield
     finally:
         _thread.sync_free = old
+
+
+CPU_GEMMS = ("auto", "native", "fp32")
+_CPU_GEMM = {"mode": os.environ.get("MEMOPS_CPU_GEMM", "auto")}
+_FAST_CPU_GEMM: dict[torch.dtype, bool] = {}
+
+
+def set_cpu_gemm(mode: str) -> None:
+    """How the gradient GEMMs of bf16 / fp16 inputs run on CPU: ``"auto"`` (the default; also the
+    ``MEMOPS_CPU_GEMM`` environment variable): natively in the input dtype where the CPU has fast GEMMs for
+    it (:func:`fast_cpu_gemm`), else in fp32; ``"native"`` or ``"fp32"`` always."""
+    if mode not in CPU_GEMMS:
+        raise ValueError(f"cpu gemm mode must be one of {CPU_GEMMS}, got {mode!r}")
+    _CPU_GEMM["mode"] = mode
+
+
+def fast_cpu_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs ``dtype`` GEMMs faster than fp32 ones, decided once per process from what torch
+    reports of the CPU (oneDNN uses these instructions whatever ``ATEN_CPU_CAPABILITY`` says): bf16 with
+    AVX512-BF16 or AMX tiles (``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported``), fp16 with
+    AMX-FP16 (``_is_amx_fp16_supported``; AVX512-FP16 alone measured no faster than fp32)."""
+    if dtype not in _FAST_CPU_GEMM:
+        probes = {
+            torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+            torch.float16: ("_is_amx_fp16_supported",),
+        }.get(dtype, ())
+        fast = False
+        for name in probes:
+            probe = getattr(torch.cpu, name, None)
+            try:
+                fast = fast or bool(probe and probe())
+            except (RuntimeError, AttributeError):
+                pass
+        _FAST_CPU_GEMM[dtype] = fast
+    return _FAST_CPU_GEMM[dtype]
+
+
+def native_gemm(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the chunk engine's gradient GEMMs take ``dz`` rounded to ``dtype`` (bf16 / fp16 inputs):
+    always off the CPU, on CPU by :func:`set_cpu_gemm`."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if device.type != "cpu":
+        return True
+    mode = _CPU_GEMM["mode"]
+    return mode == "native" or (mode == "auto" and fast_cpu_gemm(dtype))
 
 
 def default_budget(device: torch.device) -> int:

@@ -160,6 +160,12 @@ def kernels(device: str, dtype: str) -> dict:
                 "torch: upgrade to >= 2.8)",
             }[kind]
             out["weight_grad_kind"] = kind
+        elif config.native_gemm(getattr(torch, dtype), torch.device("cpu")):
+            out["weight_grad"] = (
+                f"CPU: native {dtype} GEMMs (fast on this CPU: memops.config.fast_cpu_gemm), each chunk's partial "
+                "rounded to the input dtype before its fp32 sum"
+            )
+            out["weight_grad_kind"] = "cpu-native"
         else:
             out["weight_grad"] = "CPU: fp32 GEMMs on chunk-sized upcasts, fp32 sum"
             out["weight_grad_kind"] = "cpu-fp32"

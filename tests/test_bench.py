@@ -405,6 +405,21 @@ def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
         assert all(r["ms"] > 0 for r in tp["rows"]) and len(tp["ranks"]) == 2
 
 
+def test_bench_seed_harness_preset_has_a_bias_and_bf16():
+    """``--preset seed-harness`` (bf16, a trained bias; shrunk here): every method that takes a bias runs it
+    within the unfused bf16 code's error of the float64 reference (all compute the same bias gradient); CCE,
+    which has no bias option, is skipped saying so."""
+    shape = ("--tokens", "128", "--hidden", "16", "--vocab", "300", "--reps", "1")
+    proc = _run("--preset", "seed-harness", *shape, "--methods", "eager,compile,memops,torch_lce,floor,cce")
+    assert proc.returncode == 0, proc.stderr
+    assert "bfloat16" in proc.stdout and "with bias" in proc.stdout
+    assert "| cce | skipped: no bias option" in proc.stdout
+    eager = _row(proc.stdout, "eager").split("|")
+    memops_row = _row(proc.stdout, "memops").split("|")
+    for col in (-4, -3, -2):  # err loss, grad_input, grad_weight
+        assert float(memops_row[col]) <= 1.5 * float(eager[col]) + 1e-6, (memops_row, eager)
+
+
 def test_bench_tensor_parallel_mode():
     """``--tp 2``: vocabulary-parallel CE over two gloo ranks, every method timed and its per-rank peak memory
     measured; memops' is below the gathered logits' (which hold the [N, V] logits on every rank)."""

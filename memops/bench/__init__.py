@@ -29,6 +29,8 @@ PRESETS = {
     "qwen2.5-7b": {"hidden": 3584, "vocab": 152064, "softcap": None},
     # the fixed cost per call: tiny shapes, memops vs eager vs compile vs torch_lce, µs per call (bench/overhead.py)
     "overhead": {"tokens": 8, "hidden": 16, "vocab": 128, "softcap": None},
+    # the seed's harness: B=64 x T=512 tokens, D=768, V=16000, bf16 input and a bias, mean cross-entropy
+    "seed-harness": {"tokens": 64 * 512, "hidden": 768, "vocab": 16000, "softcap": None, "bias": True},
 }
 
 
@@ -43,7 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a real model head's D, V and soft-capping; overhead: the fixed cost of one call (N=8 D=16 V=128, "
         "one thread, µs per forward+backward of memops, eager, compile and torch_lce)",
     )
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 (bfloat16 for --preset seed-harness)")
+    p.add_argument(
+        "--bias",
+        action="store_true",
+        help="give the head a bias (a trained parameter): cross-entropy and transforms (on by --preset seed-harness)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per method (default 3)")
     p.add_argument(
@@ -128,6 +135,11 @@ def _resolve(args) -> list[dict]:
     args.vocab = args.vocab if args.vocab is not None else preset.get("vocab", DEFAULT["vocab"])
     if args.softcap is None:
         args.softcap = preset.get("softcap")
+    args.bias = bool(args.bias or preset.get("bias"))
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.preset == "seed-harness" else "float32"
+    if args.bias and args.loss in ("grpo", "distill", "class_weighted"):
+        raise SystemExit(f"--bias: cross-entropy and transforms only, not --loss {args.loss}")
     for name in ("tokens", "hidden", "vocab", "reps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1")
@@ -235,6 +247,8 @@ def _run_shape(
 
 
 def main(args) -> int:
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.preset == "seed-harness" else "float32"
     if args.worker:
         run_worker(args)
         return 0
@@ -262,6 +276,8 @@ def main(args) -> int:
         raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     softcap = f" softcap={args.softcap:g}" if args.softcap is not None else ""
+    if args.bias:
+        softcap += " with bias"
     if args.loss == "grpo":
         softcap += f", {args.ignored:.0%} of completion tokens masked, beta={args.beta:g}"
     elif args.loss == "distill":
@@ -274,7 +290,7 @@ def main(args) -> int:
         flush=True,
     )
     methods = args.method_list
-    skipped = {m: why for m in methods if (why := unavailable(m, args.loss, args.device, args.softcap))}
+    skipped = {m: why for m in methods if (why := unavailable(m, args.loss, args.device, args.softcap, args.bias))}
     runnable = len(methods) - len(skipped)
     progress = Progress(len(shapes) * ((0 if args.no_check else 1) + runnable * (1 + args.reps)))
     runs = []

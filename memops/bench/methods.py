@@ -60,8 +60,10 @@ GRPO_BETA = 0.04  # the default of --beta with --loss grpo
 DISTILL_BETA = 0.5  # ... with --loss distill (TRL's GKDConfig default)
 
 
-def unavailable(method: str, loss: str, device: str, softcap: float | None = None) -> str | None:
+def unavailable(method: str, loss: str, device: str, softcap: float | None = None, bias: bool = False) -> str | None:
     """Why ``method`` cannot run here (the row is reported as skipped), or None."""
+    if bias and method == "cce":
+        return "no bias option"
     if loss == CLASS_WEIGHTED and method not in ("eager", "compile", "torch_lce", "memops", "memops_torch", "floor"):
         return "class-weighted cross-entropy: eager, compile, torch_lce and memops only"
     if method == "memops_triton":
@@ -160,11 +162,11 @@ def _per_token(loss: str):
     return per_token
 
 
-def _logits(x, w, softcap, upcast=True):
+def _logits(x, w, softcap, upcast=True, b=None):
     import torch
     import torch.nn.functional as F
 
-    z = F.linear(x, w)
+    z = F.linear(x, w, b)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z.float() if upcast else z
@@ -207,9 +209,11 @@ def _three_gemms():
     return ThreeGemms
 
 
-def _floor(x, w, t):
-    """The three projection-sized matmuls of a forward+backward step and nothing else (see ``floor``)."""
-    return _three_gemms().apply(x, w)
+def _floor(x, w, t, b=None):
+    """The three projection-sized matmuls of a forward+backward step and nothing else (see ``floor``); with a
+    bias, its sum over the rows as well (the bias gradient every method computes)."""
+    floor = _three_gemms().apply(x, w)
+    return floor if b is None else floor + (b * 0).sum()
 
 
 def _unfused_family(method: str, unfused):
@@ -374,9 +378,11 @@ def build(
         return _build_class_weighted(method, softcap, vocab, device)
     per_token = _per_token(loss)
 
-    def unfused(x, w, t, upcast=True):
-        return per_token(_logits(x, w, softcap, upcast), t).sum() / (t != IGNORE).sum()
+    def unfused(x, w, t, b=None, upcast=True):
+        return per_token(_logits(x, w, softcap, upcast, b), t).sum() / (t != IGNORE).sum()
 
+    if method == "reference":
+        return lambda x, w, t, b=None: unfused(x.double(), w.double(), t, None if b is None else b.double(), False)
     base = _unfused_family(method, unfused)
     if base is not None:
         return base
@@ -387,12 +393,14 @@ def build(
         import torch.nn.functional as F
 
         options = nn.LinearCrossEntropyOptions()
-        return lambda x, w, t: F.linear_cross_entropy(x, w, t, ignore_index=IGNORE, options=options)
+        return lambda x, w, t, b=None: F.linear_cross_entropy(
+            x, w, t, linear_bias=b, ignore_index=IGNORE, options=options
+        )
     if method == "chunked":
 
-        def chunked(x, w, t):
+        def chunked(x, w, t, b=None):
             total = sum(
-                per_token(_logits(xc, w, softcap), tc).sum() for xc, tc in zip(x.chunk(CHUNKS), t.chunk(CHUNKS))
+                per_token(_logits(xc, w, softcap, b=b), tc).sum() for xc, tc in zip(x.chunk(CHUNKS), t.chunk(CHUNKS))
             )
             return total / (t != IGNORE).sum()
 
@@ -401,8 +409,8 @@ def build(
         import memops
 
         if loss == "cross_entropy":
-            return lambda x, w, t: memops.linear_cross_entropy(x, w, t, softcap=softcap)
-        return lambda x, w, t: memops.linear_loss(x, w, t, loss, softcap=softcap)
+            return lambda x, w, t, b=None: memops.linear_cross_entropy(x, w, t, b, softcap=softcap)
+        return lambda x, w, t, b=None: memops.linear_loss(x, w, t, loss, b, softcap=softcap)
     if method == "cce":
         from cut_cross_entropy import linear_cross_entropy as cce
 
@@ -413,5 +421,5 @@ def build(
 
         kwargs = {"softcap": softcap} if softcap is not None else {}
         module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, **kwargs)
-        return lambda x, w, t: module(w, x, t)
+        return lambda x, w, t, b=None: module(w, x, t, b)
     raise ValueError(f"unknown method {method!r}")

@@ -146,6 +146,11 @@ def run_worker(args) -> None:
     cuda = args.device.startswith("cuda")
     shape = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
     x, w, t = make_inputs(shape, args.dtype, args.device, torch, args.loss, args.ignored)
+    # --bias: the head's bias, a trained parameter (drawn after the other inputs: they stay the same)
+    b = None
+    if getattr(args, "bias", False):
+        g = torch.Generator(device=x.device).manual_seed(1)
+        b = torch.randn(args.vocab, generator=g, device=x.device).to(x.dtype).requires_grad_(True)
     fn = build(
         args.worker,
         args.loss,
@@ -162,7 +167,9 @@ def run_worker(args) -> None:
 
     def step():
         x.grad = w.grad = None
-        loss = fn(x, w, t)
+        if b is not None:
+            b.grad = None
+        loss = fn(x, w, t) if b is None else fn(x, w, t, b)
         loss.backward()
         return loss
 
@@ -253,6 +260,8 @@ class Worker:
         ]
         if args.softcap is not None:
             cmd += ["--softcap", repr(args.softcap)]
+        if getattr(args, "bias", False):
+            cmd += ["--bias"]
         if args.memory_cap_mib is not None and method != "reference":
             cmd += ["--memory-cap-mib", repr(args.memory_cap_mib)]
         if ref_file and method not in UNCHECKED:

@@ -127,13 +127,16 @@ def fp32_out_gemm(device: torch.device) -> str:
 
 
 def _accumulate_weight_grad(
-    gw: torch.Tensor, dz: torch.Tensor, xc: torch.Tensor, first: bool, scratch: list | None = None
+    gw: torch.Tensor, dz: torch.Tensor, xc: torch.Tensor, first: bool, scratch: list | None = None, native=True
 ) -> None:
     """``gw (+)= dz.T @ xc`` (``first``: overwrite) with ``gw`` and the sum kept in the compute dtype.
 
-    Off the CPU ``dz`` comes in ``xc``'s dtype (cast once per chunk by the caller, or written so by a fused
-    head): a low-precision GEMM with an fp32 result accumulates into ``gw`` (:func:`fp32_out_gemm` says how;
-    ``scratch`` holds the one fp32 buffer of its ``"mm"`` way across chunks).
+    Native low-precision GEMMs (``config.native_gemm``) take ``dz`` in ``xc``'s dtype (cast once per chunk by
+    the caller, or written so by a fused head).  Off the CPU a GEMM with an fp32 result accumulates into
+    ``gw`` (:func:`fp32_out_gemm` says how; ``scratch`` holds the one fp32 buffer of its ``"mm"`` way across
+    chunks); on CPU (no fp32-output low-precision GEMM) with ``native`` each chunk's partial comes out in the
+    input dtype, into one ``scratch`` buffer, and is summed in fp32.  Otherwise (fp32 GEMMs on CPU) both
+    operands are upcast per chunk.
     """
     if xc.dtype == gw.dtype and dz.dtype == gw.dtype:
         if first:
@@ -141,6 +144,8 @@ def _accumulate_weight_grad(
         else:
             gw.addmm_(dz.t(), xc)
         return
+    if scratch is None:
+        scratch = []
     if xc.device.type != "cpu":
         dzt = dz.t() if dz.dtype == xc.dtype else dz.t().to(xc.dtype)
         kind = fp32_out_gemm(xc.device)
@@ -150,8 +155,6 @@ def _accumulate_weight_grad(
             else:
                 torch.addmm(gw, dzt, xc, out_dtype=gw.dtype, out=gw)
         elif kind == "mm":
-            if scratch is None:
-                scratch = []
             if not scratch:
                 scratch.append(torch.empty_like(gw))
             torch.mm(dzt, xc, out_dtype=gw.dtype, out=scratch[0])
@@ -161,7 +164,16 @@ def _accumulate_weight_grad(
         else:
             gw.add_(torch.mm(dzt, xc))
         return
-    # CPU: chunk-sized upcast; fp32 GEMM is the fast path on CPUs anyway.
+    if native and dz.dtype == xc.dtype:  # CPU, native: the partial in the input dtype, summed in fp32
+        if not scratch:
+            scratch.append(torch.empty(gw.shape, dtype=xc.dtype, device=xc.device))
+        torch.mm(dz.t(), xc, out=scratch[0])
+        if first:
+            gw.copy_(scratch[0])
+        else:
+            gw.add_(scratch[0])
+        return
+    # CPU without fast low-precision GEMMs: chunk-sized upcasts, fp32 GEMMs
     dzt = dz.t().to(gw.dtype)
     if first:
         torch.mm(dzt, xc.to(gw.dtype), out=gw)
@@ -172,10 +184,9 @@ def _accumulate_weight_grad(
 def _input_grad(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
     """``out = dz @ weight``.
 
-    Low-precision weights on CPU: ``dz`` stays fp32 and ``weight`` is upcast one
-    vocab block at a time, so the result is rounded once (the unfused code
-    rounds ``dz`` to the weight dtype first).  Elsewhere ``dz`` is cast to the
-    weight dtype for a native low-precision GEMM, as in the unfused code.
+    ``dz`` in the weight's dtype (native low-precision GEMMs, ``config.native_gemm``): one GEMM, as in the
+    unfused code.  An fp32 ``dz`` with a low-precision weight (CPU without fast low-precision GEMMs): the
+    weight is upcast one vocab block at a time and the result rounded once.
     """
     if dz.dtype == weight.dtype:
         torch.mm(dz, weight, out=out)
@@ -210,13 +221,22 @@ def _sub_rows(rows: int, vocab: int, elem: int, device: torch.device, sub_block_
     return max(1, min(rows, sub_block_bytes // max(vocab * elem, 1)))
 
 
-def _sub_blocks(z, sel, start: int, contiguous: bool, sub: int, head: Head, logit_scale: float, softcap) -> bool:
+def _sub_blocks(
+    z, sel, start: int, contiguous: bool, sub: int, head: Head, logit_scale: float, softcap, work=None, gb=None
+) -> bool:
     """The torch heads' elementwise work on a chunk ``z`` (rows ``sel``), ``sub`` rows at a time: scale and
     soft-cap the logits, call the head, chain its ``dz`` back through both, in place.  Whether every call
-    returned a gradient."""
+    returned a gradient.
+
+    ``work`` (fp32, ``sub`` rows): ``z`` holds the chunk in the input dtype; each sub-block is upcast into
+    ``work``, worked on there and written back to ``z`` as ``dz``, its rows' sum added to ``gb`` (the bias
+    gradient) when given."""
     grads = True
     for lo in range(0, z.shape[0], sub):
-        zs = z[lo : lo + sub]
+        block = z[lo : lo + sub]
+        zs = block if work is None else work[: block.shape[0]]
+        if work is not None:
+            zs.copy_(block)
         if logit_scale != 1.0:
             zs.mul_(logit_scale)
         slope = None
@@ -235,6 +255,10 @@ def _sub_blocks(z, sel, start: int, contiguous: bool, sub: int, head: Head, logi
             zs.mul_(slope)
         if logit_scale != 1.0:
             zs.mul_(logit_scale)
+        if work is not None:
+            if gb is not None:
+                gb.add_(zs.sum(0))
+            block.copy_(zs)
     return grads
 
 
@@ -296,12 +320,20 @@ def run(
     gw = torch.empty(weight.shape, dtype=cdt, device=weight.device) if grad_weight else None
     gb = torch.zeros(vocab, dtype=cdt, device=weight.device) if (grad_bias and bias is not None) else None
     written = False
+    # low-precision gradient GEMMs; a fused head's CPU run (the Triton interpreter) keeps the GPU's fp32
+    # weight-gradient partials
+    native = config.native_gemm(x2d.dtype, x2d.device)
     scratch: list = []  # the weight gradient's fp32 scratch, where the build needs one (fp32_out_gemm)
-    size = config.chunk_rows(m, reducer.rows_max or vocab, d, x2d.dtype, x2d.device, chunk_size, fused=fused)
+    # CPU with native low-precision GEMMs: the chunk's logits stay in the input dtype, each cache-sized
+    # sub-block is upcast into one fp32 scratch, worked on there and written back as dz (a fused head's
+    # layout, its passes over memory in cache); a head that needs the whole chunk keeps the fp32 buffer
+    low = native and not fused and x2d.device.type == "cpu" and x2d.dtype != cdt and not reducer.whole_chunk
+    size = config.chunk_rows(m, reducer.rows_max or vocab, d, x2d.dtype, x2d.device, chunk_size, fused=fused or low)
     if reducer.whole_chunk:
         sub_block_bytes = WHOLE_CHUNK
     sub = size if fused else _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
-    buf = torch.empty((size, vocab), dtype=x2d.dtype if fused else cdt, device=x2d.device)
+    buf = torch.empty((size, vocab), dtype=x2d.dtype if (fused or low) else cdt, device=x2d.device)
+    work = torch.empty((min(sub, size), vocab), dtype=cdt, device=x2d.device) if low else None
     gx_part = None  # with skipped rows a chunk's input gradient is made here, then scattered to its rows
     if gx is not None and (rows is not None or gathered):
         gx_part = torch.empty((size, d), dtype=x2d.dtype, device=x2d.device)
@@ -327,14 +359,16 @@ def run(
             torch.mm(xc, weight.t(), out=z)
         if fused:  # the head scales, soft-caps and chains back itself
             grads = head(z, sel) is not None and want
+        elif low:
+            grads = _sub_blocks(z, sel, start, rows is None, sub, head, logit_scale, softcap, work, gb) and want
         else:
             grads = _sub_blocks(z, sel, start, rows is None, sub, head, logit_scale, softcap) and want
         if not grads:
             continue
-        if gb is not None:
+        if gb is not None and not low:
             gb.add_(z.sum(0, dtype=cdt))
         dz = z
-        if z.dtype != x2d.dtype and x2d.device.type != "cpu":
+        if z.dtype != x2d.dtype and native:
             dz = z.to(x2d.dtype)  # the gradient GEMMs' operand, cast once for both
         if gx is not None:
             if gathered:
@@ -346,7 +380,7 @@ def run(
                 _input_grad(dz, weight, gx_part[: stop - start])
                 gx.index_copy_(0, sel, gx_part[: stop - start])
         if gw is not None:
-            _accumulate_weight_grad(gw, dz, xc, first=not written, scratch=scratch)
+            _accumulate_weight_grad(gw, dz, xc, first=not written, scratch=scratch, native=native and not fused)
         written = True
     if not written:  # no rows, or a head that computed no gradient
         for g in (gx, gw):
