@@ -753,6 +753,57 @@ def case_collectives_families():
             setattr(vp, k, originals[k])
 
 
+def case_megatron():
+    """Megatron-core 0.16's tensor-parallel group (``parallel_state``): memops' vocab-parallel CE from the hidden
+    states against Megatron's ``vocab_parallel_cross_entropy`` on the vocab-parallel logits, per token and in
+    every gradient, with and without Megatron's sequence parallelism (``[S / tp, B, D]`` hidden states).
+    Megatron computes in fp32 whatever its input (``vocab_parallel_logits.float()``), so the exact answer is
+    the float64 single-process reference: memops equals it to 1e-12 in float64, and in float64 and fp32 its
+    error is at most Megatron's own (x2, a stated margin for two roundings of fp32 sums)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as megatron_ce
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    try:
+        tp = parallel_state.get_tensor_model_parallel_group()
+        S, B, Dm, Vm = 8, 3, 6, 10 * world  # Megatron pads the vocabulary to a multiple of tp
+        rows = Vm // world
+        g = torch.Generator().manual_seed(3)
+        hidden = torch.randn(S, B, Dm, generator=g, dtype=torch.float64)
+        weight = torch.randn(Vm, Dm, generator=g, dtype=torch.float64)
+        labels = torch.randint(0, Vm, (S, B), generator=g)
+        go = torch.randn(S, B, generator=g, dtype=torch.float64)
+        mine = slice(rank * rows, (rank + 1) * rows)
+        seq = slice(rank * S // world, (rank + 1) * S // world)
+        layout = dict(group=tp, vocab_start=rank * rows, vocab_size=Vm, reduction="none")
+        hx, wx = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        exact_loss = reference.ref_linear_cross_entropy(hx, wx, labels, reduction="none")
+        exact = (exact_loss, *torch.autograd.grad((exact_loss * go).sum(), (hx, wx)))
+        exact = (exact[0], exact[1], exact[2][mine])
+        for dtype in (torch.float64, torch.float32):
+            hm, wm = hidden.to(dtype).requires_grad_(), weight[mine].to(dtype).requires_grad_()
+            ref_loss = megatron_ce(torch.matmul(hm, wm.t()), labels)
+            theirs = (ref_loss, *torch.autograd.grad((ref_loss * go.to(dtype)).sum(), (hm, wm)))
+            for sp in (False, True):
+                rows_of = seq if sp else slice(None)
+                hs, ws = hidden[rows_of].to(dtype).requires_grad_(), weight[mine].to(dtype).requires_grad_()
+                loss = vocab_parallel_cross_entropy(hs, ws, labels[rows_of], sequence_parallel=sp, **layout)
+                ours = (loss, *torch.autograd.grad((loss * go[rows_of].to(dtype)).sum(), (hs, ws)))
+                for k, (a, b, e) in enumerate(zip(ours, theirs, exact)):
+                    what = ("loss", "grad hidden", "grad weight")[k]
+                    e_mine = e if k == 2 else e[rows_of]
+                    b = b if k == 2 else b[rows_of]
+                    err, err_megatron = ((v.double() - e_mine).abs().max().item() for v in (a, b))
+                    if dtype == torch.float64:
+                        assert err <= 1e-12, (what, sp, err)
+                    assert err <= 2 * err_megatron + 1e-12, (what, dtype, sp, err, err_megatron)
+                if rank == 0 and dtype == torch.float32 and not sp:
+                    print(f"megatron: fp32 weight-gradient error memops {err:.2e}, megatron {err_megatron:.2e}")
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
 def case_rank_failure():
     if dist.get_rank() == 1:
         os._exit(3)  # dies before the collective

@@ -44,6 +44,14 @@ def test_every_family_vocab_and_sequence_parallel(world):
             assert f": {case} ok" in out
 
 
+def test_megatron_core_tensor_parallel_group():
+    """memops' vocab-parallel CE on megatron-core 0.16.1's tensor-parallel group against Megatron's own
+    ``vocab_parallel_cross_entropy`` on the vocab-parallel logits, with and without sequence parallelism."""
+    for rc, out in _launch("megatron", 2):
+        assert rc == 0, out[-3000:]
+        assert ": megatron ok" in out
+
+
 def test_patched_transformers_model_with_fully_sharded_lm_head():
     pytest.importorskip("transformers")
     for rc, out in _launch("hf_fsdp", 2):

@@ -453,3 +453,20 @@ def test_shift_pairs_each_position_with_a_later_target_without_copying_the_hidde
     assert torch.equal(memops.linear_cross_entropy(x, w, t, shift=True), memops.linear_cross_entropy(x, w, t, shift=1))
     with pytest.raises(ValueError, match="shift must be a bool or an int >= 0"):
         memops.linear_cross_entropy(x, w, t, shift=-1)
+
+
+def test_weighted_mean_over_zero_target_weight_is_nan_like_torch():
+    """Class weights, label smoothing, every non-ignored target of weight 0: torch divides the nll part by a
+    zero weight sum (0 / 0), so the loss and every non-ignored row's gradient are NaN, not the smoothing
+    term's +-inf (hypothesis found it)."""
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    w = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 1, 1, 0, 1, 0])
+    cw = torch.tensor([1.5, 0.0], dtype=torch.float64)
+    opts = dict(ignore_index=0, label_smoothing=0.1)
+    ref = torch.nn.functional.cross_entropy(x @ w.t(), t, weight=cw, **opts)
+    out = memops.linear_cross_entropy(x, w, t, class_weight=cw, **opts)
+    assert ref.isnan() and out.isnan()
+    (g_ref,) = torch.autograd.grad(ref, x)
+    (g,) = torch.autograd.grad(out, x)
+    torch.testing.assert_close(g, g_ref, equal_nan=True)

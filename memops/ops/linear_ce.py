@@ -258,7 +258,10 @@ def _den(a: Args, valid, wt, cdt):
     mean), else the non-ignored count; probability targets: the row count (torch's mean over rows)."""
     if a.num_items is not None or wt is None or a.target.is_floating_point():
         return engine.denominator(valid, a.num_items, cdt)
-    return wt.sum()
+    # torch's weighted mean divides the nll part by the targets' weight sum: a zero sum makes that part 0 / 0,
+    # so the loss (and every non-ignored row's gradient) is NaN, whatever the smoothing term adds
+    total = wt.sum()
+    return torch.where(total == 0, torch.nan, total)
 
 
 def _forward(a: Args, need: list) -> tuple:
