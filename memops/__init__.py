@@ -10,7 +10,17 @@ from . import (
     ops,  # noqa: F401  (registers the ops and their autograd)
     transforms,  # noqa: F401  (registers the built-in transforms)
 )
-from .config import chunking, kernels, set_chunk_budget, set_chunk_size, set_kernels, set_sync_free, sync_free
+from .config import (
+    chunking,
+    kernels,
+    precision,
+    set_chunk_budget,
+    set_chunk_size,
+    set_kernels,
+    set_precision,
+    set_sync_free,
+    sync_free,
+)
 from .modules import LinearCrossEntropy
 from .ops.distill import linear_distillation_loss
 from .ops.linear_ce import linear_cross_entropy
@@ -34,6 +44,8 @@ __all__ = [
     "set_chunk_size",
     "set_kernels",
     "set_sync_free",
+    "set_precision",
+    "precision",
     "sync_free",
     "transform",
 ]

@@ -32,6 +32,7 @@ class _Settings:
     budget_bytes: int | None = None
     kernels: str = "auto"
     sync_free: bool = False
+    precision: str = "reference"
 
 
 KERNELS = ("auto", "triton", "torch")
@@ -94,6 +95,43 @@ def kernels(kind: str) -> Iterator[None]:
         yield
     finally:
         _settings.kernels = old
+
+
+PRECISIONS = ("reference", "accurate")
+
+
+def set_precision(kind: str) -> None:
+    """The precision of every later call that does not pass ``precision=`` itself:
+
+    * ``"reference"`` (the default): bit-compatible with the unfused code (``lm_head(h).float()``): low-precision
+      inputs give logits rounded to their dtype by the GEMM, then fp32 math;
+    * ``"accurate"``: the logits are kept in fp32 from the GEMM (CPU: fp32 GEMMs, the weight upcast once per
+      call; CUDA: ``mm(out_dtype=float32)``), as PyTorch's ``F.linear_cross_entropy`` (``acc_policy=
+      "accurate"``) and CCE compute; closer to float64 math, slower.  fp32 and fp64 inputs are unchanged.
+    """
+    if kind not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {kind!r}")
+    _settings.precision = kind
+
+
+def precision_of(kind: str | None) -> str:
+    """A call's precision: ``kind``, or the global one (:func:`set_precision`) when None."""
+    if kind is None:
+        return _settings.precision
+    if kind not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or None, got {kind!r}")
+    return kind
+
+
+@contextlib.contextmanager
+def precision(kind: str) -> Iterator[None]:
+    """Temporarily set the precision (see :func:`set_precision`)."""
+    old = _settings.precision
+    set_precision(kind)
+    try:
+        yield
+    finally:
+        _settings.precision = old
 
 
 def set_sync_free(on: bool) -> None:

@@ -215,6 +215,7 @@ def vocab_parallel_cross_entropy(
     logit_scale: float = 1.0,
     num_items: int | float | Tensor | None = None,
     chunk_size: int | None = None,
+    precision: str | None = None,
     return_lse: bool = False,
     class_weight: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -258,6 +259,7 @@ def vocab_parallel_cross_entropy(
         softcap=softcap,
         logit_scale=logit_scale,
         chunk_size=chunk_size,
+        precision=config.precision_of(precision),
     )
     family.donate(loss)
     out = (loss, lse) if return_lse else loss

@@ -11,7 +11,8 @@
 #      memops (Triton and torch heads, and sync-free) vs the three matmuls alone and torch.compile, then
 #      eager, CCE, Liger
 #      (no float64 reference at this size: run 3 checks errors);
-#   3. errors against float64 at a small shape (N=1024, D=1024, V=32000, bf16), every method;
+#   3. errors against float64 at a small shape (N=1024, D=1024, V=32000, bf16), every method (memops in both
+#      precisions: the default and precision="accurate", beside torch's F.linear_cross_entropy);
 #   4. a GRPO step (bf16; memops default and sync-free) vs the unfused code and TRL's chunked log-prob kernel,
 #      when TRL is installed;
 #   5. gemma2-2b (soft-capped logits), bf16;
@@ -68,10 +69,11 @@ BENCH=("$PY" -m memops bench --device "$DEVICE")
 step doctor 75 "$PY" -m memops doctor --device "$DEVICE" --seconds 15 "${EXTRA[@]}" --tokens "$TOKENS" \
     --json "$WORK/doctor.json"
 step target-llama3-8b-bf16 80 "${BENCH[@]}" --preset llama3-8b --dtype bfloat16 --tokens "$TOKENS" --reps 5 --no-check \
-    --methods memops_triton,floor,compile,memops_torch,memops_sync_free,eager,cce,liger "${EXTRA[@]}" \
+    --methods memops_triton,floor,compile,memops_torch,memops_sync_free,memops_accurate,eager,cce,liger "${EXTRA[@]}" \
     --json "$WORK/target-llama3-8b-bf16.json"
 step errors-small-bf16 40 "${BENCH[@]}" --dtype bfloat16 --reps 2 "${SMALL[@]}" \
-    --methods eager,compile,memops_torch,memops_triton,cce,liger --json "$WORK/errors-small-bf16.json"
+    --methods eager,compile,memops_torch,memops_triton,memops_accurate,torch_lce,cce,liger \
+    --json "$WORK/errors-small-bf16.json"
 step grpo-llama3-8b-bf16 50 "${BENCH[@]}" --loss grpo --preset llama3-8b --dtype bfloat16 --tokens "$TOKENS" --batch 8 \
     --reps 3 --no-check --methods memops_triton,memops_torch,memops_sync_free,compile,eager,trl "${EXTRA[@]}" \
     --json "$WORK/grpo-llama3-8b-bf16.json"

@@ -425,6 +425,31 @@ def case_families():
             _distill(x, w, b, t, lo, hi, sp, a, z)
             if sp:
                 _ce_sequence_parallel(lo, hi, a, z)
+    _accurate_precision(rank, world)
+
+
+def _accurate_precision(rank, world):
+    """precision="accurate" vocab-parallel (bf16 inputs, logits in fp32): the single-process accurate op's
+    results to fp32 rounding, and closer to float64 math than the default precision's."""
+    from memops.distributed import vocab_parallel_logprobs
+
+    x, w, b, t = _data(12)
+    t = t.clamp(min=0)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    starts, sizes = _split(world, True)
+    lo, hi = starts[rank], starts[rank] + sizes[rank]
+    exact = memops.linear_logprobs(xb.double(), wb.double(), t)
+    errs = {}
+    for precision in ("accurate", "reference"):
+        single = memops.linear_logprobs(xb, wb, t, precision=precision)
+        par = vocab_parallel_logprobs(xb, wb[lo:hi], t, vocab_start=lo, vocab_size=V, precision=precision)
+        torch.testing.assert_close(par, single, rtol=1e-5, atol=1e-5)
+        errs[precision] = (par.double() - exact).abs().max().item()
+        loss = vocab_parallel_cross_entropy(xb, wb[lo:hi], t, vocab_start=lo, vocab_size=V, precision=precision)
+        torch.testing.assert_close(
+            loss, memops.linear_cross_entropy(xb, wb, t, precision=precision), rtol=1e-5, atol=1e-5
+        )
+    assert errs["accurate"] < errs["reference"], errs
 
 
 def _ce_sequence_parallel(lo, hi, a, z):

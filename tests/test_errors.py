@@ -62,11 +62,45 @@ def test_direct_op_call_validates_too():
     x, w, t = _ok()
     with pytest.raises(ValueError, match="reduction must be one of"):
         torch.ops.memops.linear_ce(
-            x, w, t, None, None, None, -100, "bogus", 0.0, 0.0, None, 1.0, 0, False, False, False, [False] * 4
+            x,
+            w,
+            t,
+            None,
+            None,
+            None,
+            -100,
+            "bogus",
+            0.0,
+            0.0,
+            None,
+            1.0,
+            0,
+            False,
+            False,
+            False,
+            "reference",
+            [False] * 4,
         )
     with pytest.raises(ValueError, match="target value"):
         torch.ops.memops.linear_ce(
-            x, w, t + 100, None, None, None, -100, "mean", 0.0, 0.0, None, 1.0, 0, False, False, False, [False] * 4
+            x,
+            w,
+            t + 100,
+            None,
+            None,
+            None,
+            -100,
+            "mean",
+            0.0,
+            0.0,
+            None,
+            1.0,
+            0,
+            False,
+            False,
+            False,
+            "reference",
+            [False] * 4,
         )
 
 

@@ -68,6 +68,7 @@ def test_opcheck_linear_ce(sample, opts, all_lse):
         all_lse,
         not all_lse,
         all_lse,  # lse_grad: the lse differentiable, the gradients computed in backward
+        "reference",
         [True, True, False, b is not None],
     )
     torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
@@ -93,6 +94,7 @@ def test_opcheck_linear_ce_num_items_and_no_grad_mask(sample):
         False,
         True,
         False,
+        "reference",
         [False, False, False, False],
     )
     torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
@@ -108,7 +110,20 @@ def test_opcheck_linear_ce_backward(sample, opts):
     num_items = torch.tensor(3.0) if (reduction == "mean" and t.numel() == 0) else None
     # the lse detached, then differentiable (lse_grad, with all_lse): its incoming gradient joins the loss's
     for lse_grad, grad_lse in ((False, None), (True, torch.randn(t.shape))):
-        opts = (IGNORE, reduction, ls, zl, cap, scale, chunk, lse_grad, True, lse_grad, [True, True, False, has_b])
+        opts = (
+            IGNORE,
+            reduction,
+            ls,
+            zl,
+            cap,
+            scale,
+            chunk,
+            lse_grad,
+            True,
+            lse_grad,
+            "accurate",
+            [True, True, False, has_b],
+        )
         args = backward_op_args("linear_ce", (x, w, t, b, num_items, None, *opts), [grad_loss, grad_lse])
         torch.library.opcheck(torch.ops.memops.linear_ce_backward.default, args)
 
@@ -151,7 +166,24 @@ def test_a_direct_op_call_keeps_its_outputs_and_the_front_end_donates(monkeypatc
     x, w, b, t = _sample()
     x, w, b = (p.requires_grad_(True) for p in (x, w, b))
     loss, lse, top1, grads = torch.ops.memops.linear_ce(
-        x, w, t, b, None, None, IGNORE, "mean", 0.1, 1e-3, None, 1.0, 4, False, True, False, [True, True, False, True]
+        x,
+        w,
+        t,
+        b,
+        None,
+        None,
+        IGNORE,
+        "mean",
+        0.1,
+        1e-3,
+        None,
+        1.0,
+        4,
+        False,
+        True,
+        False,
+        "reference",
+        [True, True, False, True],
     )
     out = [loss, lse, top1, *grads]
     kept = [o.detach().clone() for o in out]
@@ -200,7 +232,26 @@ def test_gradcheck_and_opcheck_probability_targets(reduction):
         )
 
     assert torch.autograd.gradcheck(f, (x, w, b, p))
-    args = (x, w, p, b, None, cw, IGNORE, reduction, 0.2, 0.01, None, 1.0, 4, False, False, False, [True] * 4)
+    args = (
+        x,
+        w,
+        p,
+        b,
+        None,
+        cw,
+        IGNORE,
+        reduction,
+        0.2,
+        0.01,
+        None,
+        1.0,
+        4,
+        False,
+        False,
+        False,
+        "accurate",
+        [True] * 4,
+    )
     torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
     grad_loss = torch.randn(p.shape[:-1] if reduction == "none" else (), generator=g, dtype=torch.float64)
     torch.library.opcheck(

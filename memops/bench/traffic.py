@@ -66,6 +66,7 @@ def _ce_args(**kw) -> Args:
         ignore_index=-100,
         chunk_size=0,
         class_weight=None,
+        precision="reference",
     )
     return Args(**{**base, **kw})
 
@@ -77,6 +78,9 @@ HEADS = {
     "log-probs, forward only": ("logprobs", {}, False),
     "log-probs + entropy, gradient (recompute)": ("logprobs", dict(entropy=True), True),
     "GRPO, forward + gradient (two launches)": ("grpo", {}, True),
+    # precision="accurate": fp32 logits from the GEMM (torch heads; the Triton heads are not used)
+    "cross-entropy, accurate (fp32 logits)": ("ce", dict(precision="accurate"), True),
+    "log-probs + entropy, accurate, gradient": ("logprobs", dict(entropy=True, precision="accurate"), True),
 }
 
 
@@ -90,7 +94,13 @@ def _run_head(family: str, opts: dict, grad: bool, x2d, w, t):
         return
     n = x2d.shape[0]
     ones = torch.ones(n, dtype=torch.float32, device=x2d.device)
-    common = dict(temperature=1.0, entropy=opts.get("entropy", False), need=need, chunk_size=0)
+    common = dict(
+        temperature=1.0,
+        entropy=opts.get("entropy", False),
+        need=need,
+        chunk_size=0,
+        accurate=opts.get("precision") == "accurate",
+    )
     if family == "logprobs":
         fixed = (ones, ones if opts.get("entropy") else None) if grad else None
         logprobs._chunks(x2d, w, t, None, fixed=fixed, **common)
@@ -194,9 +204,13 @@ def table(dtypes=(torch.bfloat16, torch.float32)) -> str:
     ]
     for name in HEADS:
         for dtype in dtypes:
-            a, b = torch_head_bytes(name, dtype), triton_head_bytes(name, dtype)
+            a = torch_head_bytes(name, dtype)
+            if HEADS[name][1].get("precision") == "accurate":
+                triton = "- | - |"
+            else:
+                b = triton_head_bytes(name, dtype)
+                triton = f"{b['head']:.1f} | {b['gemm']:.1f} |"
             lines.append(
-                f"| {name} | {str(dtype).removeprefix('torch.')} | {a['head']:.1f} | {a['gemm']:.1f} | "
-                f"{b['head']:.1f} | {b['gemm']:.1f} |"
+                f"| {name} | {str(dtype).removeprefix('torch.')} | {a['head']:.1f} | {a['gemm']:.1f} | {triton}"
             )
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .. import validation as V
 from ..contract import Input, Option, Spec, register
 from ..rules import compute_dtype
-from .linear_ce import CHUNK_SIZE, NUM_ITEMS, PROJECTION, loss_only
+from .linear_ce import CHUNK_SIZE, NUM_ITEMS, PRECISION, PROJECTION, loss_only
 
 
 def _shapes(a):
@@ -47,6 +47,7 @@ SPEC = register(
             Option("teacher_softcap", "float?", None, V.positive),
             Option("return_entropy", "bool", False),
             CHUNK_SIZE,
+            PRECISION,
         ),
         outputs=("loss", "entropy"),
         shapes=_shapes,

@@ -26,6 +26,8 @@ PROJECTION = (Input("input", grad=True), Input("weight", grad=True))
 NUM_ITEMS = Input("num_items", "Tensor?", convert=V.as_num_items)
 CHUNK_SIZE = Option("chunk_size", "int", None, V.chunk_rows, convert=V.as_chunk_size)
 REDUCTION = Option("reduction", "str", "mean", V.reduction)
+# "reference": logits rounded to the input dtype by the GEMM, as the unfused code; "accurate": kept in fp32
+PRECISION = Option("precision", "str", "reference", V.one_of("reference", "accurate"))
 
 # the cross-entropy options, shared with memops::vocab_parallel_ce
 CE_OPTIONS = (
@@ -79,6 +81,7 @@ SPEC = register(
             Option("all_lse", "bool", False),
             Option("return_is_top1", "bool", False),
             Option("lse_grad", "bool", False),
+            PRECISION,
         ),
         outputs=("loss", "lse", "is_top1"),
         shapes=_ce_outputs,

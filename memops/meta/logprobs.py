@@ -18,7 +18,7 @@ import torch
 from .. import validation as V
 from ..contract import Input, Option, Spec, register
 from ..rules import compute_dtype
-from .linear_ce import CHUNK_SIZE, PROJECTION
+from .linear_ce import CHUNK_SIZE, PRECISION, PROJECTION
 
 TEMPERATURE = Option("temperature", "float", 1.0, V.positive)
 LM_INPUTS = (*PROJECTION, Input("target"), Input("bias", "Tensor?", grad=True))
@@ -49,6 +49,7 @@ LOGPROBS = register(
             Option("softcap", "float?", None, V.positive),
             *(Option("return_" + name, "bool", False) for name in EXTRAS),
             CHUNK_SIZE,
+            PRECISION,
         ),
         outputs=("logprobs", *EXTRAS),
         differentiable=("logprobs", "entropy"),
@@ -93,6 +94,7 @@ GRPO = register(
             Option("return_entropy", "bool", False),
             CHUNK_SIZE,
             Option("all_logprobs", "bool", True),
+            PRECISION,
         ),
         outputs=("loss", "logprobs", "entropy"),
         shapes=_grpo,

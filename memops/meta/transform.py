@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .. import validation as V
 from ..contract import Input, Option, Spec, register
-from .linear_ce import CHUNK_SIZE, NUM_ITEMS, PROJECTION, REDUCTION, loss_only
+from .linear_ce import CHUNK_SIZE, NUM_ITEMS, PRECISION, PROJECTION, REDUCTION, loss_only
 
 SPEC = register(
     Spec(
@@ -30,6 +30,7 @@ SPEC = register(
             Option("softcap", "float?", None, V.positive),
             Option("logit_scale", "float", 1.0),
             CHUNK_SIZE,
+            PRECISION,
         ),
         outputs=("loss",),
         shapes=loss_only,

@@ -16,7 +16,7 @@ import dataclasses
 from .. import validation as V
 from ..contract import Option, Spec, register
 from . import distill, logprobs
-from .linear_ce import CE_INPUTS, CE_OPTIONS, loss_and_rows
+from .linear_ce import CE_INPUTS, CE_OPTIONS, PRECISION, loss_and_rows
 
 PARALLEL = (
     Option("vocab_start", "int", None),
@@ -29,7 +29,7 @@ SPEC = register(
     Spec(
         name="vocab_parallel_ce",
         inputs=CE_INPUTS,
-        options=(*PARALLEL, *CE_OPTIONS),
+        options=(*PARALLEL, *CE_OPTIONS, PRECISION),
         outputs=("loss", "lse"),
         shapes=loss_and_rows,
         check=V.vocab_parallel_check(V.check_vocab_parallel_ce),

@@ -6,12 +6,13 @@ torch's), same semantics: class-index or probability targets, per-class ``weight
 (``None`` means -100 for class indices; not allowed with probabilities), ``label_smoothing``, unbatched
 ``input [in_features]``, K-dimensional losses (``linear_weight [C, d_1, ..., d_K, in_features]``), and
 torch's error messages for the inputs it refuses.  ``options`` (``torch.nn.LinearCrossEntropyOptions``):
-``batch_chunk_size`` becomes memops' ``chunk_size``; ``chunking_method``, ``acc_policy``, ``acc_dtype`` and
-``allow_retain_graph`` are accepted and ignored (memops always accumulates in fp32, sizes chunks itself,
-and a second backward recomputes).  ``options=None`` is chunked too (memops is exact, so there is no
-reference path to fall back to).  The loss has ``input``'s dtype, as torch's.  Gradients: input, linear
-weight and bias, and a probability target; none to ``weight`` (class weights): one that requires grad is
-refused.
+``batch_chunk_size`` becomes memops' ``chunk_size``; ``acc_policy="accurate"`` becomes memops'
+``precision="accurate"`` (the logits kept in fp32 from the GEMM; any other policy: the global precision,
+``memops.set_precision``); ``chunking_method``, ``acc_dtype`` and ``allow_retain_graph`` are accepted and
+ignored (memops always accumulates in fp32, sizes chunks itself, and a second backward recomputes).
+``options=None`` is chunked too (memops is exact, so there is no reference path to fall back to).  The
+loss has ``input``'s dtype, as torch's.  Gradients: input, linear weight and bias, and a probability
+target; none to ``weight`` (class weights): one that requires grad is refused.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def _chunk_size(options) -> int | None:
     return None if options is None else getattr(options, "batch_chunk_size", None)
 
 
+def _precision(options) -> str | None:
+    return "accurate" if getattr(options, "acc_policy", None) == "accurate" else None
+
+
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -87,6 +92,7 @@ def linear_cross_entropy(
         ignore_index=ignore,
         label_smoothing=label_smoothing,
         chunk_size=_chunk_size(options),
+        precision=_precision(options),
     )
     if linear_weight.dim() == 2:
         unbatched = input.dim() == 1

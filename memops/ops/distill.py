@@ -72,6 +72,11 @@ def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows, red
     ent_rows = torch.zeros(n, dtype=cdt, device=x2d.device) if a.return_entropy else None
     T, beta, h, ignore = a.temperature, a.beta, a.hard_label_weight, a.ignore_index
     state: dict = {}
+    accurate = a.precision == "accurate" and x2d.dtype != cdt
+    if teacher[0] == "online" and accurate:  # the teacher's logits in fp32 too: its projection upcast once
+        tw, tb = a.teacher_weight.to(cdt), None if a.teacher_bias is None else a.teacher_bias.to(cdt)
+    elif teacher[0] == "online":
+        tw, tb = a.teacher_weight, a.teacher_bias
 
     def chunk_start(sel):
         state["offset"] = 0
@@ -81,7 +86,7 @@ def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows, red
                 rows_t = xt.rows(sel.start, sel.stop, size)
             else:
                 rows_t = xt[sel] if isinstance(sel, slice) else xt.index_select(0, sel)
-            state["u"] = F.linear(rows_t, a.teacher_weight, a.teacher_bias)
+            state["u"] = F.linear(rows_t.to(tw.dtype), tw, tb)
 
     def head(z: Tensor, sel):
         lo = state["offset"]
@@ -141,6 +146,7 @@ def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows, red
         rows=rows,
         chunk_start=chunk_start,
         reducer=reducer,
+        accurate=accurate,
     )
     return loss_rows, ent_rows, engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
@@ -318,6 +324,7 @@ def linear_distillation_loss(
     teacher_softcap: float | None = None,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    precision: str | None = None,
     _parallel: Layout | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Teacher-student distillation loss of ``student_input @ student_weight.T (+ bias)`` without the logits.
@@ -367,6 +374,7 @@ def linear_distillation_loss(
         teacher_softcap=teacher_softcap,
         return_entropy=bool(return_entropy),
         chunk_size=chunk_size,
+        precision=config.precision_of(precision),
     )
     family.donate(loss)
     return (loss, entropy) if return_entropy else loss

@@ -189,7 +189,10 @@ def _input_grad(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> No
     weight is upcast one vocab block at a time and the result rounded once.
     """
     if dz.dtype == weight.dtype:
-        torch.mm(dz, weight, out=out)
+        if out.dtype == dz.dtype:
+            torch.mm(dz, weight, out=out)
+        else:  # accurate mode: fp32 GEMMs on upcast operands, the input gradient rounded once
+            out.copy_(torch.mm(dz, weight))
         return
     if weight.device.type != "cpu":
         torch.mm(dz.to(weight.dtype), weight, out=out)
@@ -279,6 +282,7 @@ def run(
     chunk_start: Callable[[slice | torch.Tensor], None] | None = None,
     fused: bool = False,
     reducer: Reducer = LOCAL,
+    accurate: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Run ``head`` over ``x2d [N, D]`` in row chunks; return (grad_input, grad_weight, grad_bias).
 
@@ -302,6 +306,11 @@ def run(
     are gathered as the chunk starts and its input gradient sent back to the rows' owners; grad_input is
     then this rank's rows' (every row is computed: no ``rows``).
 
+    ``accurate=True`` (``precision="accurate"``, low-precision inputs): the logits are kept in fp32 from the
+    GEMM: on CPU (and where the build has no fp32-output low-precision GEMM) the weight and bias are upcast
+    once per call and each chunk's rows per chunk, and all three GEMMs run in fp32; on CUDA the logits GEMM
+    writes fp32 (``mm(out_dtype=float32)``) and the gradient GEMMs stay native.
+
     ``fused=True`` (a Triton head, ``ops/triton_heads.py``): the buffer has the input dtype, the head gets
     each whole chunk as the GEMM wrote it and does the scaling and soft-capping itself (``logit_scale`` and
     ``softcap`` are not applied here), and the gradient GEMMs read its ``dz`` in that dtype.
@@ -323,11 +332,24 @@ def run(
     # low-precision gradient GEMMs; a fused head's CPU run (the Triton interpreter) keeps the GPU's fp32
     # weight-gradient partials
     native = config.native_gemm(x2d.dtype, x2d.device)
+    accurate = accurate and x2d.dtype != cdt and not fused
+    # accurate on CPU (or without an fp32-output GEMM): fp32 GEMMs on the weight upcast once per call
+    upcast = accurate and (x2d.device.type == "cpu" or fp32_out_gemm(x2d.device) == "cast")
+    weight_c = weight.to(cdt) if upcast else weight
+    bias_c = None if bias is None else (bias.to(cdt) if upcast else bias)
+    native = native and not upcast
     scratch: list = []  # the weight gradient's fp32 scratch, where the build needs one (fp32_out_gemm)
     # CPU with native low-precision GEMMs: the chunk's logits stay in the input dtype, each cache-sized
     # sub-block is upcast into one fp32 scratch, worked on there and written back as dz (a fused head's
     # layout, its passes over memory in cache); a head that needs the whole chunk keeps the fp32 buffer
-    low = native and not fused and x2d.device.type == "cpu" and x2d.dtype != cdt and not reducer.whole_chunk
+    low = (
+        native
+        and not fused
+        and not accurate
+        and x2d.device.type == "cpu"
+        and x2d.dtype != cdt
+        and not reducer.whole_chunk
+    )
     size = config.chunk_rows(m, reducer.rows_max or vocab, d, x2d.dtype, x2d.device, chunk_size, fused=fused or low)
     if reducer.whole_chunk:
         sub_block_bytes = WHOLE_CHUNK
@@ -351,12 +373,18 @@ def run(
         z = buf[: stop - start]
         if chunk_start is not None:
             chunk_start(sel)
-        if x2d.dtype != z.dtype:
+        if upcast:
+            xc = xc.to(cdt)
+        if accurate and not upcast:  # the logits in fp32 from a low-precision GEMM
+            torch.mm(xc, weight.t(), out_dtype=cdt, out=z)
+            if bias is not None:
+                z.add_(bias)
+        elif xc.dtype != z.dtype:
             z.copy_(F.linear(xc, weight, bias))
-        elif bias is not None:
-            torch.addmm(bias, xc, weight.t(), out=z)
+        elif bias_c is not None:
+            torch.addmm(bias_c, xc, weight_c.t(), out=z)
         else:
-            torch.mm(xc, weight.t(), out=z)
+            torch.mm(xc, weight_c.t(), out=z)
         if fused:  # the head scales, soft-caps and chains back itself
             grads = head(z, sel) is not None and want
         elif low:
@@ -372,12 +400,12 @@ def run(
             dz = z.to(x2d.dtype)  # the gradient GEMMs' operand, cast once for both
         if gx is not None:
             if gathered:
-                _input_grad(dz, weight, gx_part[: stop - start])
+                _input_grad(dz, weight_c, gx_part[: stop - start])
                 x2d.give_grad(start, stop, gx_part[: stop - start], gx)
             elif rows is None:
-                _input_grad(dz, weight, gx[sel])
+                _input_grad(dz, weight_c, gx[sel])
             else:
-                _input_grad(dz, weight, gx_part[: stop - start])
+                _input_grad(dz, weight_c, gx_part[: stop - start])
                 gx.index_copy_(0, sel, gx_part[: stop - start])
         if gw is not None:
             _accumulate_weight_grad(gw, dz, xc, first=not written, scratch=scratch, native=native and not fused)

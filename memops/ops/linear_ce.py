@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import validation
+from .. import config, validation
 from ..contract import Args
 from ..meta.linear_ce import SPEC, token_shape
 from ..rules import placeholder
@@ -215,7 +215,15 @@ def ce_chunks(
 
     if probs is not None:
         head = prob_head
-    fused = reducer is LOCAL and cw is None and probs is None and lse_upstream is None and triton_heads.wanted(x2d)
+    accurate = a.precision == "accurate"
+    fused = (
+        reducer is LOCAL
+        and cw is None
+        and probs is None
+        and lse_upstream is None
+        and not accurate
+        and triton_heads.wanted(x2d)
+    )
     if fused:  # the same head in one Triton kernel per chunk
         head = triton_heads.ce(t1d, coef_all, a, loss_rows, lse_rows, top1)
     gx, gw, gb = engine.run(
@@ -232,6 +240,7 @@ def ce_chunks(
         rows=rows,
         fused=fused,
         reducer=reducer,
+        accurate=accurate,
     )
     return loss_rows, lse_rows, gx, gw, gb, gt
 
@@ -326,6 +335,7 @@ def linear_cross_entropy(
     logit_scale: float = 1.0,
     num_items: int | float | Tensor | None = None,
     chunk_size: int | None = None,
+    precision: str | None = None,
     return_lse: bool = False,
     return_is_top1: bool = False,
     class_weight: Tensor | None = None,
@@ -383,6 +393,7 @@ def linear_cross_entropy(
         softcap=softcap,
         logit_scale=logit_scale,
         chunk_size=chunk_size,
+        precision=config.precision_of(precision),
         all_lse=bool(return_lse),
         return_is_top1=bool(return_is_top1),
         lse_grad=bool(lse_grad),

@@ -51,6 +51,7 @@ def _chunks(
     softcap: float | None = None,
     extras: dict | None = None,
     reducer: engine.Reducer = engine.LOCAL,
+    accurate: bool = False,
 ):
     """Run the head over ``x2d`` (only ``rows`` when given; see ``engine.run``), writing the per-row
     log-probs (and entropy) into ``out`` when given, else into new ``[N]`` tensors.  ``extras`` maps
@@ -141,7 +142,7 @@ def _chunks(
             z.scatter_add_(1, t, (c1 if local else torch.where(mine_all[sel], c1, 0.0)).unsqueeze(1))
         return z.mul_(inv_t) if in_head else z
 
-    fused = local and triton_heads.wanted(x2d)
+    fused = local and not accurate and triton_heads.wanted(x2d)
     if fused:  # the same head in Triton: one launch per chunk (two with ``coef``: forward, then gradient)
         scale = logit_scale if in_head else logit_scale * inv_t
         fused_coef = None if fixed is not None else coef
@@ -162,6 +163,7 @@ def _chunks(
         rows=rows,
         fused=fused,
         reducer=reducer,
+        accurate=accurate,
     )
     return logp_rows, ent_rows, gx, gw, gb
 
@@ -193,6 +195,7 @@ def logprobs_forward(a: Args, need: list) -> tuple:
         softcap=a.softcap,
         extras=extras,
         reducer=reducer,
+        accurate=a.precision == "accurate",
     )
     shaped = [logp, ent] + [extras.get(name) for name in EXTRAS[1:]]
     return tuple(placeholder(logp) if t is None else t.view(a.target.shape) for t in shaped), []
@@ -231,6 +234,7 @@ def logprobs_gradients(a: Args, grad_outputs: list, need: list) -> list:
         logit_scale=a.logit_scale,
         softcap=a.softcap,
         reducer=reducer,
+        accurate=a.precision == "accurate",
     )
     return engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
@@ -250,6 +254,7 @@ def linear_logprobs(
     softcap: float | None = None,
     extras: Sequence[str] = (),
     chunk_size: int | None = None,
+    precision: str | None = None,
     _parallel: Layout | None = None,
 ) -> Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]:
     """``log_softmax(softcap(logit_scale * (input @ weight.T + bias)) / temperature)`` at ``target``, shaped
@@ -279,6 +284,7 @@ def linear_logprobs(
         softcap=softcap,
         return_entropy=bool(return_entropy),
         chunk_size=chunk_size,
+        precision=config.precision_of(precision),
         **{"return_" + name: name in extras for name in EXTRAS[1:]},
     )
     if extras:
@@ -366,6 +372,7 @@ def _grpo_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
         logit_scale=a.logit_scale,
         softcap=a.softcap,
         reducer=reducer,
+        accurate=a.precision == "accurate",
     )
     masked = (w == 0) if ent_w is None else (w == 0) & (ent_w == 0)
     needed = ok = None
@@ -414,6 +421,7 @@ def _grpo_sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: 
         logit_scale=a.logit_scale,
         softcap=a.softcap,
         reducer=engine.reducer_of(a),
+        accurate=a.precision == "accurate",
     )
     logp, ent, *_ = _chunks(x2d, a.weight, t1d, a.bias, entropy=entropy, coef=None, need=(False,) * 3, **common)
     if upstream is None:
@@ -532,6 +540,7 @@ def linear_grpo_loss(
     max_completion_length: int | None = None,
     num_items: int | float | Tensor | None = None,
     chunk_size: int | None = None,
+    precision: str | None = None,
     _parallel: Layout | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """TRL 1.16's GRPO loss on ``input [B, T, D]`` completion hidden states, without materializing logits.
@@ -590,6 +599,7 @@ def linear_grpo_loss(
         softcap=softcap,
         return_entropy=ent_w is not None,
         chunk_size=chunk_size,
+        precision=config.precision_of(precision),
         all_logprobs=all_logprobs,
     )
     family.donate(loss)

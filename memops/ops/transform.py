@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .. import validation
+from .. import config, validation
 from ..contract import Args
 from ..meta.transform import SPEC
 from ..registry import decode_options, encode_options, get_transform
@@ -96,6 +96,7 @@ def _transform_chunks(x2d, t1d, e2d, upstream: Tensor | None, need, a: Args):
         grad_bias=need[2] and a.bias is not None,
         sub_block_bytes=_SUB_BLOCK_BYTES["cpu" if x2d.device.type == "cpu" else "other"],
         rows=rows,
+        accurate=a.precision == "accurate",
     )
     return loss_rows, [*engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias), *gextras]
 
@@ -138,6 +139,7 @@ def linear_loss(
     ignore_index: int = -100,
     num_items: int | float | Tensor | None = None,
     chunk_size: int | None = None,
+    precision: str | None = None,
     softcap: float | None = None,
     logit_scale: float = 1.0,
     **options,
@@ -162,6 +164,7 @@ def linear_loss(
             reduction=reduction,
             num_items=num_items,
             chunk_size=chunk_size,
+            precision=precision,
             softcap=softcap,
             logit_scale=logit_scale,
             **options,
@@ -181,6 +184,7 @@ def linear_loss(
         softcap=softcap,
         logit_scale=logit_scale,
         chunk_size=chunk_size,
+        precision=config.precision_of(precision),
     )
     family.donate(loss)
     return loss
