@@ -47,6 +47,8 @@ FAMILIES = (
     ("distill", None),
 )
 TRITON_FAMILIES = ("cross_entropy", "grpo")
+# precision="accurate" checked too (fp32 logits from the GEMM: on CUDA mm(out_dtype=float32))
+ACCURATE_FAMILIES = ("cross_entropy", "grpo", "distill")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -250,11 +252,16 @@ def self_test(device: str, dtype: str) -> list[dict]:
         make = lambda m, loss=loss, softcap=softcap: build(m, loss, softcap, device, tokens=n, vocab=v, batch=8)  # noqa: E731
         ref = _reference(make("reference"), x, w, t)
         eager = _errors(make("eager"), x, w, t, ref)
-        for heads in head_sets if loss in TRITON_FAMILIES else ["torch"]:
+        runs = [(h, "reference") for h in (head_sets if loss in TRITON_FAMILIES else ["torch"])]
+        if loss in ACCURATE_FAMILIES and not softcap:
+            runs.append(("torch", "accurate"))
+        for heads, precision in runs:
             how = " heads, interpreted" if heads == "triton" and not device.startswith("cuda") else " heads"
+            if precision == "accurate":
+                how += ', precision="accurate"'
             row = {"check": f"{label} ({heads}{how})", "unfused_error": eager}
             try:
-                with config.kernels(heads):
+                with config.kernels(heads), config.precision(precision):
                     row["error"] = _errors(make("memops"), x, w, t, ref)
                 bound = {k: max(FACTOR * eager[k], FLOOR[dtype]) for k in eager}
                 row["bound"] = bound

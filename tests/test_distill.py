@@ -241,6 +241,7 @@ def test_opcheck_offline_and_online():
             None if offline else 2.5,
             True,
             2,
+            "accurate",
             [True, True, True],
         )
         torch.library.opcheck(torch.ops.memops.linear_distill.default, args)

@@ -445,11 +445,27 @@ def test_opcheck_logprobs_ops(dtype, lead):
     for ent in (False, True):
         torch.library.opcheck(
             torch.ops.memops.linear_logprobs.default,
-            (x.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), 0.8, 1.0, None, ent, ent, ent, ent, 4),
+            (
+                x.requires_grad_(),
+                w.requires_grad_(),
+                t,
+                b.requires_grad_(),
+                0.8,
+                1.0,
+                None,
+                ent,
+                ent,
+                ent,
+                ent,
+                4,
+                "accurate",
+            ),
         )
     g1 = torch.randn(t.shape)
     for g2 in (None, torch.randn(t.shape)):
-        args = backward_op_args("linear_logprobs", (x, w, t, b, 0.8, 0.7, 3.0, True, False, True, False, 4), [g1, g2])
+        args = backward_op_args(
+            "linear_logprobs", (x, w, t, b, 0.8, 0.7, 3.0, True, False, True, False, 4, "accurate"), [g1, g2]
+        )
         torch.library.opcheck(torch.ops.memops.linear_logprobs_backward.default, args)
 
 
@@ -481,6 +497,7 @@ def test_opcheck_grpo_ops(dtype, lead, beta, all_logprobs):
         None,
         *options,
         all_logprobs,
+        "accurate",
         mask,
     )
     signs = set()

@@ -266,7 +266,23 @@ def test_opcheck_linear_transform(reduction, chunk, dtype):
     t = torch.randint(0, 11, (3, 5), generator=g)
     t[0, 0] = IGNORE
     opts = memops.registry.encode_options({"gamma": 1.5})
-    args = (x, w, t, b, [e], None, "_test_weighted_focal", opts, IGNORE, reduction, None, 1.0, chunk, [True] * 4)
+    args = (
+        x,
+        w,
+        t,
+        b,
+        [e],
+        None,
+        "_test_weighted_focal",
+        opts,
+        IGNORE,
+        reduction,
+        None,
+        1.0,
+        chunk,
+        "accurate",
+        [True] * 4,
+    )
     torch.library.opcheck(torch.ops.memops.linear_transform.default, args)
     grad = torch.randn(t.shape if reduction == "none" else ()).to(dtype)
     bargs = backward_op_args("linear_transform", args, [grad])
