@@ -87,14 +87,19 @@ def kernel_choice() -> str:
 
 
 @contextlib.contextmanager
-def kernels(kind: str) -> Iterator[None]:
-    """Temporarily choose the heads (see :func:`set_kernels`)."""
-    old = _settings.kernels
-    set_kernels(kind)
+def _temporarily(name: str, setter, value) -> Iterator[None]:
+    """``setter(value)`` for the block, then the setting ``name`` as it was."""
+    old = getattr(_settings, name)
+    setter(value)
     try:
         yield
     finally:
-        _settings.kernels = old
+        setattr(_settings, name, old)
+
+
+def kernels(kind: str) -> contextlib.AbstractContextManager[None]:
+    """Temporarily choose the heads (see :func:`set_kernels`); a context manager."""
+    return _temporarily("kernels", set_kernels, kind)
 
 
 PRECISIONS = ("reference", "accurate")
@@ -123,15 +128,9 @@ def precision_of(kind: str | None) -> str:
     return kind
 
 
-@contextlib.contextmanager
-def precision(kind: str) -> Iterator[None]:
-    """Temporarily set the precision (see :func:`set_precision`)."""
-    old = _settings.precision
-    set_precision(kind)
-    try:
-        yield
-    finally:
-        _settings.precision = old
+def precision(kind: str) -> contextlib.AbstractContextManager[None]:
+    """Temporarily set the precision (see :func:`set_precision`); a context manager."""
+    return _temporarily("precision", set_precision, kind)
 
 
 def set_sync_free(on: bool) -> None:

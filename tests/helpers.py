@@ -62,6 +62,24 @@ def backward_op_args(name: str, args: tuple, grad_outputs: list, need: list | No
     return (grad_outputs, *tensors, saved, *spec.option_values(a), need, have)
 
 
+def op_args(name: str, **values) -> tuple:
+    """Positional arguments of ``torch.ops.memops.<name>`` from keyword values (inputs by name, None when not
+    given; options at their declared defaults; ``grad_mask`` all False unless given)."""
+    from memops.contract import SPECS
+
+    spec = SPECS[name]
+    args = [values.pop(i.name, [] if i.kind == "Tensor[]" else None) for i in spec.inputs]
+    for o in spec.options:
+        if o.name in values:  # as given: the op's own form (chunk_size 0 is the default policy)
+            args.append(values.pop(o.name))
+        else:
+            args.append(o.convert(o.default) if o.convert is not None else o.default)
+    if spec.forward_grads:
+        args.append(list(values.pop("grad_mask", [False] * sum(i.grad for i in spec.inputs))))
+    assert not values, f"{name} has no argument {sorted(values)}"
+    return tuple(args)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import op_args
 
 import memops
 
@@ -61,47 +62,9 @@ def test_ignore_index_is_allowed_out_of_range():
 def test_direct_op_call_validates_too():
     x, w, t = _ok()
     with pytest.raises(ValueError, match="reduction must be one of"):
-        torch.ops.memops.linear_ce(
-            x,
-            w,
-            t,
-            None,
-            None,
-            None,
-            -100,
-            "bogus",
-            0.0,
-            0.0,
-            None,
-            1.0,
-            0,
-            False,
-            False,
-            False,
-            "reference",
-            [False] * 4,
-        )
+        torch.ops.memops.linear_ce(*op_args("linear_ce", input=x, weight=w, target=t, reduction="bogus"))
     with pytest.raises(ValueError, match="target value"):
-        torch.ops.memops.linear_ce(
-            x,
-            w,
-            t + 100,
-            None,
-            None,
-            None,
-            -100,
-            "mean",
-            0.0,
-            0.0,
-            None,
-            1.0,
-            0,
-            False,
-            False,
-            False,
-            "reference",
-            [False] * 4,
-        )
+        torch.ops.memops.linear_ce(*op_args("linear_ce", input=x, weight=w, target=t + 100))
 
 
 def test_non_tensor_arguments():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import backward_op_args
+from helpers import backward_op_args, op_args
 
 import memops  # noqa: F401
 
@@ -39,6 +39,31 @@ OPTIONS = {
 }
 
 
+def _ce_op_args(x, w, t, b, num_items, opts, all_lse, top1, lse_grad, precision):
+    """``memops::linear_ce``'s positional arguments for one OPTIONS entry."""
+    reduction, ls, zl, cap, scale, chunk = OPTIONS[opts]
+    return op_args(
+        "linear_ce",
+        input=x,
+        weight=w,
+        target=t,
+        bias=b,
+        num_items=num_items,
+        ignore_index=IGNORE,
+        reduction=reduction,
+        label_smoothing=ls,
+        z_loss=zl,
+        softcap=cap,
+        logit_scale=scale,
+        chunk_size=chunk,
+        all_lse=all_lse,
+        return_is_top1=top1,
+        lse_grad=lse_grad,
+        precision=precision,
+        grad_mask=[True, True, False, b is not None],
+    )
+
+
 @pytest.mark.parametrize("all_lse", [False, True], ids=["skip-ignored", "all-lse"])
 @pytest.mark.parametrize("sample", list(SAMPLES))
 @pytest.mark.parametrize("opts", list(OPTIONS))
@@ -51,52 +76,18 @@ def test_opcheck_linear_ce(sample, opts, all_lse):
     reduction, ls, zl, cap, scale, chunk = OPTIONS[opts]
     # opcheck compares without equal_nan: the mean over zero tokens (NaN) gets an explicit divisor
     num_items = torch.tensor(3.0) if (reduction == "mean" and t.numel() == 0) else None
-    args = (
-        x,
-        w,
-        t,
-        b,
-        num_items,
-        None,
-        IGNORE,
-        reduction,
-        ls,
-        zl,
-        cap,
-        scale,
-        chunk,
-        all_lse,
-        not all_lse,
-        all_lse,  # lse_grad: the lse differentiable, the gradients computed in backward
-        "reference",
-        [True, True, False, b is not None],
-    )
+    # lse_grad with all_lse: the lse differentiable, the gradients computed in backward
+    args = _ce_op_args(x, w, t, b, num_items, opts, all_lse, not all_lse, all_lse, "reference")
     torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
 
 
 @pytest.mark.parametrize("sample", ["fp32-bias", "fp64-nobias", "empty"])
 def test_opcheck_linear_ce_num_items_and_no_grad_mask(sample):
     x, w, b, t = _sample(**SAMPLES[sample])
-    args = (
-        x,
-        w,
-        t,
-        b,
-        torch.tensor(7.0),
-        None,
-        IGNORE,
-        "mean",
-        0.0,
-        0.0,
-        None,
-        1.0,
-        0,
-        False,
-        True,
-        False,
-        "reference",
-        [False, False, False, False],
-    )
+    args = op_args(
+        "linear_ce", input=x, weight=w, target=t, bias=b, num_items=torch.tensor(7.0), ignore_index=IGNORE,
+        return_is_top1=True,
+    )  # fmt: skip
     torch.library.opcheck(torch.ops.memops.linear_ce.default, args)
 
 
@@ -106,25 +97,11 @@ def test_opcheck_linear_ce_backward(sample, opts):
     x, w, b, t = _sample(**SAMPLES[sample])
     reduction, ls, zl, cap, scale, chunk = OPTIONS[opts]
     grad_loss = torch.randn(t.shape if reduction == "none" else ())
-    has_b = b is not None
     num_items = torch.tensor(3.0) if (reduction == "mean" and t.numel() == 0) else None
     # the lse detached, then differentiable (lse_grad, with all_lse): its incoming gradient joins the loss's
     for lse_grad, grad_lse in ((False, None), (True, torch.randn(t.shape))):
-        opts = (
-            IGNORE,
-            reduction,
-            ls,
-            zl,
-            cap,
-            scale,
-            chunk,
-            lse_grad,
-            True,
-            lse_grad,
-            "accurate",
-            [True, True, False, has_b],
-        )
-        args = backward_op_args("linear_ce", (x, w, t, b, num_items, None, *opts), [grad_loss, grad_lse])
+        forward = _ce_op_args(x, w, t, b, num_items, opts, lse_grad, True, lse_grad, "accurate")
+        args = backward_op_args("linear_ce", forward, [grad_loss, grad_lse])
         torch.library.opcheck(torch.ops.memops.linear_ce_backward.default, args)
 
 
