@@ -277,7 +277,7 @@ def _prepare(a: Args, reducer):
 
 def forward(a: Args, need: list) -> tuple:
     reducer = engine.reducer_of(a)
-    vocab = reducer.vocab or a.weight.shape[0]
+    vocab = reducer.vocab_of(a.weight)
     validation.check_target_range(a.target, vocab, a.ignore_index)
     if a.teacher_topk_ids is not None:
         validation.check_target_range(a.teacher_topk_ids, vocab, None, "teacher_topk_ids")

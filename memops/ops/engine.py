@@ -68,6 +68,17 @@ class Reducer:
         all of them), and their row there (0 elsewhere)."""
         return None, t
 
+    def owned_valid(self, t: torch.Tensor, valid: torch.Tensor, local: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask, index)`` of :meth:`owned` for the ``valid`` entries of ``t``: the mask is False and the index
+        0 elsewhere (an ignored target owns no row)."""
+        owned, idx = self.owned(torch.where(valid, t, 0), local)
+        mine = valid if owned is None else valid & owned
+        return mine, torch.where(mine, idx, 0)
+
+    def vocab_of(self, weight: torch.Tensor) -> int:
+        """The whole vocabulary's size: the group's, or ``weight``'s rows in one process."""
+        return self.vocab or weight.shape[0]
+
 
 LOCAL = Reducer()
 

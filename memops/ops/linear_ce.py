@@ -32,10 +32,8 @@ def target_weights(a: Args, t1d: Tensor, valid: Tensor, reducer: Reducer = LOCAL
     cw = a.class_weight.to(engine.compute_dtype(a.input.dtype))
     if t1d is None:  # probability targets: the weights enter per class, not per row
         return cw, None, None
-    t = t1d.long()
-    local = cw.shape[0]
-    mine = valid & (t >= reducer.start) & (t < reducer.start + local)
-    rows = torch.where(mine, cw[torch.where(mine, t - reducer.start, 0)], 0.0)
+    mine, idx = reducer.owned_valid(t1d.long(), valid, cw.shape[0])
+    rows = torch.where(mine, cw[idx], 0.0)
     total = cw.sum()
     if reducer is not LOCAL:
         both = torch.cat([rows, total.reshape(1)])
@@ -90,7 +88,7 @@ def ce_chunks(
     """
     n = x2d.shape[0]
     local = weight.shape[0]
-    vocab, first = reducer.vocab or local, reducer.start
+    vocab = reducer.vocab_of(weight)
     cdt = engine.compute_dtype(x2d.dtype)
     loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
     lse_rows = plan.rows_out(n, cdt, x2d.device, rows)
@@ -105,11 +103,9 @@ def ce_chunks(
         # per-row target facts, once per call (a head indexes them by its rows)
         t_all = t1d.long()
         valid_all = t_all != ignore if valid is None else valid
-        if reducer is LOCAL:  # targets were range-checked: every valid target's row is in this weight
-            mine_all, safe_all = valid_all, torch.where(valid_all, t_all, 0).unsqueeze(1)
-        else:
-            mine_all = valid_all & (t_all >= first) & (t_all < first + local)  # the target's row is in this weight
-            safe_all = torch.where(mine_all, t_all - first, 0).unsqueeze(1)
+        # the target's row in this weight (targets were range-checked: in one process every valid one is)
+        mine_all, safe_all = reducer.owned_valid(t_all, valid_all, local)
+        safe_all = safe_all.unsqueeze(1)
     coef_all = None if upstream is None else engine.row_coef(upstream, slice(None), valid_all)
     if lse_upstream is not None and coef_all is None:
         coef_all = torch.zeros(n, dtype=cdt, device=x2d.device)

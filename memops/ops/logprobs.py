@@ -84,7 +84,7 @@ def _chunks(
             return (None if c1_all is None else c1_all[sel]), (None if c2_all is None else c2_all[sel])
 
     local = reducer is engine.LOCAL
-    vocab = reducer.vocab or weight.shape[0]
+    vocab = reducer.vocab_of(weight)
     t_all = t1d.long()
     mine_all, safe_all = reducer.owned(t_all, weight.shape[0])  # the target's row in this weight
 
@@ -173,7 +173,7 @@ def _chunks(
 
 def logprobs_forward(a: Args, need: list) -> tuple:
     reducer = engine.reducer_of(a)
-    validation.check_target_range(a.target, reducer.vocab or a.weight.shape[0], None)
+    validation.check_target_range(a.target, reducer.vocab_of(a.weight), None)
     x2d, t1d, _ = engine.flatten(a.input, a.target)
     n, cdt = t1d.numel(), engine.compute_dtype(a.input.dtype)
     extras = {
@@ -475,7 +475,7 @@ def _grpo_pass(a: Args, upstream, need):
 
 
 def grpo_forward(a: Args, need: list) -> tuple:
-    validation.check_target_range(a.target, engine.reducer_of(a).vocab or a.weight.shape[0], None, "completion_ids")
+    validation.check_target_range(a.target, engine.reducer_of(a).vocab_of(a.weight), None, "completion_ids")
     up = torch.ones((), dtype=engine.compute_dtype(a.input.dtype), device=a.input.device) if any(need) else None
     (w, adv, old, ref, ent_w), (logp, ent, gx, gw, gb) = _grpo_pass(a, up, need)
     shape = a.target.shape
