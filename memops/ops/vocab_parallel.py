@@ -315,7 +315,7 @@ _PER_TOKEN = (
 )
 
 
-def _whole(spec, a: Args):
+def _whole(a: Args):
     """The group's call from this rank's: per-token tensors gathered (flattened to one row per token),
     hidden states as :class:`Gathered` rows; with this rank's first token and token count."""
     group, n = _group(a.group_name), a.target.numel()
@@ -353,7 +353,7 @@ def sequence_parallel(spec, forward, gradients):
     def fwd(a: Args, need: list):
         if not a.sequence_parallel:
             return forward(a, need)
-        whole, off, n = _whole(spec, a)
+        whole, off, n = _whole(a)
         outs, grads = forward(whole, need)
         done(whole)
         outs = tuple(
@@ -365,7 +365,7 @@ def sequence_parallel(spec, forward, gradients):
     def grad(a: Args, grad_outputs: list, need: list):
         if not a.sequence_parallel:
             return gradients(a, grad_outputs, need)
-        whole, _, n = _whole(spec, a)
+        whole, _, n = _whole(a)
         group = _group(a.group_name)
         # every rank takes the same path: which incoming gradients exist anywhere in the group (sync-free: the
         # same ones on every rank, as in a captured graph every rank replays)
