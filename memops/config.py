@@ -111,8 +111,9 @@ def set_precision(kind: str) -> None:
     * ``"reference"`` (the default): bit-compatible with the unfused code (``lm_head(h).float()``): low-precision
       inputs give logits rounded to their dtype by the GEMM, then fp32 math;
     * ``"accurate"``: the logits are kept in fp32 from the GEMM (CPU: fp32 GEMMs, the weight upcast once per
-      call; CUDA: ``mm(out_dtype=float32)``), as PyTorch's ``F.linear_cross_entropy`` (``acc_policy=
-      "accurate"``) and CCE compute; closer to float64 math, slower.  fp32 and fp64 inputs are unchanged.
+      call; CUDA: ``mm(out_dtype=float32)``, the Triton heads reading the fp32 block), as PyTorch's
+      ``F.linear_cross_entropy`` (``acc_policy="accurate"``) and CCE compute; closer to float64 math, slower.
+      fp32 and fp64 inputs are unchanged.
     """
     if kind not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {kind!r}")

@@ -47,7 +47,7 @@ FAMILIES = (
     ("distill", None),
 )
 TRITON_FAMILIES = ("cross_entropy", "grpo")
-# precision="accurate" checked too (fp32 logits from the GEMM: on CUDA mm(out_dtype=float32))
+# precision="accurate" checked too (fp32 logits from the GEMM: on CUDA mm(out_dtype=float32), each head set)
 ACCURATE_FAMILIES = ("cross_entropy", "grpo", "distill")
 
 
@@ -252,9 +252,10 @@ def self_test(device: str, dtype: str) -> list[dict]:
         make = lambda m, loss=loss, softcap=softcap: build(m, loss, softcap, device, tokens=n, vocab=v, batch=8)  # noqa: E731
         ref = _reference(make("reference"), x, w, t)
         eager = _errors(make("eager"), x, w, t, ref)
-        runs = [(h, "reference") for h in (head_sets if loss in TRITON_FAMILIES else ["torch"])]
+        heads_here = head_sets if loss in TRITON_FAMILIES else ["torch"]
+        runs = [(h, "reference") for h in heads_here]
         if loss in ACCURATE_FAMILIES and not softcap:
-            runs.append(("torch", "accurate"))
+            runs += [(h, "accurate") for h in heads_here]
         for heads, precision in runs:
             how = " heads, interpreted" if heads == "triton" and not device.startswith("cuda") else " heads"
             if precision == "accurate":

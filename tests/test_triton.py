@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import pytest
 import test_bf16
@@ -465,6 +466,113 @@ def test_grpo_triton_heads_match_torch_heads_and_reference(case):
         _close(ours[0], ref, 1e-9 * (1 + ref.abs().item()), "loss vs reference")
         for name, a, r in zip("xwb", ours[2], _grads(ref, (xx, ww, bb))):
             _close(a, r, 1e-9 * (1 + r.abs().max().item()), f"grad {name} vs reference")
+
+
+@st.composite
+def accurate_case(draw):
+    return dict(
+        family=draw(st.sampled_from(["ce", "logprobs", "grpo"])),
+        dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
+        n=draw(st.integers(1, 7)),
+        d=draw(st.integers(1, 6)),
+        v=draw(st.sampled_from([1, 33, 100]) | st.integers(1, 130)),
+        block=draw(st.sampled_from([16, 64])),
+        softcap=draw(st.sampled_from([None, 5.0])),
+        scale=draw(st.sampled_from([1.0, 0.7])),
+        smoothing=draw(st.sampled_from([0.0, 0.1])),
+        bias=draw(st.booleans()),
+        chunk_size=draw(st.none() | st.integers(1, 4)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _accurate_run(case, x, w, b, ids):
+    """One family's outputs and gradients in accurate mode with the current heads."""
+    x, w = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    b = None if b is None else b.detach().requires_grad_(True)
+    common = dict(softcap=case["softcap"], chunk_size=case["chunk_size"], precision="accurate")
+    if case["family"] == "ce":
+        loss, lse = memops.linear_cross_entropy(
+            x, w, ids, b, logit_scale=case["scale"], label_smoothing=case["smoothing"], return_lse=True, **common
+        )
+        outs = [loss, lse]
+    elif case["family"] == "logprobs":
+        lp, ent = memops.linear_logprobs(x, w, ids, b, return_entropy=True, temperature=case["scale"], **common)
+        outs, loss = [lp, ent], (lp * torch.linspace(-1, 2, lp.numel()).view(lp.shape).to(lp)).sum() + ent.sum()
+    else:
+        g = torch.Generator().manual_seed(case["seed"] + 1)
+        mask = (torch.rand(ids.shape, generator=g) < 0.8).long()
+        adv = torch.randn(ids.shape[0], generator=g).to(x.dtype)
+        loss, _ = memops.linear_grpo_loss(x, w, ids, mask, adv, bias=b, temperature=case["scale"], **common)
+        outs = [loss]
+    return outs, _grads(loss, (x, w, b))
+
+
+@SMALL
+@given(accurate_case())
+def test_accurate_mode_runs_the_triton_heads_on_fp32_blocks(case):
+    """``precision="accurate"``: the Triton heads read the fp32 logits the GEMM wrote (each launch's block is
+    fp32; the default precision's blocks are the input dtype) and equal the torch heads in accurate mode: both
+    do fp32 math on the same fp32 logits, so forward values agree to fp32 rounding and gradients to one
+    rounding of the low-precision output."""
+    g = torch.Generator().manual_seed(case["seed"])
+    dtype, n, d, v = case["dtype"], case["n"], case["d"], case["v"]
+    x = torch.randn(2, n, d, generator=g).to(dtype)
+    w = (torch.randn(v, d, generator=g) * (2 / math.sqrt(d))).to(dtype)
+    b = torch.randn(v, generator=g).to(dtype) if case["bias"] else None
+    ids = torch.randint(0, v, (2, n), generator=g)
+    blocks = []
+    real = triton_heads._launch
+
+    def recorded(kernel, rows, z, *args, **kwargs):
+        blocks.append(z.dtype)
+        return real(kernel, rows, z, *args, **kwargs)
+
+    with triton_path(case["block"]), mock.patch.object(triton_heads, "_launch", recorded):
+        ours = _accurate_run(case, x, w, b, ids)
+    assert blocks and set(blocks) == {torch.float32}, blocks
+    with memops.kernels("torch"):
+        theirs = _accurate_run(case, x, w, b, ids)
+    for i, (a, th) in enumerate(zip(ours[0], theirs[0])):
+        _close(a, th, _tol(dtype, th.float(), pair=True), f"output {i} vs torch heads")
+    for name, a, th in zip("xwb", ours[1], theirs[1]):
+        assert a.dtype == dtype
+        _close(a.double(), th.double(), _tol(dtype, th.float(), pair=True, grad=True), f"grad {name} vs torch")
+    blocks.clear()
+    with triton_path(case["block"]), mock.patch.object(triton_heads, "_launch", recorded):
+        memops.linear_logprobs(x, w, ids, b)
+    assert set(blocks) == {dtype}, blocks  # the default precision reads the input dtype's block
+
+
+def test_accurate_triton_chunks_off_the_cpu_are_fp32_from_the_gemm():
+    """Off the CPU (meta tensors take that branch) an accurate fused chunk is ``mm(out_dtype=float32)`` into
+    an fp32 block, the head gets that block, its ``dz`` is cast to bf16 once for both gradient GEMMs, and the
+    chunks are sized for the fp32 block (not the bf16 one of the default fused path)."""
+    from memops import config
+    from memops.ops import engine
+
+    n, d, v = 4096, 64, 50_000
+    x = torch.empty(n, d, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(v, d, dtype=torch.bfloat16, device="meta")
+    engine.fp32_out_gemm(x.device)
+    seen = []
+
+    def head(z, sel):
+        seen.append((z.dtype, z.shape[0]))
+        return z
+
+    ops = Ops()
+    with config.chunking(budget_bytes=64 << 20), ops:
+        engine.run(x, w, None, head, grad_input=True, grad_weight=True, fused=True, accurate=True)
+    with config.chunking(budget_bytes=64 << 20):
+        rows = config.chunk_rows(n, v, d, x.dtype, x.device, 0, fused=False)
+        narrow = config.chunk_rows(n, v, d, x.dtype, x.device, 0, fused=True)
+    assert narrow > rows
+    assert [s[1] for s in seen] == [min(rows, n - lo) for lo in range(0, n, rows)], (seen, rows)
+    assert {s[0] for s in seen} == {torch.float32}
+    chunks = len(seen)
+    assert ops.seen.count("aten.mm.dtype_out") == chunks + 1  # each chunk's logits, the first weight gradient
+    assert ops.seen.count("aten._to_copy.default") == chunks  # dz cast once per chunk
 
 
 # ---- selection ----------------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ HEADS = {
     "log-probs, forward only": ("logprobs", {}, False),
     "log-probs + entropy, gradient (recompute)": ("logprobs", dict(entropy=True), True),
     "GRPO, forward + gradient (two launches)": ("grpo", {}, True),
-    # precision="accurate": fp32 logits from the GEMM (torch heads; the Triton heads are not used)
+    # precision="accurate": fp32 logits from the GEMM; the Triton heads read and write the fp32 block, dz is
+    # cast to the input dtype once for the gradient GEMMs
     "cross-entropy, accurate (fp32 logits)": ("ce", dict(precision="accurate"), True),
     "log-probs + entropy, accurate, gradient": ("logprobs", dict(entropy=True, precision="accurate"), True),
 }
@@ -181,7 +182,16 @@ def triton_head_bytes(name: str, dtype: torch.dtype) -> dict:
     count = _Count(ROWS, VOCAB)
     xm, wm, _ = _inputs(dtype, "meta")
     with count:
-        real_run(xm, wm, None, lambda z, sel: z if grad else None, grad_input=grad, grad_weight=grad, fused=True)
+        real_run(
+            xm,
+            wm,
+            None,
+            lambda z, sel: z if grad else None,
+            grad_input=grad,
+            grad_weight=grad,
+            fused=True,
+            accurate=opts.get("precision") == "accurate",
+        )
     total["gemm"] = count.bytes["gemm"] + count.bytes["head"]
     return {k: v / (ROWS * VOCAB) for k, v in total.items()}
 
@@ -205,11 +215,8 @@ def table(dtypes=(torch.bfloat16, torch.float32)) -> str:
     for name in HEADS:
         for dtype in dtypes:
             a = torch_head_bytes(name, dtype)
-            if HEADS[name][1].get("precision") == "accurate":
-                triton = "- | - |"
-            else:
-                b = triton_head_bytes(name, dtype)
-                triton = f"{b['head']:.1f} | {b['gemm']:.1f} |"
+            b = triton_head_bytes(name, dtype)
+            triton = f"{b['head']:.1f} | {b['gemm']:.1f} |"
             lines.append(
                 f"| {name} | {str(dtype).removeprefix('torch.')} | {a['head']:.1f} | {a['gemm']:.1f} | {triton}"
             )

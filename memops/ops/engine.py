@@ -320,9 +320,11 @@ def run(
     ``accurate=True`` (``precision="accurate"``, low-precision inputs): the logits are kept in fp32 from the
     GEMM: on CPU (and where the build has no fp32-output low-precision GEMM) the weight and bias are upcast
     once per call and each chunk's rows per chunk, and all three GEMMs run in fp32; on CUDA the logits GEMM
-    writes fp32 (``mm(out_dtype=float32)``) and the gradient GEMMs stay native.
+    writes fp32 (``mm(out_dtype=float32)``) and the gradient GEMMs stay native, reading ``dz`` rounded once.
+    A fused head then reads and writes the fp32 block.
 
-    ``fused=True`` (a Triton head, ``ops/triton_heads.py``): the buffer has the input dtype, the head gets
+    ``fused=True`` (a Triton head, ``ops/triton_heads.py``): the buffer has the input dtype (fp32 in accurate
+    mode), the head gets
     each whole chunk as the GEMM wrote it and does the scaling and soft-capping itself (``logit_scale`` and
     ``softcap`` are not applied here), and the gradient GEMMs read its ``dz`` in that dtype.
     """
@@ -343,7 +345,10 @@ def run(
     # low-precision gradient GEMMs; a fused head's CPU run (the Triton interpreter) keeps the GPU's fp32
     # weight-gradient partials
     native = config.native_gemm(x2d.dtype, x2d.device)
-    accurate = accurate and x2d.dtype != cdt and not fused
+    accurate = accurate and x2d.dtype != cdt
+    # the chunk buffer in the input dtype: a fused head in the default precision (accurate mode's fused head
+    # reads the fp32 block the GEMM wrote), or the CPU's native low-precision path below
+    narrow = fused and not accurate
     # accurate on CPU (or without an fp32-output GEMM): fp32 GEMMs on the weight upcast once per call
     upcast = accurate and (x2d.device.type == "cpu" or fp32_out_gemm(x2d.device) == "cast")
     weight_c = weight.to(cdt) if upcast else weight
@@ -361,11 +366,11 @@ def run(
         and x2d.dtype != cdt
         and not reducer.whole_chunk
     )
-    size = config.chunk_rows(m, reducer.rows_max or vocab, d, x2d.dtype, x2d.device, chunk_size, fused=fused or low)
+    size = config.chunk_rows(m, reducer.rows_max or vocab, d, x2d.dtype, x2d.device, chunk_size, fused=narrow or low)
     if reducer.whole_chunk:
         sub_block_bytes = WHOLE_CHUNK
     sub = size if fused else _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
-    buf = torch.empty((size, vocab), dtype=x2d.dtype if (fused or low) else cdt, device=x2d.device)
+    buf = torch.empty((size, vocab), dtype=x2d.dtype if (narrow or low) else cdt, device=x2d.device)
     work = torch.empty((min(sub, size), vocab), dtype=cdt, device=x2d.device) if low else None
     gx_part = None  # with skipped rows a chunk's input gradient is made here, then scattered to its rows
     if gx is not None and (rows is not None or gathered):

@@ -212,14 +212,7 @@ def ce_chunks(
     if probs is not None:
         head = prob_head
     accurate = a.precision == "accurate"
-    fused = (
-        reducer is LOCAL
-        and cw is None
-        and probs is None
-        and lse_upstream is None
-        and not accurate
-        and triton_heads.wanted(x2d)
-    )
+    fused = reducer is LOCAL and cw is None and probs is None and lse_upstream is None and triton_heads.wanted(x2d)
     if fused:  # the same head in one Triton kernel per chunk
         head = triton_heads.ce(t1d, coef_all, a, loss_rows, lse_rows, top1)
     gx, gw, gb = engine.run(

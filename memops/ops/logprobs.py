@@ -142,7 +142,7 @@ def _chunks(
             z.scatter_add_(1, t, (c1 if local else torch.where(mine_all[sel], c1, 0.0)).unsqueeze(1))
         return z.mul_(inv_t) if in_head else z
 
-    fused = local and not accurate and triton_heads.wanted(x2d)
+    fused = local and triton_heads.wanted(x2d)
     if fused:  # the same head in Triton: one launch per chunk (two with ``coef``: forward, then gradient)
         scale = logit_scale if in_head else logit_scale * inv_t
         fused_coef = None if fixed is not None else coef
