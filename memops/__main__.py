@@ -1,4 +1,5 @@
-"""``python -m memops bench ...`` (see ``memops.bench``), ``doctor``, ``train-demo``, ``schemas``, ``traffic``."""
+"""``python -m memops bench ...`` (see ``memops.bench``), ``doctor``, ``train-demo``, ``models``, ``schemas``,
+``traffic``."""
 
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
             "float64 and a speed probe; paste its output into a bug report",
         )
     )
+    models = sub.add_parser(
+        "models", help="every installed transformers causal-LM type: verified, refused or unbuildable, and why"
+    )
+    models.add_argument("--json", metavar="FILE", help="also write the list as JSON")
     sub.add_parser("schemas", help="print every op's schema (forward and backward), one per line")
     sub.add_parser(
         "traffic",
@@ -43,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(traffic.table())
         return 0
+    if args.command == "models":
+        from .integrations import hf_models
+
+        return hf_models.main(args)
     if args.command == "schemas":
         from .contract import schemas
 

@@ -1,9 +1,11 @@
 """Hugging Face ``transformers`` causal LMs that train without building logits.
 
 ``apply(model)`` patches one model instance, ``apply("llama")`` (a ``model_type``, a model class, or an
-instance) patches the class; ``revert(...)`` undoes either.  Only the classes in ``VERIFIED`` are accepted:
-for each, what its forward does between ``lm_head`` and its loss (final-logit soft-capping, a logit scale,
-a router auxiliary loss) is recorded there and reproduced.  A patched model called with ``labels`` (or
+instance) patches the class; ``revert(...)`` undoes either.  A class is accepted when its forward's loss
+path is the standard one, read from its own code (``hf_rule``: backbone, kept positions, ``lm_head``, the
+model's soft-cap / logit scale, ``loss_function``, router auxiliary loss) and a tiny instance of it has
+passed the float64 equivalence test (``hf_tested``); everything else is refused naming the reason.
+A patched model called with ``labels`` (or
 ``shift_labels``) while training computes its loss with ``memops.linear_cross_entropy`` from the last
 hidden states and ``lm_head`` (weight and bias), with the original's label shifting, ``ignore_index``,
 ``num_items_in_batch`` normalization and ``logits_to_keep`` slicing, and returns ``logits=None``.  Without
@@ -19,96 +21,101 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from . import hf_rule, hf_tested
 from ._module_call import output_taken
 
 _PATCHED = "_memops_original_forward"
 
 
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _final_softcap(model) -> float | None:
-    cap = getattr(_text_config(model.config), "final_logit_softcapping", None)
-    return float(cap) if cap else None
-
-
-def _no_softcap(model) -> float | None:
-    return None
-
-
-def _unit_scale(model) -> float:
-    return 1.0
-
-
 @dataclass(frozen=True)
 class _Verified:
-    """What a verified causal LM's own forward does between ``lm_head`` and its loss: final-logit
-    soft-capping, a logit scale, a router auxiliary loss added to the loss."""
+    """What a verified causal LM's own forward does between ``lm_head`` and its loss (read from its code by
+    ``hf_rule``): final-logit soft-capping, a logit scale, a router auxiliary loss added to the loss."""
 
-    softcap: Callable[[Any], float | None] = _no_softcap
-    logit_scale: Callable[[Any], float] = _unit_scale
-    aux_loss: bool = False
+    path: hf_rule.LossPath
 
+    def softcap(self, model) -> float | None:
+        if self.path.softcap is None:
+            return None
+        cap = hf_rule.resolve(model, self.path.softcap)
+        return float(cap) if cap else None
 
-# Causal LM classes whose forward memops reproduces exactly, each tested against the unpatched model
-# (tests/test_transformers.py; README's table).  Keyed by transformers' class name; the forward in use
-# must be that class's own: a subclass that overrides forward is refused.
-VERIFIED = {
-    "LlamaForCausalLM": _Verified(),
-    "MistralForCausalLM": _Verified(),
-    "Qwen2ForCausalLM": _Verified(),
-    "Qwen3ForCausalLM": _Verified(),
-    "Qwen3MoeForCausalLM": _Verified(aux_loss=True),
-    "MixtralForCausalLM": _Verified(aux_loss=True),
-    "GptOssForCausalLM": _Verified(aux_loss=True),
-    "Gemma2ForCausalLM": _Verified(softcap=_final_softcap),
-    "Gemma3ForCausalLM": _Verified(softcap=_final_softcap),
-    "Gemma3ForConditionalGeneration": _Verified(),  # its forward applies no soft-capping
-    "Qwen2_5_VLForConditionalGeneration": _Verified(),
-    "Phi3ForCausalLM": _Verified(),
-    "Olmo2ForCausalLM": _Verified(),
-    "SmolLM3ForCausalLM": _Verified(),
-    "CohereForCausalLM": _Verified(logit_scale=lambda model: float(model.logit_scale)),
-    "GraniteForCausalLM": _Verified(logit_scale=lambda model: 1.0 / float(model.config.logits_scaling)),
-}
+    def logit_scale(self, model) -> float:
+        if self.path.scale is None:
+            return 1.0
+        value = float(hf_rule.resolve(model, self.path.scale))
+        return value if self.path.scale_op == "*" else 1.0 / value
+
+    @property
+    def aux_loss(self) -> bool:
+        return self.path.aux_coef is not None
+
+    def aux_coef(self, model) -> float:
+        return hf_rule.resolve(model, self.path.aux_coef)
 
 
 def _causal_lm_class(model_type: str):
-    import transformers
-    from transformers.models.auto import modeling_auto
+    from .hf_tiny import model_class
 
-    name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if name is None:  # vision-language models
-        name = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
-    cls = getattr(transformers, name, None) if name else None
-    if cls is None:
-        raise ValueError(f"memops.integrations.transformers: unknown causal LM model_type {model_type!r}")
-    return cls
+    try:
+        return model_class(model_type)
+    except ValueError:
+        raise ValueError(f"memops.integrations.transformers: unknown causal LM model_type {model_type!r}") from None
 
 
-def _verified(cls) -> _Verified:
-    """The verified behaviour of ``cls``'s forward, else a ValueError: the forward in use must be the own
-    forward of one of the VERIFIED transformers classes (any other could add loss terms or transform the
-    logits in ways memops would not reproduce)."""
-    owner = next(k for k in cls.__mro__ if "forward" in k.__dict__)  # nn.Module itself defines one
-    forward = owner.__dict__.get(_PATCHED, owner.__dict__["forward"])  # apply() on a class keeps the original
-    spec = VERIFIED.get(owner.__name__)
-    if spec is None or not getattr(forward, "__module__", "").startswith("transformers."):
-        where = f"{owner.__module__}.{owner.__qualname__}.forward"
-        raise ValueError(
-            f"memops.integrations.transformers: {cls.__name__} is not supported: its forward ({where}) is not one "
-            "memops has verified to compute its loss as the cross-entropy of lm_head's logits (with the model's "
-            "own soft-capping, logit scale and router auxiliary loss); a model that would train differently is "
-            f"refused. Verified: {sorted(VERIFIED)}"
-        )
-    return spec
+def _refuse(cls, why: str):
+    owner = next(k for k in cls.__mro__ if "forward" in k.__dict__)
+    where = f"{owner.__module__}.{owner.__qualname__}.forward"
+    raise ValueError(
+        f"memops.integrations.transformers: {cls.__name__} is not supported: {why} (its forward: {where}); a "
+        "model that would train differently is refused (docs/models.md: the rule, python -m memops models: "
+        "every installed type)"
+    )
+
+
+def _verified(cls, tested: bool = True) -> _Verified:
+    """The verified behaviour of ``cls``'s forward, else a ValueError naming the step of the standard loss
+    path that differs (``hf_rule``), or saying that the class has no float64 equivalence test
+    (``hf_tested.TESTED``; ``tested=False``: the rule alone, for that test itself)."""
+    try:
+        path = hf_rule.read(cls)
+    except hf_rule.Refused as exc:
+        _refuse(cls, f"its loss path is not the standard one at the {exc.step!r} step: {exc.why}")
+    owner = next(k for k in cls.__mro__ if "forward" in k.__dict__)  # the class whose forward runs
+    if tested and owner.__name__ not in hf_tested.TESTED:
+        _refuse(cls, "its forward follows the standard loss path, but no tiny instance of it has passed memops' "
+                "float64 equivalence test (tests/test_hf_models.py)")  # fmt: skip
+    return _Verified(path)
+
+
+def _check_instance(model, spec: _Verified) -> None:
+    """What the class's code leaves to the instance: transformers' ForCausalLM loss, a vocabulary size equal
+    to lm_head's, and a backbone that ignores the ``labels`` its forward is given."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    cls = type(model)
+    if model.loss_function is not LOSS_MAPPING["ForCausalLM"]:
+        _refuse(cls, f"its loss_function is {getattr(model.loss_function, '__name__', model.loss_function)!r}, "
+                "not transformers' ForCausalLMLoss")  # fmt: skip
+    head = model.get_output_embeddings()
+    if head is None or head is not getattr(model, "lm_head", None):
+        _refuse(cls, "its output embeddings are not its lm_head")
+    vocab = spec.path.vocab
+    if vocab.startswith("self."):
+        size = hf_rule.resolve(model, vocab.removeprefix("self."))
+        weight = getattr(head, "weight", None)
+        out = getattr(head, "out_features", None) if weight is None else weight.shape[0]
+        if out is not None and weight is not None and weight.numel() and int(size) != int(out):
+            _refuse(cls, f"its loss reads a vocabulary of {size} ({vocab}) but lm_head has {out} rows")
+    if spec.path.backbone_labels is not None:
+        backbone = hf_rule.resolve(model, spec.path.backbone_labels)
+        if not hf_rule.ignores_labels(type(backbone)):
+            _refuse(cls, f"its backbone ({type(backbone).__name__}) is given the labels and reads them")
 
 
 class _Loss:
@@ -175,6 +182,14 @@ def _linear_heads(head) -> list[torch.nn.Linear]:
     else:
         leaves = [head]
     for leaf in leaves:
+        if isinstance(leaf, torch.nn.Linear) and (
+            type(leaf).forward is not torch.nn.Linear.forward
+            or {n for n, _ in leaf.named_parameters()} - {"weight", "bias"}
+        ):
+            raise ValueError(
+                f"memops: lm_head is a {type(leaf).__module__}.{type(leaf).__qualname__}, an nn.Linear with a forward "
+                "or parameters of its own: its output is not lm_head.weight's logits, so memops' loss would differ"
+            )
         if not isinstance(leaf, torch.nn.Linear):
             adapters = getattr(leaf, "lora_A", None)
             named = f" LoRA adapter(s) {sorted(adapters.keys())}" if adapters is not None else ""
@@ -194,6 +209,7 @@ def _loss_in_head(head, ctx: _Loss):
 
 def _wrap(orig):
     sig = inspect.signature(orig)
+    var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), "kwargs")
     takes_return_dict = "return_dict" in sig.parameters or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
     )
@@ -202,12 +218,13 @@ def _wrap(orig):
     def forward(self, *args, **kwargs):
         bound = sig.bind(self, *args, **kwargs)
         arguments = dict(bound.arguments)
-        extra = dict(arguments.pop("kwargs", {}) or {})
+        extra = dict(arguments.pop(var_kw, {}) or {})
         labels = arguments.get("labels")
         shift_labels = extra.get("shift_labels")
         if (labels is None and shift_labels is None) or not (self.training or getattr(self, "_memops_eval", False)):
             return orig(self, *args, **kwargs)
-        spec = _verified(type(self))
+        spec = _verified(type(self), getattr(self, "_memops_tested", True))
+        _check_instance(self, spec)
         arguments.pop("self")
         arguments["labels"] = None
         extra.pop("shift_labels", None)
@@ -233,7 +250,7 @@ def _wrap(orig):
         loss = ctx.loss
         aux = out.get("aux_loss") if spec.aux_loss else None
         if aux is not None:  # as the model's own forward: loss + router_aux_loss_coef * load-balancing loss
-            loss = loss + self.router_aux_loss_coef * aux.to(loss.device)
+            loss = loss + spec.aux_coef(self) * aux.to(loss.device)
         fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
         out = type(out)(loss=loss, **fields)  # logits left at None
         if return_dict is False or (return_dict is None and not getattr(self.config, "return_dict", True)):
@@ -268,17 +285,18 @@ def _keeping_fused_head(wrapped, fused):
     return forward
 
 
-def apply(target: Any, *, eval: bool = False):
+def apply(target: Any, *, eval: bool = False, _tested: bool = True):
     """Patch a model instance, or a causal LM class given as a class or a ``model_type`` string.
 
     ``eval=True`` also uses memops when an instance is in eval mode (its ``logits`` are then ``None``).
-    Returns ``target``.
+    Returns ``target``.  (``_tested=False``: the structural rule alone, for the equivalence test itself.)
     """
     if isinstance(target, str):
         cls = _causal_lm_class(target)
-        return apply(cls, eval=eval)
+        return apply(cls, eval=eval, _tested=_tested)
     if isinstance(target, type):
-        _verified(target)
+        _verified(target, _tested)
+        target._memops_tested = _tested
         if not getattr(target.forward, "_memops_patched", False):
             setattr(target, _PATCHED, target.forward)
             target.forward = _wrap(target.forward)
@@ -286,7 +304,8 @@ def apply(target: Any, *, eval: bool = False):
         return target
     if isinstance(target, torch.nn.Module):
         cls = type(target)
-        _verified(cls)
+        _check_instance(target, _verified(cls, _tested))
+        target._memops_tested = _tested
         head = target.get_output_embeddings()
         if head is None:
             raise ValueError(f"memops: {cls.__name__} has no output embeddings (lm_head)")
@@ -309,13 +328,15 @@ def revert(target: Any):
         if _PATCHED in target.__dict__:
             target.forward = target.__dict__[_PATCHED]
             delattr(target, _PATCHED)
-            if "_memops_eval" in target.__dict__:
-                delattr(target, "_memops_eval")
+            for attr in ("_memops_eval", "_memops_tested"):
+                if attr in target.__dict__:
+                    delattr(target, attr)
         return target
     if isinstance(target, torch.nn.Module):
         if _PATCHED in target.__dict__:
             del target.__dict__[_PATCHED]
             del target.__dict__["forward"]
             target.__dict__.pop("_memops_eval", None)
+            target.__dict__.pop("_memops_tested", None)
         return target
     raise TypeError(f"revert takes a model, a causal LM class or a model_type string, got {type(target).__name__}")

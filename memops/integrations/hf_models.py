@@ -1,0 +1,133 @@
+"""Every installed Hugging Face causal-LM (and image-text-to-text) type with memops' verdict on it:
+``verified`` (the structural rule accepts its forward, ``hf_rule``, and its tiny instance passed the float64
+equivalence test, ``hf_tested``), ``refused`` (the rule names the step that differs, or the equivalence test
+found a difference) or ``unbuildable`` (no tiny instance could be built here: the reason).
+
+``python -m memops models [--json]`` prints it; README's model table and ``docs/models.md`` are generated
+from it (``scripts/update_hf_tested.py``; ``tests/test_hf_models.py`` keeps them equal).
+"""
+
+from __future__ import annotations
+
+import json
+
+# the families people look for, as README names them (model types; absent ones are skipped)
+HEADLINE = (
+    ("Llama 3 / 4", ("llama", "llama4_text", "llama4")),
+    ("Qwen 2.5 / 3 / 3.5 / Next / VL", ("qwen2", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next",
+                                        "qwen3_vl", "qwen2_5_vl")),
+    ("Gemma 2 / 3 / 4", ("gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4")),
+    ("DeepSeek V2 / V3 / V3.2 / V4", ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4")),
+    ("Mistral / Mixtral / Ministral 3", ("mistral", "mixtral", "ministral3")),
+    ("GLM-4 / GLM-4-MoE", ("glm4", "glm4_moe")),
+    ("GPT-OSS", ("gpt_oss",)),
+    ("Phi-3 / Phi-4", ("phi3", "phimoe")),
+    ("OLMo 2 / 3", ("olmo2", "olmo3")),
+    ("Granite / Granite-MoE", ("granite", "granitemoe")),
+    ("LFM2, EXAONE 4, ERNIE 4.5, Hunyuan, Seed-OSS", ("lfm2", "exaone4", "ernie4_5", "hunyuan_v1_dense",
+                                                      "seed_oss")),
+    ("Falcon-H1, Nemotron-H, Kimi-Linear, MiniMax-M2", ("falcon_h1", "nemotron_h", "kimi_linear", "minimax_m2")),
+)  # fmt: skip
+
+
+def model_types() -> list[str]:
+    """Every model type transformers maps to a causal-LM or an image-text-to-text class."""
+    from transformers.models.auto import modeling_auto
+
+    names = set(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return sorted(names | set(modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES))
+
+
+def causal_lm_types() -> set[str]:
+    from transformers.models.auto import modeling_auto
+
+    return set(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def verdict(model_type: str) -> dict:
+    """``{"model_type", "class", "status", "reason"}`` for one type: the rule read live from the installed
+    class, the test's outcome from ``hf_tested``."""
+    from . import hf_rule, hf_tested, hf_tiny
+
+    row = {"model_type": model_type, "class": None, "status": "refused", "reason": ""}
+    try:
+        cls = hf_tiny.model_class(model_type)
+    except Exception as exc:  # noqa: BLE001  (a class that does not import here)
+        row["reason"] = f"its class does not import here: {type(exc).__name__}: {exc}"
+        return row
+    row["class"] = cls.__name__
+    try:
+        hf_rule.read(cls)
+    except hf_rule.Refused as exc:
+        row["reason"] = f"{exc.step}: {exc.why}"
+        return row
+    if cls.__name__ in hf_tested.TESTED:
+        row["status"], row["reason"] = "verified", "standard loss path; float64 equivalence test passed"
+        return row
+    status, reason = hf_tested.NOT_TESTED.get(model_type, ("refused", "standard loss path, but not tested yet"))
+    row["status"], row["reason"] = status, reason
+    return row
+
+
+def table() -> list[dict]:
+    return [verdict(t) for t in model_types()]
+
+
+def counts(rows: list[dict]) -> dict:
+    clm = causal_lm_types()
+    out = {"causal_lm": len([r for r in rows if r["model_type"] in clm]), "image_text": 0}
+    out["image_text"] = len(rows) - out["causal_lm"]
+    for status in ("verified", "refused", "unbuildable"):
+        out[status] = len([r for r in rows if r["status"] == status])
+        out[f"{status}_causal_lm"] = len([r for r in rows if r["status"] == status and r["model_type"] in clm])
+    return out
+
+
+def readme_table(rows: list[dict] | None = None) -> str:
+    """README's short table: the counts and the families people look for."""
+    import transformers
+
+    rows = table() if rows is None else rows
+    by_type = {r["model_type"]: r for r in rows}
+    c = counts(rows)
+    lines = [
+        f"transformers {transformers.__version__}: **{c['verified_causal_lm']} of {c['causal_lm']} causal-LM types "
+        f"verified** ({c['verified']} of {len(rows)} with the image-text-to-text ones); the rest are refused "
+        f"({c['refused']}) or cannot be built small here ({c['unbuildable']}). Full list: `docs/models.md` "
+        "(`python -m memops models`).",
+        "",
+        "| family | verified types |",
+        "|---|---|",
+    ]
+    for name, types in HEADLINE:
+        present = [t for t in types if t in by_type]
+        ok = [t for t in present if by_type[t]["status"] == "verified"]
+        cell = ", ".join(f"`{t}`" for t in ok) or "-"
+        missing = [t for t in present if t not in ok]
+        if missing:
+            cell += " (not: " + ", ".join(f"`{t}` {by_type[t]['status']}" for t in missing) + ")"
+        lines.append(f"| {name} | {cell} |")
+    return "\n".join(lines)
+
+
+def docs_table(rows: list[dict] | None = None) -> str:
+    """``docs/models.md``'s full list."""
+    rows = table() if rows is None else rows
+    lines = ["| model type | class | status | reason |", "|---|---|---|---|"]
+    for r in rows:
+        reason = r["reason"].replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{r['model_type']}` | `{r['class']}` | {r['status']} | {reason[:300]} |")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    rows = table()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    for r in rows:
+        print(f"{r['model_type']:32} {str(r['class']):48} {r['status']:12} {r['reason'][:160]}")
+    c = counts(rows)
+    print(f"# {c['verified_causal_lm']} of {c['causal_lm']} causal-LM types verified")
+    print(f"# {c['verified']} of {len(rows)} with the image-text-to-text types")
+    return 0

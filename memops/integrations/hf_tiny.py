@@ -1,0 +1,260 @@
+"""Tiny instances of any Hugging Face causal LM type, built from the type's own config class (no downloads).
+
+``build(model_type)`` shrinks the type's default config -- layers, hidden size, heads and KV heads, head
+dimension, intermediate sizes, experts and experts per token, vocabulary, and the same inside nested text
+and vision configs -- by passing small values for every size argument the config class takes, builds the
+causal-LM class from it and casts it to float64.  A type whose config or model cannot be built small (or
+that still has more than ``MAX_PARAMS`` parameters) raises :class:`Unbuildable` with the reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+
+VOCAB = 97
+MAX_PARAMS = 4_000_000
+# size arguments by the names config classes use for them
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    n_embd=32,
+    d_model=32,
+    embed_dim=32,
+    intermediate_size=48,
+    ffn_hidden_size=48,
+    n_inner=48,
+    num_hidden_layers=2,
+    n_layer=2,
+    num_layers=2,
+    n_layers=2,
+    num_attention_heads=4,
+    n_head=4,
+    n_heads=4,
+    num_heads=4,
+    num_key_value_heads=2,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    n_positions=64,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    moe_num_experts=4,
+    num_experts_per_tok=2,
+    moe_k=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=16,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=4,
+    v_head_dim=8,
+    rotary_dim=4,
+    index_head_dim=8,
+    index_n_heads=2,
+    index_topk=4,
+    vocab_size_per_layer_input=VOCAB,
+    hidden_size_per_layer_input=8,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    output_router_logits=True,
+    router_aux_loss_coef=0.1,
+)
+# vision towers: a few patches of a small image
+VISION = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    depth=1,
+    num_attention_heads=2,
+    num_heads=2,
+    image_size=32,
+    patch_size=8,
+)
+
+
+# the equivalence test's bound on the relative difference (loss and every parameter's gradient): float64
+# rounding of two orderings of the same sums, with room for a few thousand terms
+TOLERANCE = 1e-12
+
+
+class Unbuildable(RuntimeError):
+    """A model type memops cannot build small here (the reason in the message)."""
+
+
+def _accepted(cls, values: dict) -> dict:
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and len(params) <= 3:
+        return dict(values)  # a config taking everything as **kwargs
+    return {k: v for k, v in values.items() if k in params}
+
+
+_LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "depth")
+
+
+def _per_layer(defaults: dict, small: dict) -> dict:
+    """The default config's per-layer settings (lists or patterns as long as its layer count, dicts keyed by
+    layer index) cut to the small layer count, and no dropout (patched and unpatched runs must see the same
+    network)."""
+    old = next((defaults[k] for k in _LAYERS if isinstance(defaults.get(k), int)), None)
+    new = next((small[k] for k in _LAYERS if k in small and k in defaults), None)
+    out = {}
+    for key, value in defaults.items():
+        if "drop" in key and type(value) is float:
+            out[key] = 0.0
+        elif old and new and isinstance(value, (list, tuple, str)) and len(value) == old and old != new:
+            out[key] = type(value)(value[:new]) if not isinstance(value, str) else value[:new]
+        elif new and isinstance(value, dict) and value and all(isinstance(k, int) for k in value):
+            out[key] = {k: v for k, v in value.items() if k < new}
+    return out
+
+
+def small_config(config_cls):
+    """``config_cls`` with every size it takes made small (nested text / vision configs too)."""
+    base = config_cls()
+    defaults = base.to_dict()
+    values = _accepted(config_cls, SMALL)
+    values.update(_accepted(config_cls, _per_layer(defaults, values)))
+    for key, small in (("text_config", SMALL), ("vision_config", VISION)):
+        sub = getattr(base, key, None)
+        if sub is not None and hasattr(sub, "to_dict") and key in inspect.signature(config_cls.__init__).parameters:
+            sub_values = _accepted(type(sub), small)
+            sub_values.update(_accepted(type(sub), _per_layer(sub.to_dict(), sub_values)))
+            values[key] = {**sub.to_dict(), **sub_values}
+    return config_cls(**values)
+
+
+def model_class(model_type: str):
+    """The causal-LM class transformers maps ``model_type`` to (image-text-to-text when it has none)."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if name is None:
+        name = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None:
+        raise ValueError(f"unknown causal LM model_type {model_type!r}")
+    return cls
+
+
+def build(model_type: str, seed: int = 0):
+    """A tiny float64 instance of ``model_type``'s causal-LM class, in training mode."""
+    from transformers.models.auto import configuration_auto
+
+    cls = model_class(model_type)
+    config_cls = getattr(cls, "config_class", None) or configuration_auto.CONFIG_MAPPING[model_type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            config = small_config(config_cls)
+            with torch.device("meta"):
+                size = sum(p.numel() for p in cls(config).parameters())
+        except Exception as exc:  # noqa: BLE001  (the reason is the answer)
+            raise Unbuildable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        if size > MAX_PARAMS:
+            raise Unbuildable(f"{size} parameters after shrinking every size argument the config takes")
+        torch.manual_seed(seed)
+        model = cls(config)
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")  # the grouped-matmul experts take no float64
+    return model.double().train()
+
+
+def _inputs(model, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=g)
+    labels = ids.clone()
+    labels[0, :2] = -100  # a prompt
+    labels[1, -1] = -100
+    return ids, labels
+
+
+def _run(model, ids, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, use_cache=False, **kwargs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def float64_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
+                 shift_labels=None, **kwargs):  # fmt: skip
+    """transformers' ``ForCausalLMLoss`` without its upcast to float32 (which would round a float64 model's
+    logits): the unpatched models' loss in the equivalence test (``tests/test_hf_models.py`` checks it equals
+    ``ForCausalLMLoss`` bit for bit on float32 logits)."""
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    logits, target = logits.reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
+    if reduction == "sum":
+        den = num_items_in_batch
+        loss = loss / (den.to(loss.device) if torch.is_tensor(den) else den)
+    return loss
+
+
+def compare(model_type: str, seed: int = 0) -> dict:
+    """Patched vs unpatched on a tiny float64 ``model_type``: the largest relative difference of the loss and
+    of every parameter's gradient in each case (labels; ``num_items_in_batch``; pre-shifted ``shift_labels``
+    with ``logits_to_keep``), and whether the patched output's logits were None.  Raises what the model
+    raises (:class:`Unbuildable` when it cannot be built small)."""
+    import copy
+
+    from . import transformers as hf
+
+    model = build(model_type, seed)
+    patched = hf.apply(copy.deepcopy(model), _tested=False)
+    model._loss_function = float64_loss  # what ``model.loss_function`` returns when set
+    ids, labels = _inputs(model, seed)
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    cases = {
+        "labels": dict(labels=labels),
+        "num_items_in_batch": dict(labels=labels, num_items_in_batch=torch.tensor(5)),
+        "shift_labels + logits_to_keep": dict(labels=labels, shift_labels=shift[:, -3:].contiguous(), logits_to_keep=3),
+    }
+    errors, no_logits = {}, True
+    for name, kwargs in cases.items():
+        want, want_grads = _run(model, ids, **kwargs)
+        got, got_grads = _run(patched, ids, **kwargs)
+        no_logits &= got.logits is None
+        worst = (got.loss - want.loss).abs().item() / max(want.loss.abs().item(), 1e-30)
+        if set(got_grads) != set(want_grads):
+            raise AssertionError(f"{name}: gradients of {sorted(set(got_grads) ^ set(want_grads))} differ in presence")
+        for key, g in want_grads.items():
+            scale = max(g.abs().max().item(), 1e-30)
+            worst = max(worst, (got_grads[key] - g).abs().max().item() / scale)
+        errors[name] = worst
+    aux = getattr(want, "aux_loss", None)
+    return {"errors": errors, "logits_none": no_logits, "aux_loss": aux is not None}
+
+
+# types tested with an image by tests/test_transformers.py (this builder cannot build them small)
+TESTED_ELSEWHERE = {"gemma3": "Gemma3ForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+def outcome(model_type: str) -> tuple[str, str]:
+    """``("verified" | "refused" | "unbuildable", reason)`` of the equivalence test on ``model_type`` (a type
+    the structural rule accepts)."""
+    try:
+        result = compare(model_type)
+    except Unbuildable as exc:
+        return "unbuildable", str(exc)
+    except Exception as exc:  # noqa: BLE001  (the reason is the answer)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        if isinstance(exc, ValueError) and first.startswith("memops"):  # refused on the instance
+            return "refused", first.split(": ", 1)[-1][:300]
+        return "unbuildable", f"the tiny instance fails on its own: {type(exc).__name__}: {first[:200]}"
+    worst = max(result["errors"].values())
+    if not worst <= TOLERANCE or not result["logits_none"]:
+        where = ", ".join(f"{k} {v:.1e}" for k, v in result["errors"].items())
+        return "refused", f"differs from the unpatched model in float64 (relative: {where})"
+    return "verified", ""

@@ -1,0 +1,122 @@
+"""Every installed transformers causal-LM and image-text-to-text type: the structural rule's verdict, the
+float64 equivalence test on a tiny instance of each type it accepts (patched vs unpatched: loss and every
+parameter's gradient with labels, ``num_items_in_batch``, ``shift_labels`` + ``logits_to_keep``, the router
+auxiliary loss where there is one, no logits), and that every other type is refused.  The record
+(``memops/integrations/hf_tested.py``, README's table, ``docs/models.md``) must match what runs here."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from memops.integrations import hf_models, hf_rule, hf_tested, hf_tiny  # noqa: E402
+from memops.integrations import transformers as mt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TYPES = hf_models.model_types()
+STALE = "memops/integrations/hf_tested.py is stale for this transformers: run scripts/update_hf_tested.py"
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    logging.set_verbosity(level)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_every_type_is_verified_by_its_test_or_refused(model_type):
+    assert transformers.__version__ == hf_tested.TRANSFORMERS, STALE
+    try:
+        cls = hf_tiny.model_class(model_type)
+    except Exception:  # noqa: BLE001
+        assert hf_models.verdict(model_type)["status"] == "refused"
+        return
+    try:
+        hf_rule.read(cls)
+    except hf_rule.Refused as exc:
+        with pytest.raises(ValueError, match=f"at the '{exc.step}' step"):
+            mt.apply(cls)
+        assert cls.__name__ not in hf_tested.TESTED
+        return
+    if model_type in hf_tiny.TESTED_ELSEWHERE:  # tested with an image in test_transformers.py
+        assert cls.__name__ in hf_tested.TESTED
+        return
+    status, reason = hf_tiny.outcome(model_type)
+    assert (status == "verified") == (cls.__name__ in hf_tested.TESTED), (status, reason, STALE)
+    if status != "verified":
+        assert hf_tested.NOT_TESTED[model_type][0] == status, STALE
+        with pytest.raises(ValueError, match="refused"):
+            mt.apply(cls)
+        assert not hasattr(cls, mt._PATCHED)
+        return
+    model = hf_tiny.build(model_type)
+    mt.apply(model)  # accepted without the test's override: the record says it passed
+    ids = torch.randint(3, hf_tiny.VOCAB, (1, 5))
+    out = model(input_ids=ids, labels=ids, use_cache=False)
+    assert out.logits is None and out.loss.isfinite()
+
+
+def test_the_float64_loss_is_transformers_loss_without_its_upcast():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 6), generator=g)
+    labels[0, :2] = -100
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    other = labels.masked_fill(labels == -100, 3)
+    for t, kw in ((labels, {}), (labels, {"num_items_in_batch": torch.tensor(7)}), (labels, {"shift_labels": shift}),
+                  (other, {"ignore_index": 3})):  # fmt: skip
+        assert torch.equal(hf_tiny.float64_loss(logits, t, 11, **kw), ForCausalLMLoss(logits, t, 11, **kw))
+
+
+def test_verified_types_cover_the_families_people_look_for():
+    rows = hf_models.table()
+    c = hf_models.counts(rows)
+    assert c["verified_causal_lm"] >= 116, c  # no silent regression of the coverage
+    verified = {r["model_type"] for r in rows if r["status"] == "verified"}
+    wanted = ("llama", "qwen3", "qwen3_5", "qwen3_next", "gemma3", "gemma4_text", "llama4", "deepseek_v3", "glm4",
+              "glm4_moe", "ministral3", "olmo3", "lfm2", "exaone4", "granitemoe", "ernie4_5", "hunyuan_v1_dense",
+              "seed_oss", "falcon_h1", "kimi_linear", "minimax_m2", "qwen3_vl", "gpt_oss")  # fmt: skip
+    assert [t for t in wanted if t not in verified] == []
+
+
+def test_readme_and_docs_hold_the_generated_tables():
+    rows = hf_models.table()
+    assert hf_models.readme_table(rows) in (ROOT / "README.md").read_text(), "run scripts/update_hf_tested.py"
+    assert hf_models.docs_table(rows) in (ROOT / "docs" / "models.md").read_text(), "run scripts/update_hf_tested.py"
+
+
+def test_models_command_json(tmp_path, capsys):
+    from memops.__main__ import main
+
+    out = tmp_path / "models.json"
+    assert main(["models", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["model_type"] for r in rows] == TYPES
+    assert {r["status"] for r in rows} <= {"verified", "refused", "unbuildable"}
+    assert all(set(r) == {"model_type", "class", "status", "reason"} for r in rows)
+    assert "causal-LM types verified" in capsys.readouterr().out
+
+
+def test_a_subclass_with_its_own_forward_is_refused():
+    class WithZLoss(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.loss = out.loss + 1e-4 * out.logits.logsumexp(-1).square().mean()
+            return out
+
+    with pytest.raises(ValueError, match="at the 'forward' step.*not transformers' own"):
+        mt.apply(WithZLoss)
