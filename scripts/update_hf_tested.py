@@ -34,7 +34,7 @@ def main() -> None:
         if t in hf_tiny.TESTED_ELSEWHERE:
             tested.add(hf_tiny.TESTED_ELSEWHERE[t])
             continue
-        status, reason = hf_tiny.outcome(t)
+        status, reason, _ = hf_tiny.outcome(t)
         print(f"{t:32} {status:12} {reason[:120]}", flush=True)
         if status == "verified":
             tested.add(cls.__name__)
