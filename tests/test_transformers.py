@@ -414,6 +414,27 @@ def test_train_demo_tiny_end_to_end(tmp_path):
             assert f"[{variant}] step {step}/3  loss {loss:.6f}  " in proc.stdout
 
 
+def test_train_demo_trains_a_new_family_and_refuses_an_unverified_one(tmp_path):
+    """``--model-type``: a verified type from its own config class (Qwen3.5: gated linear attention) trains with
+    the unpatched loss curve; a type the rule refuses stops before training, naming the step."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("tokenizers")
+    common = ["--steps", "2", "--accum", "1", "--vocab", "400", "--corpus-mb", "0.2", "--seq", "16"]
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "memops", "train-demo", "--model-type", "qwen3_5", *common, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "train_demo.json").read_text())
+    assert data["parity_ok"] is True and data["max_rel_diff"] < 1e-4
+    assert "tiny qwen3_5 (" in proc.stdout
+    cmd = [sys.executable, "-m", "memops", "train-demo", "--model-type", "xlnet", *common, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "at the 'head' step" in proc.stderr
+
+
 def test_train_demo_help_documents_every_option_and_default():
     import argparse
 
@@ -424,6 +445,7 @@ def test_train_demo_help_documents_every_option_and_default():
     shown = [a for a in parser._actions if a.help not in (argparse.SUPPRESS, None) and a.dest != "help"]
     assert {a.dest for a in shown} == {
         "config",
+        "model_type",
         "steps",
         "accum",
         "batch",

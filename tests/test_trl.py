@@ -344,13 +344,27 @@ def _common(tmp_path, **kw):
     }
 
 
-def test_sft_trainer_on_memops_logs_what_trl_logs(tokenizer, tmp_path):
+def _tiny(model_type: str):
+    """A tiny fp32 ``model_type`` from memops' builder (``memops/integrations/hf_tiny.py``) on this vocabulary."""
+    from memops.integrations import hf_tiny
+
+    cls = hf_tiny.model_class(model_type)
+    torch.manual_seed(0)
+    config = hf_tiny.small_config(cls.config_class, {"vocab_size": len(SPECIALS) + len(WORDS)})
+    return cls(config)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_5", "olmo3", "lfm2"])
+def test_sft_trainer_on_memops_logs_what_trl_logs(tokenizer, tmp_path, family):
+    """TRL's SFT trainer with its fused head on memops: Llama, and three families verified by the structural
+    rule (``docs/models.md``): Qwen3.5 (gated linear attention), OLMo 3, LFM2 (short convolutions)."""
     g = torch.Generator().manual_seed(0)
     data = datasets.Dataset.from_dict({"text": [_words(g, 9) for _ in range(16)]})
 
     def make():
         args = trl.SFTConfig(**_common(tmp_path, max_length=16))
-        return trl.SFTTrainer(model=_model(0, 32), args=args, train_dataset=data, processing_class=tokenizer)
+        model = _model(0, 32) if family == "llama" else _tiny(family)
+        return trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
 
     logs = _same_training(make)
     assert "mean_token_accuracy" in logs[0] and "entropy" in logs[0]

@@ -54,6 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model architecture: tiny (hidden 256, 2 layers, for CPUs) or llama-3.2-1b (Llama 3.2 1B's shape, "
         "random init, 128256-token vocabulary, for GPUs) (default: %(default)s)",
     )
+    p.add_argument(
+        "--model-type",
+        default="llama",
+        help="any verified transformers model type (python -m memops models), built from its own config class "
+        "at --config's sizes (default: %(default)s)",
+    )
     p.add_argument("--steps", type=int, default=50, help="optimizer steps (default: %(default)s)")
     p.add_argument(
         "--accum", type=int, default=2, help="gradient accumulation micro-batches per step (default: %(default)s)"
@@ -158,8 +164,16 @@ def _run_variant(args) -> None:
     cfg = dict(CONFIGS[args.config])
     cfg.setdefault("vocab_size", args.vocab)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(max_position_embeddings=max(args.seq, 128), **cfg)
-    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=getattr(torch, args.dtype)).train()
+    if args.model_type == "llama":
+        config = transformers.LlamaConfig(max_position_embeddings=max(args.seq, 128), **cfg)
+        model = transformers.LlamaForCausalLM(config)
+    else:  # the type's own config class at these sizes (memops' tiny builder, every other size small)
+        from .hf_tiny import model_class, small_config
+
+        cls = model_class(args.model_type)
+        sizes = dict(cfg, head_dim=cfg["hidden_size"] // cfg["num_attention_heads"])
+        model = cls(small_config(cls.config_class, dict(sizes, max_position_embeddings=max(args.seq, 128))))
+    model = model.to(device=device, dtype=getattr(torch, args.dtype)).train()
     if args.variant == "memops":
         mt.apply(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -176,7 +190,7 @@ def _run_variant(args) -> None:
         num_items = torch.tensor(micro[..., 1:].numel(), device=device)
         total = 0.0
         for mb in micro:
-            out = model(input_ids=mb[:, :-1], labels=mb[:, :-1], num_items_in_batch=num_items)
+            out = model(input_ids=mb[:, :-1], labels=mb[:, :-1], num_items_in_batch=num_items, use_cache=False)
             out.loss.backward()
             total += out.loss.item()
         opt.step()
@@ -230,14 +244,18 @@ def main(args) -> int:
     for name in ("steps", "accum", "batch", "seq", "vocab"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1")
+    if args.model_type != "llama":
+        from .transformers import _causal_lm_class, _verified
+
+        _verified(_causal_lm_class(args.model_type))  # refused before any training, naming why
     _prepare(args)
     res = {}
     for variant in ("unpatched", "memops"):
         print(f"training {variant} ...", flush=True)
         cmd = [sys.executable, "-m", "memops", "train-demo", "--variant", variant] + [
             a
-            for k in ("config", "steps", "accum", "batch", "seq", "vocab", "lr", "dtype", "device", "out")
-            for a in (f"--{k}", str(getattr(args, k)))
+            for k in ("config", "model_type", "steps", "accum", "batch", "seq", "vocab", "lr", "dtype", "device", "out")
+            for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))
         ]
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
         proc = subprocess.run(cmd, env=env)
@@ -255,7 +273,8 @@ def main(args) -> int:
         rows.append(f"| {name} | {med:.3f} | {peak} | {r['losses'][-1]:.6f} |")
     what = "process peak RSS" if args.device == "cpu" else "torch.cuda.max_memory_allocated"
     table = "\n".join(rows) + (
-        f"\n\n{args.config} Llama ({res['unpatched']['params']:,} parameters), {args.dtype} on {args.device}, "
+        f"\n\n{args.config} {args.model_type} ({res['unpatched']['params']:,} parameters), {args.dtype} on "
+        f"{args.device}, "
         f"{args.steps} steps x {args.accum} micro-batches x {args.batch} x {args.seq} tokens; peak = {what} "
         f"after the first step.\nLoss parity: max relative difference {worst:.2e} over {len(rel)} steps"
         + ("" if ok is None else f" (fp32 threshold 1e-4: {'OK' if ok else 'FAILED'})")
@@ -266,7 +285,11 @@ def main(args) -> int:
     with open(os.path.join(args.out, "train_demo.json"), "w") as f:
         json.dump({"config": vars(args), "runs": res, "max_rel_diff": worst, "parity_ok": ok}, f, indent=2)
     try:
-        _plot(res, os.path.join(args.out, "loss_curves.png"), f"{args.config} Llama, {args.dtype}: loss per step")
+        _plot(
+            res,
+            os.path.join(args.out, "loss_curves.png"),
+            f"{args.config} {args.model_type}, {args.dtype}: loss per step",
+        )
     except ImportError:
         print("matplotlib not installed: no plot (pip install 'memops[bench]')")
     return 0 if ok is not False else 1
