@@ -239,8 +239,17 @@ def test_a_cut_run_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsys):
     path = tmp_path / "cut.json"
     args = _parse("--tokens", "16", "--hidden", "8", "--vocab", "64", "--methods", "eager,memops", "--reps", "1",
                   "--no-check", "--json", str(path))  # fmt: skip
+    started = []
+    real_worker = bench.Worker
+
+    def tracked(*a, **kw):
+        started.append(real_worker(*a, **kw))
+        return started[-1]
+
+    monkeypatch.setattr(bench, "Worker", tracked)
     with pytest.raises(KeyboardInterrupt):
         bench.main(args)
+    assert started and all(wk.proc.poll() is not None for wk in started)  # no worker left running
     data = json.loads(path.read_text())
     assert data["complete"] is False and [r["method"] for r in data["runs"][0]["rows"]] == ["eager"]
     assert data["runs"][0]["rows"][0]["status"] == "ok"

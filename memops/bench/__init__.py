@@ -225,25 +225,28 @@ def _run_shape(
                     wk.request("step")
                 progress.update(f"{wk.method} step {rep + 1}/{args.reps}")
 
-    if args.device == "cpu":  # all warm first, then round-robin
-        workers = []
-        for m in runnable:
-            wk = Worker(args, m, shape, ref_file, tmp)
-            wk.read()
-            progress.update(f"{m} warm-up")
-            workers.append(wk)
-        steps(workers)
+    workers = []
+    try:
+        if args.device == "cpu":  # all warm first, then round-robin
+            for m in runnable:
+                workers.append(Worker(args, m, shape, ref_file, tmp))
+                workers[-1].read()
+                progress.update(f"{m} warm-up")
+            steps(workers)
+            for wk in workers:
+                rows[wk.method] = wk.result()
+                report(rows[wk.method])
+        else:  # one process at a time: no other method's memory on the device
+            for m in runnable:
+                workers.append(Worker(args, m, shape, ref_file, tmp))
+                workers[-1].read()
+                progress.update(f"{m} warm-up")
+                steps(workers[-1:])
+                rows[m] = workers[-1].result()
+                report(rows[m])
+    finally:  # a run cut short leaves no worker behind
         for wk in workers:
-            rows[wk.method] = wk.result()
-            report(rows[wk.method])
-    else:  # one process at a time: no other method's memory on the device
-        for m in runnable:
-            wk = Worker(args, m, shape, ref_file, tmp)
-            wk.read()
-            progress.update(f"{m} warm-up")
-            steps([wk])
-            rows[m] = wk.result()
-            report(rows[m])
+            wk.stop()
     return add_ratios([rows[m] for m in methods])
 
 

@@ -316,3 +316,10 @@ class Worker:
         self.proc.wait()
         self._stderr.close()
         return out if out is not None else self.failure
+
+    def stop(self) -> None:
+        """End the process if it still runs (a run cut short: Ctrl-C, an error in another method's row)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._stderr.close()
