@@ -11,20 +11,15 @@ transformers = pytest.importorskip("transformers")
 from reference import ref_linear_cross_entropy  # noqa: E402
 
 import memops  # noqa: E402
+from memops.integrations import hf_tiny  # noqa: E402
 from memops.integrations import transformers as mt  # noqa: E402
 
-V = 97
-COMMON = dict(
-    vocab_size=V,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-MOE = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.1)
-TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+V = hf_tiny.VOCAB
+# the tiny builder's sizes (memops/integrations/hf_tiny.py), passed to each family's config class by name
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+COMMON = dict(vocab_size=V, max_position_embeddings=64, **{k: hf_tiny.SMALL[k] for k in _SIZES})
+MOE = {k: hf_tiny.SMALL[k] for k in ("num_experts_per_tok", "output_router_logits", "router_aux_loss_coef")}
+TOKENS = {k: hf_tiny.SMALL[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
 # family: (config class, model class, config arguments); every model is built from a tiny config in float64
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),

@@ -56,32 +56,6 @@ def _src(node) -> str:
     return ast.unparse(node).replace("\n", " ")
 
 
-def _is_self_attr(node, *names) -> bool:
-    return (
-        isinstance(node, ast.Attribute)
-        and isinstance(node.value, ast.Name)
-        and node.value.id == "self"
-        and (not names or node.attr in names)
-    )
-
-
-def _config_attr(node) -> str | None:
-    """``self.config.X`` or ``self.config.get_text_config().X`` -> ``X``."""
-    if not isinstance(node, ast.Attribute):
-        return None
-    base = node.value
-    if _is_self_attr(base, "config"):
-        return node.attr
-    if (
-        isinstance(base, ast.Call)
-        and isinstance(base.func, ast.Attribute)
-        and base.func.attr == "get_text_config"
-        and _is_self_attr(base.func.value, "config")
-    ):
-        return node.attr
-    return None
-
-
 def self_path(node) -> str | None:
     """``self.a.b`` -> ``"a.b"`` (a ``get_text_config()`` call kept as a segment), else None."""
     parts = []
@@ -141,36 +115,6 @@ def _legacy_tuple_branch(guards) -> bool:
         isinstance(g, ast.UnaryOp) and isinstance(g.op, ast.Not) and _names(g.operand) == {"return_dict"}
         for g in guards
     )
-
-
-def _head_call(value):
-    """``self.lm_head(x)`` with an optional ``.float()`` / ``.contiguous()``: ``x``, else None."""
-    while (
-        isinstance(value, ast.Call)
-        and isinstance(value.func, ast.Attribute)
-        and value.func.attr in ("float", "contiguous")
-        and not value.args
-    ):
-        value = value.func.value
-    if isinstance(value, ast.Call) and _is_self_attr(value.func, "lm_head") and len(value.args) == 1:
-        return value.args[0]
-    return None
-
-
-def _scale_of(expr, name: str):
-    """``name * self.logit_scale`` / ``name / self.config.logits_scaling`` / ``name * self.config.X``:
-    ((where, attribute), op), else None."""
-    if not (isinstance(expr, ast.BinOp) and isinstance(expr.op, (ast.Mult, ast.Div))):
-        return None
-    if not (isinstance(expr.left, ast.Name) and expr.left.id == name):
-        return None
-    op = "*" if isinstance(expr.op, ast.Mult) else "/"
-    if _is_self_attr(expr.right, "logit_scale") and op == "*":
-        return ("self", "logit_scale"), op
-    attr = _config_attr(expr.right)
-    if attr == "logits_scaling":
-        return ("config", attr), op
-    return None
 
 
 _BACKBONE_SKIP = ("lm_head", "loss_function", "get_output_embeddings")

@@ -265,9 +265,10 @@ def _backbone(model):
 
 def _head_options(model) -> dict:
     """The logit post-processing of a verified transformers model (scale, soft-cap), or an error."""
-    from .transformers import _verified
+    from .transformers import _check_instance, _verified
 
     spec = _verified(type(model))
+    _check_instance(model, spec)
     return {"logit_scale": spec.logit_scale(model), "softcap": spec.softcap(model)}
 
 
