@@ -8,6 +8,8 @@ test on every listed type and fails when this file is stale: rerun after upgradi
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -59,7 +61,12 @@ def main() -> None:
         "}",
         "",
     ]
-    (ROOT / "memops" / "integrations" / "hf_tested.py").write_text("\n".join(lines))
+    record = ROOT / "memops" / "integrations" / "hf_tested.py"
+    record.write_text("\n".join(lines))
+    if shutil.which("ruff"):  # the project's format (CI checks it), so a regenerated record lands as is
+        subprocess.run(["ruff", "format", "-q", str(record)], check=True)
+    else:
+        print(f"ruff not found: run `ruff format {record}` before committing")
     import importlib
 
     from memops.integrations import hf_tested
