@@ -97,24 +97,34 @@ def check_target(input: torch.Tensor, target: torch.Tensor, name: str = "target"
         _fail(f"{name} is on {target.device} but input is on {input.device}")
 
 
-def check_target_range(target: torch.Tensor, vocab: int, ignore_index: int | None, name: str = "target") -> None:
+def check_target_range(
+    target: torch.Tensor, vocab: int, ignore_index: int | None, name: str = "target"
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Every entry is in ``[0, vocab)`` or equals ``ignore_index`` when there is one (reads tensor data).
+    Returns ``(valid, index)``: ``target != ignore_index`` (None without an ignore index) and the target
+    with 0 at ignored entries, a row index into the weight that every entry may use.
 
-    Sync-free (``memops.set_sync_free``, CUDA-graph capture) the check is a device-side assert: on CPU it
-    raises at once, on CUDA at the next call that synchronizes (the CUDA context is then unusable, as after
+    The check reads the index's minimum and maximum in one device-to-host copy.  Sync-free
+    (``memops.set_sync_free``, CUDA-graph capture) it is a device-side assert: on CPU it raises at once, on
+    CUDA at the next call that synchronizes (the CUDA context is then unusable, as after
     ``F.cross_entropy``'s own device assert), with the same message less the offending value."""
+    valid = None if ignore_index is None else target != ignore_index
+    index = target if valid is None else target * valid  # an integer product: 0 where ignored
     if target.numel() == 0:
-        return
-    bad = (target < 0) | (target >= vocab)
-    if ignore_index is not None:
-        bad &= target != ignore_index
+        return valid, index
     also = "" if ignore_index is None else f" and is not ignore_index ({ignore_index})"
+    lo, hi = torch.aminmax(index)
     if config.is_sync_free(target):
-        torch._assert_async(bad.any().logical_not(), f"memops: a {name} value is out of range [0, {vocab}){also}")
-        return
-    if bool(bad.any()):
+        torch._assert_async((lo >= 0) & (hi < vocab), f"memops: a {name} value is out of range [0, {vocab}){also}")
+        return valid, index
+    lo, hi = torch.stack((lo, hi)).tolist()
+    if lo < 0 or hi >= vocab:
+        bad = (target < 0) | (target >= vocab)
+        if valid is not None:
+            bad &= valid
         value = int(target[bad].flatten()[0])
         _fail(f"{name} value {value} is out of range [0, {vocab}){also}")
+    return valid, index
 
 
 def check_finite(name: str, value: float) -> None:

@@ -246,8 +246,9 @@ def _sub_blocks(
     ``work``, worked on there and written back to ``z`` as ``dz``, its rows' sum added to ``gb`` (the bias
     gradient) when given."""
     grads = True
-    for lo in range(0, z.shape[0], sub):
-        block = z[lo : lo + sub]
+    rows = z.shape[0]
+    for lo in range(0, rows, sub):
+        block = z if (lo == 0 and sub >= rows) else z[lo : lo + sub]
         zs = block if work is None else work[: block.shape[0]]
         if work is not None:
             zs.copy_(block)
@@ -336,10 +337,7 @@ def run(
     # input/weight gradients are written whole by the first chunk that computes them (no zero fill),
     # except the input gradient's skipped rows
     gathered = getattr(x2d, "gathered", False)
-    gx = None
-    if grad_input:
-        gx = rows_out(x2d.local.shape if gathered else x2d.shape, x2d.dtype, x2d.device, rows)
-    gw = torch.empty(weight.shape, dtype=cdt, device=weight.device) if grad_weight else None
+    gx = gw = None
     gb = torch.zeros(vocab, dtype=cdt, device=weight.device) if (grad_bias and bias is not None) else None
     written = False
     # low-precision gradient GEMMs; a fused head's CPU run (the Triton interpreter) keeps the GPU's fp32
@@ -370,10 +368,17 @@ def run(
     if reducer.whole_chunk:
         sub_block_bytes = WHOLE_CHUNK
     sub = size if fused else _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
-    buf = torch.empty((size, vocab), dtype=x2d.dtype if (narrow or low) else cdt, device=x2d.device)
+    # one chunk of every row, GEMMs in the compute dtype: the logits and the input and weight gradients are
+    # the GEMMs' own results (no buffer made first: a per-call cost at small shapes)
+    own = size >= m and rows is None and not gathered and x2d.dtype == cdt and not (narrow or low)
+    if grad_input and not own:
+        gx = rows_out(x2d.local.shape if gathered else x2d.shape, x2d.dtype, x2d.device, rows)
+    if grad_weight and not own:
+        gw = torch.empty(weight.shape, dtype=cdt, device=weight.device)
+    buf = None if own else torch.empty((size, vocab), dtype=x2d.dtype if (narrow or low) else cdt, device=x2d.device)
     work = torch.empty((min(sub, size), vocab), dtype=cdt, device=x2d.device) if low else None
     gx_part = None  # with skipped rows a chunk's input gradient is made here, then scattered to its rows
-    if gx is not None and (rows is not None or gathered):
+    if grad_input and (rows is not None or gathered):
         gx_part = torch.empty((size, d), dtype=x2d.dtype, device=x2d.device)
     for start in range(0, m, size):
         stop = min(start + size, m)
@@ -382,16 +387,18 @@ def run(
             xc = x2d.rows(start, stop, size)
         elif rows is None:
             sel = slice(start, stop)
-            xc = x2d[sel]
+            xc = x2d if (start == 0 and stop == n) else x2d[sel]
         else:
             sel = rows[start:stop]
             xc = x2d.index_select(0, sel)
-        z = buf[: stop - start]
+        z = buf if (own or stop - start == size) else buf[: stop - start]
         if chunk_start is not None:
             chunk_start(sel)
         if upcast:
             xc = xc.to(cdt)
-        if accurate and not upcast:  # the logits in fp32 from a low-precision GEMM
+        if own:
+            z = torch.mm(xc, weight_c.t()) if bias_c is None else torch.addmm(bias_c, xc, weight_c.t())
+        elif accurate and not upcast:  # the logits in fp32 from a low-precision GEMM
             torch.mm(xc, weight.t(), out_dtype=cdt, out=z)
             if bias is not None:
                 z.add_(bias)
@@ -414,19 +421,25 @@ def run(
         dz = z
         if z.dtype != x2d.dtype and native:
             dz = z.to(x2d.dtype)  # the gradient GEMMs' operand, cast once for both
-        if gx is not None:
+        if own:
+            gx = torch.mm(dz, weight_c) if grad_input else None
+            gw = torch.mm(dz.t(), xc) if grad_weight else None
+        elif gx is not None:
             if gathered:
                 _input_grad(dz, weight_c, gx_part[: stop - start])
                 x2d.give_grad(start, stop, gx_part[: stop - start], gx)
             elif rows is None:
-                _input_grad(dz, weight_c, gx[sel])
+                _input_grad(dz, weight_c, gx if (start == 0 and stop == n) else gx[sel])
             else:
                 _input_grad(dz, weight_c, gx_part[: stop - start])
                 gx.index_copy_(0, sel, gx_part[: stop - start])
-        if gw is not None:
+        if gw is not None and not own:
             _accumulate_weight_grad(gw, dz, xc, first=not written, scratch=scratch, native=native and not fused)
         written = True
     if not written:  # no rows, or a head that computed no gradient
+        if own:
+            gx = torch.zeros(x2d.shape, dtype=x2d.dtype, device=x2d.device) if grad_input else None
+            gw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if grad_weight else None
         for g in (gx, gw):
             if g is not None:
                 g.zero_()
@@ -457,7 +470,8 @@ def denominator(valid: torch.Tensor, num_items: torch.Tensor | None, cdt: torch.
     """Divisor of ``reduction="mean"``: ``num_items`` when given, else the non-ignored row count."""
     if num_items is not None:
         return scalar_on(num_items, cdt, valid.device)
-    return valid.sum().to(cdt)
+    # a count below 2**24 is exact in fp32 (summed in it at once), a larger one counted as an integer
+    return valid.sum(dtype=cdt) if valid.numel() < (1 << 24) else valid.sum().to(cdt)
 
 
 def reduce_rows(
@@ -502,24 +516,24 @@ def upstream(
 
 def row_coef(up: torch.Tensor, sel, valid: torch.Tensor) -> torch.Tensor:
     """The factor for rows ``sel`` of a chunk (0 where the target is ignored)."""
-    coef = up[sel] if up.dim() else up.expand(valid.shape[0])
-    return torch.where(valid, coef, 0.0)
+    return torch.where(valid, up[sel] if up.dim() else up, 0.0)
 
 
 def flatten(input: torch.Tensor, target: torch.Tensor, extras=()):
     """``[..., D]`` input, ``[...]`` target and per-token extras as rows: ``[N, D]``, ``[N]``, ``[N, *]``."""
     n, lead = target.numel(), target.dim()
     return (
-        input.reshape(n, input.shape[-1]),
-        target.reshape(n),
-        [e.reshape((n,) + tuple(e.shape[lead:])) for e in extras],
+        input if (lead == 1 and len(input.shape) == 2) else input.reshape(n, input.shape[-1]),
+        target if lead == 1 else target.reshape(n),
+        [e if lead == 1 else e.reshape((n,) + tuple(e.shape[lead:])) for e in extras],
     )
 
 
 def grads_out(gx, gw, gb, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> list:
     """Engine gradients as op outputs: input's shape, parameter dtypes, None where not computed."""
+    shape = getattr(input, "local_shape", None) or input.shape
     return [
-        None if gx is None else gx.view(getattr(input, "local_shape", None) or input.shape),
-        None if gw is None else gw.to(weight.dtype),
-        None if gb is None else gb.to(bias.dtype),
+        None if gx is None else (gx if gx.shape == shape else gx.view(shape)),
+        gw if (gw is None or gw.dtype == weight.dtype) else gw.to(weight.dtype),
+        gb if (gb is None or gb.dtype == bias.dtype) else gb.to(bias.dtype),
     ]

@@ -72,7 +72,7 @@ def take_precomputed(ctx, grad_loss: Tensor, need: Sequence[bool]) -> tuple | No
     ctx.consumed = True
     grads, ctx.grads = ctx.grads, None
     # multiplying by 1 is exact; sync-free, the check (a device-to-host read) is skipped
-    if config.is_sync_free(grad_loss) or not bool(grad_loss == 1):
+    if config.is_sync_free(grad_loss) or grad_loss.item() != 1:
         for g, n in zip(grads, need):
             if n:
                 g.mul_(grad_loss)
@@ -177,7 +177,7 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
     torch.library.impl(spec.qualname, "CompositeExplicitAutograd", kernel, lib=LIB)
     torch.library.impl(f"memops::{spec.backward_name}", "CompositeExplicitAutograd", backward_kernel, lib=LIB)
 
-    n_outputs = len(spec.outputs)
+    n_inputs, n_options, n_outputs = len(spec.inputs), len(spec.options), len(spec.outputs)
     diff = [k for k, name in enumerate(spec.outputs) if name in spec.differentiable]
 
     def setup_context(ctx, inputs, output, flat, layout):
@@ -188,7 +188,7 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
         ctx.save_for_backward(*flat)
         if _fwad._current_level >= 0:  # a dual level is open: forward-mode AD may ask (forward_tangents)
             ctx.save_for_forward(*flat)
-        ctx.options = spec.option_values(a)
+        ctx.options = list(inputs[n_inputs : n_inputs + n_options])
         live = spec.live(a)
         fixed = [o for k, o in enumerate(output[:n_outputs]) if k not in live]
         if spec.forward_grads:
@@ -198,7 +198,6 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
 
     def backward(ctx, *grad_outputs):
         tensors = _unflat(ctx.saved_tensors, ctx.layout)
-        a = spec.bind([*tensors, *ctx.options] + ([None] if spec.forward_grads else []))
         need, where = [], []  # per gradient slot: wanted?  and its input's position
         for k, (i, t) in enumerate(zip(spec.inputs, tensors)):
             if not i.grad:
@@ -218,7 +217,7 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
             return tuple(result)
         grads = take_precomputed(ctx, incoming[0], need) if spec.forward_grads else None
         if grads is None:
-            have, saved = for_backward_op(ctx, a.input)
+            have, saved = for_backward_op(ctx, tensors[0])
             grads = spec.backward_op()(incoming, *tensors, list(saved), *ctx.options, need, have)
         slot_of = {}
         for g, n, k in zip(grads, need, where):
@@ -412,20 +411,22 @@ def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
             result = (*output[:n_outputs], list(output[n_outputs:])) if spec.forward_grads else output
             setup_context(ctx, _unflat(flat, layout) + list(rest), result, flat, layout)
             ctx.rest = rest
+            ctx.n_flat = len(flat)
 
         @staticmethod
         def backward(ctx, *grad_outputs):
             refuse_higher_order(spec, ctx.saved_tensors, grad_outputs)
             layout = ctx.layout  # setup_context's
-            n_flat = sum(1 if n is None else n for n in layout)
             flags = ctx.needs_input_grad
-            prev = flags
             try:
-                ctx.needs_input_grad = tuple(_unflat(flags[3 : 3 + n_flat], layout))
-                with config.backward_like(ctx.sync_free):
+                ctx.needs_input_grad = tuple(_unflat(flags[3 : 3 + ctx.n_flat], layout))
+                if ctx.sync_free:
+                    with config.backward_like(True):
+                        result = backward(ctx, *grad_outputs[:n_outputs], list(grad_outputs[n_outputs:]))
+                else:
                     result = backward(ctx, *grad_outputs[:n_outputs], list(grad_outputs[n_outputs:]))
             finally:
-                ctx.needs_input_grad = prev
+                ctx.needs_input_grad = flags
             flat = []
             for g, n in zip(result[:n_inputs], layout):
                 flat.extend((g if g is not None else [None] * n) if n is not None else [g])

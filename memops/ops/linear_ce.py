@@ -57,6 +57,7 @@ def ce_chunks(
     weights: tuple = NO_WEIGHTS,
     probs: Tensor | None = None,
     lse_upstream: Tensor | None = None,
+    index: Tensor | None = None,
 ):
     """Per-row loss and lse over the rows ``rows`` (``plan.plan``); gradients when ``upstream`` is given.
 
@@ -70,7 +71,8 @@ def ce_chunks(
     weights, ``a.class_weight``: F.cross_entropy's ``weight``).  ``probs`` (``[N, V]``, one process):
     probability targets in place of ``t1d`` (which is then unused), read one block of rows at a time.
     ``need``: gradients of (input, weight, target, bias); the target's, with ``probs``, comes back last as
-    ``[N, V]`` in the compute dtype.  ``lse_upstream`` (``[N]``, 0 where the lse output is a constant): the
+    ``[N, V]`` in the compute dtype.  ``index`` (one process): the targets with 0 at ignored rows, as
+    ``validation.check_target_range`` returns them, when the caller has them.  ``lse_upstream`` (``[N]``, 0 where the lse output is a constant): the
     incoming gradient of the lse output, added to each row's gradient as ``lse_upstream * softmax``
     (d lse / d z = softmax).
 
@@ -90,8 +92,14 @@ def ce_chunks(
     local = weight.shape[0]
     vocab = reducer.vocab_of(weight)
     cdt = engine.compute_dtype(x2d.dtype)
-    loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
-    lse_rows = plan.rows_out(n, cdt, x2d.device, rows)
+    # the per-row outputs "loss" and "lse" ([N], compute dtype): made by the first block that writes them (that
+    # block's own result when it is every row: one chunk), zero where the plan skips rows
+    out: dict[str, Tensor] = {}
+
+    def new_rows(name: str) -> Tensor:
+        if name == "loss":
+            return torch.zeros(n, dtype=cdt, device=x2d.device)
+        return plan.rows_out(n, cdt, x2d.device, rows)
     eps, zl, ignore = a.label_smoothing, a.z_loss, a.ignore_index
     cw, wt_all, w_total = weights
     gt = None  # the probability target's gradient [N, V], when asked for
@@ -104,7 +112,10 @@ def ce_chunks(
         t_all = t1d.long()
         valid_all = t_all != ignore if valid is None else valid
         # the target's row in this weight (targets were range-checked: in one process every valid one is)
-        mine_all, safe_all = reducer.owned_valid(t_all, valid_all, local)
+        if reducer is LOCAL and index is not None:
+            mine_all, safe_all = valid_all, index.long()
+        else:
+            mine_all, safe_all = reducer.owned_valid(t_all, valid_all, local)
         safe_all = safe_all.unsqueeze(1)
     coef_all = None if upstream is None else engine.row_coef(upstream, slice(None), valid_all)
     if lse_upstream is not None and coef_all is None:
@@ -118,12 +129,29 @@ def ce_chunks(
         z.sub_(zmax).exp_()
         return zmax.squeeze(1)
 
-    def finish(zmax, total):
-        # logsumexp as torch.logsumexp gives it (a +-inf row max is the answer) ...
-        lse_out = torch.where(zmax.isinf(), zmax, zmax + total.log())
-        # ... but log_softmax, hence the loss and its gradient, is NaN across such a row
-        # (x - x + x is x exactly for finite x and NaN for +-inf and NaN: isfinite + where in two ops)
-        return lse_out, (lse_out - lse_out).add_(lse_out)
+    def finish(zmax, total, sel):
+        """The lse for the loss; the "lse" output gets the lse as torch.logsumexp gives it.  A row whose max
+        is not finite (+-inf, NaN) has a NaN sum of exponentials (``inf - inf`` in ``z - zmax``): there
+        log_softmax, hence the loss and its gradient, is NaN, while torch.logsumexp answers the row max.
+        Elsewhere the sum is at least 1 (the max's own term), so the lse is at least the max: ``fmax`` (which
+        takes the other operand for a NaN one) gives both cases in one op."""
+        lse = zmax + total.log()
+        put("lse", sel, torch.fmax(lse, zmax))
+        return lse
+
+    def pick(t: Tensor, sel) -> Tensor:
+        """Rows ``sel`` of a per-row tensor (itself when the block is every row)."""
+        return t if (isinstance(sel, slice) and sel.start == 0 and sel.stop == n) else t[sel]
+
+    def put(name: str, sel, value: Tensor) -> None:
+        """Output ``name``'s rows ``sel`` = ``value`` (a tensor of the head's own)."""
+        rows_of = out.get(name)
+        if rows_of is None:
+            if isinstance(sel, slice) and sel.start == 0 and sel.stop == n:
+                out[name] = value
+                return
+            rows_of = out[name] = new_rows(name)
+        rows_of[sel] = value
 
     def prob_head(z: Tensor, sel):
         # this block's targets (a copy: the user's tensor is never written): q = (1 - eps) p + eps / V, times w
@@ -139,12 +167,11 @@ def ce_chunks(
             gt_block.copy_(z)
         zmax = softmax_stats(z)
         total = z.sum(dim=1)
-        lse_out, lse = finish(zmax, total)
+        lse = finish(zmax, total, sel)
         loss = lse * u_sum - uz
         if zl:
             loss = loss + zl * lse.square()
-        loss_rows[sel] = loss
-        lse_rows[sel] = lse_out
+        put("loss", sel, loss)
         if upstream is None:
             return None
         coef = coef_all[sel]
@@ -160,7 +187,7 @@ def ce_chunks(
         return z.sub_(u.mul_(coef.unsqueeze(1)))
 
     def head(z: Tensor, sel):
-        valid, safe = valid_all[sel], safe_all[sel]
+        valid, safe = pick(valid_all, sel), pick(safe_all, sel)
         z_target = z.gather(1, safe).squeeze(1)
         if reducer is not LOCAL:  # summed over the group: the shards that do not hold the target add 0
             z_target = torch.where(mine_all[sel], z_target, 0.0)
@@ -171,8 +198,8 @@ def ce_chunks(
         zmax = softmax_stats(z)
         total = z.sum(dim=1)
         reducer.sum_(total, z_target, z_sum)
-        lse_out, lse = finish(zmax, total)
-        wt = None if wt_all is None else wt_all[sel]
+        lse = finish(zmax, total, sel)
+        wt = None if wt_all is None else pick(wt_all, sel)
         loss = lse - z_target  # an ignored row's (a stand-in target's) is masked below
         if wt is not None:
             loss = wt * loss
@@ -181,11 +208,10 @@ def ce_chunks(
             loss = (1.0 - eps) * loss + eps * smooth
         if zl:
             loss = loss + zl * (lse.square() if wt is None else wt * lse.square())
-        loss_rows[sel] = torch.where(valid, loss, 0.0)
-        lse_rows[sel] = lse_out
+        put("loss", sel, torch.where(valid, loss, 0.0))
         if upstream is None:
             return None
-        coef = coef_all[sel]
+        coef = pick(coef_all, sel)
         # d loss / d z = coef * [softmax * g - eps / V * w - (1 - eps) w_t onehot]
         if wt is None:
             g = 1.0 + 2.0 * zl * lse if zl else None
@@ -202,7 +228,7 @@ def ce_chunks(
                 z.sub_((coef * (eps / vocab)).unsqueeze(1))
             else:
                 z.sub_((coef * (eps / vocab)).unsqueeze(1) * cw)
-        onehot = coef * (eps - 1.0)  # 0 at ignored rows (coef is)
+        onehot = coef * (eps - 1.0) if eps else coef.neg()  # 0 at ignored rows (coef is)
         if wt is not None:
             onehot = onehot * wt
         if reducer is not LOCAL:
@@ -214,7 +240,8 @@ def ce_chunks(
     accurate = a.precision == "accurate"
     fused = reducer is LOCAL and cw is None and probs is None and lse_upstream is None and triton_heads.wanted(x2d)
     if fused:  # the same head in one Triton kernel per chunk
-        head = triton_heads.ce(t1d, coef_all, a, loss_rows, lse_rows, top1)
+        out.update(loss=new_rows("loss"), lse=new_rows("lse"))
+        head = triton_heads.ce(t1d, coef_all, a, out["loss"], out["lse"], top1)
     gx, gw, gb = engine.run(
         x2d,
         weight,
@@ -231,6 +258,8 @@ def ce_chunks(
         reducer=reducer,
         accurate=accurate,
     )
+    loss_rows = out["loss"] if "loss" in out else new_rows("loss")  # no rows: nothing was written
+    lse_rows = out["lse"] if "lse" in out else new_rows("lse")
     return loss_rows, lse_rows, gx, gw, gb, gt
 
 
@@ -240,15 +269,20 @@ def _grads_out(gx, gw, gt, gb, a: Args) -> list:
     return [gx, gw, None if gt is None else gt.to(a.target.dtype).view(a.target.shape), gb]
 
 
-def _rows(a: Args):
-    """``(x2d, t1d or None, probability targets [N, V] or None, valid [N])`` of a call."""
+def _rows(a: Args, checked: tuple | None = None):
+    """``(x2d, t1d or None, probability targets [N, V] or None, valid [N], index [N] or None)`` of a call
+    (``index``: :func:`validation.check_target_range`'s, given as ``checked``)."""
     if a.target.is_floating_point():
         vocab = a.target.shape[-1]
         x2d = a.input.reshape(-1, a.input.shape[-1])
         probs = a.target.reshape(-1, vocab)
-        return x2d, None, probs, torch.ones(x2d.shape[0], dtype=torch.bool, device=x2d.device)
+        return x2d, None, probs, torch.ones(x2d.shape[0], dtype=torch.bool, device=x2d.device), None
     x2d, t1d, _ = engine.flatten(a.input, a.target)
-    return x2d, t1d, None, t1d != a.ignore_index
+    if checked is not None:
+        n = t1d.shape[0]
+        valid, index = checked
+        return x2d, t1d, None, *(t if t.dim() == 1 else t.reshape(n) for t in (valid, index))
+    return x2d, t1d, None, t1d != a.ignore_index, None
 
 
 def _den(a: Args, valid, wt, cdt):
@@ -263,9 +297,10 @@ def _den(a: Args, valid, wt, cdt):
 
 
 def _forward(a: Args, need: list) -> tuple:
+    checked = None
     if not a.target.is_floating_point():
-        validation.check_target_range(a.target, a.weight.shape[0], a.ignore_index)
-    x2d, t1d, probs, valid = _rows(a)
+        checked = validation.check_target_range(a.target, a.weight.shape[0], a.ignore_index)
+    x2d, t1d, probs, valid, index = _rows(a, checked)
     cdt = engine.compute_dtype(a.input.dtype)
     weights = target_weights(a, t1d, valid)
     den = _den(a, valid, weights[1], cdt) if a.reduction == "mean" else None
@@ -275,18 +310,19 @@ def _forward(a: Args, need: list) -> tuple:
     rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=needed).full
     top1 = torch.zeros(valid.shape, dtype=torch.bool, device=x2d.device) if a.return_is_top1 else None
     loss_rows, lse_rows, gx, gw, gb, gt = ce_chunks(
-        x2d, a.weight, t1d, a.bias, up, need, a, rows, top1=top1, valid=valid, weights=weights, probs=probs
+        x2d, a.weight, t1d, a.bias, up, need, a, rows, top1=top1, valid=valid, weights=weights, probs=probs,
+        index=index,
     )
     shape = token_shape(a)
     loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, shape, den=den)
     top1 = placeholder(loss) if top1 is None else top1.view(shape)
     if not a.all_lse:  # an ignored row's lse is 0 then, whether the plan computed the row or not
         lse_rows = torch.where(valid, lse_rows, 0.0)
-    return (loss, lse_rows.view(shape), top1), _grads_out(gx, gw, gt, gb, a)
+    return (loss, lse_rows if lse_rows.shape == shape else lse_rows.view(shape), top1), _grads_out(gx, gw, gt, gb, a)
 
 
 def _gradients(a: Args, grad_outputs: list, need: list) -> list:
-    x2d, t1d, probs, valid = _rows(a)
+    x2d, t1d, probs, valid, _ = _rows(a)
     cdt = engine.compute_dtype(a.input.dtype)
     weights = target_weights(a, t1d, valid)
     den = _den(a, valid, weights[1], cdt) if a.reduction == "mean" else None
