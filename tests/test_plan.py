@@ -90,9 +90,7 @@ def test_small_calls_compute_every_row_without_a_plan(monkeypatch):
 
 def test_logprobs_and_transform_syncs():
     x, w, t, b = _ce_args(False, True)[:4]
-    assert _run("linear_logprobs", (x, w, t, b, 0.7, 1.0, None, True, False, False, False, 5, "reference")) == [
-        CHECK
-    ]
+    assert _run("linear_logprobs", (x, w, t, b, 0.7, 1.0, None, True, False, False, False, 5, "reference")) == [CHECK]
     g1 = torch.randn(40) * (torch.arange(40) % 2)
     assert _run(
         "linear_logprobs",

@@ -72,9 +72,9 @@ def ce_chunks(
     probability targets in place of ``t1d`` (which is then unused), read one block of rows at a time.
     ``need``: gradients of (input, weight, target, bias); the target's, with ``probs``, comes back last as
     ``[N, V]`` in the compute dtype.  ``index`` (one process): the targets with 0 at ignored rows, as
-    ``validation.check_target_range`` returns them, when the caller has them.  ``lse_upstream`` (``[N]``, 0 where the lse output is a constant): the
-    incoming gradient of the lse output, added to each row's gradient as ``lse_upstream * softmax``
-    (d lse / d z = softmax).
+    ``validation.check_target_range`` returns them, when the caller has them.  ``lse_upstream`` (``[N]``, 0
+    where the lse output is a constant): the incoming gradient of the lse output, added to each row's
+    gradient as ``lse_upstream * softmax`` (d lse / d z = softmax).
 
     Per row, with ``w`` the class weights (all 1 without them), ``w_t`` the target's, ``W = sum w``,
     ``eps`` the label smoothing, ``zl`` the z-loss and ``lse`` the logsumexp::
@@ -100,6 +100,7 @@ def ce_chunks(
         if name == "loss":
             return torch.zeros(n, dtype=cdt, device=x2d.device)
         return plan.rows_out(n, cdt, x2d.device, rows)
+
     eps, zl, ignore = a.label_smoothing, a.z_loss, a.ignore_index
     cw, wt_all, w_total = weights
     gt = None  # the probability target's gradient [N, V], when asked for
@@ -310,7 +311,18 @@ def _forward(a: Args, need: list) -> tuple:
     rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=needed).full
     top1 = torch.zeros(valid.shape, dtype=torch.bool, device=x2d.device) if a.return_is_top1 else None
     loss_rows, lse_rows, gx, gw, gb, gt = ce_chunks(
-        x2d, a.weight, t1d, a.bias, up, need, a, rows, top1=top1, valid=valid, weights=weights, probs=probs,
+        x2d,
+        a.weight,
+        t1d,
+        a.bias,
+        up,
+        need,
+        a,
+        rows,
+        top1=top1,
+        valid=valid,
+        weights=weights,
+        probs=probs,
         index=index,
     )
     shape = token_shape(a)
