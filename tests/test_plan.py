@@ -194,3 +194,32 @@ def test_masked_grpo_tokens_keep_nan_parity_with_an_infinite_weight():
     ref_grpo_loss(want, w, ids, mask, adv, ref_logprobs=ref, beta=0.04)[0].backward()
     assert want.grad[:, 3:].isnan().any()
     assert torch.equal(got.grad.isnan(), want.grad.isnan())
+
+
+def test_a_small_call_runs_few_tensor_ops(monkeypatch):
+    """At small shapes a call's fixed cost is mostly its tensor ops, 1-3 µs each on a CPU (``python -m memops
+    bench --preset overhead``; BENCHMARKS.md): the op kernel of a one-chunk fp32 ``linear_cross_entropy``
+    that also computes its gradients runs 41 of them (the range check 4, the mean's divisor 2, the logits GEMM
+    and the head 21, the two gradient GEMMs, the loss's reduction, the lse output's mask, placeholders)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(plan, "PLAN_MIN_MACS", 1 << 18)  # the default: a call this small is not planned
+    g = torch.Generator().manual_seed(0)
+    x, w, t = torch.randn(8, 16, generator=g), torch.randn(128, 16, generator=g), torch.randint(0, 128, (8,))
+    spec = SPECS["linear_ce"]
+    opts = [0 if o.name == "chunk_size" else o.default for o in spec.options]
+    a = spec.bind([x, w, t, None, None, None, *opts, [True, True, False, False]])
+    seen = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    forward, _ = family.KERNELS["linear_ce"]
+    with Count():
+        (loss, lse, _), grads = forward(a, spec.forward_mask(a))
+    assert len(seen) <= 41, seen
+    ref = torch.nn.functional.cross_entropy(x @ w.t(), t)
+    torch.testing.assert_close(loss, ref)
+    assert grads[0].shape == x.shape and grads[1].shape == w.shape
