@@ -317,7 +317,7 @@ def _grad_tracked(t) -> bool:
     return layers > 1
 
 
-def refuse_higher_order(spec: Spec, saved: Sequence, grad_outputs: Sequence) -> None:
+def refuse_higher_order(spec: Spec, ctx, grad_outputs: Sequence) -> None:
     """Raise where the backward being run would itself be differentiated: memops' gradients carry no
     graph, and a silent zero second derivative is a wrong answer.  Eager: grad mode on in backward
     (``create_graph=True``) with an input that requires grad.  Under ``torch.func``:
@@ -326,6 +326,7 @@ def refuse_higher_order(spec: Spec, saved: Sequence, grad_outputs: Sequence) -> 
     functorch = torch._C._are_functorch_transforms_active()
     if not (functorch or torch.is_grad_enabled() or _fwad._current_level >= 0):
         return  # a plain backward (create_graph=False): nothing will differentiate it
+    saved = ctx.saved_tensors
     nested = any(_grad_tracked(t) for t in (*saved, *grad_outputs)) or (
         torch.is_grad_enabled()
         and not functorch
@@ -415,7 +416,7 @@ def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
 
         @staticmethod
         def backward(ctx, *grad_outputs):
-            refuse_higher_order(spec, ctx.saved_tensors, grad_outputs)
+            refuse_higher_order(spec, ctx, grad_outputs)
             layout = ctx.layout  # setup_context's
             flags = ctx.needs_input_grad
             try:
