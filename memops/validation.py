@@ -32,12 +32,13 @@ def _is_dtensor(t) -> bool:
 def check_projection(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prefix: str = "") -> None:
     """``input [..., D]``, ``weight [V, D]``, ``bias [V]``: same float dtype and device (``prefix`` names
     another projection's arguments: ``teacher_input``, ...)."""
-    i, w, b = (prefix + n for n in ("input", "weight", "bias"))
+    i, w, b = (prefix + "input", prefix + "weight", prefix + "bias") if prefix else ("input", "weight", "bias")
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{i} must be a Tensor, got {type(input).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{w} must be a Tensor, got {type(weight).__name__}")
-    for name, t in ((i, input), (w, weight), (b, bias)):
+    plain = type(input) is torch.Tensor and type(weight) is torch.Tensor and (bias is None or type(bias) is torch.Tensor)
+    for name, t in () if plain else ((i, input), (w, weight), (b, bias)):
         if _is_dtensor(t):
             _fail(
                 f"{name} is a DTensor (placements {tuple(t.placements)}): this op takes local tensors.  A head "
@@ -112,8 +113,8 @@ def check_target_range(
     index = target if valid is None else target * valid  # an integer product: 0 where ignored
     if target.numel() == 0:
         return valid, index
-    also = "" if ignore_index is None else f" and is not ignore_index ({ignore_index})"
     lo, hi = torch.aminmax(index)
+    also = "" if ignore_index is None else f" and is not ignore_index ({ignore_index})"
     if config.is_sync_free(target):
         torch._assert_async((lo >= 0) & (hi < vocab), f"memops: a {name} value is out of range [0, {vocab}){also}")
         return valid, index

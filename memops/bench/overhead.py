@@ -4,8 +4,9 @@ At tiny shapes (default N=8, D=16, V=128) the matmuls cost next to nothing, so a
 measures what each method pays per call: argument handling, validation, dispatch, autograd and the
 number of small tensor ops.  That cost is paid per micro-batch in RL and per call in many-call patterns
 (and on a GPU, per kernel launch).  Methods run in this process, one thread, interleaved: each of
-``--reps`` rounds times ``calls`` steps of every method in turn; a method's figure is its best round's
-mean (the least disturbed one).
+``5 * --reps`` rounds times ``calls`` (100) steps of every method in turn; a method's figure is its best
+round's mean (the least disturbed one: short rounds, many of them, so that some round escapes the
+interruptions a shared or virtual machine makes).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ def measure(
     dtype: str = "float32",
     device: str = "cpu",
     methods=METHODS,
-    calls: int = 500,
-    reps: int = 5,
+    calls: int = 100,
+    reps: int = 25,
     threads: int | None = 1,
 ) -> list[dict]:
     """Microseconds per forward + backward call of each method (rows with ``method``, ``us``, ``vs_eager``;
@@ -89,7 +90,7 @@ def main(args) -> int:
 
     tokens, hidden, vocab = args.tokens, args.hidden, args.vocab
     methods = [m for m in args.method_list if m in METHODS] or list(METHODS)
-    rows = measure(tokens, hidden, vocab, args.dtype, args.device, methods, reps=max(args.reps, 3))
+    rows = measure(tokens, hidden, vocab, args.dtype, args.device, methods, reps=5 * max(args.reps, 3))
     print(
         f"# memops bench --preset overhead: N={tokens} D={hidden} V={vocab} {args.dtype} on {args.device}, "
         f"torch {torch.__version__}, 1 thread\n"
