@@ -242,7 +242,9 @@ class Spec:
         if self.forward_grads:
             on = torch.is_grad_enabled()
             args.append([on and t is not None and t.requires_grad for t in self.grad_slots(a)])
-        return self.op()(*args)
+        direct = EAGER.get(self.name)
+        out = None if direct is None else direct(args)
+        return self.op()(*args) if out is None else out
 
 
 def declare(spec: Spec) -> None:
@@ -266,6 +268,9 @@ def declare(spec: Spec) -> None:
 
 
 SPECS: dict[str, Spec] = {}
+# op name -> ``call(args)``: the op's autograd kernel run directly when nothing but the CPU / CUDA backend would
+# see the call (``memops/ops/family.py``: ``_eager_call``), else None; the front ends call the op otherwise
+EAGER: dict[str, Callable] = {}
 
 
 def register(spec: Spec) -> Spec:

@@ -37,7 +37,7 @@ def check_projection(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         raise TypeError(f"{i} must be a Tensor, got {type(input).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{w} must be a Tensor, got {type(weight).__name__}")
-    plain = type(input) is torch.Tensor and type(weight) is torch.Tensor and (bias is None or type(bias) is torch.Tensor)
+    plain = type(input) is type(weight) is torch.Tensor and (bias is None or type(bias) is torch.Tensor)
     for name, t in () if plain else ((i, input), (w, weight), (b, bias)):
         if _is_dtensor(t):
             _fail(

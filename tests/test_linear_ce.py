@@ -470,3 +470,21 @@ def test_weighted_mean_over_zero_target_weight_is_nan_like_torch():
     (g_ref,) = torch.autograd.grad(ref, x)
     (g,) = torch.autograd.grad(out, x)
     torch.testing.assert_close(g, g_ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_autocast_does_not_change_the_ops_dtypes(chunk_size):
+    """memops computes in its inputs' dtype: under CPU autocast (bf16) an fp32 call gives the same loss and
+    gradients as outside it (one chunk, where the GEMMs allocate their results, and several)."""
+    g = torch.Generator().manual_seed(0)
+    x, w, t = torch.randn(8, 16, generator=g), torch.randn(32, 16, generator=g), torch.randint(0, 32, (8,), generator=g)
+    runs = []
+    for autocast in (False, True):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = memops.linear_cross_entropy(xi, wi, t, chunk_size=chunk_size)
+        loss.backward()
+        runs.append((loss, xi.grad, wi.grad))
+    for a, b in zip(*runs):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

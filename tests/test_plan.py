@@ -223,3 +223,41 @@ def test_a_small_call_runs_few_tensor_ops(monkeypatch):
     ref = torch.nn.functional.cross_entropy(x @ w.t(), t)
     torch.testing.assert_close(loss, ref)
     assert grads[0].shape == x.shape and grads[1].shape == w.shape
+
+
+def test_the_front_ends_eager_call_is_the_ops_call():
+    """In plain eager code a front end runs the op's autograd kernel itself (the dispatcher's round trip is a
+    per-call cost); wherever something would see the op (the profiler, a dispatch mode, a kernel running below
+    autograd) the op is called: the same results, bit for bit, and each sees ``memops::linear_ce``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(0)
+    x, w, t = torch.randn(8, 16, generator=g), torch.randn(32, 16, generator=g), torch.randint(0, 32, (8,), generator=g)
+
+    def run():
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = memops.linear_cross_entropy(xi, wi, t)
+        loss.backward()
+        return loss, xi.grad, wi.grad
+
+    plain = run()
+    with torch.profiler.profile() as prof:
+        profiled = run()
+    assert "memops::linear_ce" in {e.name for e in prof.events()}
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        watched = run()
+    assert "memops.linear_ce.default" in seen
+    for other in (profiled, watched):
+        for a, b in zip(plain, other):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch._C._AutoDispatchBelowAutograd():  # as inside a custom op's kernel: no autograd graph
+        inner = memops.linear_cross_entropy(x.clone().requires_grad_(), w, t)
+    assert inner.grad_fn is None
+    torch.testing.assert_close(inner, plain[0].detach(), rtol=0, atol=0)

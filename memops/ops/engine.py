@@ -14,6 +14,7 @@ Call tree of a trained scalar loss (cross-entropy; every family alike)::
 
     memops.linear_cross_entropy          ops/linear_ce.py front end: SPEC.call (defaults, checks), donates
       torch.ops.memops.linear_ce         schema + fake kernel from the declaration in meta/linear_ce.py
+                                         (plain eager: its autograd kernel called directly, family._eager_call)
         family.implement kernel          ops/family.py: bind arguments by name, validate, call _forward
           _forward -> plan.plan          ops/plan.py: which rows to compute (ignored targets), one sync
             ce_chunks -> engine.run      this module: chunk loop, logits, chain rule, gradient matmuls
@@ -370,7 +371,15 @@ def run(
     sub = size if fused else _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
     # one chunk of every row, GEMMs in the compute dtype: the logits and the input and weight gradients are
     # the GEMMs' own results (no buffer made first: a per-call cost at small shapes)
-    own = size >= m and rows is None and not gathered and x2d.dtype == cdt and not (narrow or low)
+    # (autocast would change the dtype of a GEMM that allocates its result; one that writes into a buffer keeps it)
+    own = (
+        size >= m
+        and rows is None
+        and not gathered
+        and x2d.dtype == cdt
+        and not (narrow or low)
+        and not torch._C._is_any_autocast_enabled()
+    )
     if grad_input and not own:
         gx = rows_out(x2d.local.shape if gathered else x2d.shape, x2d.dtype, x2d.device, rows)
     if grad_weight and not own:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import config
-from ..contract import LIB, Args, Spec
+from ..contract import EAGER, LIB, Args, Spec
 from ..rules import compute_dtype, placeholder
 
 _fwad = torch.autograd.forward_ad
@@ -440,6 +440,8 @@ def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
     Fn.__name__ = Fn.__qualname__ = f"MemopsBackward_{spec.name}"
 
     def redispatch(keyset, args):
+        if keyset is None:  # _eager_call: the backend kernel, as the dispatcher would pick it
+            return kernel(*args)
         rest = (keyset & below).remove(torch._C.DispatchKey.ADInplaceOrView)  # a fallthrough for these ops
         if rest.highestPriorityTypeId() in _DIRECT:
             return kernel(*args)
@@ -476,3 +478,44 @@ def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
             return redispatch(keyset, args)
 
     LIB.impl(spec.name, autograd_kernel, "Autograd", with_keyset=True)
+    EAGER[spec.name] = _eager_call(spec, autograd_kernel)
+
+
+def _eager_call(spec: Spec, autograd_kernel):
+    """The front end's call of ``spec``'s op, made without the dispatcher where the dispatcher would run
+    exactly this: its autograd kernel, then the real kernel on a CPU or CUDA backend.  That holds when every
+    tensor argument is a plain CPU / CUDA ``torch.Tensor`` and no tracer, mode or transform is active
+    (torch.compile, torch.func, ``torch.jit.trace``, torch function and dispatch modes, the profiler: under any
+    of them, and for meta / fake / subclass tensors, the op itself is called, so each sees it).  Saves the
+    dispatcher's boxing of the op's arguments and results (a per-call cost at small shapes: ``python -m memops
+    bench --preset overhead``).  Returns None where it does not apply."""
+    n_inputs = len(spec.inputs)
+    is_compiling = torch.compiler.is_compiling
+    profiler = torch.autograd.profiler
+
+    def call(args):
+        # the dispatcher's thread-local key sets as outside any context that changes dispatch: a dispatch mode,
+        # torch.func, autocast, inference mode, a kernel running below autograd each add or drop keys there
+        if (
+            is_compiling()  # first: torch.compile traces the op call (and reads no key sets)
+            or torch._C._dispatch_tls_local_include_set().raw_repr() != _PLAIN_TLS[0]
+            or torch._C._dispatch_tls_local_exclude_set().raw_repr() != _PLAIN_TLS[1]
+            or torch._C._is_torch_function_mode_enabled()
+            or profiler._is_profiler_enabled
+            or torch._C._get_tracing_state() is not None
+        ):
+            return None
+        for t in args[:n_inputs]:
+            for u in t if isinstance(t, (list, tuple)) else (t,):
+                if u is not None and (type(u) is not torch.Tensor or not (u.is_cpu or u.is_cuda)):
+                    return None
+        return autograd_kernel(None, *args)
+
+    return call
+
+
+# the thread-local dispatch key sets (included, excluded) of plain eager code, read as memops is imported
+_PLAIN_TLS = (
+    torch._C._dispatch_tls_local_include_set().raw_repr(),
+    torch._C._dispatch_tls_local_exclude_set().raw_repr(),
+)
