@@ -171,13 +171,15 @@ def is_sync_free(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-@contextlib.contextmanager
-def backward_like(forward_was_sync_free: bool) -> Iterator[None]:
+def backward_like(forward_was_sync_free: bool) -> contextlib.AbstractContextManager:
     """Run a backward pass sync-free when its forward was (on this thread only: autograd may run it on a
-    device thread of its own, whatever the stream it sees)."""
-    if not forward_was_sync_free:
-        yield
-        return
+    device thread of its own, whatever the stream it sees).  A forward that was not gets a no-op context (the
+    common case, on every backward: no generator made)."""
+    return _sync_free_backward() if forward_was_sync_free else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _sync_free_backward() -> Iterator[None]:
     old = getattr(_thread, "sync_free", False)
     _thread.sync_free = True
     try:

@@ -421,10 +421,7 @@ def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
             flags = ctx.needs_input_grad
             try:
                 ctx.needs_input_grad = tuple(_unflat(flags[3 : 3 + ctx.n_flat], layout))
-                if ctx.sync_free:
-                    with config.backward_like(True):
-                        result = backward(ctx, *grad_outputs[:n_outputs], list(grad_outputs[n_outputs:]))
-                else:
+                with config.backward_like(ctx.sync_free):
                     result = backward(ctx, *grad_outputs[:n_outputs], list(grad_outputs[n_outputs:]))
             finally:
                 ctx.needs_input_grad = flags

@@ -140,15 +140,19 @@ def ce_chunks(
         put("lse", sel, torch.fmax(lse, zmax))
         return lse
 
+    def whole(sel) -> bool:
+        """Whether the block is every row (one chunk)."""
+        return isinstance(sel, slice) and sel.start == 0 and sel.stop == n
+
     def pick(t: Tensor, sel) -> Tensor:
         """Rows ``sel`` of a per-row tensor (itself when the block is every row)."""
-        return t if (isinstance(sel, slice) and sel.start == 0 and sel.stop == n) else t[sel]
+        return t if whole(sel) else t[sel]
 
     def put(name: str, sel, value: Tensor) -> None:
         """Output ``name``'s rows ``sel`` = ``value`` (a tensor of the head's own)."""
         rows_of = out.get(name)
         if rows_of is None:
-            if isinstance(sel, slice) and sel.start == 0 and sel.stop == n:
+            if whole(sel):
                 out[name] = value
                 return
             rows_of = out[name] = new_rows(name)
