@@ -30,9 +30,9 @@ torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
 
 import pytest  # noqa: E402
 
-# Axolotl pins its own TRL and transformers: its tests run in a venv of their own (.ci/run's second step:
-# python -m pytest --confcutdir tests/axolotl tests/axolotl), never in this one
-collect_ignore = ["axolotl"]
+# Axolotl pins its own TRL and transformers, torchtitan needs datasets<4.8: their tests run in venvs of their
+# own (.ci/run's second and third steps: python -m pytest --confcutdir tests/NAME tests/NAME), never in this one
+collect_ignore = ["axolotl", "torchtitan"]
 
 
 @pytest.fixture
