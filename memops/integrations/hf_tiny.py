@@ -102,40 +102,65 @@ def _accepted(cls, values: dict) -> dict:
 _LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "depth")
 
 
-def _per_layer(defaults: dict, small: dict) -> dict:
-    """The default config's per-layer settings (lists or patterns as long as its layer count, dicts keyed by
-    layer index) cut to the small layer count, and no dropout (patched and unpatched runs must see the same
-    network)."""
+def _layer_index(key) -> int | None:
+    if isinstance(key, int):
+        return key
+    return int(key) if isinstance(key, str) and key.isdigit() else None
+
+
+def _per_layer(defaults: dict, small: dict, keep_last: bool = False) -> dict:
+    """The default config's per-layer settings (lists or patterns as long as its layer count, lists of layer
+    indices, dicts keyed by layer index) cut to the small layer count -- its first layers, or with
+    ``keep_last`` its first layers but one and its last (a model whose first layers are all of one kind,
+    hash-routed say, is built with one of each) -- and no dropout (patched and unpatched runs must see the
+    same network)."""
     old = next((defaults[k] for k in _LAYERS if isinstance(defaults.get(k), int)), None)
     new = next((small[k] for k in _LAYERS if k in small and k in defaults), None)
+    keep = list(range(new)) if new else []
+    if keep_last and old and new and old > new:
+        keep = [*range(new - 1), old - 1]
     out = {}
     for key, value in defaults.items():
         if "drop" in key and type(value) is float:
             out[key] = 0.0
         elif old and new and isinstance(value, (list, tuple, str)) and len(value) == old and old != new:
-            out[key] = type(value)(value[:new]) if not isinstance(value, str) else value[:new]
-        elif new and isinstance(value, dict) and value and all(isinstance(k, int) for k in value):
-            out[key] = {k: v for k, v in value.items() if k < new}
+            picked = [value[i] for i in keep]
+            out[key] = "".join(picked) if isinstance(value, str) else type(value)(picked)
+        elif (
+            old and new and "layer" in key and isinstance(value, list) and value and len(value) != old
+            and all(type(i) is int and 0 <= i < old for i in value)
+        ):  # fmt: skip
+            out[key] = [pos for pos, i in enumerate(keep) if i in value]  # layer indices (``mlp_only_layers``)
+        elif new and isinstance(value, dict) and value and all(_layer_index(k) is not None for k in value):
+            at = {_layer_index(k): k for k in value}
+            out[key] = {
+                (f"{pos:0{len(at[i])}d}" if isinstance(at[i], str) else pos): value[at[i]]
+                for pos, i in enumerate(keep)
+                if i in at
+            }
     return out
 
 
-# a second try for attention that needs as many KV heads as query heads (multi-head latent attention)
-VARIANTS = ({}, {"num_key_value_heads": SMALL["num_attention_heads"]})
+# second tries: attention that needs as many KV heads as query heads (multi-head latent attention); a model
+# whose first layers are all of one kind (its last layer kept in place of one)
+VARIANTS = ({}, {"num_key_value_heads": SMALL["num_attention_heads"]}, {"keep_last_layer": True})
 
 
 def small_config(config_cls, overrides: dict | None = None):
     """``config_cls`` with every size it takes made small (nested text / vision configs too); ``overrides``
     replace entries of :data:`SMALL`."""
     small_values = {**SMALL, **(overrides or {})}
+    keep_last = small_values.pop("keep_last_layer", False)
     base = config_cls()
     defaults = base.to_dict()
     values = _accepted(config_cls, small_values)
-    values.update(_accepted(config_cls, _per_layer(defaults, values)))
+    values.update(_accepted(config_cls, _per_layer(defaults, values, keep_last)))
     for key, small in (("text_config", small_values), ("vision_config", VISION)):
         sub = getattr(base, key, None)
         if sub is not None and hasattr(sub, "to_dict") and key in inspect.signature(config_cls.__init__).parameters:
             sub_values = _accepted(type(sub), small)
-            sub_values.update(_accepted(type(sub), _per_layer(sub.to_dict(), sub_values)))
+            # the whole dict is passed: its per-layer entries are cut whether or not ``__init__`` names them
+            sub_values.update(_per_layer(sub.to_dict(), sub_values, keep_last))
             values[key] = {**sub.to_dict(), **sub_values}
     return config_cls(**values)
 
@@ -211,6 +236,22 @@ def float64_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignor
     return loss
 
 
+class _UpcastLogits(torch.Tensor):
+    """A float64 model's logits whose ``.float()`` -- the fp32 upcast some heads apply
+    (``self.lm_head(h).float()``), as transformers' loss does to every model's logits -- keeps float64, as
+    :func:`float64_loss` keeps its own: in float32 / bf16 / fp16, the dtypes models train in, that upcast is the
+    loss's own, so the float64 test compares the math without either rounding."""
+
+    def float(self, *args, **kwargs):
+        if args or kwargs or self.dtype != torch.float64:
+            return super().float(*args, **kwargs)
+        return self.as_subclass(torch.Tensor)
+
+
+def _keep_float64(module, args, output):
+    return output.as_subclass(_UpcastLogits) if torch.is_tensor(output) else output
+
+
 def compare(model_type: str, seed: int = 0, overrides: dict | None = None) -> dict:
     """Patched vs unpatched on a tiny float64 ``model_type``: the largest relative difference of the loss and
     of every parameter's gradient in each case (labels; ``num_items_in_batch``; pre-shifted ``shift_labels``
@@ -223,6 +264,7 @@ def compare(model_type: str, seed: int = 0, overrides: dict | None = None) -> di
     model = build(model_type, seed, overrides)
     patched = hf.apply(copy.deepcopy(model), _tested=False)
     model._loss_function = float64_loss  # what ``model.loss_function`` returns when set
+    model.get_output_embeddings().register_forward_hook(_keep_float64)
     ids, labels = _inputs(model, seed)
     shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     cases = {
