@@ -69,7 +69,20 @@ SMALL = dict(
     eos_token_id=2,
     output_router_logits=True,
     router_aux_loss_coef=0.1,
+    # vision-language models: image / video token ids inside the tiny vocabulary (text ids are drawn above
+    # ``SPECIAL``), 4 tokens per image where the config fixes that count, the 32-pixel images of ``VISION``
+    image_token_id=5,
+    image_token_index=5,
+    video_token_id=6,
+    video_token_index=6,
+    vision_start_token_id=7,
+    vision_end_token_id=8,
+    mm_tokens_per_image=4,
+    projector_patch_to_query_dict={16: 4},
+    image_grid_pinpoints=[[32, 32]],
 )
+IMAGE_TOKEN = SMALL["image_token_id"]
+SPECIAL = 16  # token ids below this are special (pad, bos, eos, image, video, ...)
 # vision towers: a few patches of a small image
 VISION = dict(
     hidden_size=16,
@@ -80,6 +93,15 @@ VISION = dict(
     num_heads=2,
     image_size=32,
     patch_size=8,
+    head_dim=8,
+    out_hidden_size=SMALL["hidden_size"],  # a merger's output: the text model's width
+    spatial_merge_size=2,
+    temporal_patch_size=1,
+    pooling_kernel_size=2,
+    num_key_value_heads=2,
+    mm_embed_dim=16,
+    mm_posemb_size=8,
+    output_proj_dims=SMALL["hidden_size"],
 )
 
 
@@ -155,13 +177,18 @@ def small_config(config_cls, overrides: dict | None = None):
     defaults = base.to_dict()
     values = _accepted(config_cls, small_values)
     values.update(_accepted(config_cls, _per_layer(defaults, values, keep_last)))
+    params = inspect.signature(config_cls.__init__).parameters
     for key, small in (("text_config", small_values), ("vision_config", VISION)):
         sub = getattr(base, key, None)
-        if sub is not None and hasattr(sub, "to_dict") and key in inspect.signature(config_cls.__init__).parameters:
-            sub_values = _accepted(type(sub), small)
+        if sub is None and key in params and key in getattr(config_cls, "sub_configs", {}):
+            sub = config_cls.sub_configs[key]()  # none by default (Gemma 4's vision tower): the default one
+        if sub is not None and hasattr(sub, "to_dict") and key in params:
+            sub_dict = sub.to_dict()
+            # sizes the dict holds are passed back whether or not ``__init__`` names them (a derived head_dim)
+            sub_values = {**{k: v for k, v in small.items() if k in sub_dict}, **_accepted(type(sub), small)}
             # the whole dict is passed: its per-layer entries are cut whether or not ``__init__`` names them
-            sub_values.update(_per_layer(sub.to_dict(), sub_values, keep_last))
-            values[key] = {**sub.to_dict(), **sub_values}
+            sub_values.update(_per_layer(sub_dict, sub_values, keep_last))
+            values[key] = {**sub_dict, **sub_values}
     return config_cls(**values)
 
 
@@ -205,15 +232,111 @@ def build(model_type: str, seed: int = 0, overrides: dict | None = None):
 
 def _inputs(model, seed: int):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (2, 7), generator=g)
+    ids = torch.randint(SPECIAL, VOCAB, (2, 7), generator=g)
     labels = ids.clone()
     labels[0, :2] = -100  # a prompt
     labels[1, -1] = -100
     return ids, labels
 
 
-def _run(model, ids, **kwargs):
+class NoImageInput(Unbuildable):
+    """A vision-language model no image input could be built for here."""
+
+
+def _image_layouts(model, batch: int, g):
+    """Candidate pixel inputs of one small image per sequence, in the layouts vision towers take: Qwen-style
+    flattened patches with their grid, plain ``[B, C, H, W]``, one or more crops ``[B, k, C, H, W]`` with
+    ``image_sizes``, ``[B, 1, C, H, W]`` with a pixel mask, NaFlex patches with their spatial shapes."""
+    vision = model.config.vision_config
+
+    def get(name, default):
+        value = getattr(vision, name, None) or default
+        return value[0] if isinstance(value, (list, tuple)) else value
+
+    size, patch = get("image_size", 32), get("patch_size", 8)
+    channels, temporal, merge = get("num_channels", 3), get("temporal_patch_size", 1), get("spatial_merge_size", 1)
+    forward = inspect.signature(model.forward).parameters
+    features = inspect.signature(model.get_image_features).parameters
+
+    def pixels(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    sizes = torch.tensor([[size, size]] * batch)
+    if "image_grid_thw" in forward:
+        side = 2 * merge
+        grid = torch.tensor([[1, side, side]] * batch)
+        yield dict(pixel_values=pixels(batch * side * side, channels * temporal * patch * patch), image_grid_thw=grid)
+    if "spatial_shapes" in features:
+        n = (size // patch) ** 2
+        yield dict(pixel_values=pixels(batch, n, channels * patch * patch), pixel_attention_mask=torch.ones(
+            batch, n, dtype=torch.bool), spatial_shapes=torch.tensor([[size // patch] * 2] * batch))  # fmt: skip
+    if "image_position_ids" in forward:  # Gemma 4: patches with their (x, y) positions
+        side = size // patch
+        xy = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), -1).reshape(-1, 2)
+        yield dict(pixel_values=pixels(batch, side * side, channels * patch * patch),
+                   image_position_ids=xy.expand(batch, -1, -1).clone())  # fmt: skip
+    yield dict(pixel_values=pixels(batch, channels, size, size))
+    if "image_sizes" in forward:
+        yield dict(pixel_values=pixels(batch, channels, size, size), image_sizes=sizes)
+        for crops in (1, 2, 3, 5):
+            yield dict(pixel_values=pixels(batch, crops, channels, size, size), image_sizes=sizes)
+    yield dict(pixel_values=pixels(batch, 1, channels, size, size))
+    if "pixel_attention_mask" in forward:
+        mask = torch.ones(batch, 1, size, size, dtype=torch.bool)
+        yield dict(pixel_values=pixels(batch, 1, channels, size, size), pixel_attention_mask=mask)
+    if "pixel_mask" in forward:
+        yield dict(pixel_values=pixels(batch, channels, size, size), pixel_mask=torch.ones(batch, size, size))
+
+
+def _tokens_per_image(features, batch: int) -> list[int]:
+    """How many image-token embeddings ``get_image_features`` made for each sequence's image."""
+    for name in ("pooler_output", "last_hidden_state"):
+        if getattr(features, name, None) is not None:
+            features = getattr(features, name)
+            break
+    if torch.is_tensor(features):
+        return [features.numel() // features.shape[-1] // batch] * batch
+    per = [f.numel() // f.shape[-1] for f in features]
+    return per if len(per) == batch else [sum(per) // batch] * batch
+
+
+def image_inputs(model, seed: int):
+    """``(input_ids, labels, pixel keyword arguments)`` with one image per sequence for a vision-language
+    model (None for a text-only one): the first pixel layout its ``get_image_features`` and forward take, as
+    many image tokens as the features it makes, the image tokens' labels ignored (as the processors set
+    them). Raises :class:`NoImageInput` when no layout works."""
+    if getattr(model.config, "vision_config", None) is None:
+        return None
+    if not hasattr(model, "get_image_features"):
+        raise NoImageInput("no image input built here: the model has no get_image_features")
+    g, batch = torch.Generator().manual_seed(seed), 2
+    forward = inspect.signature(model.forward).parameters
+    tried = []
+    for pixel_kwargs in _image_layouts(model, batch, g):
+        try:
+            with torch.no_grad():
+                counts = _tokens_per_image(model.get_image_features(**pixel_kwargs), batch)
+            text = torch.randint(SPECIAL, VOCAB, (batch, 5), generator=g).tolist()
+            width = max(counts) + 5
+            rows = [t[:2] + [IMAGE_TOKEN] * n + t[2:] + [t[-1]] * (width - 5 - n) for t, n in zip(text, counts)]
+            ids = torch.tensor(rows)
+            kwargs = dict(pixel_kwargs)
+            for name in ("token_type_ids", "mm_token_type_ids"):
+                if name in forward:
+                    kwargs[name] = (ids == IMAGE_TOKEN).long()
+            labels = ids.masked_fill(ids == IMAGE_TOKEN, -100)
+            labels[0, :1] = -100
+            with torch.no_grad():
+                model(input_ids=ids, labels=labels, use_cache=False, **kwargs)
+            return ids, labels, kwargs
+        except Exception as exc:  # noqa: BLE001  (the next layout)
+            tried.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:60] if str(exc) else ''}")
+    raise NoImageInput(f"no image input built here ({len(tried)} layouts tried; the first: {tried[0]})")
+
+
+def _run(model, ids, seed: int = 0, **kwargs):
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # patched and unpatched draw the same noise (PhiMoE's router samples in training)
     out = model(input_ids=ids, use_cache=False, **kwargs)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -255,8 +378,9 @@ def _keep_float64(module, args, output):
 def compare(model_type: str, seed: int = 0, overrides: dict | None = None) -> dict:
     """Patched vs unpatched on a tiny float64 ``model_type``: the largest relative difference of the loss and
     of every parameter's gradient in each case (labels; ``num_items_in_batch``; pre-shifted ``shift_labels``
-    with ``logits_to_keep``), and whether the patched output's logits were None.  Raises what the model
-    raises (:class:`Unbuildable` when it cannot be built small)."""
+    with ``logits_to_keep``; for a vision-language model, an image per sequence), and whether the patched
+    output's logits were None.  Raises what the model raises (:class:`Unbuildable` when it cannot be built
+    small, :class:`NoImageInput` when a vision-language model gets no image input)."""
     import copy
 
     from . import transformers as hf
@@ -268,14 +392,21 @@ def compare(model_type: str, seed: int = 0, overrides: dict | None = None) -> di
     ids, labels = _inputs(model, seed)
     shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     cases = {
-        "labels": dict(labels=labels),
-        "num_items_in_batch": dict(labels=labels, num_items_in_batch=torch.tensor(5)),
-        "shift_labels + logits_to_keep": dict(labels=labels, shift_labels=shift[:, -3:].contiguous(), logits_to_keep=3),
+        "labels": (ids, dict(labels=labels)),
+        "num_items_in_batch": (ids, dict(labels=labels, num_items_in_batch=torch.tensor(5))),
+        "shift_labels + logits_to_keep": (
+            ids,
+            dict(labels=labels, shift_labels=shift[:, -3:].contiguous(), logits_to_keep=3),
+        ),
     }
+    image = image_inputs(model, seed)
+    if image is not None:
+        image_ids, image_labels, pixels = image
+        cases["image"] = (image_ids, dict(labels=image_labels, **pixels))
     errors, no_logits = {}, True
-    for name, kwargs in cases.items():
-        want, want_grads = _run(model, ids, **kwargs)
-        got, got_grads = _run(patched, ids, **kwargs)
+    for name, (ids, kwargs) in cases.items():
+        want, want_grads = _run(model, ids, seed, **kwargs)
+        got, got_grads = _run(patched, ids, seed, **kwargs)
         no_logits &= got.logits is None
         worst = (got.loss - want.loss).abs().item() / max(want.loss.abs().item(), 1e-30)
         if set(got_grads) != set(want_grads):
@@ -288,8 +419,9 @@ def compare(model_type: str, seed: int = 0, overrides: dict | None = None) -> di
     return {"errors": errors, "logits_none": no_logits, "aux_loss": aux is not None}
 
 
-# types tested with an image by tests/test_transformers.py (this builder cannot build them small)
-TESTED_ELSEWHERE = {"gemma3": "Gemma3ForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+# types tested with an image by tests/test_transformers.py (this builder's tiny Qwen2.5-VL has a head
+# dimension its default multimodal rotary sections do not fit)
+TESTED_ELSEWHERE = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
 def outcome(model_type: str) -> tuple[str, str, dict]:
