@@ -27,7 +27,7 @@ def main() -> None:
     from memops.integrations import hf_models, hf_rule, hf_tiny
 
     tested, not_tested = set(), {}
-    for t in hf_models.model_types():
+    for t in hf_models.entries():
         try:
             cls = hf_tiny.model_class(t)
             hf_rule.read(cls)
@@ -55,7 +55,7 @@ def main() -> None:
         *[f'        "{c}",' for c in sorted(tested)],
         "    }",
         ")",
-        "# model type -> (status, reason)",
+        "# sweep entry (a model type, or <type>:image-text) -> (status, reason)",
         "NOT_TESTED: dict[str, tuple[str, str]] = {",
         *[f"    {t!r}: ({s!r}, {r!r})," for t, (s, r) in sorted(not_tested.items())],
         "}",

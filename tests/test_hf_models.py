@@ -20,7 +20,7 @@ from memops.integrations import hf_models, hf_rule, hf_tested, hf_tiny  # noqa: 
 from memops.integrations import transformers as mt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TYPES = hf_models.model_types()
+ENTRIES = hf_models.entries()
 STALE = "memops/integrations/hf_tested.py is stale for this transformers: run scripts/update_hf_tested.py"
 
 
@@ -36,7 +36,7 @@ def _quiet():
     logging.set_verbosity(level)
 
 
-@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("model_type", ENTRIES)
 def test_every_type_is_verified_by_its_test_or_refused(model_type):
     assert transformers.__version__ == hf_tested.TRANSFORMERS, STALE
     try:
@@ -87,11 +87,11 @@ def test_verified_types_cover_the_families_people_look_for():
     rows = hf_models.table()
     c = hf_models.counts(rows)
     assert c["verified_causal_lm"] >= 130, c  # no silent regression of the coverage
-    verified = {r["model_type"] for r in rows if r["status"] == "verified"}
+    verified = {e for e, r in zip(ENTRIES, rows) if r["status"] == "verified"}
     wanted = ("llama", "qwen3", "qwen3_5", "qwen3_next", "gemma3", "gemma4_text", "llama4", "deepseek_v3", "glm4",
               "glm4_moe", "ministral3", "olmo3", "lfm2", "exaone4", "granitemoe", "ernie4_5", "hunyuan_v1_dense",
               "seed_oss", "falcon_h1", "kimi_linear", "minimax_m2", "qwen3_vl", "gpt_oss", "deepseek_v4",
-              "nemotron_h", "gemma4", "mllama")  # fmt: skip
+              "nemotron_h", "gemma4", "mllama", "qwen3_5:image-text")  # fmt: skip
     assert [t for t in wanted if t not in verified] == []
 
 
@@ -107,7 +107,7 @@ def test_models_command_json(tmp_path, capsys):
     out = tmp_path / "models.json"
     assert main(["models", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["model_type"] for r in rows] == TYPES
+    assert [r["model_type"] for r in rows] == [e.removesuffix(hf_tiny.IMAGE_TEXT) for e in ENTRIES]
     assert {r["status"] for r in rows} <= {"verified", "refused", "unbuildable"}
     assert all(set(r) == {"model_type", "class", "status", "reason"} for r in rows)
     assert "causal-LM types verified" in capsys.readouterr().out

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 
-# the families people look for, as README names them (model types; absent ones are skipped)
+# the families people look for, as README names them (entries of the sweep; absent ones are skipped)
 HEADLINE = (
     ("Llama 3 / 4", ("llama", "llama4_text", "llama4")),
     ("Qwen 2.5 / 3 / 3.5 / Next / VL", ("qwen2", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next",
-                                        "qwen3_vl", "qwen2_5_vl")),
+                                        "qwen3_vl", "qwen2_5_vl", "qwen3_5:image-text")),
     ("Gemma 2 / 3 / 4", ("gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4")),
     ("DeepSeek V2 / V3 / V3.2 / V4", ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4")),
     ("Mistral / Mixtral / Ministral 3", ("mistral", "mixtral", "ministral3")),
@@ -38,20 +38,27 @@ def model_types() -> list[str]:
     return sorted(names | set(modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES))
 
 
-def causal_lm_types() -> set[str]:
+def entries() -> list[str]:
+    """What the sweep tests: every model type, plus ``"<type>:image-text"`` for each type whose
+    image-text-to-text class is not its causal-LM class (``hf_tiny.model_class``)."""
     from transformers.models.auto import modeling_auto
 
-    return set(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    from .hf_tiny import IMAGE_TEXT
+
+    causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    image_text = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    extra = [t + IMAGE_TEXT for t in image_text if t in causal and causal[t] != image_text[t]]
+    return sorted(model_types() + extra)
 
 
-def verdict(model_type: str) -> dict:
-    """``{"model_type", "class", "status", "reason"}`` for one type: the rule read live from the installed
-    class, the test's outcome from ``hf_tested``."""
+def verdict(entry: str) -> dict:
+    """``{"model_type", "class", "status", "reason"}`` for one entry (:func:`entries`): the rule read live from
+    the installed class, the test's outcome from ``hf_tested``."""
     from . import hf_rule, hf_tested, hf_tiny
 
-    row = {"model_type": model_type, "class": None, "status": "refused", "reason": ""}
+    row = {"model_type": entry.removesuffix(hf_tiny.IMAGE_TEXT), "class": None, "status": "refused", "reason": ""}
     try:
-        cls = hf_tiny.model_class(model_type)
+        cls = hf_tiny.model_class(entry)
     except Exception as exc:  # noqa: BLE001  (a class that does not import here)
         row["reason"] = f"its class does not import here: {type(exc).__name__}: {exc}"
         return row
@@ -64,22 +71,24 @@ def verdict(model_type: str) -> dict:
     if cls.__name__ in hf_tested.TESTED:
         row["status"], row["reason"] = "verified", "standard loss path; float64 equivalence test passed"
         return row
-    status, reason = hf_tested.NOT_TESTED.get(model_type, ("refused", "standard loss path, but not tested yet"))
+    status, reason = hf_tested.NOT_TESTED.get(entry, ("refused", "standard loss path, but not tested yet"))
     row["status"], row["reason"] = status, reason
     return row
 
 
 def table() -> list[dict]:
-    return [verdict(t) for t in model_types()]
+    return [verdict(e) for e in entries()]
 
 
 def counts(rows: list[dict]) -> dict:
-    clm = causal_lm_types()
-    out = {"causal_lm": len([r for r in rows if r["model_type"] in clm]), "image_text": 0}
-    out["image_text"] = len(rows) - out["causal_lm"]
+    from transformers.models.auto import modeling_auto
+
+    clm = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    causal = [r for r in rows if r["model_type"] in clm and r["class"] in (clm[r["model_type"]], None)]
+    out = {"causal_lm": len(causal), "image_text": len(rows) - len(causal)}
     for status in ("verified", "refused", "unbuildable"):
         out[status] = len([r for r in rows if r["status"] == status])
-        out[f"{status}_causal_lm"] = len([r for r in rows if r["status"] == status and r["model_type"] in clm])
+        out[f"{status}_causal_lm"] = len([r for r in causal if r["status"] == status])
     return out
 
 
@@ -88,11 +97,11 @@ def readme_table(rows: list[dict] | None = None) -> str:
     import transformers
 
     rows = table() if rows is None else rows
-    by_type = {r["model_type"]: r for r in rows}
+    by_type = dict(zip(entries(), rows))
     c = counts(rows)
     lines = [
         f"transformers {transformers.__version__}: **{c['verified_causal_lm']} of {c['causal_lm']} causal-LM types "
-        f"verified** ({c['verified']} of {len(rows)} with the image-text-to-text ones); the rest are refused "
+        f"verified** ({c['verified']} of {len(rows)} classes with the image-text-to-text ones); the rest are refused "
         f"({c['refused']}) or cannot be built small here ({c['unbuildable']}). Full list: `docs/models.md` "
         "(`python -m memops models`).",
         "",
@@ -129,5 +138,5 @@ def main(args) -> int:
         print(f"{r['model_type']:32} {str(r['class']):48} {r['status']:12} {r['reason'][:160]}")
     c = counts(rows)
     print(f"# {c['verified_causal_lm']} of {c['causal_lm']} causal-LM types verified")
-    print(f"# {c['verified']} of {len(rows)} with the image-text-to-text types")
+    print(f"# {c['verified']} of {len(rows)} classes with the image-text-to-text ones")
     return 0

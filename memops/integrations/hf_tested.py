@@ -138,8 +138,11 @@ TESTED: frozenset[str] = frozenset(
         "Qwen3VLForConditionalGeneration",
         "Qwen3VLMoeForConditionalGeneration",
         "Qwen3_5ForCausalLM",
+        "Qwen3_5ForConditionalGeneration",
         "Qwen3_5MoeForCausalLM",
+        "Qwen3_5MoeForConditionalGeneration",
         "Qwen4ExpForCausalLM",
+        "Qwen4ExpForConditionalGeneration",
         "RecurrentGemmaForCausalLM",
         "SeedOssForCausalLM",
         "SmolLM3ForCausalLM",
@@ -155,7 +158,7 @@ TESTED: frozenset[str] = frozenset(
         "ZambaForCausalLM",
     }
 )
-# model type -> (status, reason)
+# sweep entry (a model type, or <type>:image-text) -> (status, reason)
 NOT_TESTED: dict[str, tuple[str, str]] = {
     "apertus1p5": (
         "unbuildable",
@@ -192,6 +195,11 @@ NOT_TESTED: dict[str, tuple[str, str]] = {
         "refused",
         "lm_head is a transformers.models.dory.modeling_dory.DoryLMHead, an nn.Linear with a forward or parameters of its own: its output is not lm_head.weight's logits, so memops' loss would differ",
     ),
+    "dots3_note:image-text": (
+        "unbuildable",
+        "StrictDataclassClassValidationError: Class validation error for validator 'validate_architecture':",
+    ),
+    "emu3:image-text": ("unbuildable", "AttributeError: 'NoneType' object has no attribute 'get'"),
     "ernie4_5_vl_moe": (
         "unbuildable",
         "StrictDataclassFieldValidationError: Validation error for field 'moe_intermediate_size':",
@@ -270,6 +278,7 @@ NOT_TESTED: dict[str, tuple[str, str]] = {
         "unbuildable",
         "no image input built here (2 layouts tried; the first: TypeError: MiniCPMV4_7Model.get_image_features() missing 1 required pos)",
     ),
+    "mllama:image-text": ("unbuildable", "no image input built here: the model has no get_image_features"),
     "molmo2": ("unbuildable", "StrictDataclassFieldValidationError: Validation error for field 'image_size':"),
     "moss_transcribe_diarize": (
         "unbuildable",

@@ -192,12 +192,18 @@ def small_config(config_cls, overrides: dict | None = None):
     return config_cls(**values)
 
 
-def model_class(model_type: str):
-    """The causal-LM class transformers maps ``model_type`` to (image-text-to-text when it has none)."""
+IMAGE_TEXT = ":image-text"  # an entry's suffix: the image-text-to-text class of a type whose causal LM is another
+
+
+def model_class(entry: str):
+    """The causal-LM class transformers maps a model type to (image-text-to-text when it has none); for
+    ``"<type>:image-text"`` the type's image-text-to-text class (a vision-language model whose text-only causal
+    LM is another class, Qwen3.5's say)."""
     import transformers
     from transformers.models.auto import modeling_auto
 
-    name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    model_type, image_text = entry.removesuffix(IMAGE_TEXT), entry.endswith(IMAGE_TEXT)
+    name = None if image_text else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if name is None:
         name = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
     cls = getattr(transformers, name, None) if name else None
@@ -212,7 +218,9 @@ def build(model_type: str, seed: int = 0, overrides: dict | None = None):
     from transformers.models.auto import configuration_auto
 
     cls = model_class(model_type)
-    config_cls = getattr(cls, "config_class", None) or configuration_auto.CONFIG_MAPPING[model_type]
+    config_cls = (
+        getattr(cls, "config_class", None) or configuration_auto.CONFIG_MAPPING[model_type.removesuffix(IMAGE_TEXT)]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
