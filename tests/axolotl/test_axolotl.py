@@ -23,6 +23,9 @@ import yaml
 # Axolotl's telemetry would try the network (none here) from this process's config loads, too
 os.environ["AXOLOTL_DO_NOT_TRACK"] = "1"
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))  # tests/helpers.py
+from helpers import free_port  # noqa: E402
+
 STEPS = 3
 PLUGIN = "memops.integrations.axolotl.MemopsPlugin"
 RECORDER = "recorder.RecorderPlugin"  # tests/axolotl/recorder.py: losses, memops calls, the CPU workaround
@@ -95,14 +98,6 @@ def _env(work: Path, procs: int) -> dict:
     return env
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(model_dir: Path, work: Path, procs: int, memops: bool) -> list[dict]:
     """``axolotl train`` on ``procs`` processes; each rank's losses and memops call count."""
     work.mkdir(parents=True, exist_ok=True)
@@ -111,7 +106,7 @@ def _train(model_dir: Path, work: Path, procs: int, memops: bool) -> list[dict]:
     path.write_text(yaml.safe_dump(_config(model_dir, work, **extra)))
     cmd = [str(Path(sys.executable).parent / "axolotl"), "train", str(path)]
     if procs > 1:  # Axolotl's torchrun launcher (its accelerate launcher runs one process on a CPU-only machine)
-        cmd += ["--launcher", "torchrun", "--", "--nproc_per_node", str(procs), "--master_port", str(_free_port())]
+        cmd += ["--launcher", "torchrun", "--", "--nproc_per_node", str(procs), "--master_port", str(free_port())]
     run = subprocess.run(cmd, env=_env(work, procs), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     return [json.loads((work / f"record.rank{r}.json").read_text()) for r in range(procs)]

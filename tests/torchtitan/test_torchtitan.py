@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))  # tests/reference.py: the one reference implementation
+sys.path.insert(0, str(HERE.parent))  # tests/reference.py (the one reference implementation), tests/helpers.py
 
+from helpers import free_port  # noqa: E402
 from reference import ref_linear_cross_entropy  # noqa: E402
 
 STEPS = 3
@@ -43,12 +43,6 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(workdir: Path, name: str, parallel: str, memops: bool) -> list[dict]:
     """torchtitan's trainer on 2 ranks, 3 steps; each rank's record (see harness.py)."""
     out = workdir / f"{name}-{parallel}"
@@ -63,7 +57,7 @@ def _train(workdir: Path, name: str, parallel: str, memops: bool) -> list[dict]:
     if memops:
         args += ["--override.imports", OVERRIDE]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(HERE / "harness.py"), str(out), *args,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", HF_HUB_OFFLINE="1")
