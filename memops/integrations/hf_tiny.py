@@ -5,6 +5,8 @@ dimension, intermediate sizes, experts and experts per token, vocabulary, and th
 and vision configs -- by passing small values for every size argument the config class takes, builds the
 causal-LM class from it and casts it to float64.  A type whose config or model cannot be built small (or
 that still has more than ``MAX_PARAMS`` parameters) raises :class:`Unbuildable` with the reason.
+``compare(model_type)`` is the float64 equivalence test of memops' patched model against the unpatched one
+(text inputs, and an image per sequence for a vision-language model: :func:`image_inputs`).
 """
 
 from __future__ import annotations
@@ -253,8 +255,9 @@ class NoImageInput(Unbuildable):
 
 def _image_layouts(model, batch: int, g):
     """Candidate pixel inputs of one small image per sequence, in the layouts vision towers take: Qwen-style
-    flattened patches with their grid, plain ``[B, C, H, W]``, one or more crops ``[B, k, C, H, W]`` with
-    ``image_sizes``, ``[B, 1, C, H, W]`` with a pixel mask, NaFlex patches with their spatial shapes."""
+    flattened patches with their grid, NaFlex patches with their spatial shapes, Gemma 4's patches with their
+    positions, plain ``[B, C, H, W]``, one or more crops ``[B, k, C, H, W]`` with ``image_sizes``,
+    ``[B, 1, C, H, W]`` (with a pixel mask where the forward takes one)."""
     vision = model.config.vision_config
 
     def get(name, default):
