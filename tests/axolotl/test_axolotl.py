@@ -159,8 +159,8 @@ def test_options_reach_memops_and_unverified_models_are_refused(model_dir, tmp_p
         memops.set_chunk_size(None)
     with pytest.raises(ValueError, match="memops_chunk_size"):
         _load(tmp_path, _config(model_dir, tmp_path, plugins=[PLUGIN], memops_chunk_size=0))
-    cfg.model_config_type = "mllama"  # a type memops refuses (python -m memops models)
-    with pytest.raises(ValueError, match="memops_linear_cross_entropy is not supported for model_type=mllama"):
+    cfg.model_config_type = "opt"  # a type memops refuses (python -m memops models)
+    with pytest.raises(ValueError, match="memops_linear_cross_entropy is not supported for model_type=opt"):
         MemopsPlugin().pre_model_load(cfg)
 
 
