@@ -112,14 +112,6 @@ def make_assets(root) -> None:
             f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n")
 
 
-def _peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _counted(module, name: str, calls: dict) -> None:
     """``module.name`` counted in ``calls["memops"]`` (memops' torchtitan loss looks both up at each call)."""
     inner = getattr(module, name)
@@ -144,6 +136,7 @@ def main() -> None:
 
     import memops
     import memops.distributed
+    from memops.bench.worker import status_kib
 
     init_logger()
     calls = {"memops": 0}
@@ -180,7 +173,7 @@ def main() -> None:
         "step_seconds": seconds,
         "memops_calls": calls["memops"],
         "loss_class": type(trainer.loss_fn).__qualname__,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": status_kib("VmHWM") / 1024,
     }
     with open(f"{out}.rank{torch.distributed.get_rank()}.json", "w") as f:
         json.dump(record, f)
