@@ -91,7 +91,7 @@ def test_verified_types_cover_the_families_people_look_for():
     wanted = ("llama", "qwen3", "qwen3_5", "qwen3_next", "gemma3", "gemma4_text", "llama4", "deepseek_v3", "glm4",
               "glm4_moe", "ministral3", "olmo3", "lfm2", "exaone4", "granitemoe", "ernie4_5", "hunyuan_v1_dense",
               "seed_oss", "falcon_h1", "kimi_linear", "minimax_m2", "qwen3_vl", "gpt_oss", "deepseek_v4",
-              "nemotron_h", "gemma4", "mllama", "qwen3_5:image-text")  # fmt: skip
+              "nemotron_h", "gemma4", "mllama", "mllama:image-text", "qwen3_5:image-text")  # fmt: skip
     assert [t for t in wanted if t not in verified] == []
 
 
@@ -152,3 +152,65 @@ def test_fp32_gradients_are_as_close_to_float64_as_the_unpatched_models():
         assert (loss.detach() - loss64).abs() <= 1e-6 * loss64.abs()
     assert errors["unpatched"] > 1e-6  # the model's own fp32 noise: far above a well-conditioned model's
     assert errors["memops"] <= 1.25 * errors["unpatched"], errors
+
+
+def _read_source(src: str) -> hf_rule.LossPath:
+    import ast
+    import textwrap
+
+    return hf_rule._Reader(ast.parse(textwrap.dedent(src)).body[0]).path()
+
+
+_DELEGATING = """
+def forward(self, input_ids=None, labels=None, logits_to_keep=0, **kwargs):
+    outputs = self.language_model(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
+    logits = outputs[0]
+    {extra}
+    loss = None
+    if labels is not None:
+        loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+    return Output(loss=loss, logits=logits)
+"""
+
+
+def test_a_delegated_head_is_read_and_its_misuses_refused():
+    assert hf_rule.read(transformers.Llama4ForConditionalGeneration).delegate == "language_model"
+    path = _read_source(_DELEGATING.format(extra=""))
+    assert (path.delegate, path.vocab, path.softcap, path.scale) == (
+        "language_model", "self.config.text_config.vocab_size", None, None)  # fmt: skip
+    assert _read_source(_DELEGATING.replace("outputs[0]", "outputs.logits").format(extra="")).delegate
+    refused = {
+        "head": _DELEGATING.replace("logits_to_keep=logits_to_keep,", "labels=labels, logits_to_keep=logits_to_keep,"),
+        "kept positions": _DELEGATING.replace("logits_to_keep=logits_to_keep, ", ""),
+        "logit transforms": _DELEGATING.replace("{extra}", "logits = logits / self.config.final_logit_softcapping"),
+    }
+    for step, src in refused.items():
+        with pytest.raises(hf_rule.Refused) as exc:
+            _read_source(src.format(extra=""))
+        assert exc.value.step == step, (step, str(exc.value))
+    # on the instance: the inner model must itself pass the rule (XLNet's head is its own module)
+    inner = transformers.XLNetLMHeadModel.__new__(transformers.XLNetLMHeadModel)
+
+    class Outer:
+        language_model = inner
+
+    with pytest.raises(hf_rule.Refused, match=r"inner model language_model \(XLNetLMHeadModel\)") as exc:
+        hf_rule.delegated(Outer(), path)
+    assert exc.value.step == "head"
+
+
+def test_a_delegated_head_is_exact_where_transformers_own_forward_runs(monkeypatch):
+    """Llama 4's vision-language class takes its logits from its inner Llama4ForCausalLM.  In transformers 5.24
+    its forward fails on its own whenever it returns an output object (it reads ``image_outputs`` off the inner
+    model's output, which has none), so the sweep records it unbuildable and memops refuses it; with that one
+    attribute supplied, memops' patched model equals the unpatched one in float64, an image included."""
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    status, reason, _ = hf_tiny.outcome("llama4:image-text")
+    assert status == "unbuildable" and "has no attribute 'image_outputs'" in reason
+    with pytest.raises(ValueError, match="no tiny instance of it has passed"):
+        mt.apply(transformers.Llama4ForConditionalGeneration)
+    monkeypatch.setattr(MoeCausalLMOutputWithPast, "image_outputs", None, raising=False)
+    result = hf_tiny.compare("llama4:image-text")
+    assert set(result["errors"]) == {"labels", "num_items_in_batch", "shift_labels + logits_to_keep", "image"}
+    assert max(result["errors"].values()) <= hf_tiny.TOLERANCE and result["logits_none"], result

@@ -13,7 +13,8 @@ import json
 
 # the families people look for, as README names them (entries of the sweep; absent ones are skipped)
 HEADLINE = (
-    ("Llama 3 / 4", ("llama", "llama4_text", "llama4")),
+    ("Llama 3 / 3.2 Vision / 4", ("llama", "mllama", "mllama:image-text", "llama4_text", "llama4",
+                                  "llama4:image-text")),
     ("Qwen 2.5 / 3 / 3.5 / Next / VL", ("qwen2", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next",
                                         "qwen3_vl", "qwen2_5_vl", "qwen3_5:image-text")),
     ("Gemma 2 / 3 / 4", ("gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4")),

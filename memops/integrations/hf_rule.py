@@ -7,7 +7,11 @@ A class is accepted by the rule when its forward's loss path is the standard one
    (or ``outputs[0]``), not transformed before the head;
 2. **kept positions**: ``slice_logits_to_keep(hidden_states, logits_to_keep)`` (or the ``[:, slice(-k, None)
    if isinstance(k, int) else k, :]`` idiom it replaced);
-3. **head**: ``logits = self.lm_head(hidden_states)`` (a ``.float()`` on it changes nothing memops computes);
+3. **head**: ``logits = self.lm_head(hidden_states)`` (a ``.float()`` on it changes nothing memops computes),
+   or a **delegated head**: ``logits = outputs[0]`` / ``outputs.logits`` of ``outputs = self.<language model>(...)``
+   called without labels and given ``logits_to_keep=logits_to_keep`` (a vision-language model whose inner causal
+   LM computes the logits: Llama 4's); that inner model's own forward must then pass steps 1-4 (checked on the
+   instance: :func:`delegated`) and the outer forward may transform its logits no further;
 4. **logit transforms**, only these: final soft-capping by ``config.final_logit_softcapping``
    (``/ cap``, ``tanh``, ``* cap``), a logit scale (``* self.logit_scale``, ``/ config.logits_scaling``,
    ``* config.logits_scaling``);
@@ -42,6 +46,7 @@ class LossPath:
     aux_coef: str | None = None  # the router auxiliary loss's coefficient, when one is added
     vocab: str = ""  # the loss call's vocabulary-size expression
     backbone_labels: str | None = None  # the backbone module given ``labels=`` (it must ignore them)
+    delegate: str | None = None  # the inner causal LM whose logits the forward takes (a delegated head)
 
 
 class Refused(ValueError):
@@ -183,7 +188,7 @@ class _Reader:
         self.kwargs = fn.args.kwarg.arg
         self.keeps = "logits_to_keep" in params
         self.out: dict = {}
-        self.outputs: set[str] = set()  # names bound to the backbone's output
+        self.outputs: dict[str, ast.Call] = {}  # names bound to a module's output -> that call
         self.hidden: str | None = None  # the hidden states' current name
         self.sliced = False
         self.slice_names: set[str] = set()
@@ -256,7 +261,7 @@ class _Reader:
         if name == "logits":
             return self.head_call(stmt, value)
         if isinstance(value, ast.Call) and self_path(value.func) not in (None, *_BACKBONE_SKIP):
-            self.outputs.add(name)
+            self.outputs[name] = value
             return
         if name == "slice_indices":
             self.slice_names.add(name)
@@ -285,6 +290,9 @@ class _Reader:
         return False
 
     def head_call(self, stmt, value) -> None:
+        call = self.delegated_call(value)
+        if call is not None:
+            return self.delegation(stmt, call)
         arg, scaled = _head_arg(value), None
         if arg is None:
             scaled = _scaled(value, lambda x: _head_arg(x) is not None)
@@ -299,6 +307,29 @@ class _Reader:
             raise Refused("kept positions", f"lm_head reads other than the kept hidden states: {_src(stmt)}")
         if scaled is not None:
             self.out["scale"], self.out["scale_op"] = scaled[1], scaled[2]
+        self.head = True
+
+    def delegated_call(self, value) -> ast.Call | None:
+        """``outputs[0]`` / ``outputs.logits`` of a module call: that call."""
+        first = isinstance(value, ast.Subscript) and _src(value.slice) == "0"
+        if (first or (isinstance(value, ast.Attribute) and value.attr == "logits")) and isinstance(
+            value.value, ast.Name
+        ):
+            return self.outputs.get(value.value.id)
+        return None
+
+    def delegation(self, stmt, call) -> None:
+        """The logits of an inner causal LM: called without labels, with the kept positions passed through."""
+        path = self_path(call.func)
+        passed = {k.arg: _src(k.value) for k in call.keywords if k.arg is not None}
+        if "labels" in passed or self.out.get("backbone_labels") == path:
+            raise Refused("head", f"the inner model computing the logits is given the labels: {_src(stmt)}")
+        if self.keeps and passed.get("logits_to_keep") != "logits_to_keep":
+            raise Refused("kept positions", f"the inner model computing the logits is not given logits_to_keep: "
+                          f"{_src(call)}")  # fmt: skip
+        if call.args:
+            raise Refused("head", f"the inner model computing the logits takes positional arguments: {_src(call)}")
+        self.out["delegate"] = path
         self.head = True
 
     def idiom(self, arg) -> bool:
@@ -316,6 +347,8 @@ class _Reader:
 
     def after_head(self, stmt, name, value, guards) -> None:
         if name == "logits":
+            if self.out.get("delegate"):
+                raise Refused("logit transforms", f"the inner model's logits are transformed again: {_src(stmt)}")
             return self.transform(stmt, value)
         if name == "loss":
             if isinstance(stmt, ast.AugAssign):
@@ -442,6 +475,22 @@ def _loss_call(value, kwargs: str, guards) -> str:
     if not any(_src(g) == "labels is not None" for g in guards):
         raise Refused("loss", "the loss call is not under `if labels is not None`")
     return _src(vocab)
+
+
+def delegated(model, path: LossPath):
+    """``(the module whose lm_head computes the logits, its loss path)``: the model itself, or for a delegated
+    head the inner causal LM with its own forward's path (steps 1-4; it is called without labels, so its loss
+    and auxiliary-loss steps do not run), else :class:`Refused`."""
+    if path.delegate is None:
+        return model, path
+    inner = resolve(model, path.delegate)
+    try:
+        inner_path = read(type(inner))
+    except Refused as exc:
+        raise Refused(exc.step, f"its inner model {path.delegate} ({type(inner).__name__}): {exc.why}") from None
+    if inner_path.delegate is not None:
+        raise Refused("head", f"its inner model {path.delegate} ({type(inner).__name__}) delegates its head again")
+    return inner, inner_path
 
 
 @functools.cache

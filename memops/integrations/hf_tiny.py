@@ -82,13 +82,14 @@ SMALL = dict(
     mm_tokens_per_image=4,
     projector_patch_to_query_dict={16: 4},
     image_grid_pinpoints=[[32, 32]],
+    cross_attention_layers=[1],  # Mllama: the text layer that attends to the image
 )
 IMAGE_TOKEN = SMALL["image_token_id"]
 SPECIAL = 16  # token ids below this are special (pad, bos, eos, image, video, ...)
 # vision towers: a few patches of a small image
 VISION = dict(
     hidden_size=16,
-    intermediate_size=32,
+    intermediate_size=64,  # 4x: Llama 4's pixel-shuffle adapter takes hidden_size / ratio**2 = 4 x hidden_size
     num_hidden_layers=1,
     depth=1,
     num_attention_heads=2,
@@ -104,6 +105,13 @@ VISION = dict(
     mm_embed_dim=16,
     mm_posemb_size=8,
     output_proj_dims=SMALL["hidden_size"],
+    # Llama 4: the pixel-shuffle adapter's width (its input: hidden_size / ratio**2); Mllama: the output
+    # concatenates the last and the intermediate layers' states, (1 + 1) x hidden_size
+    vision_output_dim=32,
+    projector_input_dim=32,
+    projector_output_dim=32,
+    intermediate_layers_indices=[0],
+    num_global_layers=1,
 )
 
 
@@ -145,6 +153,8 @@ def _per_layer(defaults: dict, small: dict, keep_last: bool = False) -> dict:
         keep = [*range(new - 1), old - 1]
     out = {}
     for key, value in defaults.items():
+        if key in small:
+            continue  # given small explicitly (Mllama's intermediate_layers_indices)
         if "drop" in key and type(value) is float:
             out[key] = 0.0
         elif old and new and isinstance(value, (list, tuple, str)) and len(value) == old and old != new:
@@ -318,10 +328,12 @@ def image_inputs(model, seed: int):
     them). Raises :class:`NoImageInput` when no layout works."""
     if getattr(model.config, "vision_config", None) is None:
         return None
-    if not hasattr(model, "get_image_features"):
-        raise NoImageInput("no image input built here: the model has no get_image_features")
     g, batch = torch.Generator().manual_seed(seed), 2
     forward = inspect.signature(model.forward).parameters
+    if {"aspect_ratio_ids", "cross_attention_mask"} <= set(forward):
+        return _cross_attention_image(model, batch, g)
+    if not hasattr(model, "get_image_features"):
+        raise NoImageInput("no image input built here: the model has no get_image_features")
     tried = []
     for pixel_kwargs in _image_layouts(model, batch, g):
         try:
@@ -343,6 +355,36 @@ def image_inputs(model, seed: int):
         except Exception as exc:  # noqa: BLE001  (the next layout)
             tried.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:60] if str(exc) else ''}")
     raise NoImageInput(f"no image input built here ({len(tried)} layouts tried; the first: {tried[0]})")
+
+
+def _cross_attention_image(model, batch: int, g):
+    """Mllama's layout: the text attends to the image's tiles through cross-attention, so each sequence holds
+    one image token and the tokens from it on see the image (``cross_attention_mask``, as the processor sets
+    it); one image per sequence, cut into the vision config's largest number of tiles (its 1x1 aspect ratio,
+    the other tiles masked out as the processor pads them)."""
+    vision = model.config.vision_config
+    tiles, size, channels = vision.max_num_tiles, vision.image_size, vision.num_channels
+    text = torch.randint(SPECIAL, VOCAB, (batch, 7), generator=g)
+    at = [1, 3][:batch]
+    for row, pos in enumerate(at):
+        text[row, pos] = IMAGE_TOKEN
+    labels = text.masked_fill(text == IMAGE_TOKEN, -100)
+    labels[0, :1] = -100
+    sees = (torch.arange(text.shape[1])[None, :] >= torch.tensor(at)[:, None]).long()
+    tile_mask = torch.zeros(batch, 1, tiles, dtype=torch.long)
+    tile_mask[:, :, 0] = 1
+    kwargs = dict(
+        pixel_values=torch.randn(batch, 1, tiles, channels, size, size, generator=g, dtype=torch.float64),
+        aspect_ratio_ids=torch.ones(batch, 1, dtype=torch.long),  # 1: the first supported ratio, 1x1
+        aspect_ratio_mask=tile_mask,
+        cross_attention_mask=sees[:, :, None, None] * tile_mask[:, None, :, :],
+    )
+    try:
+        with torch.no_grad():
+            model(input_ids=text, labels=labels, use_cache=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001  (the reason is the answer)
+        raise NoImageInput(f"no image input built here (cross-attention tiles: {type(exc).__name__}: {exc})") from None
+    return text, labels, kwargs
 
 
 def _run(model, ids, seed: int = 0, **kwargs):
@@ -410,14 +452,13 @@ def compare(model_type: str, seed: int = 0, overrides: dict | None = None) -> di
             dict(labels=labels, shift_labels=shift[:, -3:].contiguous(), logits_to_keep=3),
         ),
     }
-    image = image_inputs(model, seed)
-    if image is not None:
-        image_ids, image_labels, pixels = image
-        cases["image"] = (image_ids, dict(labels=image_labels, **pixels))
-    errors, no_logits = {}, True
-    for name, (ids, kwargs) in cases.items():
+    errors, no_logits, reached = {}, True, {}
+
+    def check(name, ids, kwargs):
+        nonlocal no_logits
         want, want_grads = _run(model, ids, seed, **kwargs)
         got, got_grads = _run(patched, ids, seed, **kwargs)
+        reached[name] = {k for k, g in want_grads.items() if g.abs().max() > 0}
         no_logits &= got.logits is None
         worst = (got.loss - want.loss).abs().item() / max(want.loss.abs().item(), 1e-30)
         if set(got_grads) != set(want_grads):
@@ -426,6 +467,17 @@ def compare(model_type: str, seed: int = 0, overrides: dict | None = None) -> di
             scale = max(g.abs().max().item(), 1e-30)
             worst = max(worst, (got_grads[key] - g).abs().max().item() / scale)
         errors[name] = worst
+        return want
+
+    for name, (ids, kwargs) in cases.items():  # text first: a model failing on its own fails here
+        want = check(name, ids, kwargs)
+    image = image_inputs(model, seed)
+    if image is not None:
+        image_ids, image_labels, pixels = image
+        cases["image"] = (image_ids, dict(labels=image_labels, **pixels))
+        want = check("image", *cases["image"])
+    if "image" in cases and not reached["image"] - reached["labels"]:
+        raise NoImageInput("the image input reaches no parameter the text alone does not (the vision tower)")
     aux = getattr(want, "aux_loss", None)
     return {"errors": errors, "logits_none": no_logits, "aux_loss": aux is not None}
 

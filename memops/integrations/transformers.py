@@ -40,16 +40,18 @@ class _Verified:
     path: hf_rule.LossPath
 
     def softcap(self, model) -> float | None:
-        if self.path.softcap is None:
+        model, path = hf_rule.delegated(model, self.path)  # a delegated head: the inner model's soft-cap
+        if path.softcap is None:
             return None
-        cap = hf_rule.resolve(model, self.path.softcap)
+        cap = hf_rule.resolve(model, path.softcap)
         return float(cap) if cap else None
 
     def logit_scale(self, model) -> float:
-        if self.path.scale is None:
+        model, path = hf_rule.delegated(model, self.path)
+        if path.scale is None:
             return 1.0
-        value = float(hf_rule.resolve(model, self.path.scale))
-        return value if self.path.scale_op == "*" else 1.0 / value
+        value = float(hf_rule.resolve(model, path.scale))
+        return value if path.scale_op == "*" else 1.0 / value
 
     @property
     def aux_loss(self) -> bool:
@@ -102,9 +104,14 @@ def _check_instance(model, spec: _Verified) -> None:
     if model.loss_function is not LOSS_MAPPING["ForCausalLM"]:
         _refuse(cls, f"its loss_function is {getattr(model.loss_function, '__name__', model.loss_function)!r}, "
                 "not transformers' ForCausalLMLoss")  # fmt: skip
+    try:
+        owner, _ = hf_rule.delegated(model, spec.path)
+    except hf_rule.Refused as exc:
+        _refuse(cls, f"its loss path is not the standard one at the {exc.step!r} step: {exc.why}")
     head = model.get_output_embeddings()
-    if head is None or head is not getattr(model, "lm_head", None):
-        _refuse(cls, "its output embeddings are not its lm_head")
+    if head is None or head is not getattr(owner, "lm_head", None):
+        _refuse(cls, "its output embeddings are not " + ("its lm_head" if owner is model else
+                f"the lm_head of {spec.path.delegate}, the inner model computing its logits"))  # fmt: skip
     vocab = spec.path.vocab
     if vocab.startswith("self."):
         size = hf_rule.resolve(model, vocab.removeprefix("self."))
