@@ -182,7 +182,10 @@ def _per_layer(defaults: dict, small: dict, keep_last: bool = False) -> dict:
 # whose first layers are all of one kind (its last layer kept in place of one); multimodal rotary sections
 # fitted to the small head (a model whose code defaults them to a full-size head's: GLM-4V, PaddleOCR-VL);
 # heads twice as wide (Mamba-2: heads x head_dim must be 2 x hidden_size); a hybrid whose default config
-# leaves its layer types unset (LFM2-MoE): a convolution layer and an attention layer
+# leaves its layer types unset (LFM2-MoE): a convolution layer and an attention layer; one expert per token
+# (ZAYA takes no other); no layers sharing another's KV cache (Gemma 3n: with two layers, no full-attention
+# layer produces one); rotary parameters for each layer type where the default config leaves them empty
+# (Cohere Compass)
 VARIANTS = (
     {},
     {"num_key_value_heads": SMALL["num_attention_heads"]},
@@ -190,17 +193,45 @@ VARIANTS = (
     {"mrope": True},
     {"head_dim": 2 * SMALL["head_dim"]},
     {"layer_types": ["conv", "full_attention"]},
+    {"num_experts_per_tok": 1},
+    {"num_kv_shared_layers": 0},
+    {"rope_per_layer_type": True},
 )
 
 
 def _fit_mrope(text: dict) -> None:
     """``text``'s ``rope_parameters`` with ``mrope_section`` -- the rotary half-dimension split over (time, height,
-    width) -- made to fit its small head: as even a split as ``head_dim * partial_rotary_factor / 2`` allows."""
+    width) -- made to fit its small head (its rotary part, with multi-head latent attention): as even a split as
+    ``head_dim * partial_rotary_factor / 2`` allows."""
     rope = dict(text.get("rope_parameters") or {})
-    head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    head = text.get("qk_rope_head_dim") or text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     half = int(head * rope.get("partial_rotary_factor", text.get("partial_rotary_factor") or 1.0)) // 2
     rope["mrope_section"] = [half // 3 + (i < half % 3) for i in range(3)]
     text["rope_parameters"] = rope
+
+
+def _rope_per_layer_type(text: dict) -> None:
+    """Default rotary parameters for each of ``text``'s layer types (a config keying them by layer type)."""
+    types = sorted(set(text.get("layer_types") or ["full_attention", "sliding_attention"]))
+    text["rope_parameters"] = {t: {"rope_type": "default", "rope_theta": 10000.0} for t in types}
+
+
+def _as_lists(defaults: dict, values: dict) -> dict:
+    """A small size given as a number where the config holds a list of sizes (ERNIE 4.5-VL's experts per
+    modality, Molmo 2's image height and width, Gemma 3n's intermediate size per layer): the number in each
+    entry, one per small layer for a per-layer list."""
+    layers = next((defaults[k] for k in _LAYERS if isinstance(defaults.get(k), int)), None)
+    small_layers = next((values[k] for k in _LAYERS if k in values and k in defaults), layers)
+
+    def listed(k, v):
+        default = defaults.get(k)
+        if type(v) is not int or not isinstance(default, list) or not default:
+            return v
+        if not all(type(i) is int for i in default):
+            return v
+        return [v] * (small_layers if len(default) == layers else len(default))
+
+    return {k: listed(k, v) for k, v in values.items()}
 
 
 def small_config(config_cls, overrides: dict | None = None):
@@ -209,10 +240,12 @@ def small_config(config_cls, overrides: dict | None = None):
     small_values = {**SMALL, **(overrides or {})}
     keep_last = small_values.pop("keep_last_layer", False)
     mrope = small_values.pop("mrope", False)
+    rope_per_type = small_values.pop("rope_per_layer_type", False)
     base = config_cls()
     defaults = base.to_dict()
     values = _accepted(config_cls, small_values)
     values.update(_accepted(config_cls, _per_layer(defaults, values, keep_last)))
+    values = _as_lists(defaults, values)
     if isinstance(defaults.get("vision_feature_layer"), list):  # VipLlava: states of layers the tiny tower has
         values["vision_feature_layer"] = [-2, -1]
     params = inspect.signature(config_cls.__init__).parameters
@@ -228,13 +261,15 @@ def small_config(config_cls, overrides: dict | None = None):
                 sub_values["hidden_size"] = small_values["hidden_size"]  # Qwen2-VL: the merger's output width
             # the whole dict is passed: its per-layer entries are cut whether or not ``__init__`` names them
             sub_values.update(_per_layer(sub_dict, sub_values, keep_last))
-            values[key] = {**sub_dict, **sub_values}
-    if mrope:
+            values[key] = {**sub_dict, **_as_lists(sub_dict, sub_values)}
+    for wanted, fit in ((mrope, _fit_mrope), (rope_per_type, _rope_per_layer_type)):
+        if not wanted:
+            continue
         if isinstance(values.get("text_config"), dict):
-            _fit_mrope(values["text_config"])
+            fit(values["text_config"])
         else:
             flat = {**defaults, **values}
-            _fit_mrope(flat)
+            fit(flat)
             values["rope_parameters"] = flat["rope_parameters"]
     return config_cls(**values)
 
@@ -275,7 +310,7 @@ def build(model_type: str, seed: int = 0, overrides: dict | None = None):
             with torch.device("meta"):
                 size = sum(p.numel() for p in cls(config).parameters())
         except Exception as exc:  # noqa: BLE001  (the reason is the answer)
-            raise Unbuildable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+            raise Unbuildable(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
         if size > MAX_PARAMS:
             raise Unbuildable(f"{size} parameters after shrinking every size argument the config takes")
         torch.manual_seed(seed)
