@@ -269,6 +269,12 @@ def _head_options(model) -> dict:
 
     spec = _verified(type(model))
     _check_instance(model, spec)
+    if spec.path.delegate is not None:  # these losses read the hidden states below the head from _backbone
+        raise ValueError(
+            f"memops: {type(model).__name__} takes its logits from its inner model {spec.path.delegate!r} (a "
+            "delegated head); memops' TRL losses read the hidden states below the model's own head and are not "
+            "tested on such a model"
+        )
     return {"logit_scale": spec.logit_scale(model), "softcap": spec.softcap(model)}
 
 
