@@ -13,6 +13,7 @@ Run without TRITON_INTERPRET.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import re
 import subprocess
@@ -127,6 +128,16 @@ def kernels():
             yield f"logprobs_head {zt[1:]}", K.logprobs_head, lp, {**flags, "CDT": cdt}
 
 
+_KERNELS = list(kernels())
+
+
+def _compile_job(job) -> dict:
+    """One entry of ``main``'s job list compiled (in a pool worker)."""
+    arch, index, constants, cfg = job
+    _, fn, sig, _ = _KERNELS[index]
+    return compile_one(fn, sig, constants, arch, cfg.warps, cfg.stages, cfg.maxnreg)
+
+
 def spill_probe() -> int:
     """Spill bytes of a kernel that does spill (fp64 cross-entropy, every option, a 16384 tile, 16 warps:
     more live values than 128 registers hold): shows the spill count is read, not assumed zero."""
@@ -149,10 +160,10 @@ def main() -> int:
         archs.append(100)
     except Exception as exc:  # noqa: BLE001 - any failure means: not targetable here
         print(f"sm_100: not compiled ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
-    count, spilled, worst, done = 0, [], {}, set()
+    jobs, done = [], set()
     for arch in archs:
         seen = set()
-        for name, fn, sig, flags in kernels():
+        for index, (name, _, _, flags) in enumerate(_KERNELS):
             configs = LAUNCH_CONFIGS[:1]
             if every_config:  # each kernel and dtype's all-off and all-on variants at every configuration
                 first = name not in seen
@@ -166,13 +177,19 @@ def main() -> int:
                 if launch in done:  # the same kernel as another configuration gives (fp64's narrower tile)
                     continue
                 done.add(launch)
-                r = compile_one(fn, sig, constants, arch, cfg.warps, cfg.stages, cfg.maxnreg)
-                count += 1
-                key = (arch, name, dataclasses.replace(cfg, block=block))
-                if r["registers"] > worst.get(key, {"registers": -1})["registers"]:
-                    worst[key] = r
-                if r["spill_bytes"]:
-                    spilled.append((arch, name, cfg, flags, r))
+                jobs.append((arch, index, constants, dataclasses.replace(cfg, block=block)))
+    # one compile per core (Triton's passes and ptxas are single-threaded); fresh interpreters, not forks of
+    # one that has already run Triton's compiler
+    with multiprocessing.get_context("spawn").Pool(min(os.cpu_count() or 1, len(jobs))) as pool:
+        results = pool.map(_compile_job, jobs, chunksize=1)
+    count, spilled, worst = len(jobs), [], {}
+    for (arch, index, _, cfg), r in zip(jobs, results, strict=True):
+        name, _, _, flags = _KERNELS[index]
+        key = (arch, name, cfg)
+        if r["registers"] > worst.get(key, {"registers": -1})["registers"]:
+            worst[key] = r
+        if r["spill_bytes"]:
+            spilled.append((arch, name, cfg, flags, r))
     print(
         f"compiled {count} kernel variants for sm_{', sm_'.join(map(str, archs))} with triton {triton.__version__} "
         f"({'every launch configuration' if every_config else f'launch configuration {LAUNCH_CONFIGS[0]}'}): "
