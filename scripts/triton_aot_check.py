@@ -141,7 +141,7 @@ def _compile_job(job) -> dict:
 def spill_probe() -> int:
     """Spill bytes of a kernel that does spill (fp64 cross-entropy, every option, a 16384 tile, 16 warps:
     more live values than 128 registers hold): shows the spill count is read, not assumed zero."""
-    for name, fn, sig, flags in kernels():
+    for name, fn, sig, flags in _KERNELS:
         if name == "ce_head fp64" and all(v for k, v in flags.items() if k != "CDT"):
             return compile_one(fn, sig, {**flags, "RNE_BF16": False, "BLOCK": 16384}, 90, 16, 3, 128)["spill_bytes"]
     raise LookupError("no fp64 ce_head variant with every option")
@@ -155,7 +155,7 @@ def main() -> int:
     table = "--table" in sys.argv or every_config
     archs = [90]
     try:  # Blackwell, where this Triton and its ptxas target it
-        _, fn, sig, flags = next(kernels())
+        _, fn, sig, flags = _KERNELS[0]
         compile_one(fn, sig, {**flags, "RNE_BF16": False, "BLOCK": 1024}, 100, 4, 3, 255)
         archs.append(100)
     except Exception as exc:  # noqa: BLE001 - any failure means: not targetable here
