@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -90,10 +89,16 @@ class Args:
     """One call's arguments by name (``a.input``, ``a.reduction``, ...)."""
 
     def __init__(self, **values):
-        self.__dict__.update(values)
+        # setattr and a list of the names, not ``self.__dict__``: dynamo of torch 2.9-2.11 can trace neither
+        # ``self.__dict__.update`` nor a dict built from ``self.__dict__``
+        self._keys = tuple(values)
+        for k, v in values.items():
+            setattr(self, k, v)
 
     def replace(self, **values) -> Args:
-        return Args(**{**self.__dict__, **values})
+        both = {k: getattr(self, k) for k in self._keys}
+        both.update(values)
+        return Args(**both)
 
 
 @dataclass(frozen=True)
@@ -142,22 +147,24 @@ class Spec:
         )
 
     # ---- arguments ---------------------------------------------------------------------------------
-    @cached_property
-    def _names(self) -> tuple:
-        """The positional argument names of the forward and the backward op (less ``grad_outputs``), and the
-        names a front end may pass."""
+    def __post_init__(self):
+        # computed once here, not lazily: a ``functools.cached_property`` takes a lock that torch.compile cannot
+        # trace, so a process whose first memops call was compiled failed (every torch release)
         inputs, options = [i.name for i in self.inputs], [o.name for o in self.options]
         forward = inputs + options + (["grad_mask"] if self.forward_grads else [])
-        return tuple(forward), tuple(inputs + ["saved"] + options + ["need", "have"]), frozenset(inputs + options)
+        names = (tuple(forward), tuple(inputs + ["saved"] + options + ["need", "have"]), frozenset(inputs + options))
+        object.__setattr__(self, "_names", names)
+
+    # the positional argument names of the forward and the backward op (less ``grad_outputs``), and the names a
+    # front end may pass (set by ``__post_init__``)
+    _names: tuple = field(init=False, repr=False, compare=False)
 
     def bind(self, args: Sequence, backward: bool = False) -> Args:
         """Positional op arguments as :class:`Args` (forward, or backward without ``grad_outputs``)."""
         names = self._names[1 if backward else 0]
         if len(args) != len(names):
             raise TypeError(f"{self.qualname} takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
-        a = Args()
-        a.__dict__.update(zip(names, args))
-        return a
+        return Args(**dict(zip(names, args)))
 
     def tensors(self, a: Args) -> list:
         return [getattr(a, i.name) for i in self.inputs]
@@ -223,7 +230,9 @@ class Spec:
     def call(self, **values):
         """The front end's call: defaults and conversions applied, validated, ``grad_mask`` from the
         tensors (grad mode on and ``requires_grad``); returns the op's outputs."""
-        unknown = values.keys() - self._names[2]
+        # a loop, not ``values.keys() - names``: dynamo of torch 2.11 cannot trace that set difference
+        allowed = self._names[2]
+        unknown = [k for k in values if k not in allowed]
         if unknown:
             raise TypeError(f"{self.qualname}: unexpected arguments {sorted(unknown)}")
         for i in self.inputs:
@@ -244,7 +253,16 @@ class Spec:
             args.append([on and t is not None and t.requires_grad for t in self.grad_slots(a)])
         direct = EAGER.get(self.name)
         out = None if direct is None else direct(args)
-        return self.op()(*args) if out is None else out
+        if out is not None:
+            return out
+        try:
+            return self.op()(*args)
+        except RuntimeError as e:  # an error the kernel layer names (torch.func on the public path: NAMERS)
+            for namer in NAMERS:
+                named = namer(self.qualname, e)
+                if named is not None:
+                    raise named from e
+            raise
 
 
 def declare(spec: Spec) -> None:
@@ -271,6 +289,9 @@ SPECS: dict[str, Spec] = {}
 # op name -> ``call(args)``: the op's autograd kernel run directly when nothing but the CPU / CUDA backend would
 # see the call (``memops/ops/family.py``: ``_eager_call``), else None; the front ends call the op otherwise
 EAGER: dict[str, Callable] = {}
+# ``namer(qualname, error) -> Exception | None``: the kernel layer's names for errors torch raises from an op
+# call (``memops/ops/torch_private.py``: torch.func refused on the public registration path)
+NAMERS: list[Callable] = []
 
 
 def register(spec: Spec) -> Spec:

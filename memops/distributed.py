@@ -147,6 +147,11 @@ def _shard_layout(weight: Tensor, group) -> tuple[int, int]:
             "vocab_parallel_*: a sync-free call (memops.set_sync_free, CUDA-graph capture) cannot read the shard "
             "layout from the group; pass vocab_start and vocab_size"
         )
+    if torch.compiler.is_compiling():  # the host read of a collective's result cannot be traced (it hung)
+        raise ValueError(
+            "vocab_parallel_*: under torch.compile / torch.export the shard layout cannot be read from the group "
+            "(a host read of an all-gather); pass vocab_start and vocab_size, or a DTensor weight"
+        )
     rows = torch.tensor([weight.shape[0]], dtype=torch.int64, device=weight.device)
     sizes = all_gather(rows, group).tolist()
     rank = torch.distributed.get_rank(group)

@@ -92,6 +92,8 @@ def _cpu() -> dict:
 def environment(device: str) -> dict:
     import torch
 
+    from .ops import torch_private
+
     env = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -106,6 +108,9 @@ def environment(device: str) -> dict:
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
         "cuda_build": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
+        # memops/ops/torch_private.py: the registration path this torch took at import, and why
+        "registration_path": torch_private.PATH,
+        "registration_probe_error": torch_private.PROBE_ERROR,
     }
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(0)
@@ -469,6 +474,8 @@ def report(result: dict) -> str:
         ),  # fmt: skip
         f"CPU {env['cpu']['model']}; flags {', '.join(env['cpu']['flags']) or 'none of avx2/avx512/amx'}; "
         f"ATen kernels {env['aten_cpu_capability']}; {env['threads']} threads",
+        f"op registration: {env['registration_path']} path"
+        + (f" (the probe failed: {env['registration_probe_error']})" if env["registration_probe_error"] else ""),
         "",
         f"kernels ({result['device']}, {result['dtype']}): "
         + "; ".join(f"{fam}: {heads} heads" for fam, heads in k["heads"].items())

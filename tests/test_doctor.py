@@ -29,6 +29,10 @@ def test_doctor_runs_on_cpu(tmp_path, capsys, dtype):
     result = json.loads(path.read_text())
     assert result["device"] == "cpu" and result["dtype"] == dtype
     assert result["environment"]["torch"] == torch.__version__
+    from memops.ops import torch_private
+
+    assert result["environment"]["registration_path"] == torch_private.PATH
+    assert f"op registration: {torch_private.PATH} path" in out
     assert result["kernels"]["heads"]["cross_entropy, log-probs, GRPO"] == "torch"
     plan = result["chunk_plan"]["plans"]["torch heads"]
     assert plan["chunks"] * plan["rows_per_chunk"] >= 64

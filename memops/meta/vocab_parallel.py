@@ -66,7 +66,13 @@ class Layout:
     sequence_parallel: bool = False
 
     def options(self) -> dict:
-        return dataclasses.asdict(self)
+        # by hand: dynamo of torch 2.9-2.11 cannot trace dataclasses.asdict (its deepcopy)
+        return {
+            "group_name": self.group_name,
+            "vocab_start": self.vocab_start,
+            "vocab_size": self.vocab_size,
+            "sequence_parallel": self.sequence_parallel,
+        }
 
 
 def resolve(spec: Spec, layout: Layout | None) -> tuple[Spec, dict]:

@@ -14,29 +14,16 @@ op's outputs never change after it returned.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import config
-from ..contract import EAGER, LIB, Args, Spec
+from ..contract import LIB, Args, Spec
 from ..rules import compute_dtype, placeholder
-
-_fwad = torch.autograd.forward_ad
-
-
-def plain_eager(t: Tensor) -> bool:
-    """True outside torch.compile / export / make_fx tracing, torch.func transforms and any dispatch mode (but
-    one that only watches: a mode with ``observes_only = True``, as the tests' sync counter)."""
-    if type(t) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return False
-    if torch._C._len_torch_dispatch_stack() == 0:
-        return True
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    return all(getattr(m, "observes_only", False) for m in _get_current_dispatch_mode_stack())
+from . import torch_private
+from .torch_private import autograd_inside_kernel, plain_eager  # noqa: F401  (used by the families)
 
 
 def setup(ctx, grads: Sequence[Tensor], have: Sequence[bool], non_differentiable: Sequence[Tensor]) -> None:
@@ -86,25 +73,6 @@ def for_backward_op(ctx, empty: Tensor) -> tuple[list[bool], tuple]:
     return list(ctx.have), ctx.grads
 
 
-_AUTOGRAD_KEYS = ("AutogradCPU", "AutogradCUDA", "AutogradOther", "ADInplaceOrView")
-
-
-@contextlib.contextmanager
-def autograd_inside_kernel():
-    """Grad mode with autograd dispatch turned back on inside a custom op's kernel.
-
-    A custom op's real kernel runs below the autograd dispatch keys, so tensors
-    made there do not record a graph.  Chunk heads that derive their gradient
-    with ``torch.autograd.grad`` run under this context instead.
-    """
-    keys = torch._C.DispatchKey
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    for name in _AUTOGRAD_KEYS:
-        exclude = exclude.remove(getattr(keys, name))
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
-        yield
-
-
 # forward(a, need) -> (outputs, grads): the family's outputs and, where ``need`` says, the gradients of its
 # scalar loss (None elsewhere).  gradients(a, grad_outputs, need) -> grads: recomputed for the incoming
 # gradients of the differentiable outputs (None where not needed).
@@ -147,6 +115,8 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
     def kernel(*args):
         a = spec.bind(args)
         spec.validate(a)
+        if torch_private.PATH == "public":
+            torch_private.refuse_transforms(spec.qualname)
         need = spec.forward_mask(a) if spec.forward_grads else []
         outs, grads = forward(a, need)
         if not spec.forward_grads:
@@ -186,7 +156,7 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
         ctx.sync_free = config.is_sync_free(a.input)  # its backward too
         ctx.layout = layout
         ctx.save_for_backward(*flat)
-        if _fwad._current_level >= 0:  # a dual level is open: forward-mode AD may ask (forward_tangents)
+        if torch_private.dual_level_open():  # a dual level is open: forward-mode AD may ask (forward_tangents)
             ctx.save_for_forward(*flat)
         ctx.options = list(inputs[n_inputs : n_inputs + n_options])
         live = spec.live(a)
@@ -230,22 +200,32 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
                 result[k] = g
         return tuple(result)
 
-    _register_autograd(spec, kernel, setup_context, backward)
+    no_grad = [k for k, i in enumerate(spec.inputs) if i.refuse_grad]
 
+    def refuse_requires_grad(args):
+        for k in no_grad:
+            if args[k] is not None and args[k].requires_grad and torch.is_grad_enabled():
+                raise ValueError(
+                    f"{spec.qualname}: {spec.inputs[k].name} requires grad, but memops computes no gradient "
+                    f"for it; pass {spec.inputs[k].name}.detach()"
+                )
 
-_DIRECT = (torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA)
+    def checked_backward(ctx, *grad_outputs):
+        refuse_higher_order(spec, ctx, grad_outputs)
+        with config.backward_like(ctx.sync_free):
+            return backward(ctx, *grad_outputs)
 
-
-def _has_tangent(tensors: Sequence) -> bool:
-    """Whether forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``) gave any of
-    ``tensors`` a tangent (one global read when no dual level is open)."""
-    if _fwad._current_level < 0:
-        return False
-    for t in tensors:
-        for u in t if isinstance(t, (list, tuple)) else (t,):
-            if isinstance(u, Tensor) and _fwad.unpack_dual(u).tangent is not None:
-                return True
-    return False
+    torch_private.register_autograd(
+        spec,
+        kernel,
+        setup_context,
+        checked_backward,
+        lambda ctx, tangents: forward_tangents(spec, ctx, tangents),
+        refuse_requires_grad,
+        torch_private.has_tangent,
+        _flat,
+        _unflat,
+    )
 
 
 class ForwardADError(NotImplementedError):
@@ -307,32 +287,21 @@ class HigherOrderError(NotImplementedError):
     ``torch.func.grad`` / ``jacrev``)."""
 
 
-def _grad_tracked(t) -> bool:
-    """Whether ``t`` is tracked by a torch.func grad level enclosing the one whose backward runs (its
-    wrappers, vmap's included, hold two grad-tracking layers: this level's and an outer one's)."""
-    ft, layers = torch._C._functorch, 0
-    while isinstance(t, Tensor) and ft.is_functorch_wrapped_tensor(t):
-        layers += bool(ft.is_gradtrackingtensor(t))
-        t = ft.get_unwrapped(t)
-    return layers > 1
-
-
 def refuse_higher_order(spec: Spec, ctx, grad_outputs: Sequence) -> None:
     """Raise where the backward being run would itself be differentiated: memops' gradients carry no
     graph, and a silent zero second derivative is a wrong answer.  Eager: grad mode on in backward
     (``create_graph=True``) with an input that requires grad.  Under ``torch.func``:
     what backward reads is tracked by an enclosing grad level, or has a tangent (an enclosing jvp)."""
-    ft = torch._C._functorch
-    functorch = torch._C._are_functorch_transforms_active()
-    if not (functorch or torch.is_grad_enabled() or _fwad._current_level >= 0):
+    functorch = torch_private.functorch_active()
+    if not (functorch or torch.is_grad_enabled() or torch_private.dual_level_open()):
         return  # a plain backward (create_graph=False): nothing will differentiate it
     saved = ctx.saved_tensors
-    nested = any(_grad_tracked(t) for t in (*saved, *grad_outputs)) or (
+    nested = any(torch_private.grad_tracked(t) for t in (*saved, *grad_outputs)) or (
         torch.is_grad_enabled()
         and not functorch
-        and any(isinstance(t, Tensor) and t.requires_grad and not ft.is_functorch_wrapped_tensor(t) for t in saved)
+        and any(isinstance(t, Tensor) and t.requires_grad and not torch_private.functorch_wrapped(t) for t in saved)
     )
-    if nested or _has_tangent((*saved, *grad_outputs)):
+    if nested or torch_private.has_tangent((*saved, *grad_outputs)):
         raise HigherOrderError(
             f"{spec.qualname}: higher-order derivatives (create_graph=True, torch.func.hessian, nested "
             "torch.func.grad / jacrev / jacfwd) are not implemented: memops' gradients carry no graph of their "
@@ -376,143 +345,3 @@ def _vmap_rule(op):
         return stack(results)
 
     return rule
-
-
-def _register_autograd(spec: Spec, kernel, setup_context, backward) -> None:
-    """``spec``'s autograd kernel: what ``torch.library.register_autograd`` installs, for this schema shape.
-
-    The same mechanism (a kernel at the ``Autograd`` key that runs one ``autograd.Function`` whose forward
-    redispatches below autograd), with the argument layout known from the spec: ``Tensor[]`` inputs are
-    spread into the function's arguments and the ``Tensor[] grads`` output spread out of it by position,
-    where the generic wrapper flattens and rebuilds every call's arguments and results as pytrees and
-    re-fills schema defaults (memops schemas have none).  At small shapes that generic work was most of a
-    call's fixed cost (``python -m memops bench --preset overhead``).  Where the redispatch below autograd
-    would reach the real kernel next (nothing but the CPU or CUDA backend key left: no dispatch mode,
-    functionalization, vmap or fake tensors), the kernel is called directly, saving a round trip through the
-    dispatcher's argument boxing.
-    """
-    n_inputs, n_outputs = len(spec.inputs), len(spec.outputs)
-    op = spec.op().default
-    below = torch._C._after_autograd_keyset
-
-    class Fn(torch.autograd.Function):
-        # forward / setup_context kept apart: what torch.func's transforms (grad, vjp, jvp) need
-        @staticmethod
-        def forward(keyset, layout, rest, *flat):  # rest: the non-tensor arguments, as one tuple
-            args = _unflat(flat, layout) + list(rest)
-            with torch._C._AutoDispatchBelowAutograd():
-                result = redispatch(keyset, args)
-            if spec.forward_grads:
-                return (*result[:n_outputs], *result[n_outputs])
-            return tuple(result)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            _, layout, rest, *flat = inputs
-            result = (*output[:n_outputs], list(output[n_outputs:])) if spec.forward_grads else output
-            setup_context(ctx, _unflat(flat, layout) + list(rest), result, flat, layout)
-            ctx.rest = rest
-            ctx.n_flat = len(flat)
-
-        @staticmethod
-        def backward(ctx, *grad_outputs):
-            refuse_higher_order(spec, ctx, grad_outputs)
-            layout = ctx.layout  # setup_context's
-            flags = ctx.needs_input_grad
-            try:
-                ctx.needs_input_grad = tuple(_unflat(flags[3 : 3 + ctx.n_flat], layout))
-                with config.backward_like(ctx.sync_free):
-                    result = backward(ctx, *grad_outputs[:n_outputs], list(grad_outputs[n_outputs:]))
-            finally:
-                ctx.needs_input_grad = flags
-            flat = []
-            for g, n in zip(result[:n_inputs], layout):
-                flat.extend((g if g is not None else [None] * n) if n is not None else [g])
-            return (None, None, None, *flat)
-
-        @staticmethod
-        def jvp(ctx, _keyset, _layout, _rest, *tangents):
-            return forward_tangents(spec, ctx, tangents)
-
-    Fn.__name__ = Fn.__qualname__ = f"MemopsBackward_{spec.name}"
-
-    def redispatch(keyset, args):
-        if keyset is None:  # _eager_call: the backend kernel, as the dispatcher would pick it
-            return kernel(*args)
-        rest = (keyset & below).remove(torch._C.DispatchKey.ADInplaceOrView)  # a fallthrough for these ops
-        if rest.highestPriorityTypeId() in _DIRECT:
-            return kernel(*args)
-        return op.redispatch(keyset & below, *args)
-
-    # autograd.Function.apply less its torch.func branch: this kernel runs at the Autograd key, where a
-    # torch.func transform has already unwrapped its level's tensors and expects a plain autograd node
-    single = super(torch.autograd.Function, Fn).apply
-
-    def apply(*args):
-        if not torch._C._are_functorch_transforms_active():
-            return single(*args)
-        allowed = torch._C._functorch.get_single_level_autograd_function_allowed()
-        torch._C._functorch.set_single_level_autograd_function_allowed(True)
-        try:
-            return single(*args)
-        finally:
-            torch._C._functorch.set_single_level_autograd_function_allowed(allowed)
-
-    no_grad = [k for k, i in enumerate(spec.inputs) if i.refuse_grad]
-
-    def autograd_kernel(keyset, *args):
-        if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or _has_tangent(args[:n_inputs]):
-            for k in no_grad:
-                if args[k] is not None and args[k].requires_grad and torch.is_grad_enabled():
-                    raise ValueError(
-                        f"{spec.qualname}: {spec.inputs[k].name} requires grad, but memops computes no gradient "
-                        f"for it; pass {spec.inputs[k].name}.detach()"
-                    )
-            flat, layout = _flat(args[:n_inputs])
-            out = apply(keyset, layout, tuple(args[n_inputs:]), *flat)
-            return (*out[:n_outputs], list(out[n_outputs:])) if spec.forward_grads else out
-        with torch._C._AutoDispatchBelowAutograd():
-            return redispatch(keyset, args)
-
-    LIB.impl(spec.name, autograd_kernel, "Autograd", with_keyset=True)
-    EAGER[spec.name] = _eager_call(spec, autograd_kernel)
-
-
-def _eager_call(spec: Spec, autograd_kernel):
-    """The front end's call of ``spec``'s op, made without the dispatcher where the dispatcher would run
-    exactly this: its autograd kernel, then the real kernel on a CPU or CUDA backend.  That holds when every
-    tensor argument is a plain CPU / CUDA ``torch.Tensor`` and no tracer, mode or transform is active
-    (torch.compile, torch.func, ``torch.jit.trace``, torch function and dispatch modes, the profiler: under any
-    of them, and for meta / fake / subclass tensors, the op itself is called, so each sees it).  Saves the
-    dispatcher's boxing of the op's arguments and results (a per-call cost at small shapes: ``python -m memops
-    bench --preset overhead``).  Returns None where it does not apply."""
-    n_inputs = len(spec.inputs)
-    is_compiling = torch.compiler.is_compiling
-    profiler = torch.autograd.profiler
-
-    def call(args):
-        # the dispatcher's thread-local key sets as outside any context that changes dispatch: a dispatch mode,
-        # torch.func, autocast, inference mode, a kernel running below autograd each add or drop keys there
-        if (
-            is_compiling()  # first: torch.compile traces the op call (and reads no key sets)
-            or torch._C._dispatch_tls_local_include_set().raw_repr() != _PLAIN_TLS[0]
-            or torch._C._dispatch_tls_local_exclude_set().raw_repr() != _PLAIN_TLS[1]
-            or torch._C._is_torch_function_mode_enabled()
-            or profiler._is_profiler_enabled
-            or torch._C._get_tracing_state() is not None
-        ):
-            return None
-        for t in args[:n_inputs]:
-            for u in t if isinstance(t, (list, tuple)) else (t,):
-                if u is not None and (type(u) is not torch.Tensor or not (u.is_cpu or u.is_cuda)):
-                    return None
-        return autograd_kernel(None, *args)
-
-    return call
-
-
-# the thread-local dispatch key sets (included, excluded) of plain eager code, read as memops is imported
-_PLAIN_TLS = (
-    torch._C._dispatch_tls_local_include_set().raw_repr(),
-    torch._C._dispatch_tls_local_exclude_set().raw_repr(),
-)

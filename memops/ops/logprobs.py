@@ -572,8 +572,13 @@ def linear_grpo_loss(
     m_all = mask_all.to(cdt)
     ent_w = None if entropy_coef == 0 else mine(-entropy_coef * m_all / m_all.sum().clamp(min=1.0))
     # the metrics read the log-probs of every token with mask 1, and the kl metric those of every token;
-    # sync-free, every row is computed anyway (and the test would read a device value)
-    all_logprobs = ref is not None or config.is_sync_free(input) or bool(((w_all == 0) & (m_all != 0)).any())
+    # sync-free or traced (torch.compile cannot branch on a tensor's value), every row is computed anyway
+    all_logprobs = (
+        ref is not None
+        or config.is_sync_free(input)
+        or torch.compiler.is_compiling()
+        or bool(((w_all == 0) & (m_all != 0)).any())
+    )
     loss, logp, ent, _ = spec.call(
         **parallel,
         input=input,
