@@ -798,6 +798,17 @@ class Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# the "mm" kind's ops for a first and a second chunk: the first writes the accumulator, the second adds a scratch
+_MM_TWO_CHUNKS = [
+    "aten.t.default",
+    "aten.mm.dtype_out",
+    "aten.t.default",
+    "aten.empty_like.default",
+    "aten.mm.dtype_out",
+    "aten.add_.Tensor",
+]
+
+
 def test_cuda_weight_gradient_accumulates_in_place_in_fp32():
     """Off the CPU a low-precision chunk's weight gradient is one fp32-output GEMM into the fp32 accumulator
     (``mm`` / ``addmm`` with ``out_dtype``): no product tensor and no extra pass over ``[V, D]`` per chunk.
@@ -816,14 +827,7 @@ def test_cuda_weight_gradient_accumulates_in_place_in_fp32():
         engine._accumulate_weight_grad(gw, dz, xc, first=False)
     want = {
         "addmm": ["aten.t.default", "aten.mm.dtype_out", "aten.t.default", "aten.addmm.dtype_out"],
-        "mm": [
-            "aten.t.default",
-            "aten.mm.dtype_out",
-            "aten.t.default",
-            "aten.empty_like.default",
-            "aten.mm.dtype_out",
-            "aten.add_.Tensor",
-        ],
+        "mm": _MM_TWO_CHUNKS,
     }[_fp32_kind()]
     assert ops.seen == want, ops.seen
 
@@ -831,20 +835,7 @@ def test_cuda_weight_gradient_accumulates_in_place_in_fp32():
 @pytest.mark.parametrize(
     "kind, ops_seen",
     [
-        (
-            "mm",
-            [
-                "aten.t.default",
-                "aten.mm.dtype_out",
-                "aten.t.default",
-                "aten.empty_like.default",
-                "aten.mm.dtype_out",
-                "aten.add_.Tensor",
-                "aten.t.default",
-                "aten.mm.dtype_out",
-                "aten.add_.Tensor",
-            ],
-        ),
+        ("mm", [*_MM_TWO_CHUNKS, "aten.t.default", "aten.mm.dtype_out", "aten.add_.Tensor"]),
         (
             "cast",
             [
