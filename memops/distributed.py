@@ -140,7 +140,7 @@ class _Placed:
 def _shard_layout(weight: Tensor, group) -> tuple[int, int]:
     """``(vocab_start, vocab_size)`` from every rank's shard row count, in rank order (one all-gather, read on
     the host: not in sync-free calls, which must be given the layout)."""
-    from .ops.vocab_parallel import all_gather
+    from .ops.reducer import all_gather
 
     if config.is_sync_free(weight):
         raise ValueError(

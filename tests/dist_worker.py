@@ -318,11 +318,11 @@ def case_mismatch():
 def case_collectives():
     """Vocab-parallel statistics are reduced once per chunk, not per sub-block, and the shard layout is
     checked by the first call only."""
-    from memops.ops import vocab_parallel as vp
+    from memops.ops import reducer as vp
 
     rank, world = dist.get_rank(), dist.get_world_size()
     counts = {"all_reduce": 0, "all_gather": 0}
-    originals = vp._all_reduce, vp.all_gather
+    originals = vp.all_reduce, vp.all_gather
 
     def counting(name, fn):
         def call(*args):
@@ -331,7 +331,7 @@ def case_collectives():
 
         return call
 
-    vp._all_reduce, vp.all_gather = counting("all_reduce", originals[0]), counting("all_gather", originals[1])
+    vp.all_reduce, vp.all_gather = counting("all_reduce", originals[0]), counting("all_gather", originals[1])
     try:
         g = torch.Generator().manual_seed(0)
         vocab = 80000  # 40000 float64 columns per rank: a CPU sub-block holds 13 rows, a chunk 64
@@ -348,7 +348,7 @@ def case_collectives():
             assert counts["all_reduce"] == 2 * 2 + 1, counts
             assert counts["all_gather"] == (1 if call == 0 else 0), counts
     finally:
-        vp._all_reduce, vp.all_gather = originals
+        vp.all_reduce, vp.all_gather = originals
 
 
 def _tokens(world, n, zero_rank=False):
@@ -720,11 +720,11 @@ def case_collectives_families():
     """Collectives per call of the other families and of sequence parallelism, counted on 2 ranks (one
     process group call each), 2 chunks of 64 rows over a 40000-row shard per rank."""
     from memops.distributed import vocab_parallel_logprobs
-    from memops.ops import vocab_parallel as vp
+    from memops.ops import reducer as vp
 
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2
-    names = ("_all_reduce", "all_gather", "_broadcast", "_reduce_to")
+    names = ("all_reduce", "all_gather", "broadcast", "reduce_to")
     originals = {k: getattr(vp, k) for k in names}
     counts = dict.fromkeys(names, 0)
 
@@ -755,12 +755,12 @@ def case_collectives_families():
         # log-probs and entropy, forward: per chunk the row max, then the sums (one all-reduce each)
         lp = {}
         c = counted(lambda: lp.update(out=vocab_parallel_logprobs(x, w, t, return_entropy=True, **layout)))
-        assert c == dict(_all_reduce=2 * 2, all_gather=0, _broadcast=0, _reduce_to=0), c
+        assert c == dict(all_reduce=2 * 2, all_gather=0, broadcast=0, reduce_to=0), c
         # backward: which tokens have a gradient (1) and the logits' bound (1), agreed by every rank; the
         # chunks again (2 x 2); the input gradient's partial sums (1)
         logp, ent = lp["out"]
         c = counted(lambda: (logp.sum() + ent.sum()).backward())
-        assert c == dict(_all_reduce=1 + 1 + 2 * 2 + 1, all_gather=0, _broadcast=0, _reduce_to=0), c
+        assert c == dict(all_reduce=1 + 1 + 2 * 2 + 1, all_gather=0, broadcast=0, reduce_to=0), c
         # sequence parallelism, 64 tokens per rank (chunk k = rank k's rows): the token counts and the targets
         # gathered once (2), per chunk its rows broadcast by their owner (1), the row max and sums (2), and the
         # input gradient's rows reduced to their owner (1); a trained scalar loss computes all in the forward
@@ -768,7 +768,7 @@ def case_collectives_families():
         ts = t[rank * 64 : (rank + 1) * 64]
         out = {}
         c = counted(lambda: out.update(loss=vocab_parallel_cross_entropy(xs, w, ts, sequence_parallel=True, **layout)))
-        assert c == dict(_all_reduce=2 * 2, all_gather=2, _broadcast=2, _reduce_to=2), c
+        assert c == dict(all_reduce=2 * 2, all_gather=2, broadcast=2, reduce_to=2), c
         c = counted(lambda: out["loss"].backward())
         assert c == dict.fromkeys(names, 0), c
         if rank == 0:

@@ -258,11 +258,11 @@ def test_sync_free_forward_and_backward_make_no_sync(name, plan_small_calls):
         bargs[-1] = [False] * len(bargs[-1])  # nothing precomputed: the recompute path
         spec.backward_op()(*bargs)
 
-    from memops.ops import vocab_parallel
+    from memops.ops import reducer
 
     with Syncs() as default:
         calls()
-    vocab_parallel._TILED.clear()  # the shard layout's first check, sync-free: a device-side assert
+    reducer._TILED.clear()  # the shard layout's first check, sync-free: a device-side assert
     with memops.sync_free(), Syncs() as free:
         calls()
     assert default.seen, f"{name}: the counter saw no sync in the default path"

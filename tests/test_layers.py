@@ -44,3 +44,64 @@ def test_meta_imports_no_kernel_code():
 def test_the_check_sees_a_kernel_import():
     # what an old fake kernel did (``from ..ops.engine import compute_dtype``) is caught
     assert "memops.ops.engine" in _memops_imports(ROOT / "ops" / "linear_ce.py")
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """memops module -> the memops modules it imports anywhere in its code (function-level imports included; a
+    name imported from a package that is not a module of its own counts as the package)."""
+    paths = {_module(p): p for p in ROOT.rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        edges = set()
+        for target in _memops_imports(path):
+            while target and target not in paths:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles():
+    """No two memops modules import each other, directly or through others, at any level of their code (a
+    package's ``__init__`` importing its modules is not counted back: importing a module runs its package)."""
+    graph = _import_graph()
+    for pkg in [m for m in graph if (ROOT.parent / m.replace(".", "/") / "__init__.py").exists()]:
+        graph[pkg] = set()  # what a package's __init__ re-exports
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_check_sees_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -98,7 +98,7 @@ def _rank(spec: dict) -> dict:
     import memops
     from memops.bench.worker import reset_peak_rss, status_kib
     from memops.distributed import vocab_parallel_cross_entropy, vocab_parallel_logprobs
-    from memops.ops import vocab_parallel as vp
+    from memops.ops import reducer as vp
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")

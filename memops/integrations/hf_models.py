@@ -45,7 +45,7 @@ def entries() -> list[str]:
     image-text-to-text class is not its causal-LM class (``hf_tiny.model_class``)."""
     from transformers.models.auto import modeling_auto
 
-    from .hf_tiny import IMAGE_TEXT
+    from .hf_rule import IMAGE_TEXT
 
     causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     image_text = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES

@@ -503,3 +503,23 @@ def ignores_labels(module_cls) -> bool:
         return False
     body = fn.body[1:] if fn.body and isinstance(fn.body[0], ast.Expr) else fn.body  # less the docstring
     return all("labels" not in _names(stmt) for stmt in body)
+
+
+IMAGE_TEXT = ":image-text"  # an entry's suffix: the image-text-to-text class of a type whose causal LM is another
+
+
+def model_class(entry: str):
+    """The causal-LM class transformers maps a model type to (image-text-to-text when it has none); for
+    ``"<type>:image-text"`` the type's image-text-to-text class (a vision-language model whose text-only causal
+    LM is another class, Qwen3.5's say)."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    model_type, image_text = entry.removesuffix(IMAGE_TEXT), entry.endswith(IMAGE_TEXT)
+    name = None if image_text else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if name is None:
+        name = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None:
+        raise ValueError(f"unknown causal LM model_type {model_type!r}")
+    return cls

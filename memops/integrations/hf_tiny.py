@@ -16,6 +16,8 @@ import warnings
 
 import torch
 
+from .hf_rule import IMAGE_TEXT, model_class  # noqa: F401  (callers use hf_tiny.model_class)
+
 VOCAB = 97
 MAX_PARAMS = 4_000_000
 # size arguments by the names config classes use for them
@@ -272,26 +274,6 @@ def small_config(config_cls, overrides: dict | None = None):
             fit(flat)
             values["rope_parameters"] = flat["rope_parameters"]
     return config_cls(**values)
-
-
-IMAGE_TEXT = ":image-text"  # an entry's suffix: the image-text-to-text class of a type whose causal LM is another
-
-
-def model_class(entry: str):
-    """The causal-LM class transformers maps a model type to (image-text-to-text when it has none); for
-    ``"<type>:image-text"`` the type's image-text-to-text class (a vision-language model whose text-only causal
-    LM is another class, Qwen3.5's say)."""
-    import transformers
-    from transformers.models.auto import modeling_auto
-
-    model_type, image_text = entry.removesuffix(IMAGE_TEXT), entry.endswith(IMAGE_TEXT)
-    name = None if image_text else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if name is None:
-        name = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
-    cls = getattr(transformers, name, None) if name else None
-    if cls is None:
-        raise ValueError(f"unknown causal LM model_type {model_type!r}")
-    return cls
 
 
 def build(model_type: str, seed: int = 0, overrides: dict | None = None):

@@ -62,10 +62,8 @@ class _Verified:
 
 
 def _causal_lm_class(model_type: str):
-    from .hf_tiny import model_class
-
     try:
-        return model_class(model_type)
+        return hf_rule.model_class(model_type)
     except ValueError:
         raise ValueError(f"memops.integrations.transformers: unknown causal LM model_type {model_type!r}") from None
 

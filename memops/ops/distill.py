@@ -32,6 +32,7 @@ from ..meta.distill import SPEC
 from ..meta.vocab_parallel import Layout, resolve
 from ..rules import placeholder
 from . import engine, family, plan
+from .reducer import LOCAL, reducer_of
 
 # several chunk-sized intermediates per head call: bound each step (as for transforms)
 _SUB_BLOCK_BYTES = {"cpu": 4 << 20, "other": 256 << 20}
@@ -62,7 +63,7 @@ def _teacher_logits(u: Tensor, a: Args, cdt) -> Tensor:
     return u
 
 
-def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows, reducer=engine.LOCAL):
+def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows, reducer=LOCAL):
     """Per-row losses (and student entropies); gradients of the student's input/weight/bias when
     ``upstream`` is given.  ``teacher``: ``("online", xt2d)`` or ``("offline", ids2d, logprobs2d)``.  With a
     group ``reducer`` the head is :func:`_group_head`'s."""
@@ -125,7 +126,7 @@ def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows, red
             return None
         return dz.mul_(engine.row_coef(upstream, sel, valid).unsqueeze(1))
 
-    if reducer is not engine.LOCAL:
+    if reducer is not LOCAL:
         head = _group_head(a, t1d, teacher, state, upstream, reducer, loss_rows, ent_rows)
     d = x2d.shape[1] + (teacher[1].shape[1] if teacher[0] == "online" else 0)
     m = n if rows is None else rows.numel()
@@ -245,7 +246,7 @@ def _group_head(a: Args, t1d, teacher, state: dict, upstream, reducer, loss_rows
 def _sharded_teacher(a: Args, reducer) -> Args:
     """With a group ``reducer``, a whole (replicated) online teacher's rows of this rank's vocabulary slice."""
     tw = a.teacher_weight
-    if reducer is engine.LOCAL or tw is None or tw.shape[0] == a.weight.shape[0]:
+    if reducer is LOCAL or tw is None or tw.shape[0] == a.weight.shape[0]:
         return a
     rows = slice(reducer.start, reducer.start + a.weight.shape[0])
     return a.replace(teacher_weight=tw[rows], teacher_bias=None if a.teacher_bias is None else a.teacher_bias[rows])
@@ -276,7 +277,7 @@ def _prepare(a: Args, reducer):
 
 
 def forward(a: Args, need: list) -> tuple:
-    reducer = engine.reducer_of(a)
+    reducer = reducer_of(a)
     vocab = reducer.vocab_of(a.weight)
     validation.check_target_range(a.target, vocab, a.ignore_index)
     if a.teacher_topk_ids is not None:
@@ -291,7 +292,7 @@ def forward(a: Args, need: list) -> tuple:
 
 
 def gradients(a: Args, grad_outputs: list, need: list) -> list:
-    reducer = engine.reducer_of(a)
+    reducer = reducer_of(a)
     a = _sharded_teacher(a, reducer)
     x2d, t1d, teacher, valid, reduction, divisor, rows = _prepare(a, reducer)
     up = engine.upstream(grad_outputs[0], reduction, valid, divisor, engine.compute_dtype(a.input.dtype))

@@ -34,63 +34,12 @@ import torch.nn.functional as F
 from .. import config
 from ..rules import compute_dtype
 from .plan import rows_out
+from .reducer import LOCAL, Reducer
 
 # head(z, sel) -> dz or None.  ``z`` is a block of final logits in the compute dtype, ``sel`` the
 # block's rows of the ``[N]`` per-row tensors (a slice, or an index tensor when rows are skipped:
 # ``t[sel]`` and ``out[sel] = v`` work either way); the head may overwrite ``z`` and return it as ``dz``.
 Head = Callable[[torch.Tensor, "slice | torch.Tensor"], torch.Tensor | None]
-
-
-class Reducer:
-    """Per-row statistics of a head whose vocabulary is split over processes (``ops/vocab_parallel.py``).
-
-    This one is for a single process: the head's weight is the whole vocabulary and there is nothing to
-    reduce.  A group reducer all-reduces in place, once per chunk (``whole_chunk``: the head sees whole
-    chunks): the row max (``max_``), the sums (``sum_``), and finds the first most likely token across
-    the group (``first_argmax``)."""
-
-    start = 0  # the first vocabulary row of this process's weight
-    vocab: int | None = None  # the whole vocabulary's size (None: the weight's rows)
-    rows_max: int | None = None  # the largest shard's rows, which every rank sizes its chunks for
-    whole_chunk = False
-
-    def max_(self, *ts: torch.Tensor | None) -> None:
-        pass
-
-    def sum_(self, *ts: torch.Tensor | None) -> None:
-        pass
-
-    def first_argmax(self, z: torch.Tensor) -> torch.Tensor:
-        """Per row of ``z``, the vocabulary index ``argmax`` gives (the first maximum; the first NaN)."""
-        return z.argmax(dim=1)
-
-    def owned(self, t: torch.Tensor, local: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(mask or None, index)``: which class indices ``t`` fall in this process's ``local`` rows (None:
-        all of them), and their row there (0 elsewhere)."""
-        return None, t
-
-    def owned_valid(self, t: torch.Tensor, valid: torch.Tensor, local: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mask, index)`` of :meth:`owned` for the ``valid`` entries of ``t``: the mask is False and the index
-        0 elsewhere (an ignored target owns no row)."""
-        owned, idx = self.owned(torch.where(valid, t, 0), local)
-        mine = valid if owned is None else valid & owned
-        return mine, torch.where(mine, idx, 0)
-
-    def vocab_of(self, weight: torch.Tensor) -> int:
-        """The whole vocabulary's size: the group's, or ``weight``'s rows in one process."""
-        return self.vocab or weight.shape[0]
-
-
-LOCAL = Reducer()
-
-
-def reducer_of(a) -> Reducer:
-    """The call's reducer: :data:`LOCAL`, or its group's for a vocabulary-parallel op."""
-    if getattr(a, "group_name", None) is None:
-        return LOCAL
-    from .vocab_parallel import group_reducer
-
-    return group_reducer(a)
 
 
 _FP32_OUT_GEMM: dict[str, str] = {}  # device type -> "addmm" | "mm" | "cast", probed once per process
@@ -315,7 +264,7 @@ def run(
     shard (so that all run the same chunks), the head gets whole chunks, and the input gradient's partial
     sums are summed across the group once per call.
 
-    ``x2d`` may also be a sequence-parallel group's rows (``ops/vocab_parallel.Gathered``): each chunk's rows
+    ``x2d`` may also be a sequence-parallel group's rows (``ops/reducer.Gathered``): each chunk's rows
     are gathered as the chunk starts and its input gradient sent back to the rows' owners; grad_input is
     then this rank's rows' (every row is computed: no ``rows``).
 

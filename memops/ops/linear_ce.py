@@ -17,7 +17,7 @@ from ..contract import Args
 from ..meta.linear_ce import SPEC, token_shape
 from ..rules import placeholder
 from . import engine, family, plan, triton_heads
-from .engine import LOCAL, Reducer
+from .reducer import LOCAL, Reducer
 
 NO_WEIGHTS = (None, None, None)
 

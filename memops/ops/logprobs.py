@@ -28,6 +28,7 @@ from ..meta.logprobs import EXTRAS, GRPO, LOGPROBS
 from ..meta.vocab_parallel import Layout, resolve
 from ..rules import placeholder
 from . import engine, family, plan, triton_heads
+from .reducer import LOCAL, Reducer, gather_tokens, process_group, reducer_of, token_sizes
 
 # coef(sel, logp, entropy) -> (c1 [n] or None, c2 [n] or None); None means no gradient.
 Coef = Callable[["slice | Tensor", Tensor, Tensor | None], tuple | None]
@@ -50,7 +51,7 @@ def _chunks(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     extras: dict | None = None,
-    reducer: engine.Reducer = engine.LOCAL,
+    reducer: Reducer = LOCAL,
     accurate: bool = False,
 ):
     """Run the head over ``x2d`` (only ``rows`` when given; see ``engine.run``), writing the per-row
@@ -83,7 +84,7 @@ def _chunks(
         def coef(sel, logp, ent):
             return (None if c1_all is None else c1_all[sel]), (None if c2_all is None else c2_all[sel])
 
-    local = reducer is engine.LOCAL
+    local = reducer is LOCAL
     vocab = reducer.vocab_of(weight)
     t_all = t1d.long()
     mine_all, safe_all = reducer.owned(t_all, weight.shape[0])  # the target's row in this weight
@@ -172,7 +173,7 @@ def _chunks(
 
 
 def logprobs_forward(a: Args, need: list) -> tuple:
-    reducer = engine.reducer_of(a)
+    reducer = reducer_of(a)
     validation.check_target_range(a.target, reducer.vocab_of(a.weight), None)
     x2d, t1d, _ = engine.flatten(a.input, a.target)
     n, cdt = t1d.numel(), engine.compute_dtype(a.input.dtype)
@@ -214,8 +215,8 @@ def logprobs_gradients(a: Args, grad_outputs: list, need: list) -> list:
 
     # tokens with no incoming gradient (masked by the caller's loss) are skipped where that is exact
     needed = functools.reduce(torch.logical_or, [g != 0 for g in (g1, g2) if g is not None])
-    reducer = engine.reducer_of(a)
-    if reducer is not engine.LOCAL:  # every rank skips the same rows: those no rank has a gradient for
+    reducer = reducer_of(a)
+    if reducer is not LOCAL:  # every rank skips the same rows: those no rank has a gradient for
         needed = needed.to(torch.uint8)
         reducer.max_(needed)
         needed = needed.bool()
@@ -346,7 +347,7 @@ def _grpo_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
     """
     weight, bias = a.weight, a.bias
     entropy = ent_w is not None or a.return_entropy
-    reducer = engine.reducer_of(a)
+    reducer = reducer_of(a)
 
     def c1_of(sel, logp):
         with family.autograd_inside_kernel():
@@ -420,7 +421,7 @@ def _grpo_sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: 
         chunk_size=a.chunk_size,
         logit_scale=a.logit_scale,
         softcap=a.softcap,
-        reducer=engine.reducer_of(a),
+        reducer=reducer_of(a),
         accurate=a.precision == "accurate",
     )
     logp, ent, *_ = _chunks(x2d, a.weight, t1d, a.bias, entropy=entropy, coef=None, need=(False,) * 3, **common)
@@ -475,7 +476,7 @@ def _grpo_pass(a: Args, upstream, need):
 
 
 def grpo_forward(a: Args, need: list) -> tuple:
-    validation.check_target_range(a.target, engine.reducer_of(a).vocab_of(a.weight), None, "completion_ids")
+    validation.check_target_range(a.target, reducer_of(a).vocab_of(a.weight), None, "completion_ids")
     up = torch.ones((), dtype=engine.compute_dtype(a.input.dtype), device=a.input.device) if any(need) else None
     (w, adv, old, ref, ent_w), (logp, ent, gx, gw, gb) = _grpo_pass(a, up, need)
     shape = a.target.shape
@@ -630,12 +631,10 @@ def _group_rows(layout: Layout | None, rows: int, device: torch.device):
     ``mine(t)`` this rank's rows of a group-wide tensor.  Otherwise both return ``t``."""
     if layout is None or not layout.sequence_parallel:
         return (lambda t: t), (lambda t: t)
-    from . import vocab_parallel as vp
-
-    group = vp._group(layout.group_name)
-    sizes = vp.token_sizes(rows, group, device)
-    first = sum(sizes[: torch.distributed.get_rank(group)])
-    return (lambda t: vp.gather_tokens(t, group, sizes)), (lambda t: t[first : first + rows])
+    pg = process_group(layout.group_name)
+    sizes = token_sizes(rows, pg, device)
+    first = sum(sizes[: torch.distributed.get_rank(pg)])
+    return (lambda t: gather_tokens(t, pg, sizes)), (lambda t: t[first : first + rows])
 
 
 def _metrics(logp, ent, adv, old, ref, m, loss_type, level, epsilon_low, epsilon_high, bias_corrected, delta):

@@ -64,7 +64,7 @@ def bounded(
     below the dtype's largest value (so inputs, weight and bias are free of NaN and inf; fp16, whose
     range is small, may fail it); every tensor in ``finite`` must be free of NaN and inf as well.  With a
     group ``reducer`` (vocabulary parallelism) the maxima are those of the whole weight and of every rank's
-    rows (``x2d`` may be sequence-parallel rows, ``ops/vocab_parallel.Gathered``), so every rank agrees.
+    rows (``x2d`` may be sequence-parallel rows, ``ops/reducer.Gathered``), so every rank agrees.
     """
     dev = x2d.device
     maxima = [_abs_max(getattr(x2d, "local", x2d), dev), _abs_max(weight, dev), _abs_max(bias, dev)]
@@ -103,7 +103,7 @@ def plan(
 
     With a group ``reducer`` (vocabulary parallelism) every rank must plan the same rows: the size rule reads
     the whole vocabulary and the bound the whole weight (``needed`` / ``probe`` / ``ok`` must agree across the
-    group already).  Sequence-parallel rows (``ops/vocab_parallel.Gathered``) are all computed."""
+    group already).  Sequence-parallel rows (``ops/reducer.Gathered``) are all computed."""
     n = x2d.shape[0]
     vocab = getattr(reducer, "vocab", None) or weight.shape[0]
     if (needed is None and probe is None) or n == 0 or n * vocab * x2d.shape[1] < PLAN_MIN_MACS:
