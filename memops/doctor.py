@@ -111,6 +111,7 @@ def environment(device: str) -> dict:
         # memops/ops/torch_private.py: the registration path this torch took at import, and why
         "registration_path": torch_private.PATH,
         "registration_probe_error": torch_private.PROBE_ERROR,
+        "torch_func_probe_error": torch_private.functorch_probe_error() if torch_private.PATH == "private" else None,
     }
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(0)
@@ -475,7 +476,8 @@ def report(result: dict) -> str:
         f"CPU {env['cpu']['model']}; flags {', '.join(env['cpu']['flags']) or 'none of avx2/avx512/amx'}; "
         f"ATen kernels {env['aten_cpu_capability']}; {env['threads']} threads",
         f"op registration: {env['registration_path']} path"
-        + (f" (the probe failed: {env['registration_probe_error']})" if env["registration_probe_error"] else ""),
+        + (f" (the probe failed: {env['registration_probe_error']})" if env["registration_probe_error"] else "")
+        + (f"; torch.func refused: {env['torch_func_probe_error']}" if env["torch_func_probe_error"] else ""),
         "",
         f"kernels ({result['device']}, {result['dtype']}): "
         + "; ".join(f"{fam}: {heads} heads" for fam, heads in k["heads"].items())

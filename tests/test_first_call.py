@@ -110,3 +110,15 @@ def test_the_probe_takes_the_private_path_on_this_torch():
         assert torch_private.PATH == "public"
         return
     assert torch_private.PATH == "private", torch_private.PROBE_ERROR
+    assert torch_private.functorch_probe_error() is None  # its torch.func half, run once on first use
+
+
+def test_import_memops_loads_neither_torch_func_nor_triton():
+    """The probe at import checks eagerly only: ``torch.func`` imports dynamo and triton (seconds, and triton
+    must see ``TRITON_INTERPRET`` before its import: ``python -m memops traffic``)."""
+    code = "import sys, torch, memops; print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -27,10 +27,13 @@ Two paths register an op family's autograd (:func:`register_autograd`):
     (``python -m memops bench --preset overhead`` measures the cost).
 
 The path is chosen once at import: ``MEMOPS_TORCH_PRIVATE=0`` forces the public one (the tests run both),
-else :func:`_probe` runs a tiny op through the private path -- eager gradient, ``torch.func.grad``,
-``torch.func.jvp`` and a gradient taken inside the kernel, each against its closed form -- and any
-failure or missing entry point selects the public path.  :data:`PATH` and :data:`PROBE_ERROR` say which and
-why (``python -m memops doctor`` prints both).
+else :func:`_probe` runs a tiny op through the private path -- a gradient taken inside its kernel and the
+eager gradient through its autograd node, each against its closed form -- and any failure or missing entry
+point selects the public path.  :data:`PATH` and :data:`PROBE_ERROR` say which and why (``python -m memops
+doctor`` prints both).  The ``torch.func`` half (``grad`` and ``jvp`` of the same op) runs once, on the first
+memops call under a transform, in a thread of its own (:func:`functorch_probe_error`): importing
+``torch.func`` imports dynamo and triton, which ``import memops`` must not (0.07 s against 1.5 s); where it
+fails, calls under a transform are refused by name.
 
 Chunk heads that take a gradient inside a kernel (user transforms, GRPO's token coefficients) run
 :func:`autograd_inside_kernel`: grad mode with the autograd keys taken off the thread-local exclude set
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -129,16 +133,23 @@ def _private_function_base():
     return torch.autograd.function._SingleLevelFunction
 
 
-def _apply_of(fn_class):
+def _apply_of(fn_class, qualname: str):
     """``fn_class.apply``, run as a single-level function under a torch.func transform: this kernel runs at
     the Autograd key, where the transform has already unwrapped its level's tensors and expects a plain
-    autograd node."""
+    autograd node.  The first call under a transform runs :func:`functorch_probe_error`; where it failed, every
+    call under a transform is refused by name."""
     single = fn_class.apply
     ft = torch._C._functorch
 
     def apply(*args):
         if not functorch_active():
             return single(*args)
+        error = functorch_probe_error()
+        if error is not None:
+            raise FunctorchUnavailable(
+                f"{qualname}: torch.func transforms of memops ops failed memops' probe on this torch "
+                f"({torch.__version__}): {error}; reverse mode (torch.autograd.grad, .backward()) works"
+            )
         allowed = ft.get_single_level_autograd_function_allowed()
         ft.set_single_level_autograd_function_allowed(True)
         try:
@@ -215,7 +226,7 @@ def register_private(
             return jvp(ctx, tangents)
 
     Fn.__name__ = Fn.__qualname__ = f"MemopsBackward_{name}"
-    apply = _apply_of(Fn)
+    apply = _apply_of(Fn, f"memops::{name}")
 
     def autograd_kernel(keyset, *args):
         k = len(args) - count_options
@@ -344,10 +355,19 @@ def functorch_refusal(qualname: str, error: Exception) -> Exception | None:
 # ---- the probe --------------------------------------------------------------------------------------------
 
 
+_PROBE_OP: list = []  # the probe's op once registered (the torch.func half runs it later)
+# the torch.func half of the probe's result once run (None: passed), and the flag of its own thread
+_FUNCTORCH: dict = {}
+_IN_PROBE = threading.local()
+
+
 def _probe() -> str | None:
-    """Run a tiny op ``f(x) = sum(x**3)`` (its gradient taken inside the kernel, as the chunk heads do) through
-    the private path: eager gradient, torch.func.grad and torch.func.jvp against the closed form.  None when it
-    all holds, else what failed."""
+    """Register a tiny op ``f(x) = sum(x**3)`` (its gradient taken inside the kernel, as the chunk heads do)
+    through the private path and check, eagerly, the gradient inside the kernel and the autograd node's, against
+    the closed form.  None when it holds, else what failed.  No ``torch.func`` here: importing it imports dynamo
+    (and triton), which ``import memops`` must not (seconds of import time, and ``TRITON_INTERPRET`` must be
+    set before triton is imported); :func:`functorch_probe_error` checks it on the first call under a
+    transform."""
     try:
         lib = torch.library.Library("memops_probe", "FRAGMENT")
         lib.define("cube(Tensor x) -> (Tensor, Tensor)")
@@ -367,7 +387,6 @@ def _probe() -> str | None:
             ctx.save_for_backward(*flat_args)
             ctx.save_for_forward(*flat_args)
             ctx.mark_non_differentiable(output[1])
-            ctx.g = output[1]
 
         def backward(ctx, grad, _g, _rest):
             (x,) = ctx.saved_tensors
@@ -384,42 +403,51 @@ def _probe() -> str | None:
             return list(ts)
 
         register_private(
-            "cube",
-            op,
-            kernel,
-            2,
-            False,
-            flat,
-            unflat,
-            setup,
-            backward,
-            jvp,
-            lambda args: None,
-            has_tangent,
-            lib=lib,
+            "cube", op, kernel, 2, False, flat, unflat, setup, backward, jvp, lambda args: None, has_tangent, lib=lib
         )
         x = torch.tensor([0.5, -1.25, 2.0], dtype=torch.float64)
-        want = 3 * x * x
         xr = x.clone().requires_grad_(True)
         loss, inner = op(xr)
         (eager,) = torch.autograd.grad(loss, xr)
-        fgrad = torch.func.grad(lambda t: op(t)[0])(x)
-        t = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
-        _, tangent = torch.func.jvp(lambda u: op(u)[0], (x,), (t,))
-        checks = {
-            "gradient inside the kernel": inner,
-            "eager gradient": eager,
-            "torch.func.grad": fgrad,
-        }
-        for what, got in checks.items():
-            if not torch.equal(got, want):
+        for what, got in (("gradient inside the kernel", inner), ("eager gradient", eager)):
+            if not torch.equal(got, 3 * x * x):
                 return f"{what} differs"
-        if not torch.equal(tangent, (want * t).sum()):
-            return "torch.func.jvp differs"
-        lib._destroy()
+        _PROBE_OP.append((lib, op))
         return None
     except Exception as e:  # any missing entry point or changed behaviour: the public path
         return f"{type(e).__name__}: {e}"
+
+
+def functorch_probe_error() -> str | None:
+    """The torch.func half of the probe, run once, on the first memops call under a transform (the caller has
+    imported torch.func): ``torch.func.grad`` and ``torch.func.jvp`` of the probe's op against the closed form,
+    in a thread of its own (functorch's transform stack and the dispatcher's key sets are per thread: the
+    caller's transform and kernel frame stay out of it).  None when they hold, else what failed."""
+    if "result" not in _FUNCTORCH:
+        if getattr(_IN_PROBE, "on", False):  # the probe's own calls
+            return None
+
+        def run():
+            _IN_PROBE.on = True
+            try:
+                (_, op), x = _PROBE_OP[0], torch.tensor([0.5, -1.25, 2.0], dtype=torch.float64)
+                t = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
+                fgrad = torch.func.grad(lambda u: op(u)[0])(x)
+                _, tangent = torch.func.jvp(lambda u: op(u)[0], (x,), (t,))
+                if not torch.equal(fgrad, 3 * x * x):
+                    _FUNCTORCH["result"] = "torch.func.grad differs"
+                elif not torch.equal(tangent, (3 * x * x * t).sum()):
+                    _FUNCTORCH["result"] = "torch.func.jvp differs"
+                else:
+                    _FUNCTORCH["result"] = None
+            except Exception as e:
+                _FUNCTORCH["result"] = f"{type(e).__name__}: {e}"
+
+        probe = threading.Thread(target=run, name="memops-functorch-probe")
+        probe.start()
+        probe.join()
+        _FUNCTORCH.setdefault("result", "the probe thread ended without a result")
+    return _FUNCTORCH["result"]
 
 
 def _choose() -> tuple[str, str | None]:
