@@ -23,8 +23,9 @@ from .config import (
 )
 from .modules import LinearCrossEntropy
 from .ops.distill import linear_distillation_loss
+from .ops.grpo import linear_grpo_loss
 from .ops.linear_ce import linear_cross_entropy
-from .ops.logprobs import linear_grpo_loss, linear_logprobs
+from .ops.logprobs import linear_logprobs
 from .ops.transform import linear_loss
 from .registry import registered_transforms, transform
 

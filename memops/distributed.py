@@ -25,8 +25,9 @@ from .meta.vocab_parallel import SPEC as VOCAB_PARALLEL
 from .meta.vocab_parallel import Layout
 from .ops import family
 from .ops.distill import linear_distillation_loss
+from .ops.grpo import linear_grpo_loss
 from .ops.linear_ce import linear_cross_entropy
-from .ops.logprobs import linear_grpo_loss, linear_logprobs
+from .ops.logprobs import linear_logprobs
 
 
 class LinearCrossEntropyHead(nn.Linear):

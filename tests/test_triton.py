@@ -24,6 +24,7 @@ from unittest import mock
 
 import pytest
 import test_bf16
+import test_grpo
 import test_linear_ce
 import test_logprobs
 import torch
@@ -227,8 +228,8 @@ REUSED = {
     "ce_is_top1": (test_linear_ce.test_return_is_top1_is_the_argmax_accuracy, None),
     "ce_lse_of_ignored": (test_linear_ce.test_return_lse_of_ignored_tokens_is_their_logsumexp, {}),
     "ce_all_ignored": (test_linear_ce.test_all_ignored_matches_reference, None),
-    "grpo_masked_non_finite": (test_logprobs.test_masked_token_with_non_finite_terms_matches_reference, None),
-    "grpo_random_extremes": (test_logprobs.test_masked_tokens_with_random_extreme_terms_match_reference, {}),
+    "grpo_masked_non_finite": (test_grpo.test_masked_token_with_non_finite_terms_matches_reference, None),
+    "grpo_random_extremes": (test_grpo.test_masked_tokens_with_random_extreme_terms_match_reference, {}),
     "logprobs_zero_gradient_non_finite": (
         test_logprobs.test_zero_gradient_token_with_non_finite_logits_matches_reference,
         None,

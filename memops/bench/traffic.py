@@ -104,9 +104,9 @@ def _run_head(family: str, opts: dict, grad: bool, x2d, w, t):
     )
     if family == "logprobs":
         fixed = (ones, ones if opts.get("entropy") else None) if grad else None
-        logprobs._chunks(x2d, w, t, None, fixed=fixed, **common)
+        logprobs.chunks(x2d, w, t, None, fixed=fixed, **common)
         return
-    logprobs._chunks(x2d, w, t, None, coef=lambda sel, lp, en: (lp * 0 + 1, None), **common)
+    logprobs.chunks(x2d, w, t, None, coef=lambda sel, lp, en: (lp * 0 + 1, None), **common)
 
 
 def _inputs(dtype, device):

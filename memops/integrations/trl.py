@@ -379,7 +379,7 @@ def _make_grpo_trainer():
     import trl
     from trl.trainer.utils import nanmax, nanmin
 
-    from ..meta.logprobs import GRPO
+    from ..meta.grpo import GRPO
     from ..ops import family
 
     class GRPOTrainer(trl.GRPOTrainer):

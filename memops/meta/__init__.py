@@ -3,6 +3,7 @@ kernels (output shapes, dtypes and strides).  Imports no kernel code."""
 
 from . import (
     distill,  # noqa: F401
+    grpo,  # noqa: F401
     linear_ce,  # noqa: F401
     logprobs,  # noqa: F401
     transform,  # noqa: F401

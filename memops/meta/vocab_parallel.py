@@ -15,7 +15,7 @@ import dataclasses
 
 from .. import validation as V
 from ..contract import Option, Spec, register
-from . import distill, logprobs
+from . import distill, grpo, logprobs
 from .linear_ce import CE_INPUTS, CE_OPTIONS, PRECISION, loss_and_rows
 
 PARALLEL = (
@@ -49,7 +49,7 @@ def _parallel(spec: Spec) -> Spec:
 
 
 LOGPROBS = _parallel(logprobs.LOGPROBS)
-GRPO = _parallel(logprobs.GRPO)
+GRPO = _parallel(grpo.GRPO)
 DISTILL = _parallel(distill.SPEC)
 
 _PARALLEL_OF = {"linear_ce": SPEC, "linear_logprobs": LOGPROBS, "linear_grpo": GRPO, "linear_distill": DISTILL}

@@ -2,6 +2,7 @@
 
 from . import (
     distill,  # noqa: F401
+    grpo,  # noqa: F401
     linear_ce,  # noqa: F401
     logprobs,  # noqa: F401
     transform,  # noqa: F401

@@ -7,7 +7,7 @@ statistics, and ``d loss / d logits`` written over the block in place (``ops/_tr
 engine's gradient GEMMs read that block as it is.
 
 Which heads are fused: cross-entropy in one process (``ops/linear_ce.py``), log-probs and GRPO
-(``ops/logprobs.py``).  Vocabulary-parallel cross-entropy, distillation and user transforms keep the
+(``ops/logprobs.py``, ``ops/grpo.py``).  Vocabulary-parallel cross-entropy, distillation and user transforms keep the
 torch heads.  ``"auto"`` picks the Triton heads for CUDA tensors when ``triton`` imports; ``"triton"``
 picks them everywhere, which on CPU tensors needs the Triton interpreter (``TRITON_INTERPRET=1`` set
 before triton is imported): that is how the tests run them without a GPU.

@@ -65,12 +65,11 @@ def _gradients(a: Args, grad_outputs: list, need: list) -> list:
 
 def _implement() -> None:
     from ..meta import vocab_parallel as VP
-    from . import distill, logprobs
+    from . import distill, grpo, logprobs
 
     family.implement(SPEC, *sequence_parallel(SPEC, _forward, _gradients))
-    lp = logprobs
-    family.implement(VP.LOGPROBS, *sequence_parallel(VP.LOGPROBS, lp.logprobs_forward, lp.logprobs_gradients))
-    family.implement(VP.GRPO, *sequence_parallel(VP.GRPO, logprobs.grpo_forward, logprobs.grpo_gradients))
+    family.implement(VP.LOGPROBS, *sequence_parallel(VP.LOGPROBS, logprobs.forward, logprobs.gradients))
+    family.implement(VP.GRPO, *sequence_parallel(VP.GRPO, grpo.forward, grpo.gradients))
     family.implement(VP.DISTILL, *sequence_parallel(VP.DISTILL, distill.forward, distill.gradients))
 
 
