@@ -147,14 +147,6 @@ def check_num_items(num_items: torch.Tensor | None, reduction: str) -> None:
 
 # ---- options: ``check(name, value)`` after the schema-type check ------------------------------------------
 
-_SCHEMA_TYPES = {
-    "int": "an int",
-    "float": "a finite number",
-    "float?": "a finite number or None",
-    "bool": "a bool",
-    "str": "a string",
-}
-
 
 def check_option(name: str, kind: str, value) -> None:
     """``value`` fits the schema type ``kind`` (``int``, ``float``, ``float?``, ``bool``, ``str``)."""
