@@ -54,18 +54,23 @@ from torch import Tensor
 
 from ..contract import EAGER, LIB, NAMERS
 
+# the registration path: "private" while the probe runs it (set by _choose at the end of this module)
+PATH = "private"
+
 # ---- reading the dispatcher's state --------------------------------------------------------------------
 
 
 def functorch_active() -> bool:
-    """Whether a ``torch.func`` transform (grad, vjp, jvp, vmap) is active."""
-    return torch._C._are_functorch_transforms_active()
+    """Whether a ``torch.func`` transform (grad, vjp, jvp, vmap) is active (on the public path torch refuses
+    transforms before memops' code runs: False)."""
+    return PATH == "private" and torch._C._are_functorch_transforms_active()
 
 
 def plain_eager(t: Tensor) -> bool:
     """True outside torch.compile / export / make_fx tracing, torch.func transforms and any dispatch mode (but
-    one that only watches: a mode with ``observes_only = True``, as the tests' sync counter)."""
-    if type(t) is not torch.Tensor or torch.compiler.is_compiling() or functorch_active():
+    one that only watches: a mode with ``observes_only = True``, as the tests' sync counter).  Always False on
+    the public path: the forward's gradients are then never donated (the backward op scales copies)."""
+    if PATH != "private" or type(t) is not torch.Tensor or torch.compiler.is_compiling() or functorch_active():
         return False
     if torch._C._len_torch_dispatch_stack() == 0:
         return True
@@ -76,7 +81,10 @@ def plain_eager(t: Tensor) -> bool:
 
 def grad_tracked(t) -> bool:
     """Whether ``t`` is tracked by a torch.func grad level enclosing the one whose backward runs (its
-    wrappers, vmap's included, hold two grad-tracking layers: this level's and an outer one's)."""
+    wrappers, vmap's included, hold two grad-tracking layers: this level's and an outer one's).  False on the
+    public path (no transform reaches memops there)."""
+    if PATH != "private":
+        return False
     ft, layers = torch._C._functorch, 0
     while isinstance(t, Tensor) and ft.is_functorch_wrapped_tensor(t):
         layers += bool(ft.is_gradtrackingtensor(t))
@@ -85,7 +93,7 @@ def grad_tracked(t) -> bool:
 
 
 def functorch_wrapped(t) -> bool:
-    return isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return PATH == "private" and isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def dual_level_open() -> bool:
