@@ -1,5 +1,7 @@
-"""Every private torch API memops uses, in this one module, each used only where a probe at import shows that
-the running release behaves as memops needs; the public ``torch.library`` path is the fallback.
+"""Every private torch API of memops' op registration, dispatch and autograd, in this one module, each used only
+where a probe at import shows that the running release behaves as memops needs; the public ``torch.library``
+path is the fallback.  (The few other private names memops reads -- functional collectives, device-side
+asserts, a DTensor layout helper -- are listed with their reasons in docs/internals.md.)
 
 Two paths register an op family's autograd (:func:`register_autograd`):
 
