@@ -209,6 +209,24 @@ def test_unsupported_models_get_a_clear_error(target, message):
         mt.apply(target)
 
 
+def test_verify_takes_a_type_a_class_or_an_instance_and_names_what_differs():
+    """``verify``: the public seam the integrations refuse models through."""
+    model = _model("llama")
+    for target in ("llama", type(model), model):
+        spec = mt.verify(target)
+        assert spec.path.delegate is None and spec.logit_scale(model) == 1.0
+    for target in ("xlnet", transformers.XLNetLMHeadModel):
+        with pytest.raises(ValueError, match="is not supported.*at the .head. step"):
+            mt.verify(target)
+    with pytest.raises(ValueError, match="unknown causal LM model_type"):
+        mt.verify("no_such_model")
+    with pytest.raises(ValueError, match="verify: target is None"):
+        mt.verify(None)
+    model.loss_function = lambda *a, **k: None  # what the class leaves to the instance is checked too
+    with pytest.raises(ValueError, match="loss_function"):
+        mt.verify(model)
+
+
 class _ExtraLossLlama(transformers.LlamaForCausalLM):
     """A model whose loss has a term memops would not compute."""
 

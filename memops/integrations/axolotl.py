@@ -56,10 +56,10 @@ class MemopsArgs(BaseModel):
 
 def refusal(model_type: str | None) -> str | None:
     """Why memops refuses ``model_type`` (None: verified)."""
-    from .transformers import _causal_lm_class, _verified
+    from .transformers import verify
 
     try:
-        _verified(_causal_lm_class(model_type))
+        verify(model_type)
     except ValueError as exc:
         return str(exc)
     return None

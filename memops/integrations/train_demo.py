@@ -245,9 +245,9 @@ def main(args) -> int:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1")
     if args.model_type != "llama":
-        from .transformers import _causal_lm_class, _verified
+        from .transformers import verify
 
-        _verified(_causal_lm_class(args.model_type))  # refused before any training, naming why
+        verify(args.model_type)  # refused before any training, naming why
     _prepare(args)
     res = {}
     for variant in ("unpatched", "memops"):

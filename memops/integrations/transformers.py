@@ -123,6 +123,24 @@ def _check_instance(model, spec: _Verified) -> None:
             _refuse(cls, f"its backbone ({type(backbone).__name__}) is given the labels and reads them")
 
 
+def verify(target: Any) -> _Verified:
+    """Whether memops reproduces a Hugging Face causal LM exactly: ``target`` a model type (``"llama"``,
+    ``"qwen3_5:image-text"``), a model class, or a model instance (its class, and what the class leaves to the
+    instance: transformers' ForCausalLM loss, the vocabulary size, the backbone's ``labels``).  Returns the
+    verified loss path (its logit scale, soft-cap and delegated head); otherwise raises a ValueError naming the
+    step of the class's forward that differs, or saying that no tiny instance of it has passed memops' float64
+    equivalence test.  The one seam every integration (Axolotl, TRL, the training demo) refuses models through."""
+    if target is None:
+        raise ValueError("memops.integrations.transformers.verify: target is None (give a model, a class or a type)")
+    if isinstance(target, str):
+        return _verified(_causal_lm_class(target))
+    if isinstance(target, type):
+        return _verified(target)
+    spec = _verified(type(target))
+    _check_instance(target, spec)
+    return spec
+
+
 class _Loss:
     """What one patched call needs inside ``lm_head``'s forward, and the loss it leaves there."""
 

@@ -265,10 +265,9 @@ def _backbone(model):
 
 def _head_options(model) -> dict:
     """The logit post-processing of a verified transformers model (scale, soft-cap), or an error."""
-    from .transformers import _check_instance, _verified
+    from .transformers import verify
 
-    spec = _verified(type(model))
-    _check_instance(model, spec)
+    spec = verify(model)
     if spec.path.delegate is not None:  # these losses read the hidden states below the head from _backbone
         raise ValueError(
             f"memops: {type(model).__name__} takes its logits from its inner model {spec.path.delegate!r} (a "
