@@ -287,7 +287,8 @@ def declare(spec: Spec) -> None:
 
 SPECS: dict[str, Spec] = {}
 # op name -> ``call(args)``: the op's autograd kernel run directly when nothing but the CPU / CUDA backend would
-# see the call (``memops/ops/family.py``: ``_eager_call``), else None; the front ends call the op otherwise
+# see the call (``memops/ops/torch_private.py``: ``eager_call``, on the private path), else None; the front ends
+# call the op otherwise
 EAGER: dict[str, Callable] = {}
 # ``namer(qualname, error) -> Exception | None``: the kernel layer's names for errors torch raises from an op
 # call (``memops/ops/torch_private.py``: torch.func refused on the public registration path)

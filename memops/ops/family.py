@@ -23,7 +23,7 @@ from .. import config
 from ..contract import LIB, Args, Spec
 from ..rules import compute_dtype, placeholder
 from . import torch_private
-from .torch_private import autograd_inside_kernel, plain_eager  # noqa: F401  (used by the families)
+from .torch_private import plain_eager
 
 
 def setup(ctx, grads: Sequence[Tensor], have: Sequence[bool], non_differentiable: Sequence[Tensor]) -> None:
@@ -222,7 +222,6 @@ def implement(spec: Spec, forward: Forward, gradients: Gradients) -> None:
         checked_backward,
         lambda ctx, tangents: forward_tangents(spec, ctx, tangents),
         refuse_requires_grad,
-        torch_private.has_tangent,
         _flat,
         _unflat,
     )

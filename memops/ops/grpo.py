@@ -22,6 +22,7 @@ from ..rules import placeholder
 from . import engine, family, plan
 from .logprobs import chunks
 from .reducer import gather_tokens, process_group, reducer_of, token_sizes
+from .torch_private import autograd_inside_kernel
 
 
 def grpo_token_loss(logp: Tensor, adv: Tensor, old: Tensor | None, ref: Tensor | None, a, log_iw=None) -> Tensor:
@@ -77,7 +78,7 @@ def _grpo_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
     reducer = reducer_of(a)
 
     def c1_of(sel, logp):
-        with family.autograd_inside_kernel():
+        with autograd_inside_kernel():
             leaf = logp.detach().requires_grad_(True)
             tok = grpo_token_loss(
                 leaf, adv[sel], None if old is None else old[sel], None if ref is None else ref[sel], a
@@ -154,7 +155,7 @@ def _grpo_sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: 
     logp, ent, *_ = chunks(x2d, a.weight, t1d, a.bias, entropy=entropy, coef=None, need=(False,) * 3, **common)
     if upstream is None:
         return logp, ent, None, None, None
-    with family.autograd_inside_kernel():
+    with autograd_inside_kernel():
         leaf = logp.detach().view(shape).requires_grad_(True)
         mask = (w != 0).to(leaf.dtype).view(shape)
         o = None if old is None else old.view(shape)

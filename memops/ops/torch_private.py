@@ -182,13 +182,12 @@ def register_private(
     backward: Callable,
     jvp: Callable,
     refuse_requires_grad: Callable,
-    has_tangent: Callable,
+    n_inputs: int,
     lib=LIB,
 ) -> Callable:
-    """The private path's autograd kernel of op ``name`` (registered at ``Autograd`` with its keyset); returns
-    its plain-eager call (:func:`eager_call`)."""
+    """The private path's autograd kernel of op ``name`` (registered at ``Autograd`` with its keyset; its first
+    ``n_inputs`` arguments are the tensor inputs); returns its plain-eager call (:func:`eager_call`)."""
     below = torch._C._after_autograd_keyset
-    count_options = len(op._schema.arguments) - _n_inputs_of(op)
 
     def redispatch(keyset, args):
         if keyset is None:  # eager_call: the backend kernel, as the dispatcher would pick it
@@ -239,30 +238,19 @@ def register_private(
     apply = _apply_of(Fn, f"memops::{name}")
 
     def autograd_kernel(keyset, *args):
-        k = len(args) - count_options
-        if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or has_tangent(args[:k]):
+        if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or has_tangent(args[:n_inputs]):
             refuse_requires_grad(args)
-            flat_args, layout = flat(args[:k])
-            out = apply(keyset, layout, tuple(args[k:]), *flat_args)
+            flat_args, layout = flat(args[:n_inputs])
+            out = apply(keyset, layout, tuple(args[n_inputs:]), *flat_args)
             return (*out[:n_outputs], list(out[n_outputs:])) if forward_grads else out
         with torch._C._AutoDispatchBelowAutograd():
             return redispatch(keyset, args)
 
     lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
-    return eager_call(op, autograd_kernel)
+    return eager_call(n_inputs, autograd_kernel)
 
 
-def _n_inputs_of(op) -> int:
-    """The number of leading tensor arguments of ``op``'s schema (``Tensor``, ``Tensor?``, ``Tensor[]``)."""
-    n = 0
-    for arg in op._schema.arguments:
-        if "Tensor" not in str(arg.type):
-            break
-        n += 1
-    return n
-
-
-def eager_call(op, autograd_kernel):
+def eager_call(n_inputs: int, autograd_kernel):
     """The front end's call of ``op``, made without the dispatcher where the dispatcher would run exactly
     this: its autograd kernel, then the real kernel on a CPU or CUDA backend.  That holds when every tensor
     argument is a plain CPU / CUDA ``torch.Tensor`` and no tracer, mode or transform is active
@@ -270,7 +258,6 @@ def eager_call(op, autograd_kernel):
     of them, and for meta / fake / subclass tensors, the op itself is called, so each sees it).  Saves the
     dispatcher's boxing of the op's arguments and results (a per-call cost at small shapes: ``python -m memops
     bench --preset overhead``).  Returns None where it does not apply."""
-    n_inputs = _n_inputs_of(op)
     is_compiling = torch.compiler.is_compiling
     profiler = torch.autograd.profiler
 
@@ -315,16 +302,17 @@ def register_public(
     setup_context: Callable,
     backward: Callable,
     refuse_requires_grad: Callable,
+    n_inputs: int,
     lib=LIB,
 ) -> None:
     """The public path: ``torch.library.register_autograd`` with the family's context and backward."""
 
     def setup(ctx, inputs, output):
         refuse_requires_grad(list(inputs))
-        flat_args, layout = flat(inputs[: len(inputs) - count_options])
+        flat_args, layout = flat(inputs[:n_inputs])
         result = (*output[:n_outputs], list(output[n_outputs])) if forward_grads else output
         setup_context(ctx, list(inputs), result, flat_args, layout)
-        ctx.rest = tuple(inputs[len(inputs) - count_options :])
+        ctx.rest = tuple(inputs[n_inputs:])
         ctx.n_flat = len(flat_args)
 
     def bwd(ctx, *grad_outputs):
@@ -332,8 +320,6 @@ def register_public(
             grad_outputs = (*grad_outputs[:n_outputs], list(grad_outputs[n_outputs] or []))
         return tuple(backward(ctx, *grad_outputs))
 
-    op = getattr(torch.ops.memops, name).default
-    count_options = len(op._schema.arguments) - _n_inputs_of(op)
     torch.library.register_autograd(qualname, bwd, setup_context=setup, lib=lib)
 
 
@@ -389,7 +375,7 @@ def _probe() -> str | None:
             return x.pow(3).sum(), g.detach()
 
         lib.impl("cube", kernel, "CompositeExplicitAutograd")
-        lib._register_fake("cube", lambda x: (x.new_empty(()), torch.empty_like(x)))
+        torch.library.register_fake("memops_probe::cube", lambda x: (x.new_empty(()), torch.empty_like(x)), lib=lib)
         op = torch.ops.memops_probe.cube.default
 
         def setup(ctx, inputs, output, flat_args, layout):
@@ -413,7 +399,7 @@ def _probe() -> str | None:
             return list(ts)
 
         register_private(
-            "cube", op, kernel, 2, False, flat, unflat, setup, backward, jvp, lambda args: None, has_tangent, lib=lib
+            "cube", op, kernel, 2, False, flat, unflat, setup, backward, jvp, lambda args: None, 1, lib=lib
         )
         x = torch.tensor([0.5, -1.25, 2.0], dtype=torch.float64)
         xr = x.clone().requires_grad_(True)
@@ -471,7 +457,7 @@ PATH, PROBE_ERROR = _choose()
 NAMERS.append(functorch_refusal)
 
 
-def register_autograd(spec, kernel, setup_context, backward, jvp, refuse_requires_grad, has_tangent, flat, unflat):
+def register_autograd(spec, kernel, setup_context, backward, jvp, refuse_requires_grad, flat, unflat):
     """Register ``spec``'s autograd on :data:`PATH`; the front ends' direct eager call goes into
     ``memops.contract.EAGER`` on the private path."""
     n_outputs = len(spec.outputs)
@@ -488,11 +474,19 @@ def register_autograd(spec, kernel, setup_context, backward, jvp, refuse_require
             backward,
             jvp,
             refuse_requires_grad,
-            has_tangent,
+            len(spec.inputs),
         )
     else:
         register_public(
-            spec.name, spec.qualname, n_outputs, spec.forward_grads, flat, setup_context, backward, refuse_requires_grad
+            spec.name,
+            spec.qualname,
+            n_outputs,
+            spec.forward_grads,
+            flat,
+            setup_context,
+            backward,
+            refuse_requires_grad,
+            len(spec.inputs),
         )
 
 

@@ -25,6 +25,7 @@ from ..meta.transform import SPEC
 from ..registry import decode_options, encode_options, get_transform
 from . import engine, family, plan
 from .linear_ce import linear_cross_entropy
+from .torch_private import autograd_inside_kernel
 
 # Autograd through a transform keeps several chunk-sized intermediates alive: bound each step.
 _SUB_BLOCK_BYTES = {"cpu": 4 << 20, "other": 256 << 20}
@@ -63,7 +64,7 @@ def _transform_chunks(x2d, t1d, e2d, upstream: Tensor | None, need, a: Args):
             return None
 
         coef = engine.row_coef(upstream, sel, valid)
-        with family.autograd_inside_kernel():
+        with autograd_inside_kernel():
             leaves = [z.detach().requires_grad_(True)] + [rows[i].detach().requires_grad_(True) for i in diff]
             args = list(rows)
             for i, leaf in zip(diff, leaves[1:]):
