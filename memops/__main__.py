@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import bench
 
     bench.add_arguments(sub.add_parser("bench", help="time and peak memory: memops vs unfused baselines"))
-    from .integrations import train_demo
+    from . import train_demo
 
     train_demo.add_arguments(
         sub.add_parser(
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(traffic.table())
         return 0
     if args.command == "models":
-        from .integrations import hf_models
+        from .integrations.hf import models as hf_models
 
         return hf_models.main(args)
     if args.command == "schemas":

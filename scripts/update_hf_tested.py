@@ -1,5 +1,5 @@
 """Run memops' float64 equivalence test on a tiny instance of every installed causal-LM / image-text-to-text
-type the structural rule accepts, and write the outcome to ``memops/integrations/hf_tested.py``; then
+type the structural rule accepts, and write the outcome to ``memops/integrations/hf/tested.py``; then
 regenerate README's model table and ``docs/models.md`` from it.  ``tests/test_hf_models.py`` runs the same
 test on every listed type and fails when this file is stale: rerun after upgrading transformers.
 
@@ -24,7 +24,9 @@ def main() -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    from memops.integrations import hf_models, hf_rule, hf_tiny
+    from memops.integrations.hf import models as hf_models
+    from memops.integrations.hf import rule as hf_rule
+    from memops.integrations.hf import tiny as hf_tiny
 
     tested, not_tested = set(), {}
     for t in hf_models.entries():
@@ -58,7 +60,7 @@ def main() -> None:
         "}",
         "",
     ]
-    record = ROOT / "memops" / "integrations" / "hf_tested.py"
+    record = ROOT / "memops" / "integrations" / "hf" / "tested.py"
     record.write_text("\n".join(lines))
     if shutil.which("ruff"):  # the project's format (CI checks it), so a regenerated record lands as is
         subprocess.run(["ruff", "format", "-q", str(record)], check=True)
@@ -66,7 +68,7 @@ def main() -> None:
         print(f"ruff not found: run `ruff format {record}` before committing")
     import importlib
 
-    from memops.integrations import hf_tested
+    from memops.integrations.hf import tested as hf_tested
 
     importlib.reload(hf_tested)
     rows = hf_models.table()

@@ -3,7 +3,7 @@ float64 equivalence test on a tiny instance of each type it accepts (patched vs 
 parameter's gradient with labels, ``num_items_in_batch``, ``shift_labels`` + ``logits_to_keep``, an image per
 sequence for a vision-language type, the router auxiliary loss where there is one, no logits), and that every
 other type is refused.  The record
-(``memops/integrations/hf_tested.py``, README's table, ``docs/models.md``) must match what runs here."""
+(``memops/integrations/hf/tested.py``, README's table, ``docs/models.md``) must match what runs here."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from memops.integrations import hf_models, hf_rule, hf_tested, hf_tiny  # noqa: E402
 from memops.integrations import transformers as mt  # noqa: E402
+from memops.integrations.hf import models as hf_models  # noqa: E402
+from memops.integrations.hf import rule as hf_rule  # noqa: E402
+from memops.integrations.hf import tested as hf_tested  # noqa: E402
+from memops.integrations.hf import tiny as hf_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRIES = hf_models.entries()
-STALE = "memops/integrations/hf_tested.py is stale for this transformers: run scripts/update_hf_tested.py"
+STALE = "memops/integrations/hf/tested.py is stale for this transformers: run scripts/update_hf_tested.py"
 
 
 @pytest.fixture(autouse=True)

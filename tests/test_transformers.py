@@ -11,11 +11,11 @@ transformers = pytest.importorskip("transformers")
 from reference import ref_linear_cross_entropy  # noqa: E402
 
 import memops  # noqa: E402
-from memops.integrations import hf_tiny  # noqa: E402
 from memops.integrations import transformers as mt  # noqa: E402
+from memops.integrations.hf import tiny as hf_tiny  # noqa: E402
 
 V = hf_tiny.VOCAB
-# the tiny builder's sizes (memops/integrations/hf_tiny.py), passed to each family's config class by name
+# the tiny builder's sizes (memops/integrations/hf/tiny.py), passed to each family's config class by name
 _SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 COMMON = dict(vocab_size=V, max_position_embeddings=64, **{k: hf_tiny.SMALL[k] for k in _SIZES})
 MOE = {k: hf_tiny.SMALL[k] for k in ("num_experts_per_tok", "output_router_logits", "router_aux_loss_coef")}
@@ -325,7 +325,7 @@ def test_partitioned_lm_head_is_a_clear_error():
 
 def test_the_families_tested_here_stay_verified():
     """The classes this file tests keep being accepted (the structural rule and the record agree)."""
-    from memops.integrations import hf_tested
+    from memops.integrations.hf import tested as hf_tested
 
     for family, (_, cls_name, _) in FAMILIES.items():
         assert cls_name in hf_tested.TESTED, family
@@ -451,7 +451,7 @@ def test_train_demo_trains_a_new_family_and_refuses_an_unverified_one(tmp_path):
 def test_train_demo_help_documents_every_option_and_default():
     import argparse
 
-    from memops.integrations import train_demo
+    from memops import train_demo
 
     parser = argparse.ArgumentParser()
     train_demo.add_arguments(parser)
@@ -477,7 +477,7 @@ def test_train_demo_help_documents_every_option_and_default():
 
 
 def test_llama_3_2_1b_config_builds_the_1b_architecture():
-    from memops.integrations.train_demo import CONFIGS
+    from memops.train_demo import CONFIGS
 
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIGS["llama-3.2-1b"]))

@@ -345,8 +345,8 @@ def _common(tmp_path, **kw):
 
 
 def _tiny(model_type: str):
-    """A tiny fp32 ``model_type`` from memops' builder (``memops/integrations/hf_tiny.py``) on this vocabulary."""
-    from memops.integrations import hf_tiny
+    """A tiny fp32 ``model_type`` from memops' builder (``memops/integrations/hf/tiny.py``) on this vocabulary."""
+    from memops.integrations.hf import tiny as hf_tiny
 
     cls = hf_tiny.model_class(model_type)
     torch.manual_seed(0)

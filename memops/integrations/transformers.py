@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from . import hf_rule, hf_tested
 from ._module_call import output_taken
+from .hf import rule as hf_rule
+from .hf import tested as hf_tested
 
 _PATCHED = "_memops_original_forward"
 

@@ -19,7 +19,7 @@ import sys
 import sysconfig
 import time
 
-from ..bench.worker import reset_peak_rss, status_kib
+from .bench.worker import reset_peak_rss, status_kib
 
 CONFIGS = {
     # a small Llama for CPUs
@@ -157,7 +157,7 @@ def _run_variant(args) -> None:
     import torch
     import transformers
 
-    from . import transformers as mt
+    from .integrations import transformers as mt
 
     device = torch.device(args.device)
     tokens = torch.load(os.path.join(args.out, "tokens.pt"))
@@ -168,7 +168,7 @@ def _run_variant(args) -> None:
         config = transformers.LlamaConfig(max_position_embeddings=max(args.seq, 128), **cfg)
         model = transformers.LlamaForCausalLM(config)
     else:  # the type's own config class at these sizes (memops' tiny builder, every other size small)
-        from .hf_tiny import model_class, small_config
+        from .integrations.hf.tiny import model_class, small_config
 
         cls = model_class(args.model_type)
         sizes = dict(cfg, head_dim=cfg["hidden_size"] // cfg["num_attention_heads"])
@@ -245,7 +245,7 @@ def main(args) -> int:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1")
     if args.model_type != "llama":
-        from .transformers import verify
+        from .integrations.transformers import verify
 
         verify(args.model_type)  # refused before any training, naming why
     _prepare(args)

@@ -45,7 +45,7 @@ def entries() -> list[str]:
     image-text-to-text class is not its causal-LM class (``hf_tiny.model_class``)."""
     from transformers.models.auto import modeling_auto
 
-    from .hf_rule import IMAGE_TEXT
+    from .rule import IMAGE_TEXT
 
     causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     image_text = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -56,7 +56,9 @@ def entries() -> list[str]:
 def verdict(entry: str) -> dict:
     """``{"model_type", "class", "status", "reason"}`` for one entry (:func:`entries`): the rule read live from
     the installed class, the test's outcome from ``hf_tested``."""
-    from . import hf_rule, hf_tested, hf_tiny
+    from . import rule as hf_rule
+    from . import tested as hf_tested
+    from . import tiny as hf_tiny
 
     row = {"model_type": entry.removesuffix(hf_tiny.IMAGE_TEXT), "class": None, "status": "refused", "reason": ""}
     try:

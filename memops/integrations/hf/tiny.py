@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from .hf_rule import IMAGE_TEXT, model_class  # noqa: F401  (callers use hf_tiny.model_class)
+from .rule import IMAGE_TEXT, model_class  # noqa: F401  (callers use tiny.model_class)
 
 VOCAB = 97
 MAX_PARAMS = 4_000_000
@@ -499,7 +499,7 @@ def compare(model_type: str, seed: int = 0, overrides: dict | None = None) -> di
     small, :class:`NoImageInput` when a vision-language model gets no image input)."""
     import copy
 
-    from . import transformers as hf
+    from .. import transformers as hf
 
     model = build(model_type, seed, overrides)
     patched = hf.apply(copy.deepcopy(model), _tested=False)

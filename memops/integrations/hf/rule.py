@@ -23,7 +23,7 @@ A class is accepted by the rule when its forward's loss path is the standard one
 
 Anything else that reads or writes the logits or the loss refuses the class, naming the step and the
 statement.  The rule alone does not accept a model: it must also have passed the float64 equivalence test
-(``memops.integrations.hf_tested``; ``tests/test_hf_models.py``).
+(``memops.integrations.hf.tested``; ``tests/test_hf_models.py``).
 """
 
 from __future__ import annotations
