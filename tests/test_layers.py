@@ -115,3 +115,18 @@ def test_architecture_doc_names_every_module():
     present = {str(p.relative_to(ROOT.parent)) for p in ROOT.rglob("*.py")}
     assert sorted(present - named) == [], "add these to docs/architecture.md's 'Every module' table"
     assert sorted(named - present) == [], "docs/architecture.md names modules that no longer exist"
+
+
+def test_architecture_doc_sample_matches_the_declaration():
+    """The worked example in docs/architecture.md shows memops::linear_ce's real outputs, shape rule and check."""
+    import re
+
+    from memops.meta import linear_ce
+
+    text = (ROOT.parent / "docs" / "architecture.md").read_text()
+    sample = text.split("## One family, start to end", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    outputs = re.search(r"outputs=\(([^)]*)\)", sample).group(1)
+    assert tuple(re.findall(r'"(\w+)"', outputs)) == linear_ce.SPEC.outputs
+    assert re.search(r"shapes=(\w+)", sample).group(1) == linear_ce.SPEC.shapes.__name__
+    assert re.search(r"\n        check=(\w+)", sample).group(1) == linear_ce.SPEC.check.__name__
+    assert f'name="{linear_ce.SPEC.name}"' in sample

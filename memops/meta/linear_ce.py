@@ -21,6 +21,21 @@ from .. import validation as V
 from ..contract import Input, Option, Spec, register
 from ..rules import compute_dtype
 
+
+def check(a) -> None:
+    """``memops::linear_ce``: projection, target (class indices, or probabilities when float), class weights,
+    ``num_items`` (options are checked one by one before)."""
+    V.check_projection(a.input, a.weight, a.bias)
+    if isinstance(a.target, torch.Tensor) and a.target.is_floating_point():
+        V.check_probability_target(a.input, a.target, a.weight.shape[0])
+        if getattr(a, "return_is_top1", False):
+            V.fail("return_is_top1 needs class-index targets, not probabilities")
+    else:
+        V.check_target(a.input, a.target)
+    V.check_class_weight(a.class_weight, a.weight)
+    V.check_num_items(a.num_items, a.reduction)
+
+
 # the projection every family starts from
 PROJECTION = (Input("input", grad=True), Input("weight", grad=True))
 NUM_ITEMS = Input("num_items", "Tensor?", convert=V.as_num_items)
@@ -85,7 +100,7 @@ SPEC = register(
         ),
         outputs=("loss", "lse", "is_top1"),
         shapes=_ce_outputs,
-        check=V.check_linear_ce,
+        check=check,
         differentiable=("loss", "lse"),
         # a differentiable lse: the loss's gradients are computed with the lse's in backward, not in forward
         scalar=lambda a: a.reduction != "none" and not a.lse_grad,

@@ -17,7 +17,14 @@ from ..rules import compute_dtype
 from .linear_ce import CHUNK_SIZE, PRECISION, PROJECTION
 
 TEMPERATURE = Option("temperature", "float", 1.0, V.positive)
+
 LM_INPUTS = (*PROJECTION, Input("target"), Input("bias", "Tensor?", grad=True))
+
+
+def check(a) -> None:
+    """``memops::linear_logprobs``: projection and target."""
+    V.check_projection(a.input, a.weight, a.bias)
+    V.check_target(a.input, a.target)
 
 
 # the per-token outputs besides the log-probabilities, each computed only when asked for (its option)
@@ -50,7 +57,7 @@ LOGPROBS = register(
         outputs=("logprobs", *EXTRAS),
         differentiable=("logprobs", "entropy"),
         shapes=_logprobs,
-        check=V.check_linear_logprobs,
+        check=check,
         forward_grads=False,
         scalar=lambda a: False,
     )

@@ -13,10 +13,53 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from .. import validation as V
 from ..contract import Option, Spec, register
-from . import distill, grpo, logprobs
+from . import distill, grpo, linear_ce, logprobs
 from .linear_ce import CE_INPUTS, CE_OPTIONS, PRECISION, loss_and_rows
+
+
+def check_shard(a) -> None:
+    """This rank's weight rows ``[vocab_start, vocab_start + V_local)`` lie in ``[0, vocab_size)``."""
+    if not (0 <= a.vocab_start and a.vocab_start + a.weight.shape[0] <= a.vocab_size):
+        V.fail(
+            f"this rank's weight shard rows [{a.vocab_start}, {a.vocab_start + a.weight.shape[0]}) must lie in "
+            f"[0, vocab_size={a.vocab_size})"
+        )
+
+
+def check_ce(a) -> None:
+    """``memops::vocab_parallel_ce``: the CE checks, with ``weight`` (and ``class_weight``) holding rows
+    ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-row weight; class-index targets."""
+    if isinstance(a.target, torch.Tensor) and a.target.is_floating_point():
+        V.fail("vocab_parallel_cross_entropy takes class-index targets (int64/int32), not probabilities")
+    linear_ce.check(a)
+
+
+def parallel_check(base):
+    """A single-process family's checks for its vocabulary-parallel op: ``weight`` (and ``bias``) this rank's
+    rows of a ``vocab_size``-row projection; an online distillation teacher sharded the same way or whole
+    (replicated: every rank passes all ``vocab_size`` rows)."""
+
+    def check(a) -> None:
+        tw = getattr(a, "teacher_weight", None)
+        local = a.weight.shape[0] if isinstance(a.weight, torch.Tensor) and a.weight.dim() == 2 else None
+        if isinstance(tw, torch.Tensor) and tw.dim() == 2 and local is not None and tw.shape[0] == a.vocab_size:
+            tb = a.teacher_bias
+            a = a.replace(teacher_weight=tw[:local], teacher_bias=None if tb is None else tb[:local])
+        base(a)
+        check_shard(a)
+        if a.sequence_parallel and getattr(a, "importance_sampling_level", "token") == "sequence":
+            V.fail(
+                "importance_sampling_level='sequence' (GSPO) is not offered with sequence_parallel=True: a "
+                "sequence's importance weight needs all of its log-probabilities in one chunk pass; use "
+                "sequence_parallel=False (hidden states replicated over the group)"
+            )
+
+    return check
+
 
 PARALLEL = (
     Option("vocab_start", "int", None),
@@ -32,7 +75,7 @@ SPEC = register(
         options=(*PARALLEL, *CE_OPTIONS, PRECISION),
         outputs=("loss", "lse"),
         shapes=loss_and_rows,
-        check=V.vocab_parallel_check(V.check_vocab_parallel_ce),
+        check=parallel_check(check_ce),
     )
 )
 
@@ -43,7 +86,7 @@ def _parallel(spec: Spec) -> Spec:
             spec,
             name="vocab_parallel_" + spec.name.removeprefix("linear_"),
             options=(*PARALLEL, *spec.options),
-            check=V.vocab_parallel_check(spec.check),
+            check=parallel_check(spec.check),
         )
     )
 

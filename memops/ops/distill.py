@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import config, validation
 from ..contract import Args
-from ..meta.distill import SPEC
+from ..meta.distill import SPEC, check_frozen_teacher
 from ..meta.vocab_parallel import Layout, resolve
 from ..rules import placeholder
 from . import engine, family, plan
@@ -345,7 +345,7 @@ def linear_distillation_loss(
     Cohere/Granite and Gemma heads.  ``return_entropy=True`` also returns the student's per-token entropy
     of ``softmax(student / temperature)`` (detached; 0 at masked tokens), from the same pass.
     """
-    validation.check_frozen_teacher(
+    check_frozen_teacher(
         teacher_input=teacher_input,
         teacher_weight=teacher_weight,
         teacher_bias=teacher_bias,

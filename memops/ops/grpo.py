@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import config, validation
 from ..contract import Args
+from ..meta import grpo as meta_grpo
 from ..meta.grpo import GRPO
 from ..meta.vocab_parallel import Layout, resolve
 from ..rules import placeholder
@@ -286,7 +287,7 @@ def linear_grpo_loss(
     against the advantage's sign; ``cispo_clip_ratio`` for cispo), ``entropy`` (masked mean) with an entropy
     bonus, and, when ``ref_logprobs`` is given, ``kl`` (masked mean of the KL term).
     """
-    validation.check_grpo_front(input, completion_ids, completion_mask, advantages, loss_type, max_completion_length)
+    meta_grpo.check_front(input, completion_ids, completion_mask, advantages, loss_type, max_completion_length)
     validation.check_finite("entropy_coef", entropy_coef)
     cdt = engine.compute_dtype(input.dtype)
     spec, parallel = resolve(GRPO, _parallel)

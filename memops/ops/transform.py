@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import config, validation
 from ..contract import Args
-from ..meta.transform import SPEC
+from ..meta.transform import SPEC, check_transform_options
 from ..registry import decode_options, encode_options, get_transform
 from . import engine, family, plan
 from .linear_ce import linear_cross_entropy
@@ -170,7 +170,7 @@ def linear_loss(
             logit_scale=logit_scale,
             **options,
         )
-    validation.check_transform_options(transform, options)
+    check_transform_options(transform, options)
     loss, _ = SPEC.call(
         input=input,
         weight=weight,
