@@ -91,7 +91,7 @@ def _run_head(family: str, opts: dict, grad: bool, x2d, w, t):
     need = (grad, grad, False, False)
     if family == "ce":
         up = torch.ones((), dtype=torch.float32, device=x2d.device) if grad else None
-        linear_ce.ce_chunks(x2d, w, t, None, up, need, _ce_args(**opts))
+        linear_ce.chunks(x2d, w, t, None, up, need, _ce_args(**opts))
         return
     n = x2d.shape[0]
     ones = torch.ones(n, dtype=torch.float32, device=x2d.device)

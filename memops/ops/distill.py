@@ -63,7 +63,7 @@ def _teacher_logits(u: Tensor, a: Args, cdt) -> Tensor:
     return u
 
 
-def _chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows, reducer=LOCAL):
+def chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows, reducer=LOCAL):
     """Per-row losses (and student entropies); gradients of the student's input/weight/bias when
     ``upstream`` is given.  ``teacher``: ``("online", xt2d)`` or ``("offline", ids2d, logprobs2d)``.  With a
     group ``reducer`` the head is :func:`_group_head`'s."""
@@ -286,7 +286,7 @@ def forward(a: Args, need: list) -> tuple:
     x2d, t1d, teacher, valid, reduction, divisor, rows = _prepare(a, reducer)
     cdt = engine.compute_dtype(a.input.dtype)
     up = engine.upstream(None, reduction, valid, divisor, cdt) if any(need) else None
-    loss_rows, ent_rows, grads = _chunks(a, x2d, t1d, teacher, up, need, rows, reducer)
+    loss_rows, ent_rows, grads = chunks(a, x2d, t1d, teacher, up, need, rows, reducer)
     loss = engine.reduce_rows(loss_rows, reduction, valid, divisor, a.target.shape)
     return (loss, placeholder(loss) if ent_rows is None else ent_rows.view(a.target.shape)), grads
 
@@ -296,7 +296,7 @@ def gradients(a: Args, grad_outputs: list, need: list) -> list:
     a = _sharded_teacher(a, reducer)
     x2d, t1d, teacher, valid, reduction, divisor, rows = _prepare(a, reducer)
     up = engine.upstream(grad_outputs[0], reduction, valid, divisor, engine.compute_dtype(a.input.dtype))
-    return _chunks(a, x2d, t1d, teacher, up, need, rows, reducer)[2]
+    return chunks(a, x2d, t1d, teacher, up, need, rows, reducer)[2]
 
 
 family.implement(SPEC, forward, gradients)

@@ -15,13 +15,13 @@ Call tree of a trained scalar loss (cross-entropy; every family alike)::
     memops.linear_cross_entropy          ops/linear_ce.py front end: SPEC.call (defaults, checks), donates
       torch.ops.memops.linear_ce         schema + fake kernel from the declaration in meta/linear_ce.py
                                          (plain eager: its autograd kernel called directly, family._eager_call)
-        family.implement kernel          ops/family.py: bind arguments by name, validate, call _forward
-          _forward -> plan.plan          ops/plan.py: which rows to compute (ignored targets), one sync
-            ce_chunks -> engine.run      this module: chunk loop, logits, chain rule, gradient matmuls
-              head(z, rows)              ce_chunks.head: loss and d loss / d logits (the CE formula), or
+        family.implement kernel          ops/family.py: bind arguments by name, validate, call forward
+          forward -> plan.plan           ops/plan.py: which rows to compute (ignored targets), one sync
+            chunks -> engine.run          this module: chunk loop, logits, chain rule, gradient matmuls
+              head(z, rows)              chunks' head:   loss and d loss / d logits (the CE formula), or
                                          on CUDA triton_heads.ce: the same, with scaling, in one Triton kernel
       backward                           ops/family.py: donated gradients scaled in place, or
-        torch.ops.memops.linear_ce_backward   scaled into new tensors / recomputed by _gradients
+        torch.ops.memops.linear_ce_backward   scaled into new tensors / recomputed by gradients
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ It runs the log-prob chunk loop (``ops/logprobs.py``: ``chunks``) with ``logit_s
 token's coefficient ``c1`` on its log-probability is known as soon as the chunk's log-probabilities are
 (autograd of the per-token GRPO loss with respect to the log-probability, a ``[rows]`` computation), so the
 forward also returns the loss's gradients: three matmuls in all, as in the unfused baseline, one for masked
-tokens, none for masked tokens with ``beta == 0`` where exact (see ``_grpo_chunks``).
+tokens, none for masked tokens with ``beta == 0`` where exact (see ``chunks``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from ..meta import grpo as meta_grpo
 from ..meta.grpo import GRPO
 from ..meta.vocab_parallel import Layout, resolve
 from ..rules import placeholder
-from . import engine, family, plan
-from .logprobs import chunks
+from . import engine, family, logprobs, plan
 from .reducer import gather_tokens, process_group, reducer_of, token_sizes
 from .torch_private import autograd_inside_kernel
 
@@ -58,7 +57,7 @@ def sequence_log_weights(logp: Tensor, old: Tensor | None, mask: Tensor) -> Tens
     return seq.unsqueeze(-1).expand_as(logp)
 
 
-def _grpo_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
+def chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
     """Per-token log-probs (and entropies); when ``upstream`` is given, also the gradients of ``upstream *
     (sum(w * token_loss) + sum(ent_w * entropy))``, each chunk's log-prob coefficient by autograd of
     ``grpo_token_loss`` (token level).
@@ -91,7 +90,7 @@ def _grpo_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
         return c1_of(sel, logp), None if ent_w is None else ent_w[sel] * upstream
 
     run = functools.partial(
-        chunks,
+        logprobs.chunks,
         x2d,
         weight,
         t1d,
@@ -139,7 +138,7 @@ def _grpo_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
     return outputs(logp, ent, gx, gw, gb)
 
 
-def _grpo_sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args, shape):
+def sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args, shape):
     """Sequence-level importance sampling (GSPO): a token's coefficient needs its whole sequence's
     log-probs, so a first pass computes every log-prob (forward work), autograd of the sequence-level loss
     over the ``[B, T]`` log-probs gives every coefficient, and a second pass computes the gradients: one
@@ -153,7 +152,7 @@ def _grpo_sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: 
         reducer=reducer_of(a),
         accurate=a.precision == "accurate",
     )
-    logp, ent, *_ = chunks(x2d, a.weight, t1d, a.bias, entropy=entropy, coef=None, need=(False,) * 3, **common)
+    logp, ent, *_ = logprobs.chunks(x2d, a.weight, t1d, a.bias, entropy=entropy, coef=None, need=(False,) * 3, **common)
     if upstream is None:
         return logp, ent, None, None, None
     with autograd_inside_kernel():
@@ -166,7 +165,7 @@ def _grpo_sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: 
     c1 = (c1.reshape(-1) * upstream).detach()
     fixed = (c1, None if ent_w is None else ent_w * upstream)
     scratch = (torch.empty_like(logp), torch.empty_like(ent) if ent_w is not None else None)
-    *_, gx, gw, gb = chunks(
+    *_, gx, gw, gb = logprobs.chunks(
         x2d, a.weight, t1d, a.bias, entropy=ent_w is not None, fixed=fixed, need=need, out=scratch, **common
     )
     return logp, ent, gx, gw, gb
@@ -198,9 +197,9 @@ def _grpo_rows(a: Args):
 def _grpo_pass(a: Args, upstream, need):
     x2d, t1d, w, adv, old, ref, ent_w = _grpo_rows(a)
     if a.importance_sampling_level == "sequence":
-        out = _grpo_sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a, a.target.shape)
+        out = sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a, a.target.shape)
     else:
-        out = _grpo_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a)
+        out = chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a)
     return (w, adv, old, ref, ent_w), out
 
 

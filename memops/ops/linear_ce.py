@@ -1,7 +1,7 @@
 """``memops::linear_ce``: chunked projection + cross-entropy (label smoothing, z-loss, soft-capping).
 
 The family is declared in ``memops/meta/linear_ce.py``; this module gives it its per-chunk head
-(:func:`ce_chunks`), its forward and recompute functions and its front end.  With a scalar reduction
+(:func:`chunks`), its forward and recompute functions and its front end.  With a scalar reduction
 the forward pass also computes the loss's gradients (three projection-sized matmuls in all, as in the
 unfused baseline); with ``reduction="none"`` the backward op recomputes the chunks with the per-token
 ``grad_output``.
@@ -42,7 +42,7 @@ def target_weights(a: Args, t1d: Tensor, valid: Tensor, reducer: Reducer = LOCAL
     return cw, rows, total
 
 
-def ce_chunks(
+def chunks(
     x2d,
     weight,
     t1d,
@@ -290,7 +290,7 @@ def _rows(a: Args, checked: tuple | None = None):
     return x2d, t1d, None, t1d != a.ignore_index, None
 
 
-def _den(a: Args, valid, wt, cdt):
+def mean_divisor(a: Args, valid, wt, cdt):
     """``reduction="mean"``'s divisor: ``num_items``, else the targets' class weights' sum (torch's weighted
     mean), else the non-ignored count; probability targets: the row count (torch's mean over rows)."""
     if a.num_items is not None or wt is None or a.target.is_floating_point():
@@ -301,20 +301,20 @@ def _den(a: Args, valid, wt, cdt):
     return torch.where(total == 0, torch.nan, total)
 
 
-def _forward(a: Args, need: list) -> tuple:
+def forward(a: Args, need: list) -> tuple:
     checked = None
     if not a.target.is_floating_point():
         checked = validation.check_target_range(a.target, a.weight.shape[0], a.ignore_index)
     x2d, t1d, probs, valid, index = _rows(a, checked)
     cdt = engine.compute_dtype(a.input.dtype)
     weights = target_weights(a, t1d, valid)
-    den = _den(a, valid, weights[1], cdt) if a.reduction == "mean" else None
+    den = mean_divisor(a, valid, weights[1], cdt) if a.reduction == "mean" else None
     up = engine.upstream(None, a.reduction, valid, a.num_items, cdt, den=den) if any(need) else None
     # ignored rows reach no output unless their lse was asked for
     needed = None if (a.all_lse or probs is not None) else valid
     rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=needed).full
     top1 = torch.zeros(valid.shape, dtype=torch.bool, device=x2d.device) if a.return_is_top1 else None
-    loss_rows, lse_rows, gx, gw, gb, gt = ce_chunks(
+    loss_rows, lse_rows, gx, gw, gb, gt = chunks(
         x2d,
         a.weight,
         t1d,
@@ -337,11 +337,11 @@ def _forward(a: Args, need: list) -> tuple:
     return (loss, lse_rows if lse_rows.shape == shape else lse_rows.view(shape), top1), _grads_out(gx, gw, gt, gb, a)
 
 
-def _gradients(a: Args, grad_outputs: list, need: list) -> list:
+def gradients(a: Args, grad_outputs: list, need: list) -> list:
     x2d, t1d, probs, valid, _ = _rows(a)
     cdt = engine.compute_dtype(a.input.dtype)
     weights = target_weights(a, t1d, valid)
-    den = _den(a, valid, weights[1], cdt) if a.reduction == "mean" else None
+    den = mean_divisor(a, valid, weights[1], cdt) if a.reduction == "mean" else None
     g_loss, g_lse = grad_outputs[0], grad_outputs[1] if (a.lse_grad and len(grad_outputs) > 1) else None
     if g_loss is None:  # only the lse's gradient came in
         g_loss = torch.zeros(token_shape(a) if a.reduction == "none" else (), dtype=cdt, device=x2d.device)
@@ -353,13 +353,13 @@ def _gradients(a: Args, grad_outputs: list, need: list) -> list:
         lse_up = lse_up if a.all_lse else torch.where(valid, lse_up, 0.0)
         needed = None if a.all_lse else valid
     rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale, needed=None if probs is not None else needed).full
-    *_, gx, gw, gb, gt = ce_chunks(
+    *_, gx, gw, gb, gt = chunks(
         x2d, a.weight, t1d, a.bias, up, need, a, rows, valid=valid, weights=weights, probs=probs, lse_upstream=lse_up
     )
     return _grads_out(gx, gw, gt, gb, a)
 
 
-family.implement(SPEC, _forward, _gradients)
+family.implement(SPEC, forward, gradients)
 
 
 def linear_cross_entropy(

@@ -12,7 +12,7 @@ Given per-row coefficients ``c1`` on the log-probability and ``c2`` on the entro
 * ``linear_grpo`` knows each token's coefficient as soon as the chunk's log-probabilities are known
   (autograd of the per-token GRPO loss with respect to the log-probability, a ``[rows]`` computation), so
   its forward also returns the loss's gradients: three matmuls in all, as in the unfused baseline, one
-  for masked tokens, none for masked tokens with ``beta == 0`` where exact (see ``_grpo_chunks``).
+  for masked tokens, none for masked tokens with ``beta == 0`` where exact (see ``grpo.chunks``).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def _check_rows(name: str, out, n: int) -> Tensor:
     return out
 
 
-def _transform_chunks(x2d, t1d, e2d, upstream: Tensor | None, need, a: Args):
+def chunks(x2d, t1d, e2d, upstream: Tensor | None, need, a: Args):
     """Per-row losses; with ``upstream``, gradients for input/weight/bias/extras as ``need`` says."""
     tf, options, ignore = get_transform(a.transform), decode_options(a.options), a.ignore_index
     n = x2d.shape[0]
@@ -102,22 +102,22 @@ def _transform_chunks(x2d, t1d, e2d, upstream: Tensor | None, need, a: Args):
     return loss_rows, [*engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias), *gextras]
 
 
-def _forward(a: Args, need: list) -> tuple:
+def forward(a: Args, need: list) -> tuple:
     validation.check_target_range(a.target, a.weight.shape[0], a.ignore_index)
     x2d, t1d, e2d = engine.flatten(a.input, a.target, a.extras)
     valid = t1d != a.ignore_index
     cdt = engine.compute_dtype(a.input.dtype)
     up = engine.upstream(None, a.reduction, valid, a.num_items, cdt) if any(need) else None
-    loss_rows, grads = _transform_chunks(x2d, t1d, e2d, up, need, a)
+    loss_rows, grads = chunks(x2d, t1d, e2d, up, need, a)
     loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, a.target.shape)
     return (loss,), _extras_shaped(grads, a)
 
 
-def _gradients(a: Args, grad_outputs: list, need: list) -> list:
+def gradients(a: Args, grad_outputs: list, need: list) -> list:
     x2d, t1d, e2d = engine.flatten(a.input, a.target, a.extras)
     cdt = engine.compute_dtype(a.input.dtype)
     up = engine.upstream(grad_outputs[0], a.reduction, t1d != a.ignore_index, a.num_items, cdt)
-    _, grads = _transform_chunks(x2d, t1d, e2d, up, need, a)
+    _, grads = chunks(x2d, t1d, e2d, up, need, a)
     return _extras_shaped(grads, a)
 
 
@@ -125,7 +125,7 @@ def _extras_shaped(grads: list, a: Args) -> list:
     return grads[:3] + [None if g is None else g.view(e.shape) for g, e in zip(grads[3:], a.extras)]
 
 
-family.implement(SPEC, _forward, _gradients)
+family.implement(SPEC, forward, gradients)
 
 
 def linear_loss(

@@ -17,8 +17,7 @@ from __future__ import annotations
 from .. import validation
 from ..contract import Args
 from ..meta.vocab_parallel import SPEC
-from . import engine, family
-from .linear_ce import _den, ce_chunks, target_weights
+from . import engine, family, linear_ce
 from .reducer import group_reducer, sequence_parallel
 
 
@@ -28,37 +27,37 @@ def _prepare(a: Args):
     x2d, t1d, _ = engine.flatten(a.input, a.target)
     valid = t1d != a.ignore_index
     reducer = group_reducer(a)
-    return x2d, t1d, valid, reducer, target_weights(a, t1d, valid, reducer)
+    return x2d, t1d, valid, reducer, linear_ce.target_weights(a, t1d, valid, reducer)
 
 
-def _chunks(a: Args, up, need, parts):
+def chunks(a: Args, up, need, parts):
     x2d, t1d, valid, reducer, weights = parts
-    loss_rows, lse_rows, gx, gw, gb, _ = ce_chunks(
+    loss_rows, lse_rows, gx, gw, gb, _ = linear_ce.chunks(
         x2d, a.weight, t1d, a.bias, up, need, a, None, reducer, valid=valid, weights=weights
     )
     return loss_rows, lse_rows, gx, gw, gb
 
 
-def _forward(a: Args, need: list) -> tuple:
+def forward(a: Args, need: list) -> tuple:
     validation.check_target_range(a.target, a.vocab_size, a.ignore_index)
     cdt = engine.compute_dtype(a.input.dtype)
     parts = _prepare(a)
     valid, weights = parts[2], parts[4]
-    den = _den(a, valid, weights[1], cdt) if a.reduction == "mean" else None
+    den = linear_ce.mean_divisor(a, valid, weights[1], cdt) if a.reduction == "mean" else None
     up = engine.upstream(None, a.reduction, valid, a.num_items, cdt, den=den) if any(need) else None
-    loss_rows, lse_rows, gx, gw, gb = _chunks(a, up, need, parts)
+    loss_rows, lse_rows, gx, gw, gb = chunks(a, up, need, parts)
     loss = engine.reduce_rows(loss_rows, a.reduction, valid, a.num_items, a.target.shape, den=den)
     gx, gw, gb = engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
     return (loss, lse_rows.view(a.target.shape)), [gx, gw, None, gb]  # class-index targets: no gradient
 
 
-def _gradients(a: Args, grad_outputs: list, need: list) -> list:
+def gradients(a: Args, grad_outputs: list, need: list) -> list:
     cdt = engine.compute_dtype(a.input.dtype)
     parts = _prepare(a)
     valid, weights = parts[2], parts[4]
-    den = _den(a, valid, weights[1], cdt) if a.reduction == "mean" else None
+    den = linear_ce.mean_divisor(a, valid, weights[1], cdt) if a.reduction == "mean" else None
     up = engine.upstream(grad_outputs[0], a.reduction, valid, a.num_items, cdt, den=den)
-    *_, gx, gw, gb = _chunks(a, up, need, parts)
+    *_, gx, gw, gb = chunks(a, up, need, parts)
     gx, gw, gb = engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
     return [gx, gw, None, gb]
 
@@ -67,7 +66,7 @@ def _implement() -> None:
     from ..meta import vocab_parallel as VP
     from . import distill, grpo, logprobs
 
-    family.implement(SPEC, *sequence_parallel(SPEC, _forward, _gradients))
+    family.implement(SPEC, *sequence_parallel(SPEC, forward, gradients))
     family.implement(VP.LOGPROBS, *sequence_parallel(VP.LOGPROBS, logprobs.forward, logprobs.gradients))
     family.implement(VP.GRPO, *sequence_parallel(VP.GRPO, grpo.forward, grpo.gradients))
     family.implement(VP.DISTILL, *sequence_parallel(VP.DISTILL, distill.forward, distill.gradients))
