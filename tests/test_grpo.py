@@ -288,3 +288,25 @@ def test_opcheck_grpo_ops(dtype, lead, beta, all_logprobs):
     assert signs == {True, False} or t.numel() == 0
     bargs = backward_op_args("linear_grpo", args, [torch.tensor(1.5, dtype=cdt)])
     torch.library.opcheck(torch.ops.memops.linear_grpo_backward.default, bargs)
+
+
+def test_token_weights_take_the_trainers_factors():
+    """``token_weights`` is the one source of GRPO's normalizations: one call's (the defaults) and TRL's trainer's
+    with its accumulation, process-count and steps_per_generation factors (numbers worked by hand)."""
+    from memops.ops.grpo import token_weights
+
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    f64 = torch.float64
+    kw = dict(accumulation=2.0, processes=2, steps_per_generation=4)
+    # grpo / sapo: a sequence's tokens share 1 / (B * its length), divided by the accumulation steps
+    assert token_weights(mask, "grpo", f64)[0, 0].item() == 1 / 4
+    assert token_weights(mask, "sapo", f64, **kw)[1, 0].item() == 1 / 8 / 2
+    assert token_weights(mask, "bnpo", f64, **kw)[1, 0].item() == 1 / 6 / 2
+    assert token_weights(mask, "dr_grpo", f64, max_completion_length=8, **kw)[0, 0].item() == 1 / 16 / 2
+    assert token_weights(mask, "luspo", f64, **kw)[0, 1].item() == 1 / 2 / 2
+    # dapo / cispo: num_items_in_batch (the generation batch's tokens, all processes) / processes * accum / steps
+    assert token_weights(mask, "dapo", f64, num_items=48, **kw)[0, 0].item() == 1 / (48 / 2 * 2 / 4)
+    assert token_weights(mask, "cispo", f64, num_items=torch.tensor(48), **kw)[1, 3].item() == 1 / 12
+    assert token_weights(mask, "dapo", f64)[0, 0].item() == 1 / 6  # one call without num_items: its own tokens
+    for lt in ("grpo", "bnpo", "dapo"):
+        assert token_weights(mask, lt, f64, num_items=48, **kw)[0, 2].item() == 0.0  # masked tokens weigh 0

@@ -380,6 +380,7 @@ def _make_grpo_trainer():
 
     from ..meta.grpo import GRPO
     from ..ops import family
+    from ..ops.grpo import metric_terms, token_weights
 
     class GRPOTrainer(trl.GRPOTrainer):
         """``trl.GRPOTrainer`` whose loss is computed by ``memops::linear_grpo`` from the policy's hidden
@@ -422,23 +423,20 @@ def _make_grpo_trainer():
                 hidden = hidden.last_hidden_state[:, -k - 1 : -1]
                 cdt = torch.float64 if _projection_dtype(hidden) == torch.float64 else torch.float32
             m = mask.to(cdt)
-            batch = m.shape[0]
             mode = "train" if self.model.training else "eval"
             accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             lt = self.loss_type
-            if lt in ("grpo", "sapo"):
-                weights, policy_scale = m / m.sum(-1, keepdim=True).clamp(min=1.0) / batch / accum, accum
-            elif lt == "bnpo":
-                weights, policy_scale = m / m.sum().clamp(min=1.0) / accum, accum
-            elif lt == "dr_grpo":
-                weights, policy_scale = m / (batch * self.max_completion_length) / accum, accum
-            elif lt == "luspo":
-                weights, policy_scale = m / batch / accum, accum
-            else:  # dapo, cispo
-                normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-                if mode == "train":
-                    normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-                weights, policy_scale = m / normalizer, 1.0
+            weights = token_weights(
+                m,
+                lt,
+                cdt,
+                max_completion_length=self.max_completion_length,
+                num_items=inputs["num_items_in_batch"] if lt in ("dapo", "cispo") else None,
+                accumulation=accum,
+                processes=self.accelerator.num_processes,
+                steps_per_generation=self.args.steps_per_generation if mode == "train" else 1,
+            )
+            policy_scale = 1.0 if lt in ("dapo", "cispo") else accum  # TRL logs the loss before its scaling
             advantages = inputs["advantages"]
             advantages = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).to(cdt)
             advantages = advantages.expand(completion_ids.shape).contiguous()
@@ -488,13 +486,19 @@ def _make_grpo_trainer():
         def _memops_metrics(self, mode, logp, entropies, advantages, old, ref, mask, m, loss, ent_w, policy_scale):
             """TRL 1.16's logged metrics, from the log-probs and entropies memops returned."""
             with torch.no_grad():
-                old = logp if old is None else old.to(logp.dtype)
-                log_ratio = logp - old
-                if self.importance_sampling_level == "sequence":
-                    log_iw = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-                else:
-                    log_iw = log_ratio
-                coef_1 = torch.exp(log_iw)
+                terms = metric_terms(
+                    logp,
+                    advantages,
+                    old,
+                    ref if self.beta != 0.0 else None,
+                    m,
+                    loss_type=self.loss_type,
+                    level=self.importance_sampling_level,
+                    epsilon_low=self.epsilon_low,
+                    epsilon_high=self.epsilon_high,
+                    delta=self.args.delta,
+                    bias_corrected=bool(self.args.use_bias_correction_kl),
+                )
                 if ent_w is not None:
                     policy = (loss.detach() - (entropies * ent_w).sum()) * policy_scale
                     self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
@@ -514,28 +518,21 @@ def _make_grpo_trainer():
                     totals = self.accelerator.reduce(torch.stack([local_sum, local_count]), reduction="sum")
                     return (totals[0] / totals[1].clamp(min=1.0)).item()
 
-                if self.beta != 0.0:
-                    r = ref.to(logp.dtype)
-                    kl = torch.exp(r - logp) - (r - logp) - 1
-                    if self.args.use_bias_correction_kl:
-                        kl = kl * coef_1
-                    self._metrics[mode]["kl"].append(global_masked_mean(kl))
+                if "kl" in terms:
+                    self._metrics[mode]["kl"].append(global_masked_mean(terms["kl"]))
                 self._metrics[mode]["entropy"].append(global_masked_mean(entropies))
-                adv = advantages[:, :1] if coef_1.shape[1] == 1 else advantages
-                if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
-                    if self.args.delta is not None:  # TRL reads the ratio after its two-sided clipping
-                        coef_1 = torch.clamp(coef_1, max=self.args.delta)
-                    low = (coef_1 < 1 - self.epsilon_low) & (adv < 0)
-                    high = (coef_1 > 1 + self.epsilon_high) & (adv > 0)
-                    self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low.float()))
-                    self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(high.float()))
-                    self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean((low | high).float()))
-                    gathered_low = self.accelerator.gather(masked_seq_mean(low.float()))
+                if "clip_ratio/low" in terms:
+                    low, high = terms["clip_ratio/low"].float(), terms["clip_ratio/high"].float()
+                    self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low))
+                    self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(high))
+                    self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
+                    gathered_low = self.accelerator.gather(masked_seq_mean(low))
                     self._metrics[mode]["clip_ratio/low_min"].append(nanmin(gathered_low).item())
-                    gathered_high = self.accelerator.gather(masked_seq_mean(high.float()))
+                    gathered_high = self.accelerator.gather(masked_seq_mean(high))
                     self._metrics[mode]["clip_ratio/high_max"].append(nanmax(gathered_high).item())
-                elif self.loss_type == "cispo":
-                    clipped = (coef_1 > self.epsilon_high) & (adv > 0)
-                    self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
+                elif "cispo_clip_ratio" in terms:
+                    self._metrics[mode]["cispo_clip_ratio"].append(
+                        global_masked_mean(terms["cispo_clip_ratio"].float())
+                    )
 
     return GRPOTrainer

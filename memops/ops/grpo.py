@@ -228,19 +228,39 @@ def gradients(a: Args, grad_outputs: list, need: list) -> list:
 family.implement(GRPO, forward, gradients)
 
 
-def _token_weight(mask: Tensor, loss_type: str, max_completion_length: int | None, num_items, cdt) -> Tensor:
-    """Each token's share of the loss: the loss is ``sum(token_weight * per_token_loss)`` (TRL's
-    normalizations, within one call: no gradient-accumulation or process factors)."""
-    m = mask.to(cdt)
+def token_weights(
+    mask: Tensor,
+    loss_type: str,
+    dtype: torch.dtype,
+    *,
+    max_completion_length: int | None = None,
+    num_items=None,
+    accumulation: float = 1.0,
+    processes: int = 1,
+    steps_per_generation: int = 1,
+) -> Tensor:
+    """Each token's share of the loss, TRL 1.16's normalizations: the loss is ``sum(token_weights *
+    per_token_loss)``.  The one source of them, for ``linear_grpo_loss`` (one call: the factors at their
+    defaults) and for memops' TRL ``GRPOTrainer``, which passes its own: ``accumulation`` (the gradient
+    accumulation steps of this optimizer step; TRL divides every loss type by it but dapo / cispo, whose
+    ``num_items`` already counts the whole generation batch), ``processes`` and ``steps_per_generation``
+    (dapo / cispo: TRL's normalizer is ``num_items_in_batch / processes * accumulation /
+    steps_per_generation``)."""
+    m = mask.to(dtype)
     if loss_type in ("grpo", "sapo"):  # mean over each sequence's tokens, then over sequences
-        return m / m.sum(-1, keepdim=True).clamp(min=1.0) / mask.shape[0]
+        return m / m.sum(-1, keepdim=True).clamp(min=1.0) / mask.shape[0] / accumulation
     if loss_type == "dr_grpo":  # a constant normalizer: B * max_completion_length
-        return m / (mask.shape[0] * (max_completion_length or mask.shape[1]))
+        return m / (mask.shape[0] * (max_completion_length or mask.shape[1])) / accumulation
     if loss_type == "luspo":  # sum over each sequence's tokens, mean over sequences
-        return m / mask.shape[0]
+        return m / mask.shape[0] / accumulation
     if loss_type in ("dapo", "cispo") and num_items is not None:  # the batch's active tokens (num_items_in_batch)
-        return m / engine.scalar_on(num_items, m.dtype, m.device).clamp(min=1.0)
-    return m / m.sum().clamp(min=1.0)  # bnpo, and dapo / cispo within one call
+        normalizer = engine.scalar_on(num_items, m.dtype, m.device).clamp(min=1.0) / processes
+        if accumulation != 1.0 or steps_per_generation != 1:
+            normalizer = normalizer * accumulation / steps_per_generation
+        return m / normalizer
+    if loss_type in ("dapo", "cispo"):  # within one call: this call's active tokens
+        return m / m.sum().clamp(min=1.0)
+    return m / m.sum().clamp(min=1.0) / accumulation  # bnpo
 
 
 def linear_grpo_loss(
@@ -293,7 +313,7 @@ def linear_grpo_loss(
     # sequence parallelism: the token weights, the metrics and which log-probs they read are the group's
     whole, mine = _group_rows(_parallel, completion_ids.shape[0], input.device)
     mask_all = whole(completion_mask)
-    w_all = _token_weight(mask_all, loss_type, max_completion_length, num_items, cdt)
+    w_all = token_weights(mask_all, loss_type, cdt, max_completion_length=max_completion_length, num_items=num_items)
     w = mine(w_all)
     adv = advantages.to(cdt).unsqueeze(1).expand(completion_ids.shape).contiguous()
     old = None if old_logprobs is None else old_logprobs.detach().to(cdt)
@@ -365,34 +385,81 @@ def _group_rows(layout: Layout | None, rows: int, device: torch.device):
     return (lambda t: gather_tokens(t, pg, sizes)), (lambda t: t[first : first + rows])
 
 
-def _metrics(logp, ent, adv, old, ref, m, loss_type, level, epsilon_low, epsilon_high, bias_corrected, delta):
-    """TRL's logged GRPO metrics over one call's tokens (masked means), detached."""
+def metric_terms(
+    logp: Tensor,
+    adv: Tensor,
+    old: Tensor | None,
+    ref: Tensor | None,
+    m: Tensor,
+    *,
+    loss_type: str,
+    level: str,
+    epsilon_low: float,
+    epsilon_high: float,
+    delta: float | None,
+    bias_corrected: bool,
+) -> dict[str, Tensor]:
+    """TRL 1.16's logged GRPO quantities before they are averaged, detached: the one source of them, for
+    ``linear_grpo_loss``' metrics and memops' TRL ``GRPOTrainer`` (which averages them across processes).
+
+    ``"clip_ratio/low"``, ``"clip_ratio/high"`` (not for cispo and sapo) or ``"cispo_clip_ratio"``: 0/1 per
+    token ``[B, T]`` whose importance ratio was clipped against its advantage's sign (the ratio read after
+    ``delta``'s two-sided clipping, as TRL), per sequence ``[B, 1]`` with ``level="sequence"`` (GSPO);
+    ``"kl"`` per token when ``ref`` is given (k3, times the ratio when ``bias_corrected``).  ``adv`` is per
+    token ``[B, T]``, ``m`` the float completion mask."""
     logp = logp.detach()
-    denom = m.sum().clamp(min=1.0)
-    log_ratio = torch.zeros_like(logp) if old is None else logp - old
+    old = logp if old is None else old.to(logp.dtype)
     if level == "sequence":
-        log_ratio = sequence_log_weights(logp, old, m)
-    ratio = torch.exp(log_ratio)
-    metrics = {}
-
-    def mean(x):  # per token: masked mean; sequence level: one value per sequence, their mean (as TRL)
-        if level == "sequence":
-            return x[:, 0].mean()
-        return (x * m).sum() / denom
-
+        log_iw = (((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        adv = adv[:, :1]
+    else:
+        log_iw = logp - old
+    ratio = torch.exp(log_iw)
+    terms = {}
     if loss_type == "cispo":
-        metrics["cispo_clip_ratio"] = mean(((ratio > epsilon_high) & (adv > 0)).to(m.dtype))
+        terms["cispo_clip_ratio"] = ((ratio > epsilon_high) & (adv > 0)).to(m.dtype)
     elif loss_type != "sapo":
-        clipped = ratio if delta is None else torch.clamp(ratio, max=delta)  # TRL: after two-sided clipping
-        low = ((clipped < 1 - epsilon_low) & (adv < 0)).to(m.dtype)
-        high = ((clipped > 1 + epsilon_high) & (adv > 0)).to(m.dtype)
+        clipped = ratio if delta is None else torch.clamp(ratio, max=delta)
+        terms["clip_ratio/low"] = ((clipped < 1 - epsilon_low) & (adv < 0)).to(m.dtype)
+        terms["clip_ratio/high"] = ((clipped > 1 + epsilon_high) & (adv > 0)).to(m.dtype)
+    if ref is not None:
+        gap = ref.to(logp.dtype) - logp
+        kl = torch.exp(gap) - gap - 1
+        terms["kl"] = kl * ratio if bias_corrected else kl
+    return terms
+
+
+def _metrics(logp, ent, adv, old, ref, m, loss_type, level, epsilon_low, epsilon_high, bias_corrected, delta):
+    """TRL's logged GRPO metrics over one call's tokens: masked means of :func:`metric_terms` (a per-sequence
+    term: the mean over sequences), detached."""
+    terms = metric_terms(
+        logp,
+        adv,
+        old,
+        ref,
+        m,
+        loss_type=loss_type,
+        level=level,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        delta=delta,
+        bias_corrected=bias_corrected,
+    )
+    denom = m.sum().clamp(min=1.0)
+
+    def mean(x):
+        return x[:, 0].mean() if x.shape[1] == 1 and level == "sequence" else (x * m).sum() / denom
+
+    metrics = {}
+    if "cispo_clip_ratio" in terms:
+        metrics["cispo_clip_ratio"] = mean(terms["cispo_clip_ratio"])
+    if "clip_ratio/low" in terms:
+        low, high = terms["clip_ratio/low"], terms["clip_ratio/high"]
         metrics["clip_ratio/low_mean"] = mean(low)
         metrics["clip_ratio/high_mean"] = mean(high)
         metrics["clip_ratio/region_mean"] = mean(torch.maximum(low, high))
     if ent is not None:
         metrics["entropy"] = (ent.detach() * m).sum() / denom
-    if ref is not None:
-        gap = ref - logp
-        kl = torch.exp(gap) - gap - 1
-        metrics["kl"] = ((kl * ratio if bias_corrected else kl) * m).sum() / denom
+    if "kl" in terms:
+        metrics["kl"] = (terms["kl"] * m).sum() / denom
     return metrics
