@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -95,6 +95,10 @@ class Args:
         for k, v in values.items():
             setattr(self, k, v)
 
+    if TYPE_CHECKING:  # the names are the spec's, known at run time only
+
+        def __getattr__(self, name: str) -> Any: ...
+
     def replace(self, **values) -> Args:
         both = {k: getattr(self, k) for k in self._keys}
         both.update(values)
@@ -108,7 +112,7 @@ class Spec:
     options: tuple[Option, ...]
     outputs: tuple[str, ...]
     shapes: Callable[[Args], tuple]  # fake non-gradient outputs
-    check: Callable[[Args], None]  # cross-argument checks (memops/validation.py)
+    check: Callable[[Args], None]  # cross-argument checks (the family's meta/<family>.py)
     differentiable: tuple[str, ...] = ("loss",)  # outputs that take an incoming gradient
     forward_grads: bool = True
     scalar: Callable[[Args], bool] = field(default=lambda a: a.reduction != "none")
@@ -174,7 +178,7 @@ class Spec:
 
     def grad_slots(self, a: Args) -> list:
         """The tensors that can get a gradient, in output order (a ``Tensor[]`` input element-wise)."""
-        slots = []
+        slots: list = []
         for i in self.inputs:
             if i.grad:
                 v = getattr(a, i.name)

@@ -38,7 +38,7 @@ class LinearCrossEntropyHead(nn.Linear):
     module's forward, where FSDP2 has unsharded the weight.
     """
 
-    def forward(self, input: Tensor, target: Tensor | None = None, **options) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor | None = None, **options) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]  # noqa: E501
         if target is None:
             return super().forward(input)
         return linear_cross_entropy(input, self.weight, target, self.bias, **options)
@@ -319,7 +319,7 @@ def _parallel_front(
         inspect.Parameter("vocab_size", keyword, default=None, annotation="int | None"),
         inspect.Parameter("sequence_parallel", keyword, default=False, annotation="bool"),
     ]
-    front.__signature__ = sig.replace(parameters=params + added)
+    front.__signature__ = sig.replace(parameters=params + added)  # type: ignore[attr-defined]
     front.__name__ = front.__qualname__ = name
     front.__doc__ = (
         f"``memops.{single.__name__}`` with the vocabulary split over ``group`` (see "

@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 from .bench.worker import describe
 
@@ -70,7 +71,7 @@ def _version(dist: str) -> str | None:
 
 
 def _cpu() -> dict:
-    info = {"model": platform.processor() or platform.machine(), "flags": []}
+    info: dict[str, Any] = {"model": platform.processor() or platform.machine(), "flags": []}
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
@@ -266,7 +267,7 @@ def self_test(device: str, dtype: str) -> list[dict]:
             how = " heads, interpreted" if heads == "triton" and not device.startswith("cuda") else " heads"
             if precision == "accurate":
                 how += ', precision="accurate"'
-            row = {"check": f"{label} ({heads}{how})", "unfused_error": eager}
+            row: dict[str, Any] = {"check": f"{label} ({heads}{how})", "unfused_error": eager}
             try:
                 with config.kernels(heads), config.precision(precision):
                     row["error"] = _errors(make("memops"), x, w, t, ref)
@@ -320,7 +321,7 @@ def _capture_step(loss: str, device: str, dtype: str, dry_run: bool = False) -> 
 
     from .bench.methods import build
 
-    row = {"check": f"CUDA-graph capture of a {loss} step, replayed on new data"}
+    row: dict[str, Any] = {"check": f"CUDA-graph capture of a {loss} step, replayed on new data"}
     if not device.startswith("cuda") and not dry_run:
         return dict(row, status="n/a", why="CPU")
     n, d, v = 256, 64, 1000
@@ -378,7 +379,7 @@ def _reduce_overhead_step(device: str, dtype: str, dry_run: bool = False) -> dic
 
     import memops
 
-    row = {"check": 'torch.compile(mode="reduce-overhead") training step'}
+    row: dict[str, Any] = {"check": 'torch.compile(mode="reduce-overhead") training step'}
     if not device.startswith("cuda") and not dry_run:
         return dict(row, status="n/a", why="CPU (tests/test_sync_free.py runs the compile path there)")
     n, d, v = 256, 64, 1000
@@ -423,13 +424,13 @@ def speed_probe(tokens: int, hidden: int, vocab: int, dtype: str, device: str, s
     share = seconds / 3
     for method in ("floor", "eager", "memops"):
         fn = build(method, "cross_entropy", None, device)
-        row = {"method": {"floor": "three matmuls", "eager": "unfused"}.get(method, method)}
+        row: dict[str, Any] = {"method": {"floor": "three matmuls", "eager": "unfused"}.get(method, method)}
         try:
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated() if cuda else 0
-            times = []
+            times: list[float] = []
             start = time.perf_counter()
             while len(times) < 20 and (len(times) < 2 or time.perf_counter() - start < share):
                 x.grad = w.grad = None
@@ -537,7 +538,7 @@ def run(args) -> dict:
             raise SystemExit(f"--{name} must be >= 1")
     if not args.seconds >= 0:
         raise SystemExit("--seconds must be >= 0")
-    result = {
+    result: dict[str, Any] = {
         "device": device,
         "dtype": dtype,
         "environment": environment(device),

@@ -39,7 +39,7 @@ class LinearCrossEntropy(nn.Module):
         target: Tensor,
         bias: Tensor | None = None,
         num_items: int | float | Tensor | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> Tensor | tuple[Tensor, ...]:
         return linear_cross_entropy(input, weight, target, bias, num_items=num_items, **self.options)
 
     def extra_repr(self) -> str:

@@ -18,10 +18,11 @@ import subprocess
 import sys
 import sysconfig
 import time
+from typing import Any
 
 from .bench.worker import reset_peak_rss, status_kib
 
-CONFIGS = {
+CONFIGS: dict[str, dict[str, Any]] = {
     # a small Llama for CPUs
     "tiny": dict(
         hidden_size=256,
@@ -149,8 +150,7 @@ def _peak_bytes(device) -> int | None:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
-    kib = status_kib("VmHWM")
-    return None if kib is None else kib * 1024
+    return status_kib("VmHWM") * 1024
 
 
 def _run_variant(args) -> None:
@@ -166,7 +166,7 @@ def _run_variant(args) -> None:
     torch.manual_seed(0)
     if args.model_type == "llama":
         config = transformers.LlamaConfig(max_position_embeddings=max(args.seq, 128), **cfg)
-        model = transformers.LlamaForCausalLM(config)
+        model: Any = transformers.LlamaForCausalLM(config)
     else:  # the type's own config class at these sizes (memops' tiny builder, every other size small)
         from .integrations.hf.tiny import model_class, small_config
 

@@ -42,7 +42,8 @@ def check_projection(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     for name, t in () if plain else ((i, input), (w, weight), (b, bias)):
         if _is_dtensor(t):
             fail(
-                f"{name} is a DTensor (placements {tuple(t.placements)}): this op takes local tensors.  A head "
+                f"{name} is a DTensor (placements {tuple(getattr(t, 'placements', ()))}): this op takes local "
+                "tensors.  A head "
                 "sharded over the vocabulary goes through memops.distributed.vocab_parallel_cross_entropy / "
                 "vocab_parallel_logprobs / vocab_parallel_grpo_loss / vocab_parallel_distillation_loss; a "
                 "transform (memops.linear_loss) needs whole logit rows and is not offered vocabulary-parallel: "

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import tempfile
+from typing import Any
 
 from .methods import DISTILL_BETA, GRPO_BETA, METHODS, VARIANTS, unavailable
 from .report import LEGEND, add_ratios, format_table, plot
@@ -23,7 +24,7 @@ from .worker import Worker, run_worker
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 DEFAULT = {"tokens": 2048, "hidden": 1024, "vocab": 32000}
 # Real model heads: hidden size, vocabulary, final-logit soft-capping.
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     "llama3-8b": {"hidden": 4096, "vocab": 128256, "softcap": None},
     "gemma2-2b": {"hidden": 2304, "vocab": 256000, "softcap": 30.0},
     "qwen2.5-7b": {"hidden": 3584, "vocab": 152064, "softcap": None},
@@ -213,7 +214,8 @@ def _run_shape(
         ref_file = os.path.join(tmp, f"ref-{shape['tokens']}-{shape['vocab']}.pt")
         ref = Worker(args, "reference", shape, ref_file, tmp)
         if ref.read() is None:
-            print(f"float64 reference failed ({ref.failure['message']}); error columns left out", flush=True)
+            why = (ref.failure or {}).get("message")
+            print(f"float64 reference failed ({why}); error columns left out", flush=True)
             ref_file = None
         ref.proc.wait()
         progress.update("float64 reference")
@@ -297,7 +299,7 @@ def main(args) -> int:
     skipped = {m: why for m in methods if (why := unavailable(m, args.loss, args.device, args.softcap, args.bias))}
     runnable = len(methods) - len(skipped)
     progress = Progress(len(shapes) * ((0 if args.no_check else 1) + runnable * (1 + args.reps)))
-    runs = []
+    runs: list[dict] = []
 
     def write_json(partial=None) -> None:
         """The JSON file rewritten whole as each row arrives: a run cut short keeps what it measured."""

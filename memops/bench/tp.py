@@ -68,7 +68,7 @@ def main(args) -> int:
             sys.stderr.write(f"rank {r}:\n{out}\n")
         return 1
     ranks = [json.loads(out.strip().splitlines()[-1]) for out in outs]
-    rows = []
+    rows: list[dict] = []
     for m in METHODS:
         peak = max(r[m]["peak_mib"] for r in ranks)
         rows.append(dict(method=m, ms=ranks[0][m]["ms"], peak_mib=peak))
@@ -79,10 +79,10 @@ def main(args) -> int:
     )
     print("| method | ms per step | vs gathered | peak MiB per rank (max) | vs gathered |")
     print("|---|---:|---:|---:|---:|")
-    for r in rows:
+    for row in rows:
         print(
-            f"| {r['method']} | {r['ms']:.1f} | {r['ms'] / base['ms']:.2f}x | {r['peak_mib']:.1f} | "
-            f"{r['peak_mib'] / max(base['peak_mib'], 1e-9):.2f}x |"
+            f"| {row['method']} | {row['ms']:.1f} | {row['ms'] / base['ms']:.2f}x | {row['peak_mib']:.1f} | "
+            f"{row['peak_mib'] / max(base['peak_mib'], 1e-9):.2f}x |"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -18,6 +18,7 @@ any cast between them), counted the same way for both; ``head`` is everything el
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -71,7 +72,7 @@ def _ce_args(**kw) -> Args:
     return Args(**{**base, **kw})
 
 
-HEADS = {
+HEADS: dict[str, tuple[str, dict[str, Any], bool]] = {
     # name: (family, options, gradient)
     "cross-entropy, forward + gradient": ("ce", {}, True),
     "cross-entropy, soft-cap + smoothing + z-loss": ("ce", dict(softcap=30.0, label_smoothing=0.1, z_loss=1e-4), True),

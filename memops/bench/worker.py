@@ -30,15 +30,13 @@ def _say(obj) -> None:
     print(_MSG + json.dumps(obj), flush=True)
 
 
-def status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (Linux); a clear error where there is none."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} field: peak memory is read on Linux only")
 
 
 def reset_peak_rss() -> bool:
@@ -304,9 +302,11 @@ class Worker:
     def request(self, command: str):
         if self.failure:
             return None
+        stdin = self.proc.stdin
+        assert stdin is not None  # opened with stdin=PIPE
         try:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
+            stdin.write(command + "\n")
+            stdin.flush()
         except BrokenPipeError:
             pass
         return self.read()
@@ -315,7 +315,7 @@ class Worker:
         out = self.request("done")
         self.proc.wait()
         self._stderr.close()
-        return out if out is not None else self.failure
+        return out if out is not None else (self.failure or {})
 
     def stop(self) -> None:
         """End the process if it still runs (a run cut short: Ctrl-C, an error in another method's row)."""

@@ -11,7 +11,7 @@ hooks (the capturing hook is registered last, at call time, so it sees what ever
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ def call_as_forward(module: torch.nn.Module, compute: Callable, *args: Any) -> A
 
 
 @contextlib.contextmanager
-def output_taken(modules: list[torch.nn.Module], forward: Callable, sink: Callable, stand_in: Callable):
+def output_taken(modules: Sequence[torch.nn.Module], forward: Callable, sink: Callable, stand_in: Callable):
     """While active, a call of any of ``modules`` (from code that expects its ordinary output, such as a
     model's forward calling ``lm_head``) runs ``forward(module)(*args)``; after every other forward hook ran,
     its output goes to ``sink(output)`` and the caller gets ``stand_in(*args)`` instead."""

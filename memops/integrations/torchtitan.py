@@ -27,7 +27,7 @@ This module imports torchtitan: users load it through torchtitan's override mech
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torchtitan.components.loss import IGNORE_INDEX, BaseLoss, ChunkedLossWrapper, CrossEntropyLoss
@@ -64,7 +64,7 @@ class MemopsCrossEntropy(ChunkedLossWrapper):
         self.config = config
         self.num_chunks = None
         self.loss_fn = None
-        self.lm_head = None
+        self.lm_head: Any = None  # the model's, set by the trainer before the loss runs
         self.options = {
             "z_loss": config.z_loss,
             "softcap": config.softcap,
@@ -97,14 +97,14 @@ class MemopsCrossEntropy(ChunkedLossWrapper):
         options = dict(self.options, ignore_index=IGNORE_INDEX, reduction="sum")
         if isinstance(weight, DTensor):
             loss = memops.distributed.vocab_parallel_cross_entropy(hidden, weight, labels, bias, **options)
-            return loss.to_local() if isinstance(loss, DTensor) else loss
+            return cast(torch.Tensor, loss.to_local() if isinstance(loss, DTensor) else loss)
         _check_whole_head(weight, self.config.global_vocab_size)
         if isinstance(hidden, DTensor):
             raise ValueError(
                 f"MemopsCrossEntropy: the hidden states are a DTensor ({hidden.placements}) but the lm_head weight "
                 "is a plain tensor; give both as DTensors (tensor parallelism) or neither"
             )
-        return memops.linear_cross_entropy(hidden, weight, labels, bias, **options)
+        return cast(torch.Tensor, memops.linear_cross_entropy(hidden, weight, labels, bias, **options))
 
 
 def _check_whole_head(weight: torch.Tensor, vocab_size: int | None) -> None:

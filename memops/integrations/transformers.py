@@ -59,6 +59,7 @@ class _Verified:
         return self.path.aux_coef is not None
 
     def aux_coef(self, model) -> float:
+        assert self.path.aux_coef is not None, "aux_coef is read only when aux_loss"
         return hf_rule.resolve(model, self.path.aux_coef)
 
 
@@ -120,7 +121,8 @@ def _check_instance(model, spec: _Verified) -> None:
             _refuse(cls, f"its loss reads a vocabulary of {size} ({vocab}) but lm_head has {out} rows")
     if spec.path.backbone_labels is not None:
         backbone = hf_rule.resolve(model, spec.path.backbone_labels)
-        if not hf_rule.ignores_labels(type(backbone)):
+        backbone_cls: Any = type(backbone)
+        if not hf_rule.ignores_labels(backbone_cls):
             _refuse(cls, f"its backbone ({type(backbone).__name__}) is given the labels and reads them")
 
 
@@ -319,28 +321,30 @@ def apply(target: Any, *, eval: bool = False, _tested: bool = True):
         cls = _causal_lm_class(target)
         return apply(cls, eval=eval, _tested=_tested)
     if isinstance(target, type):
-        _verified(target, _tested)
-        target._memops_tested = _tested
-        if not getattr(target.forward, "_memops_patched", False):
-            setattr(target, _PATCHED, target.forward)
-            target.forward = _wrap(target.forward)
-        target._memops_eval = eval
-        return target
+        patched: Any = target  # a class: its forward and memops' marks are set on it
+        _verified(patched, _tested)
+        patched._memops_tested = _tested
+        if not getattr(patched.forward, "_memops_patched", False):
+            setattr(patched, _PATCHED, patched.forward)
+            patched.forward = _wrap(patched.forward)
+        patched._memops_eval = eval
+        return patched
     if isinstance(target, torch.nn.Module):
-        cls = type(target)
-        _check_instance(target, _verified(cls, _tested))
-        target._memops_tested = _tested
-        head = target.get_output_embeddings()
+        model: Any = target  # an instance: its own forward and marks
+        cls = type(model)
+        _check_instance(model, _verified(cls, _tested))
+        model._memops_tested = _tested
+        head = model.get_output_embeddings()
         if head is None:
             raise ValueError(f"memops: {cls.__name__} has no output embeddings (lm_head)")
         _linear_heads(head)
-        if not getattr(target.forward, "_memops_patched", False):
-            previous = target.forward
-            target.__dict__[_PATCHED] = previous
-            wrapped = _wrap(cls.forward).__get__(target)
-            target.forward = _keeping_fused_head(wrapped, previous) if _is_fused_head(previous) else wrapped
-        target._memops_eval = eval
-        return target
+        if not getattr(model.forward, "_memops_patched", False):
+            previous = model.forward
+            model.__dict__[_PATCHED] = previous
+            wrapped = _wrap(cls.forward).__get__(model)
+            model.forward = _keeping_fused_head(wrapped, previous) if _is_fused_head(previous) else wrapped
+        model._memops_eval = eval
+        return model
     raise TypeError(f"apply takes a model, a causal LM class or a model_type string, got {type(target).__name__}")
 
 
@@ -350,7 +354,7 @@ def revert(target: Any):
         return revert(_causal_lm_class(target))
     if isinstance(target, type):
         if _PATCHED in target.__dict__:
-            target.forward = target.__dict__[_PATCHED]
+            setattr(target, "forward", target.__dict__[_PATCHED])  # noqa: B010  (a class: no declared forward)
             delattr(target, _PATCHED)
             for attr in ("_memops_eval", "_memops_tested"):
                 if attr in target.__dict__:

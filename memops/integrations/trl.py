@@ -19,6 +19,7 @@ refused, naming what differs.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,7 +62,7 @@ _LOGPROB_PARAMS = (
 )
 _LOGPROB_EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
-_ORIGINAL: dict[str, object] = {}
+_ORIGINAL: dict[str, Any] = {}
 
 
 def _trl():
@@ -111,7 +112,7 @@ def _projection_dtype(hidden: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
-def _projection(hidden: Tensor, weight: Tensor, bias: Tensor | None):
+def _projection(hidden: Tensor, weight: Any, bias: Any):  # tensors or DTensors
     """``(hidden, weight, bias)`` in the dtype TRL's kernels project in: autocast's when it is on (as an
     ``nn.Linear`` lm_head would run under the trainer's mixed precision), else the hidden states'; a DTensor
     lm_head gathered once first, as TRL does."""
@@ -206,7 +207,7 @@ class ChunkedLogProb:
             extras=[name for name in _LOGPROB_EXTRAS[1:] if name in outputs],
         )
         if not isinstance(out, dict):
-            out = {"log_probs": out[0], "entropy": out[1]} if "entropy" in outputs else {"log_probs": out}
+            out = {"log_probs": out[0], "entropy": out[1]} if isinstance(out, tuple) else {"log_probs": out}
         _gathered_in_backward(out["log_probs"], weight, bias)
         return tuple(out.get(name) for name in ("log_probs", *_LOGPROB_EXTRAS))
 
@@ -249,7 +250,7 @@ def revert() -> None:
     if "logprob" in _ORIGINAL:
         from trl.trainer import utils
 
-        utils._ChunkedLogProbFunction = _ORIGINAL.pop("logprob")
+        setattr(utils, "_ChunkedLogProbFunction", _ORIGINAL.pop("logprob"))  # noqa: B010  (a class there)
     if "divergence" in _ORIGINAL:
         from trl.trainer import distillation_trainer
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -87,7 +88,7 @@ def linear_cross_entropy(
     _check(input, linear_weight, target, linear_bias, weight, ignore_index)
     probs = target.is_floating_point()
     ignore = -100 if ignore_index is None else ignore_index
-    common = dict(
+    common: dict[str, Any] = dict(
         class_weight=weight,
         ignore_index=ignore,
         label_smoothing=label_smoothing,
@@ -98,7 +99,7 @@ def linear_cross_entropy(
         unbatched = input.dim() == 1
         x = input.unsqueeze(0) if unbatched else input
         t = target.unsqueeze(0) if unbatched else target
-        loss = _memops_ce(x, linear_weight, t, linear_bias, reduction=reduction, **common)
+        loss = cast(Tensor, _memops_ce(x, linear_weight, t, linear_bias, reduction=reduction, **common))
         if unbatched and reduction == "none":
             loss = loss.squeeze(0)
         return loss.to(input.dtype)

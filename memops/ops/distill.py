@@ -21,6 +21,7 @@ recomputes in backward.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +70,8 @@ def chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows, redu
     group ``reducer`` the head is :func:`_group_head`'s."""
     n, vocab = x2d.shape[0], reducer.rows_max or a.weight.shape[0]
     cdt = engine.compute_dtype(x2d.dtype)
-    loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
-    ent_rows = torch.zeros(n, dtype=cdt, device=x2d.device) if a.return_entropy else None
+    outs = engine.RowOutputs(n, cdt, x2d.device, zeroed=("loss", "entropy"))
+    entropy = a.return_entropy
     T, beta, h, ignore = a.temperature, a.beta, a.hard_label_weight, a.ignore_index
     state: dict = {}
     accurate = a.precision == "accurate" and x2d.dtype != cdt
@@ -96,12 +97,12 @@ def chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows, redu
         valid = t != ignore
         safe = torch.where(valid, t, 0).unsqueeze(1)
         loss = torch.zeros(z.shape[0], dtype=cdt, device=z.device)
-        dz = None
-        if h != 1 or ent_rows is not None:
+        dz: Any = None  # d loss / d z, once a term gives one
+        if h != 1 or entropy:
             lq = torch.log_softmax(z / T, dim=1)
             q = lq.exp()
-            if ent_rows is not None:
-                ent_rows[sel] = torch.where(valid, -(q * lq).sum(1), 0.0)
+            if entropy:
+                outs.put("entropy", sel, torch.where(valid, -(q * lq).sum(1), 0.0))
         if h != 1:
             if teacher[0] == "online":
                 u = _teacher_logits(state["u"][lo : lo + z.shape[0]], a, cdt)
@@ -121,13 +122,13 @@ def chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows, redu
             if upstream is not None:
                 hard = torch.softmax(z, dim=1).mul_(h).scatter_add_(1, safe, torch.full_like(lse, -h).unsqueeze(1))
                 dz = hard if dz is None else dz.add_(hard)
-        loss_rows[sel] = torch.where(valid, loss, 0.0)
+        outs.put("loss", sel, torch.where(valid, loss, 0.0))
         if upstream is None:
             return None
         return dz.mul_(engine.row_coef(upstream, sel, valid).unsqueeze(1))
 
     if reducer is not LOCAL:
-        head = _group_head(a, t1d, teacher, state, upstream, reducer, loss_rows, ent_rows)
+        head = _group_head(a, t1d, teacher, state, upstream, reducer, outs)
     d = x2d.shape[1] + (teacher[1].shape[1] if teacher[0] == "online" else 0)
     m = n if rows is None else rows.numel()
     size = config.chunk_rows(m, vocab, d, x2d.dtype, x2d.device, a.chunk_size, logit_rows=2)
@@ -149,10 +150,11 @@ def chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows, redu
         reducer=reducer,
         accurate=accurate,
     )
-    return loss_rows, ent_rows, engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
+    ent_rows = outs["entropy"] if entropy else None
+    return outs["loss"], ent_rows, engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
 
-def _group_head(a: Args, t1d, teacher, state: dict, upstream, reducer, loss_rows, ent_rows):
+def _group_head(a: Args, t1d, teacher, state: dict, upstream, reducer, outs: engine.RowOutputs):
     """The head with the vocabulary split over a group: the same per-row formulas (``_divergence``'s), each
     row's maxima, then its sums of exponentials and target logit, then the divergence's sums reduced across
     the group (three reductions per chunk)."""
@@ -170,27 +172,28 @@ def _group_head(a: Args, t1d, teacher, state: dict, upstream, reducer, loss_rows
         t = t1d[sel].long()
         valid = t != ignore
         mine, safe = reducer.owned(torch.where(valid, t, 0), local)
-        soft = h != 1 or ent_rows is not None
-        zs = z / T if soft else None
-        us = None
+        soft = h != 1 or a.return_entropy
+        # each statistic None unless its term is computed (soft: the divergence or entropy; h: the hard label)
+        zs: Any = z / T if soft else None
+        us: Any = None
         if h != 1 and online:
             us = _teacher_logits(state["u"][lo : lo + z.shape[0]], a, cdt) / T
-        mq = None if zs is None else zs.amax(1)
-        mp = None if us is None else us.amax(1)
-        m1 = z.amax(1) if h else None
+        mq: Any = None if zs is None else zs.amax(1)
+        mp: Any = None if us is None else us.amax(1)
+        m1: Any = z.amax(1) if h else None
         reducer.max_(mq, mp, m1)
-        sq = None if zs is None else (zs - mq.unsqueeze(1)).exp().sum(1)
-        sp = None if us is None else (us - mp.unsqueeze(1)).exp().sum(1)
-        s1 = (z - m1.unsqueeze(1)).exp().sum(1) if h else None
-        z_t = torch.where(mine, z.gather(1, safe.unsqueeze(1)).squeeze(1), 0.0) if h else None
+        sq: Any = None if zs is None else (zs - mq.unsqueeze(1)).exp().sum(1)
+        sp: Any = None if us is None else (us - mp.unsqueeze(1)).exp().sum(1)
+        s1: Any = (z - m1.unsqueeze(1)).exp().sum(1) if h else None
+        z_t: Any = torch.where(mine, z.gather(1, safe.unsqueeze(1)).squeeze(1), 0.0) if h else None
         reducer.sum_(sq, sp, s1, z_t)
         loss = torch.zeros(z.shape[0], dtype=cdt, device=z.device)
-        dz = None
+        dz: Any = None  # d loss / d z, once a term gives one
         parts: dict = {}
         if soft:
             lq = lse_of(zs, mq, sq)
             q = lq.exp()
-            if ent_rows is not None:
+            if a.return_entropy:
                 parts["ent"] = -(q * lq).sum(1)
         if h != 1:
             if online:
@@ -216,7 +219,7 @@ def _group_head(a: Args, t1d, teacher, state: dict, upstream, reducer, loss_rows
                 parts["div"] = torch.where(pk > 0, torch.where(own, pk * -at, 0.0), 0.0).sum(1)
         reducer.sum_(*parts.values())
         if "ent" in parts:
-            ent_rows[sel] = torch.where(valid, parts["ent"], 0.0)
+            outs.put("entropy", sel, torch.where(valid, parts["ent"], 0.0))
         if h != 1:
             div = parts["div"]
             if online and beta == 1:
@@ -235,7 +238,7 @@ def _group_head(a: Args, t1d, teacher, state: dict, upstream, reducer, loss_rows
                 hard = (z - lse.unsqueeze(1)).exp_().mul_(h)
                 hard.scatter_add_(1, safe.unsqueeze(1), mine.to(cdt).mul_(-h).unsqueeze(1))
                 dz = hard if dz is None else dz.add_(hard)
-        loss_rows[sel] = torch.where(valid, loss, 0.0)
+        outs.put("loss", sel, torch.where(valid, loss, 0.0))
         if upstream is None:
             return None
         return dz.mul_(engine.row_coef(upstream, sel, valid).unsqueeze(1))
@@ -256,6 +259,8 @@ def _prepare(a: Args, reducer):
     """Rows, the teacher as rows, the mask, the engine's reduction and divisor, the row plan."""
     x2d, t1d, _ = engine.flatten(a.input, a.target)
     n = t1d.numel()
+    teacher: tuple  # ("online", teacher rows) or ("offline", top-k ids, top-k log-probs)
+    finite: tuple[Tensor, ...]
     if a.teacher_weight is not None:
         xt = a.teacher_input.reshape(n, a.teacher_input.shape[-1])
         teacher = ("online", xt)
@@ -264,8 +269,9 @@ def _prepare(a: Args, reducer):
         finite = ()
     else:
         k = a.teacher_topk_ids.shape[-1]
-        teacher = ("offline", a.teacher_topk_ids.reshape(n, k), a.teacher_topk_logprobs.reshape(n, k))
-        also, finite = None, (teacher[2],)
+        lp = a.teacher_topk_logprobs.reshape(n, k)
+        teacher = ("offline", a.teacher_topk_ids.reshape(n, k), lp)
+        also, finite = None, (lp,)
     valid = t1d != a.ignore_index
     # ignored tokens reach nothing: skipped where exact (student and teacher logits certainly finite)
     scale = abs(a.logit_scale) / a.temperature

@@ -27,6 +27,8 @@ Call tree of a trained scalar loss (cross-entropy; every family alike)::
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -227,8 +229,121 @@ def _sub_blocks(
     return grads
 
 
+@dataclass(frozen=True)
+class Decisions:
+    """What one ``run`` call does, decided once from its arguments (PyTorch's fused cross-entropy builds its
+    per-call context the same way); the chunk loop only reads these.
+
+    * ``compute_dtype``: fp32, or fp64 for fp64 inputs: the head's math and the weight and bias gradients.
+    * ``native_gemms``: the gradient GEMMs read ``dz`` in the input dtype (``config.native_gemm``: fast
+      low-precision GEMMs on this device), never an fp32 copy of the weight.
+    * ``accurate``: ``precision="accurate"`` with low-precision inputs: the logits are kept in fp32 from the GEMM.
+    * ``upcast_weight``: accurate mode where no fp32-output low-precision GEMM exists (CPU, or a build without
+      one): the weight and bias are upcast once per call, each chunk's rows per chunk, and all three GEMMs
+      run in fp32.
+    * ``fp32_blocks``: CPU with native low-precision GEMMs and a torch head: the chunk's logits stay in the
+      input dtype and each cache-sized sub-block is upcast into one fp32 scratch, worked on there and written
+      back as ``dz`` (a fused head's layout, its passes over memory in cache).
+    * ``input_dtype_buffer``: the chunk buffer holds the input dtype (a fused head in the default precision,
+      or ``fp32_blocks``); else the compute dtype.
+    * ``one_gemm_each``: one chunk of every row, GEMMs in the compute dtype, no autocast: the logits and the
+      input and weight gradients are the GEMMs' own results (no buffer made first: a per-call cost at small
+      shapes; autocast would change the dtype of a GEMM that allocates its result, not of one that writes
+      into a buffer).
+    * ``chunk_rows``: rows per chunk (``config.chunk_rows``; every rank of a vocabulary-parallel group sizes
+      its chunks for the largest shard, so that all run the same chunks); ``sub_rows``: rows per sub-block of
+      the elementwise work (the whole chunk for a fused head, or one whose statistics must cover it).
+    """
+
+    compute_dtype: torch.dtype
+    native_gemms: bool
+    accurate: bool
+    upcast_weight: bool
+    fp32_blocks: bool
+    input_dtype_buffer: bool
+    one_gemm_each: bool
+    chunk_rows: int
+    sub_rows: int
+
+    @classmethod
+    def build(
+        cls,
+        x2d,
+        weight: torch.Tensor,
+        computed_rows: int,
+        *,
+        every_row: bool,
+        fused: bool,
+        reducer: Reducer,
+        accurate: bool,
+        chunk_size: int,
+        sub_block_bytes: int | None,
+    ) -> Decisions:
+        cdt = compute_dtype(x2d.dtype)
+        low_precision = x2d.dtype != cdt
+        accurate = accurate and low_precision
+        upcast_weight = accurate and (x2d.device.type == "cpu" or fp32_out_gemm(x2d.device) == "cast")
+        native = config.native_gemm(x2d.dtype, x2d.device) and not upcast_weight
+        fp32_blocks = (
+            native
+            and not fused
+            and not accurate
+            and x2d.device.type == "cpu"
+            and low_precision
+            and not reducer.whole_chunk
+        )
+        input_dtype_buffer = (fused and not accurate) or fp32_blocks
+        vocab, hidden = weight.shape
+        size = config.chunk_rows(
+            computed_rows,
+            reducer.rows_max or vocab,
+            hidden,
+            x2d.dtype,
+            x2d.device,
+            chunk_size,
+            fused=input_dtype_buffer,
+        )
+        if reducer.whole_chunk:
+            sub_block_bytes = WHOLE_CHUNK
+        sub = size if fused else _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
+        return cls(
+            compute_dtype=cdt,
+            native_gemms=native,
+            accurate=accurate,
+            upcast_weight=upcast_weight,
+            fp32_blocks=fp32_blocks,
+            input_dtype_buffer=input_dtype_buffer,
+            one_gemm_each=(
+                size >= computed_rows
+                and every_row
+                and not low_precision
+                and not input_dtype_buffer
+                and not torch._C._is_any_autocast_enabled()
+            ),
+            chunk_rows=size,
+            sub_rows=sub,
+        )
+
+
+def _logits_into(z, xc, weight, bias, weight_c, bias_c, how: Decisions) -> torch.Tensor:
+    """One chunk's logits ``xc @ W.T + b``: into ``z`` (the chunk buffer), or the GEMM's own result."""
+    if how.one_gemm_each:
+        return torch.mm(xc, weight_c.t()) if bias_c is None else torch.addmm(bias_c, xc, weight_c.t())
+    if how.accurate and not how.upcast_weight:  # the logits in fp32 from a low-precision GEMM
+        torch.mm(xc, weight.t(), out_dtype=how.compute_dtype, out=z)
+        if bias is not None:
+            z.add_(bias)
+    elif xc.dtype != z.dtype:
+        z.copy_(F.linear(xc, weight, bias))
+    elif bias_c is not None:
+        torch.addmm(bias_c, xc, weight_c.t(), out=z)
+    else:
+        torch.mm(xc, weight_c.t(), out=z)
+    return z
+
+
 def run(
-    x2d: torch.Tensor,
+    x2d: Any,  # a Tensor, or a sequence-parallel group's rows (ops/reducer.Gathered)
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     head: Head,
@@ -275,69 +390,48 @@ def run(
     A fused head then reads and writes the fp32 block.
 
     ``fused=True`` (a Triton head, ``ops/triton_heads.py``): the buffer has the input dtype (fp32 in accurate
-    mode), the head gets
-    each whole chunk as the GEMM wrote it and does the scaling and soft-capping itself (``logit_scale`` and
-    ``softcap`` are not applied here), and the gradient GEMMs read its ``dz`` in that dtype.
+    mode), the head gets each whole chunk as the GEMM wrote it and does the scaling and soft-capping itself
+    (``logit_scale`` and ``softcap`` are not applied here), and the gradient GEMMs read its ``dz`` in that
+    dtype.  What else is decided once per call is :class:`Decisions`.
     """
     n, d = x2d.shape
     m = n if rows is None else rows.numel()
     vocab = weight.shape[0]
-    cdt = compute_dtype(x2d.dtype)
+    gathered = getattr(x2d, "gathered", False)
+    how = Decisions.build(
+        x2d,
+        weight,
+        m,
+        every_row=rows is None and not gathered,
+        fused=fused,
+        reducer=reducer,
+        accurate=accurate,
+        chunk_size=chunk_size,
+        sub_block_bytes=sub_block_bytes,
+    )
+    cdt, size, own = how.compute_dtype, how.chunk_rows, how.one_gemm_each
     want = grad_input or grad_weight or grad_bias
+    weight_c = weight.to(cdt) if how.upcast_weight else weight
+    bias_c = None if bias is None else (bias.to(cdt) if how.upcast_weight else bias)
     # input/weight gradients are written whole by the first chunk that computes them (no zero fill),
     # except the input gradient's skipped rows
-    gathered = getattr(x2d, "gathered", False)
     gx = gw = None
     gb = torch.zeros(vocab, dtype=cdt, device=weight.device) if (grad_bias and bias is not None) else None
-    written = False
-    # low-precision gradient GEMMs; a fused head's CPU run (the Triton interpreter) keeps the GPU's fp32
-    # weight-gradient partials
-    native = config.native_gemm(x2d.dtype, x2d.device)
-    accurate = accurate and x2d.dtype != cdt
-    # the chunk buffer in the input dtype: a fused head in the default precision (accurate mode's fused head
-    # reads the fp32 block the GEMM wrote), or the CPU's native low-precision path below
-    narrow = fused and not accurate
-    # accurate on CPU (or without an fp32-output GEMM): fp32 GEMMs on the weight upcast once per call
-    upcast = accurate and (x2d.device.type == "cpu" or fp32_out_gemm(x2d.device) == "cast")
-    weight_c = weight.to(cdt) if upcast else weight
-    bias_c = None if bias is None else (bias.to(cdt) if upcast else bias)
-    native = native and not upcast
-    scratch: list = []  # the weight gradient's fp32 scratch, where the build needs one (fp32_out_gemm)
-    # CPU with native low-precision GEMMs: the chunk's logits stay in the input dtype, each cache-sized
-    # sub-block is upcast into one fp32 scratch, worked on there and written back as dz (a fused head's
-    # layout, its passes over memory in cache); a head that needs the whole chunk keeps the fp32 buffer
-    low = (
-        native
-        and not fused
-        and not accurate
-        and x2d.device.type == "cpu"
-        and x2d.dtype != cdt
-        and not reducer.whole_chunk
-    )
-    size = config.chunk_rows(m, reducer.rows_max or vocab, d, x2d.dtype, x2d.device, chunk_size, fused=narrow or low)
-    if reducer.whole_chunk:
-        sub_block_bytes = WHOLE_CHUNK
-    sub = size if fused else _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
-    # one chunk of every row, GEMMs in the compute dtype: the logits and the input and weight gradients are
-    # the GEMMs' own results (no buffer made first: a per-call cost at small shapes)
-    # (autocast would change the dtype of a GEMM that allocates its result; one that writes into a buffer keeps it)
-    own = (
-        size >= m
-        and rows is None
-        and not gathered
-        and x2d.dtype == cdt
-        and not (narrow or low)
-        and not torch._C._is_any_autocast_enabled()
-    )
     if grad_input and not own:
         gx = rows_out(x2d.local.shape if gathered else x2d.shape, x2d.dtype, x2d.device, rows)
     if grad_weight and not own:
         gw = torch.empty(weight.shape, dtype=cdt, device=weight.device)
-    buf = None if own else torch.empty((size, vocab), dtype=x2d.dtype if (narrow or low) else cdt, device=x2d.device)
-    work = torch.empty((min(sub, size), vocab), dtype=cdt, device=x2d.device) if low else None
-    gx_part = None  # with skipped rows a chunk's input gradient is made here, then scattered to its rows
+    buf: Any = None
+    if not own:
+        buf = torch.empty((size, vocab), dtype=x2d.dtype if how.input_dtype_buffer else cdt, device=x2d.device)
+    work = torch.empty((min(how.sub_rows, size), vocab), dtype=cdt, device=x2d.device) if how.fp32_blocks else None
+    gx_part: Any = None  # with skipped rows a chunk's input gradient is made here, then scattered to its rows
     if grad_input and (rows is not None or gathered):
         gx_part = torch.empty((size, d), dtype=x2d.dtype, device=x2d.device)
+    scratch: list = []  # the weight gradient's scratch, where the build needs one (_accumulate_weight_grad)
+    written = False
+    sel: slice | torch.Tensor
+    picked: Any = None  # rows of a chunk that skips some
     for start in range(0, m, size):
         stop = min(start + size, m)
         if gathered:
@@ -347,37 +441,26 @@ def run(
             sel = slice(start, stop)
             xc = x2d if (start == 0 and stop == n) else x2d[sel]
         else:
-            sel = rows[start:stop]
-            xc = x2d.index_select(0, sel)
+            sel = picked = rows[start:stop]
+            xc = x2d.index_select(0, picked)
         z = buf if (own or stop - start == size) else buf[: stop - start]
         if chunk_start is not None:
             chunk_start(sel)
-        if upcast:
+        if how.upcast_weight:
             xc = xc.to(cdt)
-        if own:
-            z = torch.mm(xc, weight_c.t()) if bias_c is None else torch.addmm(bias_c, xc, weight_c.t())
-        elif accurate and not upcast:  # the logits in fp32 from a low-precision GEMM
-            torch.mm(xc, weight.t(), out_dtype=cdt, out=z)
-            if bias is not None:
-                z.add_(bias)
-        elif xc.dtype != z.dtype:
-            z.copy_(F.linear(xc, weight, bias))
-        elif bias_c is not None:
-            torch.addmm(bias_c, xc, weight_c.t(), out=z)
-        else:
-            torch.mm(xc, weight_c.t(), out=z)
+        z = _logits_into(z, xc, weight, bias, weight_c, bias_c, how)
         if fused:  # the head scales, soft-caps and chains back itself
-            grads = head(z, sel) is not None and want
-        elif low:
-            grads = _sub_blocks(z, sel, start, rows is None, sub, head, logit_scale, softcap, work, gb) and want
+            grads = head(z, sel) is not None
+        elif how.fp32_blocks:
+            grads = _sub_blocks(z, sel, start, rows is None, how.sub_rows, head, logit_scale, softcap, work, gb)
         else:
-            grads = _sub_blocks(z, sel, start, rows is None, sub, head, logit_scale, softcap) and want
-        if not grads:
+            grads = _sub_blocks(z, sel, start, rows is None, how.sub_rows, head, logit_scale, softcap)
+        if not (grads and want):
             continue
-        if gb is not None and not low:
+        if gb is not None and not how.fp32_blocks:
             gb.add_(z.sum(0, dtype=cdt))
         dz = z
-        if z.dtype != x2d.dtype and native:
+        if z.dtype != x2d.dtype and how.native_gemms:
             dz = z.to(x2d.dtype)  # the gradient GEMMs' operand, cast once for both
         if own:
             gx = torch.mm(dz, weight_c) if grad_input else None
@@ -390,9 +473,10 @@ def run(
                 _input_grad(dz, weight_c, gx if (start == 0 and stop == n) else gx[sel])
             else:
                 _input_grad(dz, weight_c, gx_part[: stop - start])
-                gx.index_copy_(0, sel, gx_part[: stop - start])
+                gx.index_copy_(0, picked, gx_part[: stop - start])
         if gw is not None and not own:
-            _accumulate_weight_grad(gw, dz, xc, first=not written, scratch=scratch, native=native and not fused)
+            native = how.native_gemms and not fused  # a fused head's CPU run keeps the GPU's fp32 partials
+            _accumulate_weight_grad(gw, dz, xc, first=not written, scratch=scratch, native=native)
         written = True
     if not written:  # no rows, or a head that computed no gradient
         if own:
@@ -404,6 +488,48 @@ def run(
     if gx is not None and not gathered:  # sequence-parallel rows went back to their owners chunk by chunk
         reducer.sum_(gx)
     return gx, gw, gb
+
+
+class RowOutputs:
+    """A head's per-row outputs (``[N]`` each, one dtype), written block by block (``put(name, sel, value)``).
+    The one writer of the families that have per-row outputs: a block that is every row (one chunk) hands its
+    own tensor over, no copy; otherwise an output is made at its first write, zero-filled (``zeroed`` names,
+    and every output when ``rows`` leaves rows out: :func:`plan.rows_out`).  ``outs[name]`` is the output,
+    made as if written by no block when none wrote it."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device, rows: torch.Tensor | None = None, zeroed=()):
+        self.n, self.dtype, self.device, self.rows, self.zeroed = n, dtype, device, rows, zeroed
+        self.out: dict[str, torch.Tensor] = {}
+
+    def whole(self, sel) -> bool:
+        """Whether the block ``sel`` is every row (one chunk)."""
+        return isinstance(sel, slice) and sel.start == 0 and sel.stop == self.n
+
+    def pick(self, t: torch.Tensor, sel) -> torch.Tensor:
+        """Rows ``sel`` of a per-row tensor (itself when the block is every row)."""
+        return t if self.whole(sel) else t[sel]
+
+    def new(self, name: str) -> torch.Tensor:
+        """Output ``name`` made before any write (a fused head writes it itself)."""
+        if name in self.zeroed:
+            t = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        else:
+            t = rows_out(self.n, self.dtype, self.device, self.rows)
+        self.out[name] = t
+        return t
+
+    def put(self, name: str, sel, value: torch.Tensor) -> None:
+        """Output ``name``'s rows ``sel`` = ``value`` (a tensor of the head's own)."""
+        rows_of = self.out.get(name)
+        if rows_of is None:
+            if self.whole(sel):
+                self.out[name] = value if value.dtype == self.dtype else value.to(self.dtype)
+                return
+            rows_of = self.new(name)
+        rows_of[sel] = value
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.out[name] if name in self.out else self.new(name)
 
 
 # ---- reductions shared by the op families ---------------------------------------------------------
@@ -493,5 +619,5 @@ def grads_out(gx, gw, gb, input: torch.Tensor, weight: torch.Tensor, bias: torch
     return [
         None if gx is None else (gx if gx.shape == shape else gx.view(shape)),
         gw if (gw is None or gw.dtype == weight.dtype) else gw.to(weight.dtype),
-        gb if (gb is None or gb.dtype == bias.dtype) else gb.to(bias.dtype),
+        gb if (gb is None or bias is None or gb.dtype == bias.dtype) else gb.to(bias.dtype),
     ]

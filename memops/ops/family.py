@@ -41,7 +41,7 @@ def donate(output: Tensor) -> None:
     """For the Python front ends only, right after the op call: the caller never sees the op's gradient
     outputs, so backward may hand them to autograd scaled in place (:func:`take_precomputed`)."""
     if plain_eager(output) and output.grad_fn is not None:
-        output.grad_fn.donated = True  # the autograd node is the op's ``ctx``
+        output.grad_fn.donated = True  # type: ignore[attr-defined]  # the autograd node is the op's ``ctx``
 
 
 def take_precomputed(ctx, grad_loss: Tensor, need: Sequence[bool]) -> tuple | None:
@@ -82,7 +82,8 @@ Gradients = Callable[[Args, list, list], list]
 
 def _flat(tensors: Sequence) -> tuple[list, list]:
     """Tensors to save (``Tensor[]`` inputs spread out) and, per input, its list length or None."""
-    flat, layout = [], []
+    flat: list = []
+    layout: list[int | None] = []
     for t in tensors:
         if isinstance(t, (list, tuple)):
             flat.extend(t)
@@ -276,7 +277,7 @@ def forward_tangents(spec: Spec, ctx, tangents: Sequence) -> tuple:
     for g, t, n in zip(grads, tans, need):
         if n:
             total = total + (g.to(cdt) * t.to(cdt)).sum()
-    out = [None] * (len(spec.outputs) + (len(slots) if spec.forward_grads else 0))
+    out: list[Tensor | None] = [None] * (len(spec.outputs) + (len(slots) if spec.forward_grads else 0))
     out[live[0]] = total
     return tuple(out)
 

@@ -39,6 +39,7 @@ def grpo_token_loss(logp: Tensor, adv: Tensor, old: Tensor | None, ref: Tensor |
         temps = torch.where(adv > 0, a.sapo_temperature_pos, a.sapo_temperature_neg)
         loss = -(torch.sigmoid(temps * (coef_1 - 1)) * 4 / temps) * adv
     if a.beta != 0:
+        assert ref is not None, "beta != 0 needs ref_logprobs (checked by the spec)"
         kl = torch.exp(ref - logp) - (ref - logp) - 1
         if a.use_bias_correction_kl:
             kl = kl * coef_1
@@ -126,11 +127,11 @@ def chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
         return outputs(logp, ent, gx, gw, gb)
     bad = torch.zeros_like(masked)
 
-    def probe(sel, logp, ent):  # forward only: which masked tokens have a gradient after all
+    def mark(sel, logp, ent):  # forward only: which masked tokens have a gradient after all
         bad[sel] = (c1_of(sel, logp) != 0) | logp.isnan()
         return None
 
-    run(coef=probe, need=(False, False, False), rows=rows.probe, out=(logp, ent))
+    run(coef=mark, need=(False, False, False), rows=rows.probe, out=(logp, ent))
     again = bad.nonzero().squeeze(1)  # the one sync after a probe
     if again.numel():
         _, _, *extra = run(coef=coef, need=need, rows=again, out=(logp, ent))

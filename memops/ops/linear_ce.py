@@ -42,6 +42,143 @@ def target_weights(a: Args, t1d: Tensor, valid: Tensor, reducer: Reducer = LOCAL
     return cw, rows, total
 
 
+class _Head:
+    """One call's cross-entropy head: the per-call facts every block reads, computed once, and the per-block
+    math (:meth:`classes` for class-index targets, :meth:`probabilities` for probability targets).  Formulas:
+    :func:`chunks`."""
+
+    def __init__(
+        self, x2d, weight, t1d, upstream, need, a: Args, rows, reducer, top1, valid, weights, probs, lse_up, index
+    ):
+        n = x2d.shape[0]
+        self.a, self.reducer, self.top1, self.probs, self.lse_upstream = a, reducer, top1, probs, lse_up
+        self.vocab = reducer.vocab_of(weight)
+        self.cdt = cdt = engine.compute_dtype(x2d.dtype)
+        # the per-row outputs "loss" (0 where the plan skips rows) and "lse"
+        self.outs = engine.RowOutputs(n, cdt, x2d.device, rows, zeroed=("loss",))
+        self.cw, self.wt_all, self.w_total = weights
+        self.gt = None  # the probability target's gradient [N, V], when asked for
+        if probs is not None:
+            valid_all = torch.ones(n, dtype=torch.bool, device=x2d.device)
+            if upstream is not None and need[2]:
+                self.gt = torch.empty(probs.shape, dtype=cdt, device=x2d.device)
+        else:  # per-row target facts (a block indexes them by its rows)
+            self.t_all = t1d.long()
+            valid_all = self.t_all != a.ignore_index if valid is None else valid
+            # the target's row in this weight (targets were range-checked: in one process every valid one is)
+            if reducer is LOCAL and index is not None:
+                self.mine_all, safe = valid_all, index.long()
+            else:
+                self.mine_all, safe = reducer.owned_valid(self.t_all, valid_all, weight.shape[0])
+            self.safe_all = safe.unsqueeze(1)
+        self.valid_all = valid_all
+        self.coef_all = None if upstream is None else engine.row_coef(upstream, slice(None), valid_all)
+        if lse_up is not None and self.coef_all is None:  # only the lse's gradient: the loss's factor is 0
+            self.coef_all = torch.zeros(n, dtype=cdt, device=x2d.device)
+
+    def softmax_stats(self, z: Tensor) -> Tensor:
+        """z <- exp(z - rowmax) in place (the max reduced across the group); returns the row max ``[n]``."""
+        zmax = z.amax(dim=1, keepdim=True)
+        self.reducer.max_(zmax)
+        z.sub_(zmax).exp_()
+        return zmax.squeeze(1)
+
+    def finish(self, zmax: Tensor, total: Tensor, sel) -> Tensor:
+        """The lse for the loss; the "lse" output gets the lse as torch.logsumexp gives it.  A row whose max
+        is not finite (+-inf, NaN) has a NaN sum of exponentials (``inf - inf`` in ``z - zmax``): there
+        log_softmax, hence the loss and its gradient, is NaN, while torch.logsumexp answers the row max.
+        Elsewhere the sum is at least 1 (the max's own term), so the lse is at least the max: ``fmax`` (which
+        takes the other operand for a NaN one) gives both cases in one op."""
+        lse = zmax + total.log()
+        self.outs.put("lse", sel, torch.fmax(lse, zmax))
+        return lse
+
+    def probabilities(self, z: Tensor, sel):
+        cw, vocab, eps, zl = self.cw, self.vocab, self.a.label_smoothing, self.a.z_loss
+        # this block's targets (a copy: the user's tensor is never written): q = (1 - eps) p + eps / V, times w
+        u = self.probs[sel].to(self.cdt, copy=isinstance(sel, slice))
+        if eps:
+            u.mul_(1.0 - eps).add_(eps / vocab)
+        if cw is not None:
+            u.mul_(cw)
+        u_sum, uz = u.sum(dim=1), (u * z).sum(dim=1)
+        gt_block = None
+        if self.gt is not None:  # d loss / d p = coef (1 - eps) w (lse - z): z kept first
+            gt_block = self.gt[sel]
+            gt_block.copy_(z)
+        zmax = self.softmax_stats(z)
+        total = z.sum(dim=1)
+        lse = self.finish(zmax, total, sel)
+        loss = lse * u_sum - uz
+        if zl:
+            loss = loss + zl * lse.square()
+        self.outs.put("loss", sel, loss)
+        if self.coef_all is None:
+            return None
+        coef = self.coef_all[sel]
+        if gt_block is not None and self.gt is not None:
+            gt_block.sub_(lse.unsqueeze(1)).mul_((coef * (eps - 1.0)).unsqueeze(1))
+            if cw is not None:
+                gt_block.mul_(cw)
+            if not isinstance(sel, slice):
+                self.gt[sel] = gt_block
+        grow = u_sum + 2.0 * zl * lse if zl else u_sum
+        srow = coef * grow if self.lse_upstream is None else coef * grow + self.lse_upstream[sel]
+        z.mul_((srow / total).unsqueeze(1))
+        return z.sub_(u.mul_(coef.unsqueeze(1)))
+
+    def classes(self, z: Tensor, sel):
+        a, cw, vocab, reducer, pick = self.a, self.cw, self.vocab, self.reducer, self.outs.pick
+        eps, zl = a.label_smoothing, a.z_loss
+        valid, safe = pick(self.valid_all, sel), pick(self.safe_all, sel)
+        z_target = z.gather(1, safe).squeeze(1)
+        if reducer is not LOCAL:  # summed over the group: the shards that do not hold the target add 0
+            z_target = torch.where(self.mine_all[sel], z_target, 0.0)
+        # the smoothing term's sum_c w_c z_c (w = 1 without class weights)
+        z_sum = (z.sum(dim=1) if cw is None else z @ cw) if eps else None
+        if self.top1 is not None:  # the first maximum, as argmax: a tie with an earlier token is not top-1
+            self.top1[sel] = valid & (z.argmax(dim=1) == self.t_all[sel])
+        zmax = self.softmax_stats(z)
+        total = z.sum(dim=1)
+        reducer.sum_(total, z_target, z_sum)
+        lse = self.finish(zmax, total, sel)
+        wt = None if self.wt_all is None else pick(self.wt_all, sel)
+        loss = lse - z_target  # an ignored row's (a stand-in target's) is masked below
+        if wt is not None:
+            loss = wt * loss
+        if eps:
+            smooth = (lse - z_sum / vocab) if cw is None else (self.w_total * lse - z_sum) / vocab
+            loss = (1.0 - eps) * loss + eps * smooth
+        if zl:
+            loss = loss + zl * (lse.square() if wt is None else wt * lse.square())
+        self.outs.put("loss", sel, torch.where(valid, loss, 0.0))
+        if self.coef_all is None:
+            return None
+        coef = pick(self.coef_all, sel)
+        # d loss / d z = coef * [softmax * g - eps / V * w - (1 - eps) w_t onehot]
+        if wt is None:
+            g = 1.0 + 2.0 * zl * lse if zl else None
+        else:
+            g = (1.0 - eps) * wt + (eps / vocab) * self.w_total
+            if zl:
+                g = g + 2.0 * zl * wt * lse
+        row = coef if g is None else coef * g
+        if self.lse_upstream is not None:
+            row = row + self.lse_upstream[sel]
+        z.mul_((row / total).unsqueeze(1))
+        if eps:
+            if cw is None:
+                z.sub_((coef * (eps / vocab)).unsqueeze(1))
+            else:
+                z.sub_((coef * (eps / vocab)).unsqueeze(1) * cw)
+        onehot = coef * (eps - 1.0) if eps else coef.neg()  # 0 at ignored rows (coef is)
+        if wt is not None:
+            onehot = onehot * wt
+        if reducer is not LOCAL:
+            onehot = torch.where(self.mine_all[sel], onehot, 0.0)
+        return z.scatter_add_(1, safe, onehot.unsqueeze(1))
+
+
 def chunks(
     x2d,
     weight,
@@ -88,165 +225,11 @@ def chunks(
         loss = lse sum_c u_c - sum_c u_c z_c + zl lse^2
         d loss / d z = softmax (sum_c u_c + 2 zl lse) - u
     """
-    n = x2d.shape[0]
-    local = weight.shape[0]
-    vocab = reducer.vocab_of(weight)
-    cdt = engine.compute_dtype(x2d.dtype)
-    # the per-row outputs "loss" and "lse" ([N], compute dtype): made by the first block that writes them (that
-    # block's own result when it is every row: one chunk), zero where the plan skips rows
-    out: dict[str, Tensor] = {}
-
-    def new_rows(name: str) -> Tensor:
-        if name == "loss":
-            return torch.zeros(n, dtype=cdt, device=x2d.device)
-        return plan.rows_out(n, cdt, x2d.device, rows)
-
-    eps, zl, ignore = a.label_smoothing, a.z_loss, a.ignore_index
-    cw, wt_all, w_total = weights
-    gt = None  # the probability target's gradient [N, V], when asked for
-    if probs is not None:
-        valid_all = torch.ones(n, dtype=torch.bool, device=x2d.device)
-        if upstream is not None and need[2]:
-            gt = torch.empty(probs.shape, dtype=cdt, device=x2d.device)
-    else:
-        # per-row target facts, once per call (a head indexes them by its rows)
-        t_all = t1d.long()
-        valid_all = t_all != ignore if valid is None else valid
-        # the target's row in this weight (targets were range-checked: in one process every valid one is)
-        if reducer is LOCAL and index is not None:
-            mine_all, safe_all = valid_all, index.long()
-        else:
-            mine_all, safe_all = reducer.owned_valid(t_all, valid_all, local)
-        safe_all = safe_all.unsqueeze(1)
-    coef_all = None if upstream is None else engine.row_coef(upstream, slice(None), valid_all)
-    if lse_upstream is not None and coef_all is None:
-        coef_all = torch.zeros(n, dtype=cdt, device=x2d.device)
-        upstream = coef_all
-
-    def softmax_stats(z: Tensor):
-        """z <- exp(z - rowmax) in place (the max reduced across the group); returns the row max ``[n]``."""
-        zmax = z.amax(dim=1, keepdim=True)
-        reducer.max_(zmax)
-        z.sub_(zmax).exp_()
-        return zmax.squeeze(1)
-
-    def finish(zmax, total, sel):
-        """The lse for the loss; the "lse" output gets the lse as torch.logsumexp gives it.  A row whose max
-        is not finite (+-inf, NaN) has a NaN sum of exponentials (``inf - inf`` in ``z - zmax``): there
-        log_softmax, hence the loss and its gradient, is NaN, while torch.logsumexp answers the row max.
-        Elsewhere the sum is at least 1 (the max's own term), so the lse is at least the max: ``fmax`` (which
-        takes the other operand for a NaN one) gives both cases in one op."""
-        lse = zmax + total.log()
-        put("lse", sel, torch.fmax(lse, zmax))
-        return lse
-
-    def whole(sel) -> bool:
-        """Whether the block is every row (one chunk)."""
-        return isinstance(sel, slice) and sel.start == 0 and sel.stop == n
-
-    def pick(t: Tensor, sel) -> Tensor:
-        """Rows ``sel`` of a per-row tensor (itself when the block is every row)."""
-        return t if whole(sel) else t[sel]
-
-    def put(name: str, sel, value: Tensor) -> None:
-        """Output ``name``'s rows ``sel`` = ``value`` (a tensor of the head's own)."""
-        rows_of = out.get(name)
-        if rows_of is None:
-            if whole(sel):
-                out[name] = value
-                return
-            rows_of = out[name] = new_rows(name)
-        rows_of[sel] = value
-
-    def prob_head(z: Tensor, sel):
-        # this block's targets (a copy: the user's tensor is never written): q = (1 - eps) p + eps / V, times w
-        u = probs[sel].to(cdt, copy=isinstance(sel, slice))
-        if eps:
-            u.mul_(1.0 - eps).add_(eps / vocab)
-        if cw is not None:
-            u.mul_(cw)
-        u_sum, uz = u.sum(dim=1), (u * z).sum(dim=1)
-        gt_block = None
-        if gt is not None:  # d loss / d p = coef (1 - eps) w (lse - z): z kept first
-            gt_block = gt[sel]
-            gt_block.copy_(z)
-        zmax = softmax_stats(z)
-        total = z.sum(dim=1)
-        lse = finish(zmax, total, sel)
-        loss = lse * u_sum - uz
-        if zl:
-            loss = loss + zl * lse.square()
-        put("loss", sel, loss)
-        if upstream is None:
-            return None
-        coef = coef_all[sel]
-        if gt_block is not None:
-            gt_block.sub_(lse.unsqueeze(1)).mul_((coef * (eps - 1.0)).unsqueeze(1))
-            if cw is not None:
-                gt_block.mul_(cw)
-            if not isinstance(sel, slice):
-                gt[sel] = gt_block
-        grow = u_sum + 2.0 * zl * lse if zl else u_sum
-        srow = coef * grow if lse_upstream is None else coef * grow + lse_upstream[sel]
-        z.mul_((srow / total).unsqueeze(1))
-        return z.sub_(u.mul_(coef.unsqueeze(1)))
-
-    def head(z: Tensor, sel):
-        valid, safe = pick(valid_all, sel), pick(safe_all, sel)
-        z_target = z.gather(1, safe).squeeze(1)
-        if reducer is not LOCAL:  # summed over the group: the shards that do not hold the target add 0
-            z_target = torch.where(mine_all[sel], z_target, 0.0)
-        # the smoothing term's sum_c w_c z_c (w = 1 without class weights)
-        z_sum = (z.sum(dim=1) if cw is None else z @ cw) if eps else None
-        if top1 is not None:  # the first maximum, as argmax: a tie with an earlier token is not top-1
-            top1[sel] = valid & (z.argmax(dim=1) == t_all[sel])
-        zmax = softmax_stats(z)
-        total = z.sum(dim=1)
-        reducer.sum_(total, z_target, z_sum)
-        lse = finish(zmax, total, sel)
-        wt = None if wt_all is None else pick(wt_all, sel)
-        loss = lse - z_target  # an ignored row's (a stand-in target's) is masked below
-        if wt is not None:
-            loss = wt * loss
-        if eps:
-            smooth = (lse - z_sum / vocab) if cw is None else (w_total * lse - z_sum) / vocab
-            loss = (1.0 - eps) * loss + eps * smooth
-        if zl:
-            loss = loss + zl * (lse.square() if wt is None else wt * lse.square())
-        put("loss", sel, torch.where(valid, loss, 0.0))
-        if upstream is None:
-            return None
-        coef = pick(coef_all, sel)
-        # d loss / d z = coef * [softmax * g - eps / V * w - (1 - eps) w_t onehot]
-        if wt is None:
-            g = 1.0 + 2.0 * zl * lse if zl else None
-        else:
-            g = (1.0 - eps) * wt + (eps / vocab) * w_total
-            if zl:
-                g = g + 2.0 * zl * wt * lse
-        row = coef if g is None else coef * g
-        if lse_upstream is not None:
-            row = row + lse_upstream[sel]
-        z.mul_((row / total).unsqueeze(1))
-        if eps:
-            if cw is None:
-                z.sub_((coef * (eps / vocab)).unsqueeze(1))
-            else:
-                z.sub_((coef * (eps / vocab)).unsqueeze(1) * cw)
-        onehot = coef * (eps - 1.0) if eps else coef.neg()  # 0 at ignored rows (coef is)
-        if wt is not None:
-            onehot = onehot * wt
-        if reducer is not LOCAL:
-            onehot = torch.where(mine_all[sel], onehot, 0.0)
-        return z.scatter_add_(1, safe, onehot.unsqueeze(1))
-
-    if probs is not None:
-        head = prob_head
-    accurate = a.precision == "accurate"
-    fused = reducer is LOCAL and cw is None and probs is None and lse_upstream is None and triton_heads.wanted(x2d)
+    ce = _Head(x2d, weight, t1d, upstream, need, a, rows, reducer, top1, valid, weights, probs, lse_upstream, index)
+    head = ce.classes if probs is None else ce.probabilities
+    fused = reducer is LOCAL and ce.cw is None and probs is None and lse_upstream is None and triton_heads.wanted(x2d)
     if fused:  # the same head in one Triton kernel per chunk
-        out.update(loss=new_rows("loss"), lse=new_rows("lse"))
-        head = triton_heads.ce(t1d, coef_all, a, out["loss"], out["lse"], top1)
+        head = triton_heads.ce(t1d, ce.coef_all, a, ce.outs.new("loss"), ce.outs.new("lse"), top1)
     gx, gw, gb = engine.run(
         x2d,
         weight,
@@ -261,11 +244,9 @@ def chunks(
         rows=rows,
         fused=fused,
         reducer=reducer,
-        accurate=accurate,
+        accurate=a.precision == "accurate",
     )
-    loss_rows = out["loss"] if "loss" in out else new_rows("loss")  # no rows: nothing was written
-    lse_rows = out["lse"] if "lse" in out else new_rows("lse")
-    return loss_rows, lse_rows, gx, gw, gb, gt
+    return ce.outs["loss"], ce.outs["lse"], gx, gw, gb, ce.gt
 
 
 def _grads_out(gx, gw, gt, gb, a: Args) -> list:

@@ -106,7 +106,7 @@ def chunks(
         reducer.max_(zmax)
         z.sub_(zmax)  # z <- s = z - rowmax
         s_t = z.gather(1, t).squeeze(1)
-        if not local:  # summed over the group: the shards that do not hold the target add 0
+        if mine_all is not None:  # summed over the group: the shards that do not hold the target add 0
             s_t = torch.where(mine_all[sel], s_t, 0.0)
         if entropy:
             e = torch.exp(z)
@@ -118,7 +118,7 @@ def chunks(
         reducer.sum_(total, s_t, ez, e_sq, z_sum)
         log_total = total.log()
         ent = None
-        if entropy:
+        if ez is not None:  # the entropy asked for
             ent = log_total - ez / total  # H = log sum e^s - sum p s
             ent_rows[sel] = ent
         if e_sq is not None:
@@ -132,6 +132,7 @@ def chunks(
             return None
         c1, c2 = c
         if c2 is not None:  # z holds s: -p * (c1 + c2 * (s - log_total + H))
+            assert ent is not None, "an entropy coefficient needs the entropy"
             z.add_((ent - log_total).unsqueeze(1)).mul_(c2.unsqueeze(1))
             if c1 is not None:
                 z.add_(c1.unsqueeze(1))
@@ -141,7 +142,7 @@ def chunks(
                 z.copy_(e)
             z.mul_((-c1 / total).unsqueeze(1))
         if c1 is not None:
-            z.scatter_add_(1, t, (c1 if local else torch.where(mine_all[sel], c1, 0.0)).unsqueeze(1))
+            z.scatter_add_(1, t, (c1 if mine_all is None else torch.where(mine_all[sel], c1, 0.0)).unsqueeze(1))
         return z.mul_(inv_t) if in_head else z
 
     fused = local and triton_heads.wanted(x2d)

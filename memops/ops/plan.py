@@ -72,7 +72,7 @@ def bounded(
         # a NaN never wins a max reliably across backends: reduce it as +inf (the bound fails either way)
         both = torch.stack(maxima).nan_to_num(nan=torch.inf)
         reducer.max_(both)
-        maxima = both.unbind()
+        maxima = list(both.unbind())
     xm, wm, bm = maxima
     bound = abs(logit_scale) * (x2d.shape[1] * xm * wm + bm)
     ok = bound < torch.finfo(x2d.dtype).max / 4  # also False for NaN / inf

@@ -72,7 +72,7 @@ def process_group(name: str):
     """The process group an op's ``group_name`` argument names."""
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    return _resolve_process_group(name)
+    return _resolve_process_group(name)  # type: ignore[arg-type]  # GroupName is a str at run time
 
 
 def all_reduce(t: Tensor, op: str, group) -> Tensor:
@@ -131,7 +131,7 @@ class GroupReducer(Reducer):
         top, any_nan = torch.where(nan, torch.inf, v), nan.to(v.dtype)
         self.max_(top, any_nan)
         win = torch.where(any_nan > 0, nan, (v == top) & ~nan)
-        return all_reduce(torch.where(win, idx + self.start, self.vocab), "min", self.group)
+        return all_reduce(torch.where(win, idx + self.start, int(self.vocab or 0)), "min", self.group)
 
     def owned(self, t: Tensor, local: int) -> tuple[Tensor | None, Tensor]:
         mine = (t >= self.start) & (t < self.start + local)
@@ -169,8 +169,8 @@ def _check_tiling(group, vocab_start: int, vocab_size: int, local: int, device) 
     everyone = gathered.tolist()
     spans = sorted((s, s + n) for s, n, _ in everyone)
     sizes = {v for _, _, v in everyone}
-    tiled = spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] in sizes
-    if len(sizes) != 1 or not tiled:
+    tiles = spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] in sizes
+    if len(sizes) != 1 or not tiles:
         raise ValueError(
             f"vocab shards do not tile the vocabulary: (vocab_start, rows, vocab_size) per rank = "
             f"{everyone}; each rank must hold a distinct contiguous slice and all must agree on "
@@ -332,7 +332,7 @@ def _whole(a: Args):
     for name in _ROW_INPUTS:
         t = getattr(a, name, None)
         if t is not None:
-            values[name] = Gathered(t.reshape(n, t.shape[-1]), group, sizes, t.shape)
+            values[name] = Gathered(t.reshape(n, t.shape[-1]), group, sizes, t.shape)  # type: ignore[assignment]
     return a.replace(**values), sum(sizes[: torch.distributed.get_rank(group)]), n
 
 

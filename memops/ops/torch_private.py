@@ -197,7 +197,7 @@ def register_private(
             return kernel(*args)
         return op.redispatch(keyset & below, *args)
 
-    class Fn(_private_function_base()):
+    class Fn(_private_function_base()):  # type: ignore[misc]  # a base class chosen at run time
         # forward / setup_context kept apart: what torch.func's transforms (grad, vjp, jvp) need
         @staticmethod
         def forward(keyset, layout, rest, *flat_args):  # rest: the non-tensor arguments, as one tuple

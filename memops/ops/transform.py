@@ -15,6 +15,7 @@ time; nobody writes a derivative.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -47,9 +48,11 @@ def chunks(x2d, t1d, e2d, upstream: Tensor | None, need, a: Args):
     tf, options, ignore = get_transform(a.transform), decode_options(a.options), a.ignore_index
     n = x2d.shape[0]
     cdt = engine.compute_dtype(x2d.dtype)
-    loss_rows = torch.zeros(n, dtype=cdt, device=x2d.device)
+    outs = engine.RowOutputs(n, cdt, x2d.device, zeroed=("loss",))
     need_extra = list(need[3:])
-    gextras = [torch.zeros(e.shape, dtype=e.dtype, device=e.device) if ne else None for e, ne in zip(e2d, need_extra)]
+    gextras: list[Any] = [
+        torch.zeros(e.shape, dtype=e.dtype, device=e.device) if ne else None for e, ne in zip(e2d, need_extra)
+    ]
     diff = [i for i, ne in enumerate(need_extra) if ne]
 
     def head(z: Tensor, sel):
@@ -60,7 +63,7 @@ def chunks(x2d, t1d, e2d, upstream: Tensor | None, need, a: Args):
         n_rows = z.shape[0]
         if upstream is None:
             out = _check_rows(tf.name, tf.fn(z, safe, *rows, **options), n_rows)
-            loss_rows[sel] = torch.where(valid, out, 0.0)
+            outs.put("loss", sel, torch.where(valid, out, 0.0))
             return None
 
         coef = engine.row_coef(upstream, sel, valid)
@@ -70,14 +73,14 @@ def chunks(x2d, t1d, e2d, upstream: Tensor | None, need, a: Args):
             for i, leaf in zip(diff, leaves[1:]):
                 args[i] = leaf
             out = _check_rows(tf.name, tf.fn(leaves[0], safe, *args, **options), n_rows)
-            grads = (
+            raw = (
                 torch.autograd.grad(out, leaves, coef.to(out.dtype), allow_unused=True)
                 if out.requires_grad
                 else [None] * len(leaves)
             )  # a transform constant in its inputs
-        grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
+        grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(raw, leaves)]
         out = out.detach()
-        loss_rows[sel] = torch.where(valid, out, 0.0)
+        outs.put("loss", sel, torch.where(valid, out, 0.0))
         for i, g in zip(diff, grads[1:]):
             gextras[i][sel] = g
         return grads[0]
@@ -99,7 +102,7 @@ def chunks(x2d, t1d, e2d, upstream: Tensor | None, need, a: Args):
         rows=rows,
         accurate=a.precision == "accurate",
     )
-    return loss_rows, [*engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias), *gextras]
+    return outs["loss"], [*engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias), *gextras]
 
 
 def forward(a: Args, need: list) -> tuple:
@@ -156,19 +159,22 @@ def linear_loss(
     extras = tuple(extras)
     if transform == "cross_entropy" and not extras and set(options) <= {"label_smoothing"}:
         # the hand-written fused head computes the same thing with less elementwise work
-        return linear_cross_entropy(
-            input,
-            weight,
-            target,
-            bias,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            num_items=num_items,
-            chunk_size=chunk_size,
-            precision=precision,
-            softcap=softcap,
-            logit_scale=logit_scale,
-            **options,
+        return cast(
+            Tensor,
+            linear_cross_entropy(
+                input,
+                weight,
+                target,
+                bias,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                num_items=num_items,
+                chunk_size=chunk_size,
+                precision=precision,
+                softcap=softcap,
+                logit_scale=logit_scale,
+                **options,
+            ),
         )
     check_transform_options(transform, options)
     loss, _ = SPEC.call(

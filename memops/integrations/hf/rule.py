@@ -33,6 +33,7 @@ import functools
 import inspect
 import textwrap
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -217,8 +218,8 @@ class _Reader:
             return
         for g in guards:  # ``if (cap := self.config....final_logit_softcapping) is not None:``
             for n in ast.walk(g):
-                if isinstance(n, ast.NamedExpr) and (self_path(n.value) or "").endswith(_CAPS):
-                    self.caps[n.target.id] = self_path(n.value)
+                if isinstance(n, ast.NamedExpr) and (cap := self_path(n.value)) and cap.endswith(_CAPS):
+                    self.caps[n.target.id] = cap
         names = _names(stmt)
         if isinstance(stmt, ast.Expr) and not names & {"logits", "loss", "labels"}:
             return  # a docstring, or a call that touches nothing the loss reads
@@ -485,7 +486,8 @@ def delegated(model, path: LossPath):
         return model, path
     inner = resolve(model, path.delegate)
     try:
-        inner_path = read(type(inner))
+        inner_cls: Any = type(inner)
+        inner_path = read(inner_cls)
     except Refused as exc:
         raise Refused(exc.step, f"its inner model {path.delegate} ({type(inner).__name__}): {exc.why}") from None
     if inner_path.delegate is not None:
@@ -501,6 +503,8 @@ def ignores_labels(module_cls) -> bool:
         fn = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
     except (OSError, TypeError, SyntaxError):
         return False
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return False
     body = fn.body[1:] if fn.body and isinstance(fn.body[0], ast.Expr) else fn.body  # less the docstring
     return all("labels" not in _names(stmt) for stmt in body)
 
@@ -508,7 +512,7 @@ def ignores_labels(module_cls) -> bool:
 IMAGE_TEXT = ":image-text"  # an entry's suffix: the image-text-to-text class of a type whose causal LM is another
 
 
-def model_class(entry: str):
+def model_class(entry: str) -> Any:  # a transformers model class
     """The causal-LM class transformers maps a model type to (image-text-to-text when it has none); for
     ``"<type>:image-text"`` the type's image-text-to-text class (a vision-language model whose text-only causal
     LM is another class, Qwen3.5's say)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ from .rule import IMAGE_TEXT, model_class  # noqa: F401  (callers use tiny.model
 VOCAB = 97
 MAX_PARAMS = 4_000_000
 # size arguments by the names config classes use for them
-SMALL = dict(
+SMALL: dict[str, Any] = dict(
     vocab_size=VOCAB,
     hidden_size=32,
     n_embd=32,
@@ -156,7 +157,7 @@ def _per_layer(defaults: dict, small: dict, keep_last: bool = False) -> dict:
     keep = list(range(new)) if new else []
     if keep_last and old and new and old > new:
         keep = [*range(new - 1), old - 1]
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in defaults.items():
         if key in small:
             continue  # given small explicitly (Mllama's intermediate_layers_indices)
@@ -188,7 +189,7 @@ def _per_layer(defaults: dict, small: dict, keep_last: bool = False) -> dict:
 # (ZAYA takes no other); no layers sharing another's KV cache (Gemma 3n: with two layers, no full-attention
 # layer produces one); rotary parameters for each layer type where the default config leaves them empty
 # (Cohere Compass)
-VARIANTS = (
+VARIANTS: tuple[dict[str, Any], ...] = (
     {},
     {"num_key_value_heads": SMALL["num_attention_heads"]},
     {"keep_last_layer": True},
@@ -558,6 +559,7 @@ def outcome(model_type: str) -> tuple[str, str, dict]:
         if status != "unbuildable":
             return status, reason, overrides
         first = first or (status, reason, overrides)
+    assert first is not None  # VARIANTS is not empty
     return first  # unbuildable every way: the reason the default build gave
 
 
