@@ -234,6 +234,12 @@ def native_gemm(dtype: torch.dtype, device: torch.device) -> bool:
     return mode == "native" or (mode == "auto" and fast_cpu_gemm(dtype))
 
 
+def chunk_budget(device: torch.device) -> int:
+    """The bytes one chunk's work buffers may take on ``device``: the budget set (:func:`set_chunk_budget`,
+    :func:`chunking`), else :func:`default_budget`'s."""
+    return _settings.budget_bytes or default_budget(device)
+
+
 def default_budget(device: torch.device) -> int:
     """Bytes one chunk's work buffers may take when no budget is set.
 
@@ -281,7 +287,7 @@ def chunk_rows(
     elif _settings.chunk_size is not None:
         rows = _settings.chunk_size
     else:
-        budget = _settings.budget_bytes or default_budget(device)
+        budget = chunk_budget(device)
         work = 8 if dtype == torch.float64 else 4
         logit_bytes = dtype.itemsize if fused else work + (dtype.itemsize if dtype.itemsize != work else 0)
         per_row = logit_rows * vocab * logit_bytes + 2 * hidden * dtype.itemsize

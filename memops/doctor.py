@@ -190,7 +190,7 @@ def chunk_plan(tokens: int, hidden: int, vocab: int, dtype: str, device: str) ->
     from . import config
 
     dt = getattr(torch, dtype)
-    budget = config._settings.budget_bytes or config.default_budget(torch.device(device))
+    budget = config.chunk_budget(torch.device(device))
     plans = {}
     for name, fused in (("torch heads", False), ("Triton heads", True)):
         if fused and not device.startswith("cuda"):
