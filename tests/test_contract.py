@@ -114,9 +114,16 @@ def _transform(n, g):
     )
 
 
+def _kept(t, g):
+    """A sampling mask: 3 kept ids per token, -1 padding and duplicates among them."""
+    mask = torch.randint(-1, V, (*t.shape, 3), generator=g)
+    mask[..., 2] = mask[..., 1]
+    return mask
+
+
 def _logprobs(n, g):
     x, w, b, t = _base(n, g)
-    return (x, w, t, b, 0.8, 1.3, 2.5, True, True, True, True, 3, "accurate")
+    return (x, w, t, b, _kept(t, g), 0.8, 1.3, 2.5, True, True, True, True, 3, "accurate", "kept")
 
 
 def _grpo(n, g):
@@ -142,9 +149,10 @@ def _grpo(n, g):
         3,
         True,
         "reference",
+        "full",
         [True, True, True],
     )
-    return (x, w, t, b, tw, adv, old, ref, ent_w, *opts)
+    return (x, w, t, b, tw, adv, old, ref, ent_w, _kept(t, g), *opts)
 
 
 def _distill(n, g):

@@ -35,6 +35,22 @@ from .reducer import LOCAL, Reducer, reducer_of
 Coef = Callable[["slice | Tensor", Tensor, Tensor | None], tuple | None]
 
 
+def kept_set(a: Args, t1d: Tensor, vocab: int) -> Tensor | None:
+    """``sampling_mask`` as :func:`chunks` takes it: ``[N, K + 1]`` int64, each row's kept ids with its target
+    added (a target outside its row's kept set counts as kept: its log-probability stays finite), each id
+    once, -1 elsewhere; ids out of ``[-1, vocab)`` refused by name.  None without a mask."""
+    mask = a.sampling_mask
+    if mask is None:
+        return None
+    n = t1d.numel()
+    rows = mask.reshape(n, mask.shape[-1])
+    validation.check_target_range(rows, vocab, -1, "sampling_mask", "padding")
+    ids = torch.cat([rows.long(), t1d.long().reshape(n, 1)], dim=1).sort(dim=1).values
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    return ids.masked_fill_(repeat, -1)
+
+
 def chunks(
     x2d,
     weight,
@@ -54,6 +70,8 @@ def chunks(
     extras: dict | None = None,
     reducer: Reducer = LOCAL,
     accurate: bool = False,
+    kept: Tensor | None = None,
+    entropy_over: str = "full",
 ):
     """Run the head over ``x2d`` (only ``rows`` when given; see ``engine.run``), writing the per-row
     log-probs (and entropy) into ``out`` when given, else into new ``[N]`` tensors.  ``extras`` maps
@@ -67,7 +85,12 @@ def chunks(
 
     With a group ``reducer`` ``weight`` holds the vocabulary rows ``reducer.start ...``: the row max, then
     the sums (exponentials, the target logit, those of the entropy and the extras) are reduced across the
-    group once per chunk (``is_top1``: two more), and the gradients are this shard's."""
+    group once per chunk (``is_top1``: two more), and the gradients are this shard's.
+
+    ``kept`` (``[N, K]``, :func:`kept_set`): each row's kept token ids (the target among them, each once, -1
+    elsewhere): the log-probability is renormalized over them, ``z_t - logsumexp_kept(z)``, with gradient
+    ``onehot - p_kept`` on the kept ids; the entropy too with ``entropy_over="kept"``.  The kept logits'
+    maximum is reduced with the row's, their sums with the others: no extra collective per chunk."""
     n = x2d.shape[0]
     cdt = engine.compute_dtype(x2d.dtype)
     if out is None:
@@ -89,6 +112,9 @@ def chunks(
     vocab = reducer.vocab_of(weight)
     t_all = t1d.long()
     mine_all, safe_all = reducer.owned(t_all, weight.shape[0])  # the target's row in this weight
+    if kept is not None:  # each kept id's row in this weight, and whether this weight holds it
+        kown_all, kidx_all = reducer.owned_valid(kept, kept >= 0, weight.shape[0])
+    ent_kept = entropy and kept is not None and entropy_over == "kept"
 
     def head(z: Tensor, sel):
         if in_head:
@@ -103,34 +129,57 @@ def chunks(
         if "is_top1" in extras:  # the first maximum, as argmax: a tie with an earlier token is not top-1
             extras["is_top1"][sel] = reducer.first_argmax(z) == t_all[sel]
         zmax = z.amax(dim=1, keepdim=True)
-        reducer.max_(zmax)
+        zk = kmax = kown = kidx = None
+        if kept is not None:  # the kept logits and their maximum (-inf where this weight does not hold the id)
+            kown, kidx = kown_all[sel], kidx_all[sel]
+            zk = z.gather(1, kidx).masked_fill_(~kown, -torch.inf)
+            kmax = zk.amax(dim=1)
+        reducer.max_(zmax, kmax)
         z.sub_(zmax)  # z <- s = z - rowmax
         s_t = z.gather(1, t).squeeze(1)
         if mine_all is not None:  # summed over the group: the shards that do not hold the target add 0
             s_t = torch.where(mine_all[sel], s_t, 0.0)
-        if entropy:
+        full_entropy = entropy and not ent_kept
+        if full_entropy:
             e = torch.exp(z)
             total, ez = e.sum(dim=1), (e * z).sum(dim=1)
         else:
             z.exp_()
             e, total, ez = z, z.sum(dim=1), None
         e_sq = e.square().sum(dim=1) if "log_sum_sq_probs" in extras else None
-        reducer.sum_(total, s_t, ez, e_sq, z_sum)
+        ek = dk = k_total = k_ez = None
+        if zk is not None:  # exp(z_k - kmax) over the kept ids, and for the kept entropy sum p_k (z_k - kmax)
+            dk = torch.where(kown, zk - kmax.unsqueeze(1), 0.0)
+            ek = torch.where(kown, dk.exp(), 0.0)
+            k_total = ek.sum(dim=1)
+            k_ez = (ek * dk).sum(dim=1) if ent_kept else None
+        reducer.sum_(total, s_t, ez, e_sq, z_sum, k_total, k_ez)
         log_total = total.log()
         ent = None
         if ez is not None:  # the entropy asked for
             ent = log_total - ez / total  # H = log sum e^s - sum p s
             ent_rows[sel] = ent
+        log_k = None
+        if k_total is not None:
+            log_k = k_total.log()
+            if k_ez is not None:  # the entropy over the kept set
+                ent = log_k - k_ez / k_total
+                ent_rows[sel] = ent
         if e_sq is not None:
             extras["log_sum_sq_probs"][sel] = e_sq.log() - 2 * log_total
         if z_sum is not None:
             extras["mean_logits"][sel] = z_sum / vocab
-        logp = s_t - log_total
+        if log_k is None:
+            logp = s_t - log_total
+        else:  # z_t - logsumexp_kept(z) = s_t + rowmax - kmax - log sum_kept exp(z_k - kmax)
+            logp = s_t + (zmax.squeeze(1) - kmax) - log_k
         logp_rows[sel] = logp
         c = coef(sel, logp, ent) if coef is not None else None
         if c is None:
             return None
         c1, c2 = c
+        if log_k is not None:
+            return kept_grad(z, e, total, log_total, ent, t, sel, c1, c2, ek, dk, k_total, log_k, kown, kidx)
         if c2 is not None:  # z holds s: -p * (c1 + c2 * (s - log_total + H))
             assert ent is not None, "an entropy coefficient needs the entropy"
             z.add_((ent - log_total).unsqueeze(1)).mul_(c2.unsqueeze(1))
@@ -145,7 +194,29 @@ def chunks(
             z.scatter_add_(1, t, (c1 if mine_all is None else torch.where(mine_all[sel], c1, 0.0)).unsqueeze(1))
         return z.mul_(inv_t) if in_head else z
 
-    fused = local and triton_heads.wanted(x2d)
+    def kept_grad(z, e, total, log_total, ent, t, sel, c1, c2, ek, dk, k_total, log_k, kown, kidx):
+        """d/dz with a kept set: ``c1 (onehot - p_kept)`` on the kept ids, plus the entropy's term: the full
+        vocabulary's ``-c2 p (s - log_total + H)`` (z holds s) or the kept set's ``-c2 p_k (d_k - log_k +
+        H_k)``."""
+        if c2 is not None and not ent_kept:
+            assert ent is not None, "an entropy coefficient needs the entropy"
+            z.add_((ent - log_total).unsqueeze(1)).mul_(c2.unsqueeze(1)).mul_(e).mul_((-1.0 / total).unsqueeze(1))
+        else:
+            z.zero_()
+        pk = ek / k_total.unsqueeze(1)
+        sparse = None
+        if c1 is not None:
+            sparse = pk * (-c1).unsqueeze(1)
+        if c2 is not None and ent_kept:
+            term = pk * (dk - (log_k - ent).unsqueeze(1)) * (-c2).unsqueeze(1)
+            sparse = term if sparse is None else sparse.add_(term)
+        if sparse is not None:
+            z.scatter_add_(1, kidx, torch.where(kown, sparse, 0.0))
+        if c1 is not None:
+            z.scatter_add_(1, t, (c1 if mine_all is None else torch.where(mine_all[sel], c1, 0.0)).unsqueeze(1))
+        return z.mul_(inv_t) if in_head else z
+
+    fused = local and kept is None and triton_heads.wanted(x2d)
     if fused:  # the same head in Triton: one launch per chunk (two with ``coef``: forward, then gradient)
         scale = logit_scale if in_head else logit_scale * inv_t
         fused_coef = None if fixed is not None else coef
@@ -199,6 +270,8 @@ def forward(a: Args, need: list) -> tuple:
         extras=extras,
         reducer=reducer,
         accurate=a.precision == "accurate",
+        kept=kept_set(a, t1d, reducer.vocab_of(a.weight)),
+        entropy_over=a.entropy_over,
     )
     shaped = [logp, ent] + [extras.get(name) for name in EXTRAS[1:]]
     return tuple(placeholder(logp) if t is None else t.view(a.target.shape) for t in shaped), []
@@ -238,6 +311,8 @@ def gradients(a: Args, grad_outputs: list, need: list) -> list:
         softcap=a.softcap,
         reducer=reducer,
         accurate=a.precision == "accurate",
+        kept=kept_set(a, t1d, reducer.vocab_of(a.weight)),
+        entropy_over=a.entropy_over,
     )
     return engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
@@ -256,6 +331,8 @@ def linear_logprobs(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     extras: Sequence[str] = (),
+    sampling_mask: Tensor | None = None,
+    entropy_over: str = "full",
     chunk_size: int | None = None,
     precision: str | None = None,
     _parallel: Layout | None = None,
@@ -270,6 +347,12 @@ def linear_logprobs(
     ``"mean_logits"`` (mean of the tempered logits over the vocabulary), ``"is_top1"`` (the target is the
     first most likely token); then a dict is returned with ``"log_probs"``, ``"entropy"`` when asked for, and
     each extra.  Results are fp32 (fp64 for fp64 inputs); ``is_top1`` is bool.
+
+    ``sampling_mask`` (``target.shape + (K,)`` integer ids, -1 padding, duplicates allowed): the tokens the
+    sampler kept (top-k / top-p) per token.  The log-probability is then the sampler's, renormalized over the
+    kept set: ``z_t / T - logsumexp_{j kept}(z_j / T)``, gradient exact; a target outside its row's kept set
+    counts as kept.  The entropy stays over the whole vocabulary (``entropy_over="full"``) or is the kept
+    set's (``entropy_over="kept"``); the other extras are the whole vocabulary's.
     """
     extras = tuple(extras)
     unknown = sorted(set(extras) - set(EXTRAS[1:]))
@@ -286,6 +369,8 @@ def linear_logprobs(
         logit_scale=logit_scale,
         softcap=softcap,
         return_entropy=bool(return_entropy),
+        sampling_mask=sampling_mask,
+        entropy_over=entropy_over,
         chunk_size=chunk_size,
         precision=config.precision_of(precision),
         **{"return_" + name: name in extras for name in EXTRAS[1:]},
