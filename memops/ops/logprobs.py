@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -129,7 +130,11 @@ def chunks(
         if "is_top1" in extras:  # the first maximum, as argmax: a tie with an earlier token is not top-1
             extras["is_top1"][sel] = reducer.first_argmax(z) == t_all[sel]
         zmax = z.amax(dim=1, keepdim=True)
-        zk = kmax = kown = kidx = None
+        # the kept set's logits, maximum, ownership and rows in this weight: None without a sampling mask
+        zk: Any = None
+        kmax: Any = None
+        kown: Any = None
+        kidx: Any = None
         if kept is not None:  # the kept logits and their maximum (-inf where this weight does not hold the id)
             kown, kidx = kown_all[sel], kidx_all[sel]
             zk = z.gather(1, kidx).masked_fill_(~kown, -torch.inf)
