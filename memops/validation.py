@@ -9,6 +9,8 @@ tensors under torch.compile / torch.export); value checks on tensor data
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import torch
 
 from . import config
@@ -18,7 +20,7 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX = (torch.int32, torch.int64)
 
 
-def fail(msg: str) -> None:
+def fail(msg: str) -> NoReturn:
     raise ValueError(msg)
 
 

@@ -377,6 +377,7 @@ LP_OPTIONS = [
     # a sampling mask of K kept ids per token (-1 padding, duplicates): each rank sums its shard's kept ids
     dict(return_entropy=True, kept=3, temperature=0.8, softcap=2.0, chunk_size=5),
     dict(return_entropy=True, kept=7, entropy_over="kept", extras=("is_top1",)),
+    dict(return_entropy=True, kept=2, per_token_temperature=True, softcap=2.0, chunk_size=6),
 ]
 
 
@@ -393,12 +394,19 @@ def _with_kept(opts: dict, t: torch.Tensor, a: int, z: int, rank: int) -> tuple[
     tokens' rows of it padded with ``rank`` more -1 columns (every rank its own K)."""
     opts = dict(opts)
     k = opts.pop("kept", None)
-    if not k:
-        return opts, dict(opts)
-    mask = _kept_ids(t, k)
-    mine = mask[a:z]
-    mine = torch.cat([mine, mine.new_full((*mine.shape[:-1], rank), -1)], dim=-1)
-    return dict(opts, sampling_mask=mask), dict(opts, sampling_mask=mine)
+    full, mine = dict(opts), dict(opts)
+    if opts.pop("per_token_temperature", False):  # one temperature per token ([B, 1] per sequence for [B, T])
+        full.pop("per_token_temperature")
+        mine.pop("per_token_temperature")
+        shape = (t.shape[0], 1) if t.dim() == 2 else t.shape
+        temps = torch.rand(shape, generator=torch.Generator().manual_seed(19), dtype=torch.float64) + 0.4
+        full["temperature"], mine["temperature"] = temps, temps[a:z]
+    if k:
+        mask = _kept_ids(t, k)
+        own = mask[a:z]
+        full["sampling_mask"] = mask
+        mine["sampling_mask"] = torch.cat([own, own.new_full((*own.shape[:-1], rank), -1)], dim=-1)
+    return full, mine
 
 
 def _logprob_outputs(out):
@@ -518,6 +526,7 @@ GRPO_OPTIONS = [
     dict(loss_type="grpo", importance_sampling_level="sequence"),
     dict(loss_type="dapo", kept=4, temperature=0.9),
     dict(loss_type="grpo", beta=0.04, kept=2, entropy_coef=0.02, entropy_over="kept"),
+    dict(loss_type="bnpo", per_token_temperature=True, softcap=3.0),
 ]
 
 
@@ -537,7 +546,7 @@ def _grpo(x, w, b, t, lo, hi, sp, world, rank):
         if sp and opts.get("importance_sampling_level") == "sequence":
             continue  # refused with sequence parallelism (tests/test_distributed.py checks the message)
         opts, mine_kept = _with_kept(opts, ids, a, z, rank)
-        mine_kept = {k: v for k, v in mine_kept.items() if k == "sampling_mask"}
+        mine_kept = {k: v for k, v in mine_kept.items() if k in ("sampling_mask", "temperature")}
         extra = dict(old_logprobs=old, ref_logprobs=ref) if opts.get("beta") else dict(old_logprobs=old)
         hf, wf, bf = (p.clone().requires_grad_() for p in (h, w, b))
         loss, metrics = memops.linear_grpo_loss(hf, wf, ids, mask, adv, bias=bf, **extra, **opts)
@@ -545,7 +554,7 @@ def _grpo(x, w, b, t, lo, hi, sp, world, rank):
         hs = h[a:z].clone().requires_grad_()
         ws, bs = w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
         mine_extra = {k: v[a:z] for k, v in extra.items()}
-        mine_opts = {k: v for k, v in opts.items() if k != "sampling_mask"}
+        mine_opts = {k: v for k, v in opts.items() if k not in mine_kept}
         ploss, pmetrics = vocab_parallel_grpo_loss(
             hs, ws, ids[a:z], mask[a:z], adv[a:z], bias=bs, sequence_parallel=sp, **mine_extra, **mine_kept, **mine_opts
         )

@@ -112,6 +112,8 @@ def ref_linear_logprobs(
     """Per-token ``log p(target)`` and entropy of ``softmax(logits / temperature)``; with ``sampling_mask``
     the log-probability of the softmax over the kept ids (and the target), the entropy the full vocabulary's
     or (``entropy_over="kept"``) the kept set's."""
+    if isinstance(temperature, torch.Tensor):  # one per token (broadcast to the targets), after soft-capping
+        temperature = temperature.expand(target.shape).unsqueeze(-1).to(input.dtype)
     logits = ref_logits(input, weight, bias, softcap=softcap, logit_scale=logit_scale) / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)

@@ -123,7 +123,8 @@ def _kept(t, g):
 
 def _logprobs(n, g):
     x, w, b, t = _base(n, g)
-    return (x, w, t, b, _kept(t, g), 0.8, 1.3, 2.5, True, True, True, True, 3, "accurate", "kept")
+    temps = torch.rand(t.shape, generator=g) + 0.5  # a temperature per token (the option then 1)
+    return (x, w, t, b, _kept(t, g), temps, 1.0, 1.3, 2.5, True, True, True, True, 3, "accurate", "kept")
 
 
 def _grpo(n, g):
@@ -152,7 +153,7 @@ def _grpo(n, g):
         "full",
         [True, True, True],
     )
-    return (x, w, t, b, tw, adv, old, ref, ent_w, _kept(t, g), *opts)
+    return (x, w, t, b, tw, adv, old, ref, ent_w, _kept(t, g), None, *opts)
 
 
 def _distill(n, g):

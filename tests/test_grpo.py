@@ -36,6 +36,7 @@ def grpo_case(draw):
         chunk_size=draw(st.none() | st.integers(1, 40)),
         max_len=draw(st.none() | st.integers(24, 40)),
         kept=draw(st.sampled_from([None, 1, 3, 9])),  # a sampling mask of K kept ids per token
+        per_sequence_temperature=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -55,6 +56,8 @@ def _grpo_inputs(case, g):
     if case.get("kept"):
         kept = torch.randint(-1, v, (b, t, case["kept"]), generator=g)
     case["sampling_mask"] = kept
+    if case.get("per_sequence_temperature"):  # one temperature per completion, [B, 1]
+        case["temperature"] = torch.rand(b, 1, generator=g, dtype=torch.float64) + 0.4
     with torch.no_grad():
         logp, _ = ref_linear_logprobs(x, w, ids, bias, temperature=case["temperature"], sampling_mask=kept)
     # old / ref log-probs near the current ones, so some ratios fall inside and some outside the clip range
@@ -282,6 +285,7 @@ def test_opcheck_grpo_ops(dtype, lead, beta, all_logprobs):
         ref,
         None,
         torch.randint(-1, 11, (*t.shape, 3), generator=g) if beta else None,  # a sampling mask
+        torch.rand(t.shape, generator=g, dtype=cdt) + 0.5 if all_logprobs else None,  # a temperature per token
         *options,
         all_logprobs,
         "accurate",

@@ -219,6 +219,7 @@ def test_opcheck_logprobs_ops(dtype, lead):
                 t,
                 b.requires_grad_(),
                 torch.randint(-1, 11, (*lead, 3)) if ent else None,  # a sampling mask, with the kept entropy
+                torch.rand(lead, dtype=dtype) + 0.5 if ent else None,  # a temperature per token
                 0.8,
                 1.0,
                 None,
@@ -235,7 +236,7 @@ def test_opcheck_logprobs_ops(dtype, lead):
     for g2 in (None, torch.randn(t.shape)):
         args = backward_op_args(
             "linear_logprobs",
-            (x, w, t, b, None, 0.8, 0.7, 3.0, True, False, True, False, 4, "accurate", "full"),
+            (x, w, t, b, None, None, 0.8, 0.7, 3.0, True, False, True, False, 4, "accurate", "full"),
             [g1, g2],
         )
         torch.library.opcheck(torch.ops.memops.linear_logprobs_backward.default, args)
@@ -363,6 +364,7 @@ def kept_case(draw):
         softcap=draw(st.sampled_from([None, 2.0])),
         entropy_over=draw(st.sampled_from(["full", "kept"])),
         chunk_size=draw(st.none() | st.integers(1, 16)),
+        per=draw(st.sampled_from([None, "token", "sequence"])),  # a temperature tensor in place of the float
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -383,7 +385,11 @@ def test_sampling_mask_logprobs_and_entropy_match_reference(case):
     x, w, b = _params(g, case["lead"], case["d"], case["v"], case["bias"])
     target = torch.randint(0, case["v"], case["lead"], generator=g)
     mask = _kept_mask(g, case["lead"], case["v"], case["k"], case["pad"], case["dup"], case["int32"])
-    kw = dict(temperature=case["temperature"], logit_scale=case["logit_scale"], softcap=case["softcap"])
+    temperature = case["temperature"]
+    if case["per"]:  # per token, or per sequence ([B, 1]; per token for 1-D targets)
+        shape = (*case["lead"][:-1], 1) if case["per"] == "sequence" and len(case["lead"]) == 2 else case["lead"]
+        temperature = torch.rand(shape, generator=g, dtype=torch.float64) * 2 + 0.2
+    kw = dict(temperature=temperature, logit_scale=case["logit_scale"], softcap=case["softcap"])
     kept = dict(sampling_mask=mask, entropy_over=case["entropy_over"])
     logp, ent = memops.linear_logprobs(
         x, w, target, b, return_entropy=True, chunk_size=case["chunk_size"], **kw, **kept
@@ -425,6 +431,42 @@ def test_sampling_mask_keeps_far_below_the_row_max_finite():
     logp = memops.linear_logprobs(x.float(), w.float(), t, sampling_mask=mask)
     expected = 1.0 - math.log(math.exp(1.0) + math.exp(2.0))
     assert abs(logp.item() - expected) < 1e-6
+
+
+@given(logprob_case())
+def test_per_token_temperature_matches_reference(case):
+    """A temperature per token (or per sequence), with bias, soft-cap and logit scale in the unfused order,
+    against float64: log-probs, entropy and every gradient."""
+    g = torch.Generator().manual_seed(case["seed"])
+    x, w, b = _params(g, case["lead"], case["d"], case["v"], case["bias"], needs=case["needs"])
+    target = torch.randint(0, case["v"], case["lead"], generator=g)
+    lead = case["lead"]
+    shape = (*lead[:-1], 1) if (len(lead) == 2 and case["seed"] % 2) else lead
+    temperature = torch.rand(shape, generator=g, dtype=torch.float64) * 3 + 0.05
+    kw = dict(temperature=temperature, logit_scale=case["logit_scale"], softcap=case["softcap"])
+    logp, ent = memops.linear_logprobs(x, w, target, b, return_entropy=True, chunk_size=case["chunk_size"], **kw)
+    ref_logp, ref_ent = ref_linear_logprobs(x, w, target, b, **kw)
+    _close(logp, ref_logp, "logprobs, a temperature per token")
+    _close(ent, ref_ent, "entropy, a temperature per token")
+    g1 = torch.randn(target.shape, generator=g, dtype=torch.float64)
+    g2 = torch.randn(target.shape, generator=g, dtype=torch.float64)
+    _same_grads((logp * g1 + ent * g2).sum(), (ref_logp * g1 + ref_ent * g2).sum(), (x, w, b))
+
+
+def test_temperature_tensor_errors_name_the_argument():
+    x, w, t = torch.randn(2, 3, 4), torch.randn(7, 4), torch.randint(0, 7, (2, 3))
+    for temperature, message in [
+        (torch.ones(2, 3, requires_grad=True), "temperature requires grad"),
+        (torch.ones(3, 2), "temperature shape (3, 2) must broadcast to target's shape (2, 3)"),
+        (torch.tensor([[1.0], [0.0]]), "every temperature must be finite and > 0, got 0.0"),
+        (torch.tensor([[1.0], [float("nan")]]), "every temperature must be finite and > 0, got nan"),
+        (torch.ones(2, 3, dtype=torch.long), "a temperature tensor must hold floats"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            memops.linear_logprobs(x, w, t, temperature=temperature)
+        assert message in str(info.value), (message, str(info.value))
+    with torch.no_grad():  # no gradient is wanted: a temperature that requires grad is used as a value
+        memops.linear_logprobs(x, w, t, temperature=torch.ones(2, 1, requires_grad=True))
 
 
 @pytest.mark.parametrize(

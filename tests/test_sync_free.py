@@ -160,13 +160,15 @@ def test_logprobs(poison, entropy, extras, kept):
         ids = torch.randint(-1, V, (*t.shape, 4), generator=g)
         ids[..., 3] = ids[..., 0]
         masked = dict(sampling_mask=ids, entropy_over=kept)
+    # with the kept entropy, a temperature per token too (its positivity check a device-side assert)
+    temperature = torch.rand(t.shape, generator=g, dtype=DT) + 0.5 if kept == "kept" else 0.8
     g1 = torch.randn(t.shape, generator=g, dtype=DT) * (torch.rand(t.shape, generator=g) < 0.5)  # zeros: skipped
     g2 = torch.randn(t.shape, generator=g, dtype=DT) * (torch.rand(t.shape, generator=g) < 0.5)
 
     def fn():
         xl, wl, bl = _leaves(x, w, b)
         out = memops.linear_logprobs(
-            xl, wl, t, bl, temperature=0.8, return_entropy=entropy, softcap=4.0, extras=extras, **masked
+            xl, wl, t, bl, temperature=temperature, return_entropy=entropy, softcap=4.0, extras=extras, **masked
         )
         outs = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, tuple) else [out]
         total = (outs[0] * g1).sum() + ((outs[1] * g2).sum() if entropy else 0)

@@ -23,6 +23,9 @@ LM_INPUTS = (*PROJECTION, Input("target"), Input("bias", "Tensor?", grad=True))
 # them (and the target); no gradient.  Last among the inputs (and entropy_over last among the options), so
 # that the ops' earlier positional arguments keep their places
 SAMPLING_MASK = Input("sampling_mask", "Tensor?")
+# one temperature per token (the front ends' tensor ``temperature``, expanded to the target's shape; the option
+# ``temperature`` is then 1): no gradient
+TOKEN_TEMPERATURE = Input("token_temperature", "Tensor?", refuse_grad=True)
 # the entropy output (and its gradient) over the whole vocabulary, or over the kept set of sampling_mask
 ENTROPY_OVER = Option("entropy_over", "str", "full", V.one_of("full", "kept"))
 
@@ -49,11 +52,25 @@ def check_sampling_mask(a, target_name: str = "target") -> None:
         V.fail(f"sampling_mask is on {mask.device} but {target_name} is on {a.target.device}")
 
 
+def check_token_temperature(a, target_name: str = "target") -> None:
+    """``token_temperature``: floats shaped like the target, on its device."""
+    temp = a.token_temperature
+    if temp is None:
+        return
+    if not isinstance(temp, torch.Tensor) or not temp.is_floating_point():
+        V.fail(f"a temperature tensor must hold floats, got {getattr(temp, 'dtype', type(temp).__name__)}")
+    if tuple(temp.shape) != tuple(a.target.shape):
+        V.fail(f"temperature shape {tuple(temp.shape)} must broadcast to {target_name}'s shape {tuple(a.target.shape)}")
+    if temp.device != a.target.device:
+        V.fail(f"temperature is on {temp.device} but {target_name} is on {a.target.device}")
+
+
 def check(a) -> None:
-    """``memops::linear_logprobs``: projection, target and sampling mask."""
+    """``memops::linear_logprobs``: projection, target, sampling mask and per-token temperatures."""
     V.check_projection(a.input, a.weight, a.bias)
     V.check_target(a.input, a.target)
     check_sampling_mask(a)
+    check_token_temperature(a)
 
 
 # the per-token outputs besides the log-probabilities, each computed only when asked for (its option)
@@ -74,7 +91,7 @@ def _logprobs(a):
 LOGPROBS = register(
     Spec(
         name="linear_logprobs",
-        inputs=(*LM_INPUTS, SAMPLING_MASK),
+        inputs=(*LM_INPUTS, SAMPLING_MASK, TOKEN_TEMPERATURE),
         options=(
             TEMPERATURE,
             Option("logit_scale", "float", 1.0),

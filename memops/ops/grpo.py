@@ -77,6 +77,7 @@ def chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
     weight, bias = a.weight, a.bias
     entropy = ent_w is not None or a.return_entropy
     reducer = reducer_of(a)
+    temps = logprobs.token_temperatures(a, engine.compute_dtype(x2d.dtype))
 
     def c1_of(sel, logp):
         with autograd_inside_kernel():
@@ -105,10 +106,11 @@ def chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
         accurate=a.precision == "accurate",
         kept=logprobs.kept_set(a, t1d, reducer.vocab_of(weight)),
         entropy_over=a.entropy_over,
+        token_temperature=temps,
     )
     masked = (w == 0) if ent_w is None else (w == 0) & (ent_w == 0)
     needed = ok = None
-    scale = a.logit_scale / a.temperature
+    scale = logprobs.plan_scale(a, temps)
     if a.beta == 0 and not a.all_logprobs and a.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
         needed = ~(masked & _unreachable(adv, old, a.epsilon_low, a.epsilon_high))
         ok = plan.bounded(x2d, weight, bias, scale, reducer=reducer)
@@ -157,6 +159,7 @@ def sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args, 
         accurate=a.precision == "accurate",
         kept=logprobs.kept_set(a, t1d, reducer.vocab_of(a.weight)),
         entropy_over=a.entropy_over,
+        token_temperature=logprobs.token_temperatures(a, engine.compute_dtype(x2d.dtype)),
     )
     logp, ent, *_ = logprobs.chunks(x2d, a.weight, t1d, a.bias, entropy=entropy, coef=None, need=(False,) * 3, **common)
     if upstream is None:
@@ -282,7 +285,7 @@ def linear_grpo_loss(
     beta: float = 0.0,
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     loss_type: str = "grpo",
     importance_sampling_level: str = "token",
     delta: float | None = None,
@@ -322,6 +325,7 @@ def linear_grpo_loss(
     validation.check_finite("entropy_coef", entropy_coef)
     cdt = engine.compute_dtype(input.dtype)
     spec, parallel = resolve(GRPO, _parallel)
+    temperature, token_temperature = logprobs.split_temperature(temperature, completion_ids, "completion_ids")
     # sequence parallelism: the token weights, the metrics and which log-probs they read are the group's
     whole, mine = _group_rows(_parallel, completion_ids.shape[0], input.device)
     mask_all = whole(completion_mask)
@@ -365,6 +369,7 @@ def linear_grpo_loss(
         softcap=softcap,
         return_entropy=ent_w is not None,
         sampling_mask=sampling_mask,
+        token_temperature=token_temperature,
         entropy_over=entropy_over,
         chunk_size=chunk_size,
         precision=config.precision_of(precision),

@@ -52,6 +52,48 @@ def kept_set(a: Args, t1d: Tensor, vocab: int) -> Tensor | None:
     return ids.masked_fill_(repeat, -1)
 
 
+def split_temperature(temperature, target: Tensor, name: str = "target") -> tuple[float, Tensor | None]:
+    """A front end's ``temperature``: a number, or a tensor broadcastable to ``target`` (one per token, or per
+    sequence as ``[B, 1]``), then passed to the op expanded to ``target``'s shape with the option at 1.  A
+    tensor that requires grad is refused: the ops have no derivative for it."""
+    if not isinstance(temperature, Tensor):
+        return float(temperature), None
+    if temperature.requires_grad and torch.is_grad_enabled():
+        validation.fail("temperature requires grad, but the ops give it no gradient: pass temperature.detach()")
+    try:
+        expanded = temperature.expand(target.shape)
+    except RuntimeError:
+        validation.fail(
+            f"temperature shape {tuple(temperature.shape)} must broadcast to {name}'s shape {tuple(target.shape)}"
+        )
+    return 1.0, expanded.contiguous()
+
+
+def token_temperatures(a: Args, cdt: torch.dtype) -> Tensor | None:
+    """The call's per-token temperatures as rows ``[N]`` in the compute dtype, checked positive (reads tensor
+    data: one device-to-host copy; sync-free a device-side assert), or None."""
+    temp = a.token_temperature
+    if temp is None:
+        return None
+    rows = temp.reshape(-1).to(cdt)
+    if rows.numel():
+        positive = (rows > 0).all() & rows.isfinite().all()
+        if config.is_sync_free(rows):
+            torch._assert_async(positive, "memops: every temperature must be finite and > 0")
+        elif not bool(positive):
+            bad = rows[~((rows > 0) & rows.isfinite())][0].item()
+            validation.fail(f"every temperature must be finite and > 0, got {bad}")
+    return rows
+
+
+def plan_scale(a: Args, rows: Tensor | None):
+    """The largest factor on the projection's logits before any soft-capping: ``logit_scale / temperature``
+    (the smallest per-token temperature's, a 0-dim tensor, when there is one per token)."""
+    if rows is None or not rows.numel():
+        return a.logit_scale / a.temperature
+    return a.logit_scale / rows.min()
+
+
 def chunks(
     x2d,
     weight,
@@ -73,6 +115,7 @@ def chunks(
     accurate: bool = False,
     kept: Tensor | None = None,
     entropy_over: str = "full",
+    token_temperature: Tensor | None = None,
 ):
     """Run the head over ``x2d`` (only ``rows`` when given; see ``engine.run``), writing the per-row
     log-probs (and entropy) into ``out`` when given, else into new ``[N]`` tensors.  ``extras`` maps
@@ -91,7 +134,10 @@ def chunks(
     ``kept`` (``[N, K]``, :func:`kept_set`): each row's kept token ids (the target among them, each once, -1
     elsewhere): the log-probability is renormalized over them, ``z_t - logsumexp_kept(z)``, with gradient
     ``onehot - p_kept`` on the kept ids; the entropy too with ``entropy_over="kept"``.  The kept logits'
-    maximum is reduced with the row's, their sums with the others: no extra collective per chunk."""
+    maximum is reduced with the row's, their sums with the others: no extra collective per chunk.
+
+    ``token_temperature`` (``[N]``, compute dtype): each row's temperature in place of ``temperature``, applied
+    in the head after soft-capping (the unfused order), its gradient too."""
     n = x2d.shape[0]
     cdt = engine.compute_dtype(x2d.dtype)
     if out is None:
@@ -102,7 +148,14 @@ def chunks(
     logp_rows, ent_rows = out
     extras = extras or {}
     inv_t = 1.0 / temperature
-    in_head = softcap is not None and inv_t != 1.0  # the temperature after soft-capping
+    inv_rows = None if token_temperature is None else token_temperature.reciprocal()
+    # the temperature after soft-capping, or one per row: applied by the head
+    in_head = (softcap is not None and inv_t != 1.0) or inv_rows is not None
+
+    def tempered(z: Tensor, sel) -> Tensor:
+        """``z`` divided by the temperature in place (its row's when there is one per row)."""
+        return z.mul_(inv_t) if inv_rows is None else z.mul_(inv_rows[sel].unsqueeze(1))
+
     if fixed is not None:
         c1_all, c2_all = fixed
 
@@ -119,7 +172,7 @@ def chunks(
 
     def head(z: Tensor, sel):
         if in_head:
-            z.mul_(inv_t)
+            tempered(z, sel)
         t = safe_all[sel].unsqueeze(1)
         z_sum = None
         if "mean_logits" in extras:
@@ -197,7 +250,7 @@ def chunks(
             z.mul_((-c1 / total).unsqueeze(1))
         if c1 is not None:
             z.scatter_add_(1, t, (c1 if mine_all is None else torch.where(mine_all[sel], c1, 0.0)).unsqueeze(1))
-        return z.mul_(inv_t) if in_head else z
+        return tempered(z, sel) if in_head else z
 
     def kept_grad(z, e, total, log_total, ent, t, sel, c1, c2, ek, dk, k_total, log_k, kown, kidx):
         """d/dz with a kept set: ``c1 (onehot - p_kept)`` on the kept ids, plus the entropy's term: the full
@@ -219,9 +272,9 @@ def chunks(
             z.scatter_add_(1, kidx, torch.where(kown, sparse, 0.0))
         if c1 is not None:
             z.scatter_add_(1, t, (c1 if mine_all is None else torch.where(mine_all[sel], c1, 0.0)).unsqueeze(1))
-        return z.mul_(inv_t) if in_head else z
+        return tempered(z, sel) if in_head else z
 
-    fused = local and kept is None and triton_heads.wanted(x2d)
+    fused = local and kept is None and inv_rows is None and triton_heads.wanted(x2d)
     if fused:  # the same head in Triton: one launch per chunk (two with ``coef``: forward, then gradient)
         scale = logit_scale if in_head else logit_scale * inv_t
         fused_coef = None if fixed is not None else coef
@@ -265,6 +318,7 @@ def forward(a: Args, need: list) -> tuple:
         a.weight,
         t1d,
         a.bias,
+        token_temperature=token_temperatures(a, cdt),
         temperature=a.temperature,
         entropy=a.return_entropy,
         coef=None,
@@ -300,12 +354,14 @@ def gradients(a: Args, grad_outputs: list, need: list) -> list:
         needed = needed.to(torch.uint8)
         reducer.max_(needed)
         needed = needed.bool()
-    rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale / a.temperature, needed=needed, reducer=reducer).full
+    temps = token_temperatures(a, cdt)
+    rows = plan.plan(x2d, a.weight, a.bias, plan_scale(a, temps), needed=needed, reducer=reducer).full
     *_, gx, gw, gb = chunks(
         x2d,
         a.weight,
         t1d,
         a.bias,
+        token_temperature=temps,
         temperature=a.temperature,
         entropy=g2 is not None,
         fixed=(g1, g2),
@@ -331,7 +387,7 @@ def linear_logprobs(
     target: Tensor,
     bias: Tensor | None = None,
     *,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     return_entropy: bool = False,
     logit_scale: float = 1.0,
     softcap: float | None = None,
@@ -356,7 +412,9 @@ def linear_logprobs(
     ``sampling_mask`` (``target.shape + (K,)`` integer ids, -1 padding, duplicates allowed): the tokens the
     sampler kept (top-k / top-p) per token.  The log-probability is then the sampler's, renormalized over the
     kept set: ``z_t / T - logsumexp_{j kept}(z_j / T)``, gradient exact; a target outside its row's kept set
-    counts as kept.  The entropy stays over the whole vocabulary (``entropy_over="full"``) or is the kept
+    counts as kept.  ``temperature`` may be a tensor broadcastable to ``target`` (one per token, or ``[B, 1]``
+    per sequence; positive, without gradient), applied after soft-capping as the sampler does.  The entropy
+    stays over the whole vocabulary (``entropy_over="full"``) or is the kept
     set's (``entropy_over="kept"``); the other extras are the whole vocabulary's.
     """
     extras = tuple(extras)
@@ -364,6 +422,7 @@ def linear_logprobs(
     if unknown:
         raise ValueError(f"extras must be among {EXTRAS[1:]}, got {unknown}")
     spec, parallel = resolve(LOGPROBS, _parallel)
+    temperature, token_temperature = split_temperature(temperature, target)
     out = spec.call(
         **parallel,
         input=input,
@@ -375,6 +434,7 @@ def linear_logprobs(
         softcap=softcap,
         return_entropy=bool(return_entropy),
         sampling_mask=sampling_mask,
+        token_temperature=token_temperature,
         entropy_over=entropy_over,
         chunk_size=chunk_size,
         precision=config.precision_of(precision),

@@ -331,6 +331,7 @@ _PER_TOKEN = (
     "teacher_topk_ids",
     "teacher_topk_logprobs",
     "sampling_mask",
+    "token_temperature",
 )
 
 
