@@ -9,6 +9,8 @@ tensors under torch.compile / torch.export); value checks on tensor data
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import torch
 
 from . import config
@@ -18,7 +20,7 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX = (torch.int32, torch.int64)
 
 
-def fail(msg: str) -> None:
+def fail(msg: str) -> NoReturn:
     raise ValueError(msg)
 
 
@@ -101,7 +103,7 @@ def check_target(input: torch.Tensor, target: torch.Tensor, name: str = "target"
 
 
 def check_target_range(
-    target: torch.Tensor, vocab: int, ignore_index: int | None, name: str = "target"
+    target: torch.Tensor, vocab: int, ignore_index: int | None, name: str = "target", ignored_as: str = "ignore_index"
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Every entry is in ``[0, vocab)`` or equals ``ignore_index`` when there is one (reads tensor data).
     Returns ``(valid, index)``: ``target != ignore_index`` (None without an ignore index) and the target
@@ -116,7 +118,7 @@ def check_target_range(
     if target.numel() == 0:
         return valid, index
     lo, hi = torch.aminmax(index)
-    also = "" if ignore_index is None else f" and is not ignore_index ({ignore_index})"
+    also = "" if ignore_index is None else f" and is not {ignored_as} ({ignore_index})"
     if config.is_sync_free(target):
         torch._assert_async((lo >= 0) & (hi < vocab), f"memops: a {name} value is out of range [0, {vocab}){also}")
         return valid, index

@@ -374,7 +374,39 @@ LP_OPTIONS = [
     dict(return_entropy=True, extras=("log_sum_sq_probs", "mean_logits", "is_top1")),
     dict(return_entropy=True, temperature=0.7, softcap=2.5, logit_scale=1.3, chunk_size=7),
     dict(temperature=1.5, extras=("is_top1",), chunk_size=11),
+    # a sampling mask of K kept ids per token (-1 padding, duplicates): each rank sums its shard's kept ids
+    dict(return_entropy=True, kept=3, temperature=0.8, softcap=2.0, chunk_size=5),
+    dict(return_entropy=True, kept=7, entropy_over="kept", extras=("is_top1",)),
+    dict(return_entropy=True, kept=2, per_token_temperature=True, softcap=2.0, chunk_size=6),
 ]
+
+
+def _kept_ids(t: torch.Tensor, k: int, seed: int = 17) -> torch.Tensor:
+    """``t.shape + (k,)`` kept ids with -1 padding and a duplicate per token (as the sampler's masks come)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(-1, V, (*t.shape, k), generator=g)
+    ids[..., -1] = ids[..., 0]
+    return ids
+
+
+def _with_kept(opts: dict, t: torch.Tensor, a: int, z: int, rank: int) -> tuple[dict, dict]:
+    """The single-process call's options and this rank's: ``kept=K`` becomes a sampling mask, this rank's
+    tokens' rows of it padded with ``rank`` more -1 columns (every rank its own K)."""
+    opts = dict(opts)
+    k = opts.pop("kept", None)
+    full, mine = dict(opts), dict(opts)
+    if opts.pop("per_token_temperature", False):  # one temperature per token ([B, 1] per sequence for [B, T])
+        full.pop("per_token_temperature")
+        mine.pop("per_token_temperature")
+        shape = (t.shape[0], 1) if t.dim() == 2 else t.shape
+        temps = torch.rand(shape, generator=torch.Generator().manual_seed(19), dtype=torch.float64) + 0.4
+        full["temperature"], mine["temperature"] = temps, temps[a:z]
+    if k:
+        mask = _kept_ids(t, k)
+        own = mask[a:z]
+        full["sampling_mask"] = mask
+        mine["sampling_mask"] = torch.cat([own, own.new_full((*own.shape[:-1], rank), -1)], dim=-1)
+    return full, mine
 
 
 def _logprob_outputs(out):
@@ -402,13 +434,14 @@ def case_families():
             offs, counts = _tokens(world, N, zero_rank=sp and uneven)
             a, z = (offs[rank], offs[rank] + counts[rank]) if sp else (0, N)
             for opts in LP_OPTIONS:
+                opts, mine_opts = _with_kept(opts, t, a, z, rank)
                 xf, wf, bf = (p.clone().requires_grad_() for p in (x, w, b))
                 full = _logprob_outputs(memops.linear_logprobs(xf, wf, t, bf, **opts))
                 diff = [o for o in full if o.is_floating_point()]
                 gx, gw, gb = _grads(diff, (xf, wf, bf), 5)
                 xs = x[a:z].clone().requires_grad_()
                 ws, bs = w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
-                mine = _logprob_outputs(vocab_parallel_logprobs(xs, ws, t[a:z], bs, sequence_parallel=sp, **opts))
+                mine = _logprob_outputs(vocab_parallel_logprobs(xs, ws, t[a:z], bs, sequence_parallel=sp, **mine_opts))
                 for o, f in zip(mine, full):
                     _close(o, f[a:z], f"logprobs {opts} sp={sp}")
                 g = torch.Generator().manual_seed(5)
@@ -491,6 +524,9 @@ GRPO_OPTIONS = [
     dict(loss_type="cispo", epsilon_high=0.3),
     dict(loss_type="sapo", chunk_size=5),
     dict(loss_type="grpo", importance_sampling_level="sequence"),
+    dict(loss_type="dapo", kept=4, temperature=0.9),
+    dict(loss_type="grpo", beta=0.04, kept=2, entropy_coef=0.02, entropy_over="kept"),
+    dict(loss_type="bnpo", per_token_temperature=True, softcap=3.0),
 ]
 
 
@@ -509,6 +545,8 @@ def _grpo(x, w, b, t, lo, hi, sp, world, rank):
     for opts in GRPO_OPTIONS:
         if sp and opts.get("importance_sampling_level") == "sequence":
             continue  # refused with sequence parallelism (tests/test_distributed.py checks the message)
+        opts, mine_kept = _with_kept(opts, ids, a, z, rank)
+        mine_kept = {k: v for k, v in mine_kept.items() if k in ("sampling_mask", "temperature")}
         extra = dict(old_logprobs=old, ref_logprobs=ref) if opts.get("beta") else dict(old_logprobs=old)
         hf, wf, bf = (p.clone().requires_grad_() for p in (h, w, b))
         loss, metrics = memops.linear_grpo_loss(hf, wf, ids, mask, adv, bias=bf, **extra, **opts)
@@ -516,8 +554,9 @@ def _grpo(x, w, b, t, lo, hi, sp, world, rank):
         hs = h[a:z].clone().requires_grad_()
         ws, bs = w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
         mine_extra = {k: v[a:z] for k, v in extra.items()}
+        mine_opts = {k: v for k, v in opts.items() if k not in mine_kept}
         ploss, pmetrics = vocab_parallel_grpo_loss(
-            hs, ws, ids[a:z], mask[a:z], adv[a:z], bias=bs, sequence_parallel=sp, **mine_extra, **opts
+            hs, ws, ids[a:z], mask[a:z], adv[a:z], bias=bs, sequence_parallel=sp, **mine_extra, **mine_kept, **mine_opts
         )
         _close(ploss, loss, f"grpo loss {opts} sp={sp}")
         assert sorted(pmetrics) == sorted(metrics), (pmetrics, metrics)
@@ -761,6 +800,11 @@ def case_collectives_families():
         logp, ent = lp["out"]
         c = counted(lambda: (logp.sum() + ent.sum()).backward())
         assert c == dict(all_reduce=1 + 1 + 2 * 2 + 1, all_gather=0, broadcast=0, reduce_to=0), c
+        # with a sampling mask: the kept ids' maximum and sums ride on the same two all-reduces; the mask is never
+        # gathered
+        kept = torch.randint(-1, vocab, (128, 6), generator=g)
+        c = counted(lambda: vocab_parallel_logprobs(x, w, t, sampling_mask=kept, entropy_over="kept", **layout))
+        assert c == dict(all_reduce=2 * 2, all_gather=0, broadcast=0, reduce_to=0), c
         # sequence parallelism, 64 tokens per rank (chunk k = rank k's rows): the token counts and the targets
         # gathered once (2), per chunk its rows broadcast by their owner (1), the row max and sums (2), and the
         # input gradient's rows reduced to their owner (1); a trained scalar loss computes all in the forward

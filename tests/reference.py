@@ -87,12 +87,43 @@ def ref_linear_loss(
     return out.sum() / (num_items if num_items is not None else valid.sum())
 
 
-def ref_linear_logprobs(input, weight, target, bias=None, *, temperature=1.0, logit_scale=1.0, softcap=None):
-    """Per-token ``log p(target)`` and entropy of ``softmax(logits / temperature)``."""
+def ref_kept(sampling_mask, target, vocab):
+    """The dense ``[..., V]`` kept set of a sampling mask (ids, -1 padding), with each token's target."""
+    ids = sampling_mask.long()
+    keep = torch.zeros((*ids.shape[:-1], vocab + 1), dtype=torch.bool, device=ids.device)
+    keep.scatter_(-1, torch.where(ids >= 0, ids, vocab), True)
+    keep = keep[..., :vocab].clone()
+    keep.scatter_(-1, target.long().unsqueeze(-1), True)
+    return keep
+
+
+def ref_linear_logprobs(
+    input,
+    weight,
+    target,
+    bias=None,
+    *,
+    temperature=1.0,
+    logit_scale=1.0,
+    softcap=None,
+    sampling_mask=None,
+    entropy_over="full",
+):
+    """Per-token ``log p(target)`` and entropy of ``softmax(logits / temperature)``; with ``sampling_mask``
+    the log-probability of the softmax over the kept ids (and the target), the entropy the full vocabulary's
+    or (``entropy_over="kept"``) the kept set's."""
+    if isinstance(temperature, torch.Tensor):  # one per token (broadcast to the targets), after soft-capping
+        temperature = temperature.expand(target.shape).unsqueeze(-1).to(input.dtype)
     logits = ref_logits(input, weight, bias, softcap=softcap, logit_scale=logit_scale) / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
+    if sampling_mask is not None:
+        keep = ref_kept(sampling_mask, target, logits.shape[-1])
+        logp_all = torch.log_softmax(logits.masked_fill(~keep, -torch.inf), dim=-1)
+        if entropy_over == "kept":  # 0 * -inf kept out of the backward too
+            kept_logp = logp_all.masked_fill(~keep, 0.0)
+            entropy = -torch.where(keep, kept_logp.exp() * kept_logp, 0.0).sum(-1)
+    logp = logp_all.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
     return logp, entropy
 
 
@@ -124,9 +155,13 @@ def ref_grpo_loss(
     temperature=1.0,
     loss_type="grpo",
     max_completion_length=None,
+    sampling_mask=None,
 ):
-    """TRL's GRPOTrainer loss, written from its published formulas, on full logits."""
-    logp, _ = ref_linear_logprobs(input, weight, completion_ids, bias, temperature=temperature)
+    """TRL's GRPOTrainer loss, written from its published formulas, on full logits (log-probs over the kept set
+    of ``sampling_mask`` when given)."""
+    logp, _ = ref_linear_logprobs(
+        input, weight, completion_ids, bias, temperature=temperature, sampling_mask=sampling_mask
+    )
     old = logp.detach() if old_logprobs is None else old_logprobs
     coef_1 = torch.exp(logp - old)
     coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)

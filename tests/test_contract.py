@@ -114,9 +114,17 @@ def _transform(n, g):
     )
 
 
+def _kept(t, g):
+    """A sampling mask: 3 kept ids per token, -1 padding and duplicates among them."""
+    mask = torch.randint(-1, V, (*t.shape, 3), generator=g)
+    mask[..., 2] = mask[..., 1]
+    return mask
+
+
 def _logprobs(n, g):
     x, w, b, t = _base(n, g)
-    return (x, w, t, b, 0.8, 1.3, 2.5, True, True, True, True, 3, "accurate")
+    temps = torch.rand(t.shape, generator=g) + 0.5  # a temperature per token (the option then 1)
+    return (x, w, t, b, _kept(t, g), temps, 1.0, 1.3, 2.5, True, True, True, True, 3, "accurate", "kept")
 
 
 def _grpo(n, g):
@@ -142,9 +150,10 @@ def _grpo(n, g):
         3,
         True,
         "reference",
+        "full",
         [True, True, True],
     )
-    return (x, w, t, b, tw, adv, old, ref, ent_w, *opts)
+    return (x, w, t, b, tw, adv, old, ref, ent_w, _kept(t, g), None, *opts)
 
 
 def _distill(n, g):

@@ -35,6 +35,8 @@ def grpo_case(draw):
         temperature=draw(st.sampled_from([1.0, 0.6, 1.3])),
         chunk_size=draw(st.none() | st.integers(1, 40)),
         max_len=draw(st.none() | st.integers(24, 40)),
+        kept=draw(st.sampled_from([None, 1, 3, 9])),  # a sampling mask of K kept ids per token
+        per_sequence_temperature=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -50,8 +52,14 @@ def _grpo_inputs(case, g):
         "rows": (torch.rand(b, 1, generator=g) < 0.5).expand(b, t),
     }[case["mask"]].long()
     adv = torch.randn(b, generator=g, dtype=torch.float64)
+    kept = None
+    if case.get("kept"):
+        kept = torch.randint(-1, v, (b, t, case["kept"]), generator=g)
+    case["sampling_mask"] = kept
+    if case.get("per_sequence_temperature"):  # one temperature per completion, [B, 1]
+        case["temperature"] = torch.rand(b, 1, generator=g, dtype=torch.float64) + 0.4
     with torch.no_grad():
-        logp, _ = ref_linear_logprobs(x, w, ids, bias, temperature=case["temperature"])
+        logp, _ = ref_linear_logprobs(x, w, ids, bias, temperature=case["temperature"], sampling_mask=kept)
     # old / ref log-probs near the current ones, so some ratios fall inside and some outside the clip range
     old = logp + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64) if case["old"] else None
     ref = logp + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64) if (case["ref"] or case["beta"]) else None
@@ -72,6 +80,7 @@ def test_grpo_loss_and_gradients_match_trl_formulas(case):
         temperature=case["temperature"],
         loss_type=case["loss_type"],
         max_completion_length=case["max_len"],
+        sampling_mask=case["sampling_mask"],
     )
     loss, metrics = memops.linear_grpo_loss(x, w, ids, mask, adv, chunk_size=case["chunk_size"], **kw)
     ref_loss, ref_logp = ref_grpo_loss(x, w, ids, mask, adv, **kw)
@@ -275,9 +284,12 @@ def test_opcheck_grpo_ops(dtype, lead, beta, all_logprobs):
         old,
         ref,
         None,
+        torch.randint(-1, 11, (*t.shape, 3), generator=g) if beta else None,  # a sampling mask
+        torch.rand(t.shape, generator=g, dtype=cdt) + 0.5 if all_logprobs else None,  # a temperature per token
         *options,
         all_logprobs,
         "accurate",
+        "full",
         mask,
     )
     signs = set()

@@ -218,6 +218,8 @@ def test_opcheck_logprobs_ops(dtype, lead):
                 w.requires_grad_(),
                 t,
                 b.requires_grad_(),
+                torch.randint(-1, 11, (*lead, 3)) if ent else None,  # a sampling mask, with the kept entropy
+                torch.rand(lead, dtype=dtype) + 0.5 if ent else None,  # a temperature per token
                 0.8,
                 1.0,
                 None,
@@ -227,12 +229,15 @@ def test_opcheck_logprobs_ops(dtype, lead):
                 ent,
                 4,
                 "accurate",
+                "kept" if ent else "full",
             ),
         )
     g1 = torch.randn(t.shape)
     for g2 in (None, torch.randn(t.shape)):
         args = backward_op_args(
-            "linear_logprobs", (x, w, t, b, 0.8, 0.7, 3.0, True, False, True, False, 4, "accurate"), [g1, g2]
+            "linear_logprobs",
+            (x, w, t, b, None, None, 0.8, 0.7, 3.0, True, False, True, False, 4, "accurate", "full"),
+            [g1, g2],
         )
         torch.library.opcheck(torch.ops.memops.linear_logprobs_backward.default, args)
 
@@ -336,3 +341,148 @@ def test_export_round_trip_in_fresh_process(tmp_path):
     assert out.returncode == 0, out.stderr
     for a, b in zip(torch.load(tmp_path / "out.pt"), expected):
         torch.testing.assert_close(a, b)
+
+
+# ---- sampling masks: log-probs over the tokens the sampler kept -------------------------------------------
+
+
+@st.composite
+def kept_case(draw):
+    b, t = draw(st.integers(0, 4)), draw(st.integers(1, 12))
+    v = draw(st.sampled_from([1, 2, 7, 31]) | st.integers(1, 60))
+    return dict(
+        lead=draw(st.sampled_from([(b, t), (b * t,)])),
+        d=draw(st.integers(1, 8)),
+        v=v,
+        k=draw(st.sampled_from([1, 2, 5]) | st.integers(1, 2 * v + 2)),
+        pad=draw(st.sampled_from([0.0, 0.3, 1.0])),  # the share of -1 entries (1.0: the target alone)
+        dup=draw(st.booleans()),
+        int32=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        temperature=draw(st.sampled_from([1.0, 0.6]) | st.floats(0.1, 3.0)),
+        logit_scale=draw(st.sampled_from([1.0, 1.7])),
+        softcap=draw(st.sampled_from([None, 2.0])),
+        entropy_over=draw(st.sampled_from(["full", "kept"])),
+        chunk_size=draw(st.none() | st.integers(1, 16)),
+        per=draw(st.sampled_from([None, "token", "sequence"])),  # a temperature tensor in place of the float
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _kept_mask(g, lead, v, k, pad, dup, int32=False):
+    mask = torch.randint(0, v, (*lead, k), generator=g)
+    mask[torch.rand(mask.shape, generator=g) < pad] = -1
+    if dup and k > 1:
+        mask[..., -1] = mask[..., 0]
+    return mask.int() if int32 else mask
+
+
+@given(kept_case())
+def test_sampling_mask_logprobs_and_entropy_match_reference(case):
+    """Log-probs renormalized over each token's kept ids (any K, -1 padding, duplicates, the target counted as
+    kept), the entropy over the vocabulary or the kept set, and every gradient, against float64."""
+    g = torch.Generator().manual_seed(case["seed"])
+    x, w, b = _params(g, case["lead"], case["d"], case["v"], case["bias"])
+    target = torch.randint(0, case["v"], case["lead"], generator=g)
+    mask = _kept_mask(g, case["lead"], case["v"], case["k"], case["pad"], case["dup"], case["int32"])
+    temperature = case["temperature"]
+    if case["per"]:  # per token, or per sequence ([B, 1]; per token for 1-D targets)
+        shape = (*case["lead"][:-1], 1) if case["per"] == "sequence" and len(case["lead"]) == 2 else case["lead"]
+        temperature = torch.rand(shape, generator=g, dtype=torch.float64) * 2 + 0.2
+    kw = dict(temperature=temperature, logit_scale=case["logit_scale"], softcap=case["softcap"])
+    kept = dict(sampling_mask=mask, entropy_over=case["entropy_over"])
+    logp, ent = memops.linear_logprobs(
+        x, w, target, b, return_entropy=True, chunk_size=case["chunk_size"], **kw, **kept
+    )
+    ref_logp, ref_ent = ref_linear_logprobs(x, w, target, b, **kw, **kept)
+    _close(logp, ref_logp, "kept logprobs")
+    _close(ent, ref_ent, f"entropy over {case['entropy_over']}")
+    g1 = torch.randn(target.shape, generator=g, dtype=torch.float64)
+    g2 = torch.randn(target.shape, generator=g, dtype=torch.float64)
+    _same_grads((logp * g1 + ent * g2).sum(), (ref_logp * g1 + ref_ent * g2).sum(), (x, w, b))
+    # the log-prob alone (its own recompute path)
+    lp = memops.linear_logprobs(x, w, target, b, chunk_size=case["chunk_size"], **kw, sampling_mask=mask)
+    ref_lp, _ = ref_linear_logprobs(x, w, target, b, **kw, sampling_mask=mask)
+    _close(lp, ref_lp, "kept logprobs without entropy")
+    _same_grads((lp * g1).sum(), (ref_lp * g1).sum(), (x, w, b))
+
+
+def test_sampling_mask_of_the_whole_vocabulary_changes_nothing():
+    g = torch.Generator().manual_seed(3)
+    x, w, b = _params(g, (4, 5), 6, 9, True)
+    t = torch.randint(0, 9, (4, 5), generator=g)
+    every = torch.arange(9).expand(4, 5, 9)
+    ours = memops.linear_logprobs(x, w, t, b, return_entropy=True, sampling_mask=every, entropy_over="kept")
+    plain = memops.linear_logprobs(x, w, t, b, return_entropy=True)
+    for a, r in zip(ours, plain):
+        _close(a, r, "every id kept", tol=1e-12)
+
+
+def test_sampling_mask_keeps_far_below_the_row_max_finite():
+    """A kept set whose logits are all far below the row's maximum (exp underflows against it): the kept set's
+    own maximum stabilizes the sum, so the log-prob is finite and exact."""
+    x = torch.zeros(1, 2, dtype=torch.float64)
+    x[0, 0] = 1.0
+    w = torch.zeros(5, 2, dtype=torch.float64)
+    w[0, 0] = 2000.0  # token 0 dominates the row by 2000 nats
+    w[3, 0], w[4, 0] = 1.0, 2.0
+    t = torch.tensor([3])
+    mask = torch.tensor([[4, -1]])
+    logp = memops.linear_logprobs(x.float(), w.float(), t, sampling_mask=mask)
+    expected = 1.0 - math.log(math.exp(1.0) + math.exp(2.0))
+    assert abs(logp.item() - expected) < 1e-6
+
+
+@given(logprob_case())
+def test_per_token_temperature_matches_reference(case):
+    """A temperature per token (or per sequence), with bias, soft-cap and logit scale in the unfused order,
+    against float64: log-probs, entropy and every gradient."""
+    g = torch.Generator().manual_seed(case["seed"])
+    x, w, b = _params(g, case["lead"], case["d"], case["v"], case["bias"], needs=case["needs"])
+    target = torch.randint(0, case["v"], case["lead"], generator=g)
+    lead = case["lead"]
+    shape = (*lead[:-1], 1) if (len(lead) == 2 and case["seed"] % 2) else lead
+    temperature = torch.rand(shape, generator=g, dtype=torch.float64) * 3 + 0.05
+    kw = dict(temperature=temperature, logit_scale=case["logit_scale"], softcap=case["softcap"])
+    logp, ent = memops.linear_logprobs(x, w, target, b, return_entropy=True, chunk_size=case["chunk_size"], **kw)
+    ref_logp, ref_ent = ref_linear_logprobs(x, w, target, b, **kw)
+    _close(logp, ref_logp, "logprobs, a temperature per token")
+    _close(ent, ref_ent, "entropy, a temperature per token")
+    g1 = torch.randn(target.shape, generator=g, dtype=torch.float64)
+    g2 = torch.randn(target.shape, generator=g, dtype=torch.float64)
+    _same_grads((logp * g1 + ent * g2).sum(), (ref_logp * g1 + ref_ent * g2).sum(), (x, w, b))
+
+
+def test_temperature_tensor_errors_name_the_argument():
+    x, w, t = torch.randn(2, 3, 4), torch.randn(7, 4), torch.randint(0, 7, (2, 3))
+    for temperature, message in [
+        (torch.ones(2, 3, requires_grad=True), "temperature requires grad"),
+        (torch.ones(3, 2), "temperature shape (3, 2) must broadcast to target's shape (2, 3)"),
+        (torch.tensor([[1.0], [0.0]]), "every temperature must be finite and > 0, got 0.0"),
+        (torch.tensor([[1.0], [float("nan")]]), "every temperature must be finite and > 0, got nan"),
+        (torch.ones(2, 3, dtype=torch.long), "a temperature tensor must hold floats"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            memops.linear_logprobs(x, w, t, temperature=temperature)
+        assert message in str(info.value), (message, str(info.value))
+    with torch.no_grad():  # no gradient is wanted: a temperature that requires grad is used as a value
+        memops.linear_logprobs(x, w, t, temperature=torch.ones(2, 1, requires_grad=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(sampling_mask=torch.full((2, 3, 2), 7)), "sampling_mask value 7 is out of range [0, 7)"),
+        (dict(sampling_mask=torch.full((2, 3, 2), -2)), "sampling_mask value -2 is out of range"),
+        (dict(sampling_mask=torch.zeros(2, 3, dtype=torch.long)), "sampling_mask must have shape target.shape + (K,)"),
+        (dict(sampling_mask=torch.zeros(2, 3, 0, dtype=torch.long)), "with K >= 1"),
+        (dict(sampling_mask=torch.zeros(2, 3, 2)), "sampling_mask must hold int64 or int32"),
+        (dict(entropy_over="kept"), "entropy_over='kept' needs sampling_mask"),
+        (dict(sampling_mask=torch.zeros(2, 3, 1, dtype=torch.long), entropy_over="vocab"), "entropy_over must be"),
+    ],
+)
+def test_sampling_mask_errors_name_the_argument(kwargs, message):
+    x, w, t = torch.randn(2, 3, 4), torch.randn(7, 4), torch.randint(0, 7, (2, 3))
+    with pytest.raises(ValueError) as info:
+        memops.linear_logprobs(x, w, t, **kwargs)
+    assert message in str(info.value)

@@ -149,16 +149,27 @@ def test_transform(poison, reduction):
 
 @pytest.mark.parametrize("poison", POISONS)
 @pytest.mark.parametrize("entropy,extras", [(False, ()), (True, ("log_sum_sq_probs", "mean_logits", "is_top1"))])
-def test_logprobs(poison, entropy, extras):
+@pytest.mark.parametrize("kept", [None, "full", "kept"])
+def test_logprobs(poison, entropy, extras, kept):
+    """``kept``: with a sampling mask, the entropy over the vocabulary or the kept set."""
     x, w, b, t = _data(3, poison)
     t = t.clamp(min=0)
     g = torch.Generator().manual_seed(4)
+    masked = {}
+    if kept:
+        ids = torch.randint(-1, V, (*t.shape, 4), generator=g)
+        ids[..., 3] = ids[..., 0]
+        masked = dict(sampling_mask=ids, entropy_over=kept)
+    # with the kept entropy, a temperature per token too (its positivity check a device-side assert)
+    temperature = torch.rand(t.shape, generator=g, dtype=DT) + 0.5 if kept == "kept" else 0.8
     g1 = torch.randn(t.shape, generator=g, dtype=DT) * (torch.rand(t.shape, generator=g) < 0.5)  # zeros: skipped
     g2 = torch.randn(t.shape, generator=g, dtype=DT) * (torch.rand(t.shape, generator=g) < 0.5)
 
     def fn():
         xl, wl, bl = _leaves(x, w, b)
-        out = memops.linear_logprobs(xl, wl, t, bl, temperature=0.8, return_entropy=entropy, softcap=4.0, extras=extras)
+        out = memops.linear_logprobs(
+            xl, wl, t, bl, temperature=temperature, return_entropy=entropy, softcap=4.0, extras=extras, **masked
+        )
         outs = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, tuple) else [out]
         total = (outs[0] * g1).sum() + ((outs[1] * g2).sum() if entropy else 0)
         return [*outs, *_grads(total, [xl, wl, bl])]
@@ -176,6 +187,8 @@ GRPO_CASES = [
     dict(loss_type="dapo", num_items=9, old=True),
     dict(loss_type="dapo", num_items="tensor", old=True),
     dict(loss_type="grpo", delta=2.0, old=True, use_bias_correction_kl=True, beta=0.04),
+    dict(loss_type="dapo", old=True, kept=3),
+    dict(loss_type="grpo", beta=0.04, old=False, entropy_coef=0.01, kept=5, entropy_over="kept"),
 ]
 
 
@@ -195,6 +208,8 @@ def test_grpo(case, poison):
     ref = torch.randn(ids.shape, generator=g, dtype=DT) * 0.1 - 2.0 if case.get("beta") else None
     if case.get("num_items") == "tensor":
         case["num_items"] = torch.tensor(9.0, dtype=DT)
+    if "kept" in case:  # a sampling mask of K ids per token, -1 padding
+        case["sampling_mask"] = torch.randint(-1, V, (*ids.shape, case.pop("kept")), generator=g)
 
     def fn():
         xl, wl, bl = _leaves(x, w, b)

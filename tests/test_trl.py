@@ -219,6 +219,53 @@ def test_refuses_a_changed_signature(monkeypatch):
     assert distillation_trainer._chunked_divergence_loss is changed
 
 
+def _logprob_function_with(tenth: str):
+    """A stand-in for TRL's ``_ChunkedLogProbFunction`` whose ``forward`` takes TRL 1.16's nine arguments and
+    ``tenth``: TRL's main branch (after 1.16, not released) added ``sampling_mask`` there.  Only its signature
+    is read; its ``apply`` must never run once memops replaced it."""
+    params = ", ".join(mtrl._LOGPROB_PARAMS)
+
+    namespace: dict = {}
+    exec(f"def forward(ctx, {params}, {tenth}=None):\n    raise AssertionError('TRL kernel ran')", namespace)
+    return type("StandIn", (), {"forward": staticmethod(namespace["forward"]), "apply": namespace["forward"]})
+
+
+def test_accepts_trls_sampling_mask_signature_and_computes_it(monkeypatch):
+    """TRL's main-branch signature (a tenth argument, ``sampling_mask``: ``[N, K]`` kept ids, -1 padding) is
+    replaced, and a call with a mask gets memops' log-probs over the kept set (the entropy over the vocabulary,
+    as TRL's kernel documents), against the float64 reference; a signature memops does not know is still
+    refused."""
+    from reference import ref_linear_logprobs
+    from trl.trainer import utils
+
+    monkeypatch.setattr(utils, "_ChunkedLogProbFunction", _logprob_function_with("sampling_mask"))
+    mtrl.apply()
+    try:
+        fn = utils._ChunkedLogProbFunction
+        assert fn is mtrl.ChunkedLogProb
+        g = torch.Generator().manual_seed(0)
+        n, d, v = 13, 6, 17
+        x = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(v, d, generator=g, dtype=torch.float64, requires_grad=True)
+        t = torch.randint(0, v, (n,), generator=g)
+        mask = torch.randint(-1, v, (n, 5), generator=g)
+        out = fn.apply(x, w, None, t, 0.8, 16, 3.0, 1.0, ("log_probs", "entropy"), mask)
+        ref_lp, ref_ent = ref_linear_logprobs(x, w, t, temperature=0.8, softcap=3.0, sampling_mask=mask)
+        torch.testing.assert_close(out[0], ref_lp, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out[1], ref_ent, rtol=1e-12, atol=1e-12)
+        ours = torch.autograd.grad(out[0].sum(), (x, w))
+        theirs = torch.autograd.grad(ref_lp.sum(), (x, w))
+        for a, c in zip(ours, theirs):
+            torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    finally:
+        mtrl.revert()
+    unknown = _logprob_function_with("support_ids")
+    monkeypatch.setattr(utils, "_ChunkedLogProbFunction", unknown)
+    with pytest.raises(RuntimeError, match="not replacing it"):
+        mtrl.apply()
+    assert utils._ChunkedLogProbFunction is unknown
+
+
 def test_our_function_has_trls_signature():
     from trl.trainer import distillation_trainer
 

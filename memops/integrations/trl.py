@@ -84,10 +84,10 @@ def _utils_module():
 
     fn = _ORIGINAL.get("logprob", utils._ChunkedLogProbFunction)
     params = tuple(inspect.signature(fn.forward).parameters)[1:]
-    if params != _LOGPROB_PARAMS:
+    if params not in (_LOGPROB_PARAMS, _LOGPROB_PARAMS + ("sampling_mask",)):
         raise RuntimeError(
             f"trl.trainer.utils._ChunkedLogProbFunction.forward has parameters {params}, memops was written "
-            f"against {_LOGPROB_PARAMS}: not replacing it"
+            f"against {_LOGPROB_PARAMS} (TRL 1.16) and that plus sampling_mask (TRL's main branch): not replacing it"
         )
     return utils
 
@@ -189,7 +189,11 @@ class ChunkedLogProb:
         final_logit_softcapping: float | None = None,
         logit_scale: float = 1.0,
         outputs: tuple[str, ...] = _LOGPROB_EXTRAS,
+        sampling_mask: Tensor | None = None,
     ) -> tuple:
+        """TRL 1.16's nine arguments, and the ``sampling_mask`` TRL's main branch passes tenth (``[N, K]`` kept
+        ids, -1 padding): the log-probability renormalized over the kept set, the entropy over the vocabulary,
+        as TRL's kernel does."""
         del chunk_size  # TRL's vocabulary tile; memops sizes its own chunks
         unknown = sorted(set(outputs) - set(_LOGPROB_EXTRAS) - {"log_probs"})
         if unknown:
@@ -205,6 +209,7 @@ class ChunkedLogProb:
             softcap=None if final_logit_softcapping is None else float(final_logit_softcapping),
             return_entropy="entropy" in outputs,
             extras=[name for name in _LOGPROB_EXTRAS[1:] if name in outputs],
+            sampling_mask=sampling_mask,
         )
         if not isinstance(out, dict):
             out = {"log_probs": out[0], "entropy": out[1]} if isinstance(out, tuple) else {"log_probs": out}

@@ -14,7 +14,15 @@ from .. import validation as V
 from ..contract import Input, Option, Spec, register
 from ..rules import compute_dtype
 from .linear_ce import CHUNK_SIZE, PRECISION
-from .logprobs import LM_INPUTS, TEMPERATURE
+from .logprobs import (
+    ENTROPY_OVER,
+    LM_INPUTS,
+    SAMPLING_MASK,
+    TEMPERATURE,
+    TOKEN_TEMPERATURE,
+    check_sampling_mask,
+    check_token_temperature,
+)
 
 
 def _grpo(a):
@@ -41,6 +49,8 @@ def check(a) -> None:
     completion ids)."""
     V.check_projection(a.input, a.weight, a.bias)
     V.check_target(a.input, a.target, "completion_ids")
+    check_sampling_mask(a, "completion_ids")
+    check_token_temperature(a, "completion_ids")
     check_per_token_float("token_weight", a.token_weight, a.target)
     check_per_token_float("advantages", a.advantages, a.target)
     for name in ("old_logprobs", "ref_logprobs", "entropy_weight"):
@@ -86,6 +96,8 @@ GRPO = register(
             Input("old_logprobs", "Tensor?"),
             Input("ref_logprobs", "Tensor?"),
             Input("entropy_weight", "Tensor?"),
+            SAMPLING_MASK,
+            TOKEN_TEMPERATURE,
         ),
         options=(
             Option("loss_type", "str", "grpo", V.one_of(*LOSS_TYPES)),
@@ -104,6 +116,7 @@ GRPO = register(
             CHUNK_SIZE,
             Option("all_logprobs", "bool", True),
             PRECISION,
+            ENTROPY_OVER,
         ),
         outputs=("loss", "logprobs", "entropy"),
         shapes=_grpo,

@@ -19,12 +19,58 @@ from .linear_ce import CHUNK_SIZE, PRECISION, PROJECTION
 TEMPERATURE = Option("temperature", "float", 1.0, V.positive)
 
 LM_INPUTS = (*PROJECTION, Input("target"), Input("bias", "Tensor?", grad=True))
+# the token ids the sampler kept per token ([..., K], -1 padding): the log-probability is renormalized over
+# them (and the target); no gradient.  Last among the inputs (and entropy_over last among the options), so
+# that the ops' earlier positional arguments keep their places
+SAMPLING_MASK = Input("sampling_mask", "Tensor?")
+# one temperature per token (the front ends' tensor ``temperature``, expanded to the target's shape; the option
+# ``temperature`` is then 1): no gradient
+TOKEN_TEMPERATURE = Input("token_temperature", "Tensor?", refuse_grad=True)
+# the entropy output (and its gradient) over the whole vocabulary, or over the kept set of sampling_mask
+ENTROPY_OVER = Option("entropy_over", "str", "full", V.one_of("full", "kept"))
+
+
+def check_sampling_mask(a, target_name: str = "target") -> None:
+    """``sampling_mask``: integer ids shaped ``target.shape + (K,)`` (K >= 1) on its device; ``entropy_over=
+    "kept"`` needs one."""
+    mask = a.sampling_mask
+    if mask is None:
+        if a.entropy_over == "kept":
+            V.fail("entropy_over='kept' needs sampling_mask (the kept token ids per token)")
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"sampling_mask must be a Tensor or None, got {type(mask).__name__}")
+    if mask.dtype not in V.INDEX:
+        V.fail(f"sampling_mask must hold int64 or int32 token ids (-1 padding), got {mask.dtype}")
+    shape = tuple(a.target.shape)
+    if mask.dim() != len(shape) + 1 or tuple(mask.shape[:-1]) != shape or mask.shape[-1] < 1:
+        V.fail(
+            f"sampling_mask must have shape {target_name}.shape + (K,) = {shape} + (K,) with K >= 1, "
+            f"got {tuple(mask.shape)}"
+        )
+    if mask.device != a.target.device:
+        V.fail(f"sampling_mask is on {mask.device} but {target_name} is on {a.target.device}")
+
+
+def check_token_temperature(a, target_name: str = "target") -> None:
+    """``token_temperature``: floats shaped like the target, on its device."""
+    temp = a.token_temperature
+    if temp is None:
+        return
+    if not isinstance(temp, torch.Tensor) or not temp.is_floating_point():
+        V.fail(f"a temperature tensor must hold floats, got {getattr(temp, 'dtype', type(temp).__name__)}")
+    if tuple(temp.shape) != tuple(a.target.shape):
+        V.fail(f"temperature shape {tuple(temp.shape)} must broadcast to {target_name}'s shape {tuple(a.target.shape)}")
+    if temp.device != a.target.device:
+        V.fail(f"temperature is on {temp.device} but {target_name} is on {a.target.device}")
 
 
 def check(a) -> None:
-    """``memops::linear_logprobs``: projection and target."""
+    """``memops::linear_logprobs``: projection, target, sampling mask and per-token temperatures."""
     V.check_projection(a.input, a.weight, a.bias)
     V.check_target(a.input, a.target)
+    check_sampling_mask(a)
+    check_token_temperature(a)
 
 
 # the per-token outputs besides the log-probabilities, each computed only when asked for (its option)
@@ -45,7 +91,7 @@ def _logprobs(a):
 LOGPROBS = register(
     Spec(
         name="linear_logprobs",
-        inputs=LM_INPUTS,
+        inputs=(*LM_INPUTS, SAMPLING_MASK, TOKEN_TEMPERATURE),
         options=(
             TEMPERATURE,
             Option("logit_scale", "float", 1.0),
@@ -53,6 +99,7 @@ LOGPROBS = register(
             *(Option("return_" + name, "bool", False) for name in EXTRAS),
             CHUNK_SIZE,
             PRECISION,
+            ENTROPY_OVER,
         ),
         outputs=("logprobs", *EXTRAS),
         differentiable=("logprobs", "entropy"),

@@ -77,6 +77,7 @@ def chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
     weight, bias = a.weight, a.bias
     entropy = ent_w is not None or a.return_entropy
     reducer = reducer_of(a)
+    temps = logprobs.token_temperatures(a, engine.compute_dtype(x2d.dtype))
 
     def c1_of(sel, logp):
         with autograd_inside_kernel():
@@ -103,10 +104,13 @@ def chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args):
         softcap=a.softcap,
         reducer=reducer,
         accurate=a.precision == "accurate",
+        kept=logprobs.kept_set(a, t1d, reducer.vocab_of(weight)),
+        entropy_over=a.entropy_over,
+        token_temperature=temps,
     )
     masked = (w == 0) if ent_w is None else (w == 0) & (ent_w == 0)
     needed = ok = None
-    scale = a.logit_scale / a.temperature
+    scale = logprobs.plan_scale(a, temps)
     if a.beta == 0 and not a.all_logprobs and a.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
         needed = ~(masked & _unreachable(adv, old, a.epsilon_low, a.epsilon_high))
         ok = plan.bounded(x2d, weight, bias, scale, reducer=reducer)
@@ -145,13 +149,17 @@ def sequence_chunks(x2d, t1d, w, adv, old, ref, ent_w, upstream, need, a: Args, 
     over the ``[B, T]`` log-probs gives every coefficient, and a second pass computes the gradients: one
     projection-sized matmul more than the token level's three."""
     entropy = ent_w is not None or a.return_entropy
+    reducer = reducer_of(a)
     common = dict(
         temperature=a.temperature,
         chunk_size=a.chunk_size,
         logit_scale=a.logit_scale,
         softcap=a.softcap,
-        reducer=reducer_of(a),
+        reducer=reducer,
         accurate=a.precision == "accurate",
+        kept=logprobs.kept_set(a, t1d, reducer.vocab_of(a.weight)),
+        entropy_over=a.entropy_over,
+        token_temperature=logprobs.token_temperatures(a, engine.compute_dtype(x2d.dtype)),
     )
     logp, ent, *_ = logprobs.chunks(x2d, a.weight, t1d, a.bias, entropy=entropy, coef=None, need=(False,) * 3, **common)
     if upstream is None:
@@ -277,7 +285,7 @@ def linear_grpo_loss(
     beta: float = 0.0,
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     loss_type: str = "grpo",
     importance_sampling_level: str = "token",
     delta: float | None = None,
@@ -285,6 +293,8 @@ def linear_grpo_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     entropy_coef: float = 0.0,
+    sampling_mask: Tensor | None = None,
+    entropy_over: str = "full",
     logit_scale: float = 1.0,
     softcap: float | None = None,
     max_completion_length: int | None = None,
@@ -306,11 +316,16 @@ def linear_grpo_loss(
     ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (masked token fractions whose ratio was clipped
     against the advantage's sign; ``cispo_clip_ratio`` for cispo), ``entropy`` (masked mean) with an entropy
     bonus, and, when ``ref_logprobs`` is given, ``kl`` (masked mean of the KL term).
+
+    ``sampling_mask`` (``[B, T, K]`` token ids, -1 padding) and ``entropy_over``: as ``linear_logprobs``: the
+    policy's log-probabilities (hence every ratio, the KL and the loss) renormalized over the tokens the
+    sampler kept, the entropy bonus over the whole vocabulary or the kept set.
     """
     meta_grpo.check_front(input, completion_ids, completion_mask, advantages, loss_type, max_completion_length)
     validation.check_finite("entropy_coef", entropy_coef)
     cdt = engine.compute_dtype(input.dtype)
     spec, parallel = resolve(GRPO, _parallel)
+    temperature, token_temperature = logprobs.split_temperature(temperature, completion_ids, "completion_ids")
     # sequence parallelism: the token weights, the metrics and which log-probs they read are the group's
     whole, mine = _group_rows(_parallel, completion_ids.shape[0], input.device)
     mask_all = whole(completion_mask)
@@ -353,6 +368,9 @@ def linear_grpo_loss(
         logit_scale=logit_scale,
         softcap=softcap,
         return_entropy=ent_w is not None,
+        sampling_mask=sampling_mask,
+        token_temperature=token_temperature,
+        entropy_over=entropy_over,
         chunk_size=chunk_size,
         precision=config.precision_of(precision),
         all_logprobs=all_logprobs,

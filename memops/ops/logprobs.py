@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,6 +34,64 @@ from .reducer import LOCAL, Reducer, reducer_of
 
 # coef(sel, logp, entropy) -> (c1 [n] or None, c2 [n] or None); None means no gradient.
 Coef = Callable[["slice | Tensor", Tensor, Tensor | None], tuple | None]
+
+
+def kept_set(a: Args, t1d: Tensor, vocab: int) -> Tensor | None:
+    """``sampling_mask`` as :func:`chunks` takes it: ``[N, K + 1]`` int64, each row's kept ids with its target
+    added (a target outside its row's kept set counts as kept: its log-probability stays finite), each id
+    once, -1 elsewhere; ids out of ``[-1, vocab)`` refused by name.  None without a mask."""
+    mask = a.sampling_mask
+    if mask is None:
+        return None
+    n = t1d.numel()
+    rows = mask.reshape(n, mask.shape[-1])
+    validation.check_target_range(rows, vocab, -1, "sampling_mask", "padding")
+    ids = torch.cat([rows.long(), t1d.long().reshape(n, 1)], dim=1).sort(dim=1).values
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    return ids.masked_fill_(repeat, -1)
+
+
+def split_temperature(temperature, target: Tensor, name: str = "target") -> tuple[float, Tensor | None]:
+    """A front end's ``temperature``: a number, or a tensor broadcastable to ``target`` (one per token, or per
+    sequence as ``[B, 1]``), then passed to the op expanded to ``target``'s shape with the option at 1.  A
+    tensor that requires grad is refused: the ops have no derivative for it."""
+    if not isinstance(temperature, Tensor):
+        return float(temperature), None
+    if temperature.requires_grad and torch.is_grad_enabled():
+        validation.fail("temperature requires grad, but the ops give it no gradient: pass temperature.detach()")
+    try:
+        expanded = temperature.expand(target.shape)
+    except RuntimeError:
+        validation.fail(
+            f"temperature shape {tuple(temperature.shape)} must broadcast to {name}'s shape {tuple(target.shape)}"
+        )
+    return 1.0, expanded.contiguous()
+
+
+def token_temperatures(a: Args, cdt: torch.dtype) -> Tensor | None:
+    """The call's per-token temperatures as rows ``[N]`` in the compute dtype, checked positive (reads tensor
+    data: one device-to-host copy; sync-free a device-side assert), or None."""
+    temp = a.token_temperature
+    if temp is None:
+        return None
+    rows = temp.reshape(-1).to(cdt)
+    if rows.numel():
+        positive = (rows > 0).all() & rows.isfinite().all()
+        if config.is_sync_free(rows):
+            torch._assert_async(positive, "memops: every temperature must be finite and > 0")
+        elif not bool(positive):
+            bad = rows[~((rows > 0) & rows.isfinite())][0].item()
+            validation.fail(f"every temperature must be finite and > 0, got {bad}")
+    return rows
+
+
+def plan_scale(a: Args, rows: Tensor | None):
+    """The largest factor on the projection's logits before any soft-capping: ``logit_scale / temperature``
+    (the smallest per-token temperature's, a 0-dim tensor, when there is one per token)."""
+    if rows is None or not rows.numel():
+        return a.logit_scale / a.temperature
+    return a.logit_scale / rows.min()
 
 
 def chunks(
@@ -54,6 +113,9 @@ def chunks(
     extras: dict | None = None,
     reducer: Reducer = LOCAL,
     accurate: bool = False,
+    kept: Tensor | None = None,
+    entropy_over: str = "full",
+    token_temperature: Tensor | None = None,
 ):
     """Run the head over ``x2d`` (only ``rows`` when given; see ``engine.run``), writing the per-row
     log-probs (and entropy) into ``out`` when given, else into new ``[N]`` tensors.  ``extras`` maps
@@ -67,7 +129,15 @@ def chunks(
 
     With a group ``reducer`` ``weight`` holds the vocabulary rows ``reducer.start ...``: the row max, then
     the sums (exponentials, the target logit, those of the entropy and the extras) are reduced across the
-    group once per chunk (``is_top1``: two more), and the gradients are this shard's."""
+    group once per chunk (``is_top1``: two more), and the gradients are this shard's.
+
+    ``kept`` (``[N, K]``, :func:`kept_set`): each row's kept token ids (the target among them, each once, -1
+    elsewhere): the log-probability is renormalized over them, ``z_t - logsumexp_kept(z)``, with gradient
+    ``onehot - p_kept`` on the kept ids; the entropy too with ``entropy_over="kept"``.  The kept logits'
+    maximum is reduced with the row's, their sums with the others: no extra collective per chunk.
+
+    ``token_temperature`` (``[N]``, compute dtype): each row's temperature in place of ``temperature``, applied
+    in the head after soft-capping (the unfused order), its gradient too."""
     n = x2d.shape[0]
     cdt = engine.compute_dtype(x2d.dtype)
     if out is None:
@@ -78,7 +148,14 @@ def chunks(
     logp_rows, ent_rows = out
     extras = extras or {}
     inv_t = 1.0 / temperature
-    in_head = softcap is not None and inv_t != 1.0  # the temperature after soft-capping
+    inv_rows = None if token_temperature is None else token_temperature.reciprocal()
+    # the temperature after soft-capping, or one per row: applied by the head
+    in_head = (softcap is not None and inv_t != 1.0) or inv_rows is not None
+
+    def tempered(z: Tensor, sel) -> Tensor:
+        """``z`` divided by the temperature in place (its row's when there is one per row)."""
+        return z.mul_(inv_t) if inv_rows is None else z.mul_(inv_rows[sel].unsqueeze(1))
+
     if fixed is not None:
         c1_all, c2_all = fixed
 
@@ -89,10 +166,13 @@ def chunks(
     vocab = reducer.vocab_of(weight)
     t_all = t1d.long()
     mine_all, safe_all = reducer.owned(t_all, weight.shape[0])  # the target's row in this weight
+    if kept is not None:  # each kept id's row in this weight, and whether this weight holds it
+        kown_all, kidx_all = reducer.owned_valid(kept, kept >= 0, weight.shape[0])
+    ent_kept = entropy and kept is not None and entropy_over == "kept"
 
     def head(z: Tensor, sel):
         if in_head:
-            z.mul_(inv_t)
+            tempered(z, sel)
         t = safe_all[sel].unsqueeze(1)
         z_sum = None
         if "mean_logits" in extras:
@@ -103,34 +183,61 @@ def chunks(
         if "is_top1" in extras:  # the first maximum, as argmax: a tie with an earlier token is not top-1
             extras["is_top1"][sel] = reducer.first_argmax(z) == t_all[sel]
         zmax = z.amax(dim=1, keepdim=True)
-        reducer.max_(zmax)
+        # the kept set's logits, maximum, ownership and rows in this weight: None without a sampling mask
+        zk: Any = None
+        kmax: Any = None
+        kown: Any = None
+        kidx: Any = None
+        if kept is not None:  # the kept logits and their maximum (-inf where this weight does not hold the id)
+            kown, kidx = kown_all[sel], kidx_all[sel]
+            zk = z.gather(1, kidx).masked_fill_(~kown, -torch.inf)
+            kmax = zk.amax(dim=1)
+        reducer.max_(zmax, kmax)
         z.sub_(zmax)  # z <- s = z - rowmax
         s_t = z.gather(1, t).squeeze(1)
         if mine_all is not None:  # summed over the group: the shards that do not hold the target add 0
             s_t = torch.where(mine_all[sel], s_t, 0.0)
-        if entropy:
+        full_entropy = entropy and not ent_kept
+        if full_entropy:
             e = torch.exp(z)
             total, ez = e.sum(dim=1), (e * z).sum(dim=1)
         else:
             z.exp_()
             e, total, ez = z, z.sum(dim=1), None
         e_sq = e.square().sum(dim=1) if "log_sum_sq_probs" in extras else None
-        reducer.sum_(total, s_t, ez, e_sq, z_sum)
+        ek = dk = k_total = k_ez = None
+        if zk is not None:  # exp(z_k - kmax) over the kept ids, and for the kept entropy sum p_k (z_k - kmax)
+            dk = torch.where(kown, zk - kmax.unsqueeze(1), 0.0)
+            ek = torch.where(kown, dk.exp(), 0.0)
+            k_total = ek.sum(dim=1)
+            k_ez = (ek * dk).sum(dim=1) if ent_kept else None
+        reducer.sum_(total, s_t, ez, e_sq, z_sum, k_total, k_ez)
         log_total = total.log()
         ent = None
         if ez is not None:  # the entropy asked for
             ent = log_total - ez / total  # H = log sum e^s - sum p s
             ent_rows[sel] = ent
+        log_k = None
+        if k_total is not None:
+            log_k = k_total.log()
+            if k_ez is not None:  # the entropy over the kept set
+                ent = log_k - k_ez / k_total
+                ent_rows[sel] = ent
         if e_sq is not None:
             extras["log_sum_sq_probs"][sel] = e_sq.log() - 2 * log_total
         if z_sum is not None:
             extras["mean_logits"][sel] = z_sum / vocab
-        logp = s_t - log_total
+        if log_k is None:
+            logp = s_t - log_total
+        else:  # z_t - logsumexp_kept(z) = s_t + rowmax - kmax - log sum_kept exp(z_k - kmax)
+            logp = s_t + (zmax.squeeze(1) - kmax) - log_k
         logp_rows[sel] = logp
         c = coef(sel, logp, ent) if coef is not None else None
         if c is None:
             return None
         c1, c2 = c
+        if log_k is not None:
+            return kept_grad(z, e, total, log_total, ent, t, sel, c1, c2, ek, dk, k_total, log_k, kown, kidx)
         if c2 is not None:  # z holds s: -p * (c1 + c2 * (s - log_total + H))
             assert ent is not None, "an entropy coefficient needs the entropy"
             z.add_((ent - log_total).unsqueeze(1)).mul_(c2.unsqueeze(1))
@@ -143,9 +250,31 @@ def chunks(
             z.mul_((-c1 / total).unsqueeze(1))
         if c1 is not None:
             z.scatter_add_(1, t, (c1 if mine_all is None else torch.where(mine_all[sel], c1, 0.0)).unsqueeze(1))
-        return z.mul_(inv_t) if in_head else z
+        return tempered(z, sel) if in_head else z
 
-    fused = local and triton_heads.wanted(x2d)
+    def kept_grad(z, e, total, log_total, ent, t, sel, c1, c2, ek, dk, k_total, log_k, kown, kidx):
+        """d/dz with a kept set: ``c1 (onehot - p_kept)`` on the kept ids, plus the entropy's term: the full
+        vocabulary's ``-c2 p (s - log_total + H)`` (z holds s) or the kept set's ``-c2 p_k (d_k - log_k +
+        H_k)``."""
+        if c2 is not None and not ent_kept:
+            assert ent is not None, "an entropy coefficient needs the entropy"
+            z.add_((ent - log_total).unsqueeze(1)).mul_(c2.unsqueeze(1)).mul_(e).mul_((-1.0 / total).unsqueeze(1))
+        else:
+            z.zero_()
+        pk = ek / k_total.unsqueeze(1)
+        sparse = None
+        if c1 is not None:
+            sparse = pk * (-c1).unsqueeze(1)
+        if c2 is not None and ent_kept:
+            term = pk * (dk - (log_k - ent).unsqueeze(1)) * (-c2).unsqueeze(1)
+            sparse = term if sparse is None else sparse.add_(term)
+        if sparse is not None:
+            z.scatter_add_(1, kidx, torch.where(kown, sparse, 0.0))
+        if c1 is not None:
+            z.scatter_add_(1, t, (c1 if mine_all is None else torch.where(mine_all[sel], c1, 0.0)).unsqueeze(1))
+        return tempered(z, sel) if in_head else z
+
+    fused = local and kept is None and inv_rows is None and triton_heads.wanted(x2d)
     if fused:  # the same head in Triton: one launch per chunk (two with ``coef``: forward, then gradient)
         scale = logit_scale if in_head else logit_scale * inv_t
         fused_coef = None if fixed is not None else coef
@@ -189,6 +318,7 @@ def forward(a: Args, need: list) -> tuple:
         a.weight,
         t1d,
         a.bias,
+        token_temperature=token_temperatures(a, cdt),
         temperature=a.temperature,
         entropy=a.return_entropy,
         coef=None,
@@ -199,6 +329,8 @@ def forward(a: Args, need: list) -> tuple:
         extras=extras,
         reducer=reducer,
         accurate=a.precision == "accurate",
+        kept=kept_set(a, t1d, reducer.vocab_of(a.weight)),
+        entropy_over=a.entropy_over,
     )
     shaped = [logp, ent] + [extras.get(name) for name in EXTRAS[1:]]
     return tuple(placeholder(logp) if t is None else t.view(a.target.shape) for t in shaped), []
@@ -222,12 +354,14 @@ def gradients(a: Args, grad_outputs: list, need: list) -> list:
         needed = needed.to(torch.uint8)
         reducer.max_(needed)
         needed = needed.bool()
-    rows = plan.plan(x2d, a.weight, a.bias, a.logit_scale / a.temperature, needed=needed, reducer=reducer).full
+    temps = token_temperatures(a, cdt)
+    rows = plan.plan(x2d, a.weight, a.bias, plan_scale(a, temps), needed=needed, reducer=reducer).full
     *_, gx, gw, gb = chunks(
         x2d,
         a.weight,
         t1d,
         a.bias,
+        token_temperature=temps,
         temperature=a.temperature,
         entropy=g2 is not None,
         fixed=(g1, g2),
@@ -238,6 +372,8 @@ def gradients(a: Args, grad_outputs: list, need: list) -> list:
         softcap=a.softcap,
         reducer=reducer,
         accurate=a.precision == "accurate",
+        kept=kept_set(a, t1d, reducer.vocab_of(a.weight)),
+        entropy_over=a.entropy_over,
     )
     return engine.grads_out(gx, gw, gb, a.input, a.weight, a.bias)
 
@@ -251,11 +387,13 @@ def linear_logprobs(
     target: Tensor,
     bias: Tensor | None = None,
     *,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     return_entropy: bool = False,
     logit_scale: float = 1.0,
     softcap: float | None = None,
     extras: Sequence[str] = (),
+    sampling_mask: Tensor | None = None,
+    entropy_over: str = "full",
     chunk_size: int | None = None,
     precision: str | None = None,
     _parallel: Layout | None = None,
@@ -270,12 +408,21 @@ def linear_logprobs(
     ``"mean_logits"`` (mean of the tempered logits over the vocabulary), ``"is_top1"`` (the target is the
     first most likely token); then a dict is returned with ``"log_probs"``, ``"entropy"`` when asked for, and
     each extra.  Results are fp32 (fp64 for fp64 inputs); ``is_top1`` is bool.
+
+    ``sampling_mask`` (``target.shape + (K,)`` integer ids, -1 padding, duplicates allowed): the tokens the
+    sampler kept (top-k / top-p) per token.  The log-probability is then the sampler's, renormalized over the
+    kept set: ``z_t / T - logsumexp_{j kept}(z_j / T)``, gradient exact; a target outside its row's kept set
+    counts as kept.  ``temperature`` may be a tensor broadcastable to ``target`` (one per token, or ``[B, 1]``
+    per sequence; positive, without gradient), applied after soft-capping as the sampler does.  The entropy
+    stays over the whole vocabulary (``entropy_over="full"``) or is the kept
+    set's (``entropy_over="kept"``); the other extras are the whole vocabulary's.
     """
     extras = tuple(extras)
     unknown = sorted(set(extras) - set(EXTRAS[1:]))
     if unknown:
         raise ValueError(f"extras must be among {EXTRAS[1:]}, got {unknown}")
     spec, parallel = resolve(LOGPROBS, _parallel)
+    temperature, token_temperature = split_temperature(temperature, target)
     out = spec.call(
         **parallel,
         input=input,
@@ -286,6 +433,9 @@ def linear_logprobs(
         logit_scale=logit_scale,
         softcap=softcap,
         return_entropy=bool(return_entropy),
+        sampling_mask=sampling_mask,
+        token_temperature=token_temperature,
+        entropy_over=entropy_over,
         chunk_size=chunk_size,
         precision=config.precision_of(precision),
         **{"return_" + name: name in extras for name in EXTRAS[1:]},

@@ -304,6 +304,21 @@ def gather_tokens(t: Tensor, group, sizes: list[int]) -> Tensor:
     return torch.cat([every[r, :n] for r, n in enumerate(sizes)])
 
 
+def _same_width(ids: Tensor, group) -> Tensor:
+    """``sampling_mask`` rows ``[n, K]`` (int64) padded with -1 to the group's largest ``K``, so that the ranks'
+    rows gather: one all-gather of the widths, read on the host.  Sync-free every rank must hold the same
+    ``K``, which a device-side assert checks."""
+    k = ids.shape[1]
+    widths = all_gather(torch.full((1,), k, dtype=torch.int64, device=ids.device), group)
+    if config.is_sync_free(widths):
+        torch._assert_async(
+            (widths == k).all(), "memops: sync-free sequence parallelism needs the same sampling_mask K on every rank"
+        )
+        return ids
+    most = int(widths.max())
+    return ids if most == k else torch.cat([ids, ids.new_full((ids.shape[0], most - k), -1)], dim=1)
+
+
 # inputs holding one row per token (hidden states: gathered one chunk at a time; the rest: whole, once per call)
 _ROW_INPUTS = ("input", "teacher_input")
 _PER_TOKEN = (
@@ -315,6 +330,8 @@ _PER_TOKEN = (
     "entropy_weight",
     "teacher_topk_ids",
     "teacher_topk_logprobs",
+    "sampling_mask",
+    "token_temperature",
 )
 
 
@@ -328,7 +345,10 @@ def _whole(a: Args):
     for name in _PER_TOKEN:
         t = getattr(a, name, None)
         if t is not None:
-            values[name] = gather_tokens(t.reshape((n, *t.shape[lead:])), group, sizes)
+            rows = t.reshape((n, *t.shape[lead:]))
+            if name == "sampling_mask":  # each rank's own K (and id dtype)
+                rows = _same_width(rows.long(), group)
+            values[name] = gather_tokens(rows, group, sizes)
     for name in _ROW_INPUTS:
         t = getattr(a, name, None)
         if t is not None:
