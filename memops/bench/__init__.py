@@ -67,7 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="cross_entropy",
         help="cross_entropy (memops.linear_cross_entropy), class_weighted (cross-entropy with class weights and "
         "label smoothing 0.1), grpo (memops.linear_grpo_loss: a GRPO "
-        "step on --batch completions), distill (memops.linear_distillation_loss against a teacher "
+        "step on --batch completions), logprobs (memops.linear_logprobs: the masked mean negative log-prob of "
+        "--batch completions, what an SFT-on-samples or REINFORCE step trains), distill "
+        "(memops.linear_distillation_loss against a teacher "
         "projection of the same size) or any registered transform, e.g. focal "
         "(memops.linear_loss; the baselines apply the same function to the full logits)",
     )
@@ -79,6 +81,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the fraction of completion tokens masked out (default %(default)s)",
     )
     p.add_argument("--batch", type=int, default=8, help="completions B of --loss grpo (tokens = B x T; default 8)")
+    p.add_argument(
+        "--kept",
+        type=int,
+        default=0,
+        help="--loss grpo and logprobs: a sampling mask of this many kept ids per token (the sampler's top-k / "
+        "top-p), the log-probs renormalized over them (memops: sampling_mask=; the unfused baselines: "
+        "log_softmax of the logits with the other ids at -inf); 0 (default): none",
+    )
     p.add_argument(
         "--beta",
         type=float,
@@ -140,7 +150,7 @@ def _resolve(args) -> list[dict]:
     args.bias = bool(args.bias or preset.get("bias"))
     if args.dtype is None:
         args.dtype = "bfloat16" if args.preset == "seed-harness" else "float32"
-    if args.bias and args.loss in ("grpo", "distill", "class_weighted"):
+    if args.bias and args.loss in ("grpo", "logprobs", "distill", "class_weighted"):
         raise SystemExit(f"--bias: cross-entropy and transforms only, not --loss {args.loss}")
     for name in ("tokens", "hidden", "vocab", "reps"):
         if getattr(args, name) < 1:
@@ -154,9 +164,11 @@ def _resolve(args) -> list[dict]:
             raise SystemExit("--loss distill takes no --softcap")
         if not 0 <= args.beta <= 1:
             raise SystemExit(f"--beta of --loss distill must be in [0, 1], got {args.beta!r}")
-    if args.loss == "grpo":
+    if args.kept < 0 or (args.kept and args.loss not in ("grpo", "logprobs")):
+        raise SystemExit("--kept: a non-negative count, with --loss grpo or logprobs only")
+    if args.loss in ("grpo", "logprobs"):
         if args.softcap is not None:
-            raise SystemExit("--loss grpo takes no --softcap")
+            raise SystemExit(f"--loss {args.loss} takes no --softcap")
         if args.batch < 1:
             raise SystemExit("--batch must be >= 1")
         if not math.isfinite(args.beta):
@@ -190,10 +202,10 @@ def _resolve(args) -> list[dict]:
 
 
 def _check_grpo(shapes: list[dict], args) -> list[dict]:
-    if args.loss == "grpo":
+    if args.loss in ("grpo", "logprobs"):
         for s in shapes:
             if s["tokens"] % args.batch:
-                raise SystemExit(f"--loss grpo needs tokens ({s['tokens']}) divisible by --batch ({args.batch})")
+                raise SystemExit(f"--loss {args.loss} needs tokens ({s['tokens']}) divisible by --batch ({args.batch})")
     return shapes
 
 
@@ -271,7 +283,7 @@ def main(args) -> int:
 
     import memops
 
-    if args.loss not in ("grpo", "distill", "class_weighted"):
+    if args.loss not in ("grpo", "logprobs", "distill", "class_weighted"):
         try:
             memops.registry.get_transform(args.loss)  # unknown names fail here, before any worker starts
         except (KeyError, ValueError) as exc:
@@ -286,6 +298,10 @@ def main(args) -> int:
         softcap += " with bias"
     if args.loss == "grpo":
         softcap += f", {args.ignored:.0%} of completion tokens masked, beta={args.beta:g}"
+    elif args.loss == "logprobs":
+        softcap += f", {args.ignored:.0%} of completion tokens masked"
+    if args.kept:
+        softcap += f", a sampling mask of {args.kept} kept ids per token"
     elif args.loss == "distill":
         softcap += f", {args.ignored:.0%} of targets ignored, beta={args.beta:g}"
     else:

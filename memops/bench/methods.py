@@ -72,7 +72,7 @@ def unavailable(method: str, loss: str, device: str, softcap: float | None = Non
             return "not installed (pip install triton)"
         if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
             return "CUDA only (or TRITON_INTERPRET=1: the interpreter, for a dry run)"
-    if method in KERNEL_CHOICE and loss not in ("cross_entropy", "grpo", CLASS_WEIGHTED):
+    if method in KERNEL_CHOICE and loss not in ("cross_entropy", "grpo", "logprobs", CLASS_WEIGHTED):
         return "Triton heads: cross-entropy and GRPO (other losses keep the torch heads)"
     if method == "torch_lce":
         import torch.nn.functional as F
@@ -86,7 +86,7 @@ def unavailable(method: str, loss: str, device: str, softcap: float | None = Non
     if method == "floor" and loss == "distill":
         return "three-matmul floor of a single projection"
     if method == "trl":
-        if loss not in ("distill", "grpo"):
+        if loss not in ("distill", "grpo", "logprobs"):
             return "--loss distill or grpo only"
         if importlib.util.find_spec("trl") is None:
             return "not installed (pip install 'trl==1.16.*')"
@@ -230,10 +230,44 @@ def _unfused_family(method: str, unfused):
     return None
 
 
-def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, masked: float, beta: float):
+def kept_ids(tokens: int, vocab: int, kept: int, device: str):
+    """A sampling mask of ``kept`` ids per token (fixed seed), as a sampler's top-k / top-p returns them; None
+    for 0."""
+    import torch
+
+    if not kept:
+        return None
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, vocab, (tokens, kept), generator=g).to(device)
+
+
+def _masked_logits(logits, t, kept):
+    """The unfused baselines' sampling mask: every id outside the row's kept set (and its target) at -inf."""
+    import torch
+
+    if kept is None:
+        return logits
+    keep = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    keep.scatter_(-1, kept, True)
+    keep.scatter_(-1, t[:, None], True)
+    return logits.masked_fill(~keep, -torch.inf)
+
+
+def _build_grpo(
+    method: str,
+    tokens: int,
+    vocab: int,
+    batch: int,
+    device: str,
+    masked: float,
+    beta: float,
+    kept: int = 0,
+    loss: str = "grpo",
+):
     import torch
 
     fixed = grpo_data(tokens, vocab, batch, device, masked)
+    mask_ids = kept_ids(tokens, vocab, kept, device)
 
     def data(x):
         mask, adv, old, ref = fixed
@@ -241,8 +275,10 @@ def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, m
             return mask, adv.double(), old.double(), ref.double()
         return mask, adv, old, ref
 
-    def formula(logp, x):  # TRL GRPOTrainer, loss_type="grpo"
+    def formula(logp, x):  # TRL GRPOTrainer, loss_type="grpo"; --loss logprobs: the masked mean -log p
         m, a, o, r = data(x)
+        if loss == "logprobs":
+            return -(logp * m).sum() / m.sum().clamp(min=1.0)
         coef_1 = torch.exp(logp - o)
         coef_2 = torch.clamp(coef_1, 0.8, 1.2)
         per_token = -torch.min(coef_1 * a[:, None], coef_2 * a[:, None])
@@ -250,8 +286,9 @@ def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, m
             per_token = per_token + beta * (torch.exp(r - logp) - (r - logp) - 1)
         return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
 
-    def logp_of(x, w, t, upcast=True):
-        return torch.log_softmax(_logits(x, w, None, upcast), -1).gather(-1, t[:, None]).squeeze(-1)
+    def logp_of(x, w, t, upcast=True, ids=mask_ids):
+        logits = _masked_logits(_logits(x, w, None, upcast), t, ids)
+        return torch.log_softmax(logits, -1).gather(-1, t[:, None]).squeeze(-1)
 
     def unfused(x, w, t, upcast=True):
         return formula(logp_of(x, w, t, upcast).view(batch, -1), x)
@@ -262,10 +299,16 @@ def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, m
     if method == "floor":
         return _floor
     if method == "chunked":
+        ids = [None] * CHUNKS if mask_ids is None else mask_ids.chunk(CHUNKS)
         return lambda x, w, t: formula(
-            torch.cat([logp_of(xc, w, tc) for xc, tc in zip(x.chunk(CHUNKS), t.chunk(CHUNKS))]).view(batch, -1), x
+            torch.cat([logp_of(xc, w, tc, True, kc) for xc, tc, kc in zip(x.chunk(CHUNKS), t.chunk(CHUNKS), ids)]).view(
+                batch, -1
+            ),
+            x,
         )
     if method == "trl":
+        if kept:
+            raise ValueError("TRL 1.16's chunked log-probs take no sampling mask")
         from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
 
         def trl_step(x, w, t):
@@ -276,8 +319,13 @@ def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, m
     if method == "memops":
         import memops
 
+        sampling = None if mask_ids is None else mask_ids.view(batch, -1, kept)
+
         def fused(x, w, t):
             m, a, o, r = data(x)
+            if loss == "logprobs":
+                logp = memops.linear_logprobs(x, w, t, sampling_mask=None if sampling is None else mask_ids)
+                return formula(logp.view(batch, -1), x)
             return memops.linear_grpo_loss(
                 x.view(batch, -1, x.shape[-1]),
                 w,
@@ -287,6 +335,7 @@ def _build_grpo(method: str, tokens: int, vocab: int, batch: int, device: str, m
                 old_logprobs=o,
                 ref_logprobs=r if beta != 0 else None,
                 beta=beta,
+                sampling_mask=sampling,
             )[0]
 
         return fused
@@ -360,6 +409,7 @@ def build(
     batch: int = 1,
     ignored: float = 0.1,
     beta: float | None = None,
+    kept: int = 0,
 ):
     """The step function of ``method``: ``fn(x, w, t) -> scalar loss`` (mean over non-ignored tokens)."""
     if method in VARIANTS:  # each method runs in a process of its own: the choice is global there
@@ -373,8 +423,9 @@ def build(
             memops.set_kernels(KERNEL_CHOICE[method])
         method = "memops"
 
-    if loss == "grpo":
-        return _build_grpo(method, tokens, vocab, batch, device, ignored, GRPO_BETA if beta is None else beta)
+    if loss in ("grpo", "logprobs"):
+        beta = GRPO_BETA if beta is None else beta
+        return _build_grpo(method, tokens, vocab, batch, device, ignored, beta, kept, loss)
     if loss == "distill":
         return _build_distill(method, vocab, DISTILL_BETA if beta is None else beta)
     if loss == CLASS_WEIGHTED:

@@ -78,7 +78,7 @@ def make_inputs(
     x = torch.randn(n, d, generator=g, device=device).to(dtype=dtype)
     w = (torch.randn(v, d, generator=g, device=device) / d**0.5).to(dtype=dtype)
     t = torch.randint(0, v, (n,), generator=g, device=device)
-    if loss != "grpo":  # GRPO masks tokens through its completion mask instead
+    if loss not in ("grpo", "logprobs"):  # these mask tokens through a completion mask instead
         # padding / prompt tokens, as in real batches: a random ``ignored`` fraction of the targets
         t[torch.randperm(n, generator=g, device=device)[: round(ignored * n)]] = -100
     return x.requires_grad_(True), w.requires_grad_(True), t
@@ -159,6 +159,7 @@ def run_worker(args) -> None:
         batch=args.batch,
         ignored=args.ignored,
         beta=args.beta,
+        kept=getattr(args, "kept", 0),
     )
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -255,6 +256,8 @@ class Worker:
             repr(args.ignored),
             "--beta",
             repr(args.beta),
+            "--kept",
+            str(getattr(args, "kept", 0)),
         ]
         if args.softcap is not None:
             cmd += ["--softcap", repr(args.softcap)]
