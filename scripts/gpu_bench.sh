@@ -80,6 +80,10 @@ step grpo-llama3-8b-bf16 50 "${BENCH[@]}" --loss grpo --preset llama3-8b --dtype
 step gemma2-2b-bf16 35 "${BENCH[@]}" --preset gemma2-2b --dtype bfloat16 --tokens "$TOKENS" --reps 3 --no-check \
     --methods memops_triton,memops_torch,compile,floor "${EXTRA[@]}" --json "$WORK/gemma2-2b-bf16.json"
 step overhead 20 "${BENCH[@]}" --preset overhead --json "$WORK/overhead.json"
+# log-probs as the sampler drew them: a top-p-sized sampling mask (1000 kept ids per token) on Qwen's vocabulary
+step sampling-mask-qwen-bf16 30 "${BENCH[@]}" --loss logprobs --kept 1000 --dtype bfloat16 --tokens "$TOKENS" \
+    --hidden 3584 --vocab 151936 --batch 8 --reps 2 --no-check --methods memops,compile,eager "${EXTRA[@]}" \
+    --json "$WORK/sampling-mask-qwen-bf16.json"
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
 TP="${MEMOPS_BENCH_TP:-$([ "${GPUS:-0}" -ge 2 ] && echo 2 || echo 0)}"
 if [ "$TP" -ge 2 ]; then

@@ -407,11 +407,29 @@ def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
     target = {r["method"]: r for r in json.loads((got / "target-llama3-8b-bf16.json").read_text())["runs"][0]["rows"]}
     assert target["floor"]["status"] == target["compile"]["status"] == "ok"
     assert {r["method"] for r in json.loads((got / "overhead.json").read_text())["rows"]} >= {"eager", "memops"}
+    kept = {r["method"]: r for r in json.loads((got / "sampling-mask-qwen-bf16.json").read_text())["runs"][0]["rows"]}
+    assert all(kept[m]["status"] == "ok" and kept[m]["time_s"] > 0 for m in ("memops", "compile", "eager")), kept
     assert "row N=16 D=8 V=64: memops_triton ok" in proc.stdout  # each row printed as it is measured
     for loss in ("cross_entropy", "logprobs"):
         tp = json.loads((got / f"tp2-{loss}-bf16.json").read_text())
         assert [r["method"] for r in tp["rows"]] == ["memops_tp", "memops_sp", "memops_sp_serial", "gathered", "single"]
         assert all(r["ms"] > 0 for r in tp["rows"]) and len(tp["ranks"]) == 2
+
+
+def test_bench_logprobs_with_a_sampling_mask():
+    """``--loss logprobs`` and ``--loss grpo`` with ``--kept K``: memops' log-probs over the kept set against the
+    unfused baselines' masked ``log_softmax``, within the unfused code's error of the float64 reference."""
+    shape = ("--tokens", "64", "--hidden", "16", "--vocab", "300", "--reps", "1", "--kept", "7")
+    for loss in ("logprobs", "grpo"):
+        proc = _run("--loss", loss, *shape, "--methods", "eager,chunked,memops,floor")
+        assert proc.returncode == 0, proc.stderr
+        assert "a sampling mask of 7 kept ids per token" in proc.stdout
+        eager = _row(proc.stdout, "eager").split("|")
+        memops_row = _row(proc.stdout, "memops").split("|")
+        for col in (-4, -3, -2):  # err loss, grad_input, grad_weight
+            assert float(memops_row[col]) <= 4 * float(eager[col]) + 1e-6, (loss, memops_row, eager)
+    bad = _run("--loss", "cross_entropy", "--kept", "3")
+    assert bad.returncode != 0 and "--kept" in bad.stderr
 
 
 def test_bench_seed_harness_preset_has_a_bias_and_bf16():
