@@ -108,6 +108,30 @@ def test_torchs_error_inputs():
     assert n >= 6
 
 
+def test_torchs_module_error_inputs():
+    """torch's own error cases of ``nn.LinearCrossEntropyLoss`` (a long target shaped like probabilities, a
+    batch-size mismatch, unequal in_features, a class-weight shape), on the construction or the forward as
+    torch has them: the same error types and messages from memops' module."""
+    from torch.testing._internal.common_modules import (
+        ModuleErrorEnum,
+        module_error_inputs_torch_nn_LinearCrossEntropyLoss,
+    )
+
+    n = 0
+    for e in module_error_inputs_torch_nn_LinearCrossEntropyLoss(None, "cpu", torch.float32, False, True):
+        mi = e.module_error_input
+        ctor = mi.constructor_input
+        if e.error_on == ModuleErrorEnum.CONSTRUCTION_ERROR:
+            with pytest.raises(e.error_type, match=e.error_regex):
+                LinearCrossEntropyLoss(*ctor.args, **ctor.kwargs)
+        else:
+            module = LinearCrossEntropyLoss(*ctor.args, **ctor.kwargs)
+            with pytest.raises(e.error_type, match=e.error_regex):
+                module(*mi.forward_input.args, **mi.forward_input.kwargs)
+        n += 1
+    assert n >= 4
+
+
 @pytest.mark.parametrize("out_features", [(), (3,), (2, 2)])
 @pytest.mark.parametrize("probs", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -61,6 +61,26 @@ def _check(input, linear_weight, target, linear_bias, weight, ignore_index):
         _fail(f"expected linear_bias shape {tuple(linear_weight.shape[:-1])}, got {tuple(linear_bias.shape)}")
     if weight is not None and tuple(weight.shape) != (linear_weight.shape[0],):
         _fail(f"expected weight shape to be {(linear_weight.shape[0],)}, got {tuple(weight.shape)}")
+    # F.cross_entropy's two target rules, in its order: a target shaped like the logits holds probabilities (a
+    # float dtype), any other is class indices whose batch size is the input's
+    logits_shape = (*input.shape[:-1], *linear_weight.shape[:-1])
+    if tuple(target.shape) == logits_shape:
+        if not target.is_floating_point():
+            name = _SCALAR_NAMES.get(target.dtype, str(target.dtype))
+            _fail(f"Expected floating point type for target with class probabilities, got {name}")
+    elif input.dim() == 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+        _fail(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]}).")
+
+
+# torch's names of the integer dtypes in its messages (c10::ScalarType)
+_SCALAR_NAMES = {
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+}
 
 
 def _chunk_size(options) -> int | None:
