@@ -126,6 +126,25 @@ def linear_cross_entropy(
     return _k_dimensional(input, linear_weight, target, linear_bias, reduction, probs, common).to(input.dtype)
 
 
+class _Fanout(torch.autograd.Function):
+    """``k`` uses of ``x`` whose gradients are summed in fp32 and rounded to ``x``'s dtype once: autograd would
+    add the uses' low-precision gradients in that dtype, one rounding per use (the K-dimensional drop-in makes
+    one call per position)."""
+
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.dtype = x.dtype
+        return tuple(x.view_as(x) for _ in range(k))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = None
+        for g in grads:
+            if g is not None:
+                total = g.float() if total is None else total.add_(g)
+        return (None if total is None else total.to(ctx.dtype)), None
+
+
 def _k_dimensional(input, linear_weight, target, linear_bias, reduction, probs, common):
     """``linear_weight [C, d_1..d_K, D]``: one memops call per position ``j`` of ``d_1..d_K`` (its weight the
     ``[C, D]`` slice ``linear_weight[:, j]``, a view), reduced together: ``"mean"`` divides every call by
@@ -153,9 +172,12 @@ def _k_dimensional(input, linear_weight, target, linear_bias, reduction, probs, 
                 den = torch.where(valid, cw[torch.where(valid, target, 0)], 0).sum(dtype=torch.float64)
         kw["num_items"] = den
     parts = []
-    for j in positions:
+    uses = [input] * len(positions)
+    if input.dtype in (torch.float16, torch.bfloat16) and input.requires_grad and torch.is_grad_enabled():
+        uses = list(_Fanout.apply(input, len(positions)))  # the positions' input gradients summed in fp32
+    for j, x in zip(positions, uses):
         w, t, b = at(j)
-        parts.append(_memops_ce(input, w, t, b, reduction=reduction, **kw))
+        parts.append(_memops_ce(x, w, t, b, reduction=reduction, **kw))
     if reduction == "none":
         return torch.stack(parts, dim=-1).reshape(n, *out)
     return torch.stack(parts).sum(dtype=torch.float64).to(parts[0].dtype)
