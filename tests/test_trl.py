@@ -330,6 +330,27 @@ def test_chunked_logprob_matches_trls_kernel(opts, bias):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_trls_bfloat16_backward_test_of_its_chunked_logprob(temperature):
+    """TRL's own bf16 backward test of its chunked log-prob function (``TestChunkedLogProbFunction.
+    test_backward_bfloat16``: N=64, H=32, V=128, seed 42, its fp32 reference on bf16 logits and its 1e-2
+    tolerances), run on memops' stand-in: input and weight gradients within TRL's bounds."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(42)
+    n, h, v = 64, 32, 128
+    hidden = torch.randn(n, h, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, v, (n,))
+    logprobs, _ = mtrl.ChunkedLogProb.apply(hidden, weight, None, labels, temperature, 32, None, 1.0, ("entropy",))[:2]
+    ours = torch.autograd.grad(logprobs.sum(), (hidden, weight))
+    logits = (hidden @ weight.t()).to(torch.float32) / temperature
+    ref = F.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    theirs = torch.autograd.grad(ref.sum(), (hidden, weight))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
 def _train(make_trainer, memops_on: bool):
     calls = []
     if memops_on:
