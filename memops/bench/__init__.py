@@ -300,12 +300,12 @@ def main(args) -> int:
         softcap += f", {args.ignored:.0%} of completion tokens masked, beta={args.beta:g}"
     elif args.loss == "logprobs":
         softcap += f", {args.ignored:.0%} of completion tokens masked"
-    if args.kept:
-        softcap += f", a sampling mask of {args.kept} kept ids per token"
     elif args.loss == "distill":
         softcap += f", {args.ignored:.0%} of targets ignored, beta={args.beta:g}"
     else:
         softcap += f", {args.ignored:.0%} of targets ignored"
+    if args.kept:
+        softcap += f", a sampling mask of {args.kept} kept ids per token"
     print(
         f"# memops bench ({args.loss}{softcap}): D={args.hidden} V={args.vocab} {args.dtype} on {device_name}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads",
