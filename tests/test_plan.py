@@ -90,11 +90,13 @@ def test_small_calls_compute_every_row_without_a_plan(monkeypatch):
 
 def test_logprobs_and_transform_syncs():
     x, w, t, b = _ce_args(False, True)[:4]
-    assert _run("linear_logprobs", (x, w, t, b, 0.7, 1.0, None, True, False, False, False, 5, "reference")) == [CHECK]
+    assert _run(
+        "linear_logprobs", (x, w, t, b, None, None, 0.7, 1.0, None, True, False, False, False, 5, "reference", "full")
+    ) == [CHECK]
     g1 = torch.randn(40) * (torch.arange(40) % 2)
     assert _run(
         "linear_logprobs",
-        (x, w, t, b, 0.7, 1.0, None, True, False, False, False, 5, "reference"),
+        (x, w, t, b, None, None, 0.7, 1.0, None, True, False, False, False, 5, "reference", "full"),
         [True] * 3,
         [g1, None],
     ) == ["aten::_local_scalar_dense"]
@@ -111,7 +113,7 @@ def test_grpo_syncs(masked, all_logprobs):
         tw[::4] = 0
     adv = torch.randn(40)
     opts = ("grpo", "token", 0.0, 0.2, 0.2, None, False, 1.0, 1.05, 1.0, 1.0, None, False, 6)
-    args = (x, w, t, b, tw, adv, None, None, None, *opts, all_logprobs, "reference", [True] * 3)
+    args = (x, w, t, b, tw, adv, None, None, None, None, None, *opts, all_logprobs, "reference", "full", [True] * 3)
     seen = _run("linear_grpo", args)
     # validation, planning, and the probe's result when masked tokens' log-probs are wanted (with
     # all_logprobs=False and beta=0 they are skipped: unreachable)
