@@ -56,6 +56,8 @@ def _tensors(n: int, seed: int) -> dict:
         "tok_w": torch.rand(b, t, generator=g),
         "xt": torch.randn(b, t, D + 4, generator=g),
         "wt": torch.randn(V, D + 4, generator=g) * 0.3,
+        "kept": torch.randint(-1, V, (b, t, 4), generator=g),  # a sampler's kept ids per token
+        "temps": torch.rand(b, 1, generator=g) + 0.5,  # one temperature per sequence
     }
 
 
@@ -91,6 +93,12 @@ CASES = {
     "linear_logprobs": lambda x, w, b, t: memops.linear_logprobs(
         x, w, t["ids"], b, temperature=0.9, return_entropy=True, chunk_size=5
     ),
+    "linear_logprobs_sampler": lambda x, w, b, t: memops.linear_logprobs(
+        x, w, t["ids"], b, temperature=t["temps"], sampling_mask=t["kept"], return_entropy=True, entropy_over="kept"
+    ),
+    "linear_grpo_loss_sampler": lambda x, w, b, t: memops.linear_grpo_loss(
+        x, w, t["ids"], t["mask"], t["adv"], old_logprobs=t["old"], temperature=t["temps"], sampling_mask=t["kept"]
+    )[0],
     "linear_grpo_loss_beta0": lambda x, w, b, t: memops.linear_grpo_loss(x, w, t["ids"], t["mask"], t["adv"])[0],
     "linear_grpo_loss_kl": lambda x, w, b, t: memops.linear_grpo_loss(
         x, w, t["ids"], t["mask"], t["adv"], old_logprobs=t["old"], ref_logprobs=t["ref"], beta=0.04, bias=b

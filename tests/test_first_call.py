@@ -56,6 +56,8 @@ def test_the_script_covers_every_public_front_end():
         "LinearCrossEntropy_module",
         "linear_loss",
         "linear_logprobs",
+        "linear_logprobs_sampler",  # a sampling mask and a temperature per sequence
+        "linear_grpo_loss_sampler",
         "linear_grpo_loss_beta0",  # TRL's default beta
         "linear_grpo_loss_kl",
         "linear_distillation_loss",
