@@ -24,7 +24,8 @@ def fail(msg: str) -> NoReturn:
     raise ValueError(msg)
 
 
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (``torch.distributed.tensor`` imported only for a tensor subclass)."""
     if type(t) is torch.Tensor or t is None or not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
@@ -42,7 +43,7 @@ def check_projection(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         raise TypeError(f"{w} must be a Tensor, got {type(weight).__name__}")
     plain = type(input) is type(weight) is torch.Tensor and (bias is None or type(bias) is torch.Tensor)
     for name, t in () if plain else ((i, input), (w, weight), (b, bias)):
-        if _is_dtensor(t):
+        if is_dtensor(t):
             fail(
                 f"{name} is a DTensor (placements {tuple(getattr(t, 'placements', ()))}): this op takes local "
                 "tensors.  A head "

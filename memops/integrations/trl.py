@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..ops.distill import linear_distillation_loss
 from ..ops.logprobs import linear_logprobs
+from ..validation import is_dtensor
 from ._module_call import call_as_forward
 
 SUPPORTED = "1.16."
@@ -112,17 +113,11 @@ def _projection_dtype(hidden: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
-def _is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor  # imported here: a plain run never loads it
-
-    return isinstance(t, DTensor)
-
-
 def _projection(hidden: Tensor, weight: Any, bias: Any):  # tensors or DTensors
     """``(hidden, weight, bias)`` in the dtype TRL's kernels project in: autocast's when it is on (as an
     ``nn.Linear`` lm_head would run under the trainer's mixed precision), else the hidden states'; a DTensor
     lm_head gathered once first, as TRL does."""
-    if type(weight) is not Tensor and _is_dtensor(weight):
+    if is_dtensor(weight):
         weight = weight.full_tensor()
         bias = None if bias is None else bias.full_tensor()
     dtype = _projection_dtype(hidden)

@@ -429,7 +429,7 @@ def metric_terms(
     logp = logp.detach()
     old = logp if old is None else old.to(logp.dtype)
     if level == "sequence":
-        log_iw = (((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        log_iw = sequence_log_weights(logp, old, m)[:, :1]
         adv = adv[:, :1]
     else:
         log_iw = logp - old
