@@ -11,9 +11,11 @@ from . import (
     transforms,  # noqa: F401  (registers the built-in transforms)
 )
 from .config import (
+    batch_invariant,
     chunking,
     kernels,
     precision,
+    set_batch_invariant,
     set_chunk_budget,
     set_chunk_size,
     set_kernels,
@@ -33,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LinearCrossEntropy",
+    "batch_invariant",
     "chunking",
     "kernels",
     "linear_cross_entropy",
@@ -41,6 +44,7 @@ __all__ = [
     "linear_logprobs",
     "linear_loss",
     "registered_transforms",
+    "set_batch_invariant",
     "set_chunk_budget",
     "set_chunk_size",
     "set_kernels",

@@ -33,6 +33,8 @@ class _Settings:
     kernels: str = "auto"
     sync_free: bool = False
     precision: str = "reference"
+    batch_invariant: bool = False
+    invariant_rows: int | None = None
 
 
 KERNELS = ("auto", "triton", "torch")
@@ -188,6 +190,47 @@ def _sync_free_backward() -> Iterator[None]:
         _thread.sync_free = old
 
 
+# batch-invariant mode: every chunk's GEMMs have this many rows (the last chunk padded with zero rows), so the
+# GEMM library runs one kernel, with one reduction order, whatever the batch (docs/internals.md)
+INVARIANT_ROWS = {"cpu": 256, "other": 1024}
+
+
+def set_batch_invariant(on: bool, *, rows: int | None = None) -> None:
+    """Turn batch-invariant mode on (``True``) or off (``False``, the default) for every later call.
+
+    On, every per-row result (loss rows, log-probs, kept-set log-probs, entropies, lse, top-1, the input
+    gradient's row for a given upstream gradient) is bitwise the same whatever the other rows of the batch, its
+    size, the row's position, the padding and ``chunk_size``: every chunk's GEMMs have ``rows`` rows (default
+    256 on CPU, 1024 on GPUs; the last chunk padded with zero rows, ``chunk_size`` and the budget ignored), the
+    torch heads work one row at a time and the Triton heads one row per program.  Weight and bias gradients
+    are bitwise the same run to run for the same batch.  Costs a GEMM of ``rows`` rows even for one token, and
+    a per-row head call (measured in BENCHMARKS.md)."""
+    if not isinstance(on, bool):
+        raise TypeError(f"set_batch_invariant takes a bool, got {type(on).__name__}")
+    if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
+        raise ValueError(f"rows must be a positive int or None, got {rows!r}")
+    _settings.batch_invariant = on
+    _settings.invariant_rows = rows
+
+
+@contextlib.contextmanager
+def batch_invariant(on: bool = True, *, rows: int | None = None) -> Iterator[None]:
+    """Temporarily turn batch-invariant mode on (see :func:`set_batch_invariant`)."""
+    old = (_settings.batch_invariant, _settings.invariant_rows)
+    set_batch_invariant(on, rows=rows)
+    try:
+        yield
+    finally:
+        _settings.batch_invariant, _settings.invariant_rows = old
+
+
+def invariant_rows(device: torch.device) -> int | None:
+    """Rows of every chunk's GEMMs in batch-invariant mode on ``device``; None when the mode is off."""
+    if not _settings.batch_invariant:
+        return None
+    return _settings.invariant_rows or INVARIANT_ROWS["cpu" if device.type == "cpu" else "other"]
+
+
 CPU_GEMMS = ("auto", "native", "fp32")
 _CPU_GEMM = {"mode": os.environ.get("MEMOPS_CPU_GEMM", "auto")}
 _FAST_CPU_GEMM: dict[torch.dtype, bool] = {}
@@ -266,7 +309,8 @@ def chunk_rows(
 ) -> int:
     """Rows per chunk for ``n_rows`` rows of ``[*, vocab]`` logits.
 
-    ``requested`` (per call) wins, then ``set_chunk_size``, then the budget, sized
+    Batch-invariant mode (:func:`set_batch_invariant`) fixes it at :func:`invariant_rows`, whatever the rest.
+    Otherwise ``requested`` (per call) wins, then ``set_chunk_size``, then the budget, sized
     by what the engine allocates per row: the torch heads hold one ``vocab``-long
     row of the compute dtype (fp32, fp64 for fp64 inputs) plus one in the input
     dtype when that differs (the matmul output, or ``dz`` cast for the gradient
@@ -282,6 +326,9 @@ def chunk_rows(
     equal chunks of at most that many rows) so no small ragged chunk pays a
     full pass over the weight gradient.
     """
+    fixed = invariant_rows(device)
+    if fixed is not None:
+        return fixed
     if requested and requested > 0:
         rows = requested
     elif _settings.chunk_size is not None:

@@ -873,6 +873,129 @@ def case_megatron():
         parallel_state.destroy_model_parallel()
 
 
+def _invariant_calls(lo, hi, dtype):
+    """The vocabulary-parallel front ends as ``f(rows, sp) -> (x leaf, per-row outputs, scalar)`` on this rank's
+    shard ``[lo, hi)``, for the batch-invariant case."""
+    from memops.distributed import (
+        vocab_parallel_distillation_loss,
+        vocab_parallel_grpo_loss,
+        vocab_parallel_logprobs,
+    )
+
+    g = torch.Generator().manual_seed(21)
+    w = torch.randn(V, D, generator=g).to(dtype)
+    b = torch.randn(V, generator=g).to(dtype)
+    wt = torch.randn(V, D, generator=g).to(dtype)
+    ws, bs, wts = w[lo:hi], b[lo:hi], wt[lo:hi]
+
+    def ce(r, sp):
+        x = r["x"].to(dtype).detach().clone().requires_grad_()
+        loss, lse = vocab_parallel_cross_entropy(
+            x, ws, r["t"], bs, reduction="none", return_lse=True, z_loss=1e-3, sequence_parallel=sp
+        )
+        return x, [loss, lse], loss.sum()
+
+    def logprobs(r, sp):
+        x = r["x"].to(dtype).detach().clone().requires_grad_()
+        out = vocab_parallel_logprobs(
+            x,
+            ws,
+            r["t"].clamp(min=0),
+            bs,
+            temperature=r["temp"],
+            sampling_mask=r["keep"],
+            return_entropy=True,
+            extras=("is_top1",),
+            softcap=3.0,
+            sequence_parallel=sp,
+        )
+        lp, ent = out["log_probs"], out["entropy"]
+        return x, [lp, ent, out["is_top1"]], lp.sum() + 0.1 * ent.sum()
+
+    def distill(r, sp):
+        x = r["x"].to(dtype).detach().clone().requires_grad_()
+        loss = vocab_parallel_distillation_loss(
+            x, ws, r["t"], r["x"].flip(1).to(dtype), wts, student_bias=bs, reduction="none", sequence_parallel=sp
+        )
+        return x, [loss], loss.sum()
+
+    def grpo(r, sp):
+        x = (
+            r["x"].to(dtype).view(-1, 2, D).detach().clone().requires_grad_()
+        )  # sequences of 2 tokens: a row here is a token
+        t = r["t"].clamp(min=0).view(-1, 2)
+        loss, _ = vocab_parallel_grpo_loss(
+            x,
+            ws,
+            t,
+            torch.ones_like(t),
+            r["temp"].view(-1, 2)[:, 0],
+            bias=bs,
+            old_logprobs=-r["temp"].view(-1, 2),
+            loss_type="dapo",
+            num_items=8,
+            sequence_parallel=sp,
+        )
+        return x, [], loss
+
+    return {"cross_entropy": ce, "logprobs": logprobs, "distillation": distill, "grpo": grpo}
+
+
+def case_invariant():
+    """Batch-invariant mode, vocabulary-parallel: a row alone equals the row inside a batch (other rows, other
+    position, chunk_size), bitwise, for every front end, replicated and sequence-parallel tokens, fp32 and bf16
+    (per-row collectives, their sums in rank order)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    starts, sizes = _split(world, uneven=True)
+    lo, hi = starts[rank], starts[rank] + sizes[rank]
+
+    def rows(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        t = torch.randint(0, V, (n,), generator=g)
+        keep = torch.randint(-1, V, (n, 4), generator=g)
+        keep[:, 0] = t
+        return {"x": torch.randn(n, D, generator=g), "t": t, "keep": keep, "temp": torch.rand(n, generator=g) + 0.5}
+
+    one = rows(2, 1)  # GRPO's sequences have two tokens: the pair is the row
+    n, pos = 18, 10
+    batch = rows(n, 2)
+    for k in batch:
+        batch[k][pos : pos + 2] = one[k]
+    batch["t"][0] = batch["t"][15] = -100  # padding for CE and distillation
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, fn in _invariant_calls(lo, hi, dtype).items():
+            for sp in (False, True):
+                if name == "grpo" and sp:
+                    continue  # GRPO's sequence-parallel form splits sequences, covered with replicated tokens
+                # sequence-parallel: rank r holds rows [6r, 6r + 6) of the batch's 18 on 3 ranks ([9r, 9r + 9)
+                # on 2), so the pair sits at another offset there than alone
+                per = n // world
+                a, z = (rank * per, (rank + 1) * per) if sp else (0, n)
+                owner = pos // per  # alone, the pair is on the rank that holds it in the batch, at offset 0
+                mine_one = {k: v if (not sp or rank == owner) else v[:0] for k, v in one.items()}
+                mine_batch = {k: v[a:z] for k, v in batch.items()}
+                with memops.batch_invariant(rows=4):
+                    x1, out1, s1 = fn(mine_one, sp)
+                    s1.backward()
+                    xb, outb, sb = fn(mine_batch, sp)
+                    sb.backward()
+                res1 = [o.detach() for o in out1] + [x1.grad.view(-1, D)]
+                resb = [o.detach() for o in outb] + [xb.grad.view(-1, D)]
+                if sp and not (a <= pos < z):
+                    continue
+                at = pos - a
+                for k, (p1, pb) in enumerate(zip(res1, resb)):
+                    assert torch.equal(p1[:2], pb[at : at + 2]), (
+                        rank,
+                        name,
+                        sp,
+                        str(dtype),
+                        k,
+                        p1[:2],
+                        pb[at : at + 2],
+                    )
+
+
 def case_rank_failure():
     if dist.get_rank() == 1:
         os._exit(3)  # dies before the collective

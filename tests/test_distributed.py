@@ -76,3 +76,13 @@ def test_rank_failure_is_an_error_not_a_hang():
     assert rc1 == 3
     assert rc0 != 0 and time.monotonic() - start < 120
     assert "Error" in out0, out0[-2000:]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_batch_invariant_vocab_parallel(world):
+    """Batch-invariant mode on the vocabulary-parallel front ends (CE, log-probs with a sampling mask and
+    per-token temperatures, distillation, GRPO), replicated and sequence-parallel tokens, fp32 and bf16: a
+    row alone equals the row inside a batch bitwise (tests/dist_worker.py::case_invariant)."""
+    for rc, out in _launch("invariant", world):
+        assert rc == 0, out[-3000:]
+        assert ": invariant ok" in out

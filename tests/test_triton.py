@@ -944,3 +944,33 @@ def test_docs_hold_the_traffic_table():
 
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "internals.md")).read()
     assert traffic.table() in doc
+
+
+def _invariant_logprobs(inp, p, dtype, **kw):
+    """Log-probs and entropy at one temperature (the Triton head's case; a per-row temperature, extras and a
+    sampling mask take the torch heads)."""
+    x = inp["x"].to(dtype).detach().clone().requires_grad_()
+    lp, ent = memops.linear_logprobs(x, p[0], inp["t"], p[1], temperature=0.7, return_entropy=True, **kw)
+    return x, [lp, ent], lp.sum() + 0.1 * ent.sum()
+
+
+@pytest.mark.parametrize("family", ["cross_entropy", "logprobs", "grpo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_batch_invariant_rows_on_the_triton_heads(family, dtype):
+    """Batch-invariant mode with the Triton heads (one row per program, a fixed tile order over the
+    vocabulary): a row alone equals the row inside batches of other sizes at other positions, bitwise
+    (``tests/test_batch_invariant.py``'s families and check; rows span several 32-wide tiles)."""
+    import test_batch_invariant as bi
+
+    make, fn = bi.FAMILIES[family]
+    if family == "logprobs":
+        fn = _invariant_logprobs
+    g = torch.Generator().manual_seed(4)
+    p = bi._params_for(family, dtype, 4)
+    one = make(1, g)
+    with triton_path(), memops.batch_invariant(rows=8):
+        alone = bi._results(fn, one, p, dtype)
+        for n, pos, pad in [(11, 9, 2), (5, 0, 0)]:
+            inside = bi._results(fn, bi._batch(make, one, n, pos, pad, g), p, dtype, chunk_size=3)
+            for k, (a, b) in enumerate(zip(alone, inside, strict=True)):
+                assert torch.equal(a[0], b[pos]), (family, k)

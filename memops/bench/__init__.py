@@ -58,8 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--methods",
         default=",".join(m for m in METHODS if m not in VARIANTS),
         help="comma-separated subset of %(default)s, memops_torch and memops_triton (memops with the torch or "
-        "the Triton chunk heads: memops.set_kernels), memops_sync_free (memops.set_sync_free(True)) and "
-        "memops_accurate (memops.set_precision('accurate'): fp32 logits); peers "
+        "the Triton chunk heads: memops.set_kernels), memops_sync_free (memops.set_sync_free(True)), "
+        "memops_accurate (memops.set_precision('accurate'): fp32 logits) and memops_batch_invariant "
+        "(memops.set_batch_invariant(True)); peers "
         "that are not installed are skipped",
     )
     p.add_argument(

@@ -41,14 +41,15 @@ import os
 IGNORE = -100
 METHODS = (
     "eager", "compile", "chunked", "torch_lce", "memops", "memops_torch", "memops_triton", "memops_sync_free",
-    "memops_accurate", "floor", "cce", "liger", "trl",
+    "memops_accurate", "memops_batch_invariant", "floor", "cce", "liger", "trl",
 )  # fmt: skip
 # memops with its heads chosen (memops.set_kernels): "memops" is the default choice ("auto")
 KERNEL_CHOICE = {"memops_torch": "torch", "memops_triton": "triton"}
 # memops variants run on request only (--methods): the head choices, and the sync-free path
 # (memops.set_sync_free: every row computed, so its cost shows on batches with many ignored targets)
 # memops_accurate: memops.set_precision("accurate") (the logits kept in fp32 from the GEMM)
-VARIANTS = (*KERNEL_CHOICE, "memops_sync_free", "memops_accurate")
+# memops_batch_invariant: memops.set_batch_invariant(True) (fixed-shape chunk GEMMs, single-row head blocks)
+VARIANTS = (*KERNEL_CHOICE, "memops_sync_free", "memops_accurate", "memops_batch_invariant")
 UNCHECKED = ("floor",)  # no loss: no error columns
 PEERS = {
     "cce": ("cut_cross_entropy", "pip install cut-cross-entropy"),
@@ -419,6 +420,8 @@ def build(
             memops.set_sync_free(True)
         elif method == "memops_accurate":
             memops.set_precision("accurate")
+        elif method == "memops_batch_invariant":
+            memops.set_batch_invariant(True)
         else:
             memops.set_kernels(KERNEL_CHOICE[method])
         method = "memops"

@@ -88,7 +88,7 @@ def chunks(a: Args, x2d, t1d, teacher, upstream: Tensor | None, need, rows, redu
                 rows_t = xt.rows(sel.start, sel.stop, size)
             else:
                 rows_t = xt[sel] if isinstance(sel, slice) else xt.index_select(0, sel)
-            state["u"] = F.linear(rows_t.to(tw.dtype), tw, tb)
+            state["u"] = F.linear(engine.padded_to(rows_t.to(tw.dtype), size), tw, tb)
 
     def head(z: Tensor, sel):
         lo = state["offset"]

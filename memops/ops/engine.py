@@ -181,11 +181,6 @@ def _input_grad(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> No
     out.copy_(acc)
 
 
-# ``sub_block_bytes`` for a head whose per-row statistics must cover the whole chunk before any gradient
-# (vocab parallelism: one reduction across the group per chunk, not per sub-block)
-WHOLE_CHUNK = 1 << 62
-
-
 def _sub_rows(rows: int, vocab: int, elem: int, device: torch.device, sub_block_bytes: int | None) -> int:
     """Rows per sub-block for the elementwise work.
 
@@ -193,6 +188,8 @@ def _sub_rows(rows: int, vocab: int, elem: int, device: torch.device, sub_block_
     work keeps several intermediates alive (autograd through a transform) asks
     for ``sub_block_bytes`` instead.
     """
+    if config.invariant_rows(device) is not None:
+        return 1  # batch-invariant: each row's elementwise work and reductions on a [1, V] block, alike everywhere
     if sub_block_bytes is None:
         if device.type != "cpu":
             return rows
@@ -266,6 +263,10 @@ class Decisions:
     * ``chunk_rows``: rows per chunk (``config.chunk_rows``; every rank of a vocabulary-parallel group sizes
       its chunks for the largest shard, so that all run the same chunks); ``sub_rows``: rows per sub-block of
       the elementwise work (the whole chunk for a fused head, or one whose statistics must cover it).
+    * ``invariant``: batch-invariant mode (``config.set_batch_invariant``): every chunk's GEMMs have
+      ``chunk_rows`` rows, the last chunk's input padded with zero rows (and its ``dz`` zeroed there), and a
+      torch head's sub-blocks are single rows (a vocabulary-parallel head's too: its collectives then run per
+      row, their sums in rank order, ``reducer.ordered_sum``), so a row's results never depend on the batch.
     """
 
     compute_dtype: torch.dtype
@@ -277,6 +278,7 @@ class Decisions:
     one_gemm_each: bool
     chunk_rows: int
     sub_rows: int
+    invariant: bool
 
     @classmethod
     def build(
@@ -316,9 +318,11 @@ class Decisions:
             chunk_size,
             fused=input_dtype_buffer,
         )
-        if reducer.whole_chunk:
-            sub_block_bytes = WHOLE_CHUNK
-        sub = size if fused else _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
+        invariant = config.invariant_rows(x2d.device) is not None
+        if reducer.whole_chunk and not invariant:  # a vocabulary-parallel head: one collective per chunk
+            sub = size
+        else:
+            sub = size if fused else _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
         return cls(
             compute_dtype=cdt,
             native_gemms=native,
@@ -327,7 +331,8 @@ class Decisions:
             fp32_blocks=fp32_blocks,
             input_dtype_buffer=input_dtype_buffer,
             one_gemm_each=(
-                size >= computed_rows
+                not invariant
+                and size >= computed_rows
                 and every_row
                 and not low_precision
                 and not input_dtype_buffer
@@ -335,7 +340,18 @@ class Decisions:
             ),
             chunk_rows=size,
             sub_rows=sub,
+            invariant=invariant,
         )
+
+
+def padded_to(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """A chunk's input rows for a second projection of them (distillation's teacher): in batch-invariant mode
+    padded with zero rows to the chunk's ``size``, as ``run`` pads its own, so that GEMM's shape is fixed too."""
+    if rows.shape[0] >= size or config.invariant_rows(rows.device) is None:
+        return rows
+    out = rows.new_zeros((size,) + tuple(rows.shape[1:]))
+    out[: rows.shape[0]] = rows
+    return out
 
 
 def _logits_into(z, xc, weight, bias, weight_c, bias_c, how: Decisions) -> torch.Tensor:
@@ -439,8 +455,9 @@ def run(
         buf = torch.empty((size, vocab), dtype=x2d.dtype if how.input_dtype_buffer else cdt, device=x2d.device)
     work = torch.empty((min(how.sub_rows, size), vocab), dtype=cdt, device=x2d.device) if how.fp32_blocks else None
     gx_part: Any = None  # with skipped rows a chunk's input gradient is made here, then scattered to its rows
-    if grad_input and (rows is not None or gathered):
+    if grad_input and (rows is not None or gathered or how.invariant):
         gx_part = torch.empty((size, d), dtype=x2d.dtype, device=x2d.device)
+    padded: Any = None  # batch-invariant: the last chunk's rows, padded with zero rows to the chunk's size
     scratch: list = []  # the weight gradient's scratch, where the build needs one (_accumulate_weight_grad)
     written = False
     sel: slice | torch.Tensor
@@ -456,20 +473,30 @@ def run(
         else:
             sel = picked = rows[start:stop]
             xc = x2d.index_select(0, picked)
-        z = buf if (own or stop - start == size) else buf[: stop - start]
+        real = stop - start
+        short = how.invariant and real < size  # the GEMMs still take `size` rows: xc padded, dz zeroed there
+        if short:
+            if padded is None:
+                padded = torch.zeros((size, d), dtype=xc.dtype, device=xc.device)
+            padded[:real].copy_(xc)
+            xc = padded
+        z = buf if (own or real == size or how.invariant) else buf[:real]
         if chunk_start is not None:
             chunk_start(sel)
         if how.upcast_weight:
             xc = xc.to(cdt)
         z = _logits_into(z, xc, weight, bias, weight_c, bias_c, how)
+        zr = z[:real] if short else z  # the chunk's own rows, which the head sees
         if fused:  # the head scales, soft-caps and chains back itself
-            grads = head(z, sel) is not None
+            grads = head(zr, sel) is not None
         elif how.fp32_blocks:
-            grads = _sub_blocks(z, sel, start, rows is None, how.sub_rows, head, logit_scale, softcap, work, gb)
+            grads = _sub_blocks(zr, sel, start, rows is None, how.sub_rows, head, logit_scale, softcap, work, gb)
         else:
-            grads = _sub_blocks(z, sel, start, rows is None, how.sub_rows, head, logit_scale, softcap)
+            grads = _sub_blocks(zr, sel, start, rows is None, how.sub_rows, head, logit_scale, softcap)
         if not (grads and want):
             continue
+        if short:
+            z[real:].zero_()
         if gb is not None and not how.fp32_blocks:
             gb.add_(z.sum(0, dtype=cdt))
         dz = z
@@ -479,9 +506,17 @@ def run(
             gx = torch.mm(dz, weight_c) if grad_input else None
             gw = torch.mm(dz.t(), xc) if grad_weight else None
         elif gx is not None:
+            if how.invariant:  # the GEMM's `size` rows, then the chunk's own rows where they go
+                _input_grad(dz, weight_c, gx_part)
             if gathered:
-                _input_grad(dz, weight_c, gx_part[: stop - start])
-                x2d.give_grad(start, stop, gx_part[: stop - start], gx)
+                if not how.invariant:
+                    _input_grad(dz, weight_c, gx_part[:real])
+                x2d.give_grad(start, stop, gx_part[:real], gx)
+            elif how.invariant:
+                if rows is None:
+                    gx[sel] = gx_part[:real]
+                else:
+                    gx.index_copy_(0, picked, gx_part[:real])
             elif rows is None:
                 _input_grad(dz, weight_c, gx if (start == 0 and stop == n) else gx[sel])
             else:

@@ -76,10 +76,25 @@ def process_group(name: str):
 
 
 def all_reduce(t: Tensor, op: str, group) -> Tensor:
+    """Functional all-reduce.  A sum in batch-invariant mode (``config.set_batch_invariant``) is
+    :func:`ordered_sum`'s: the backend's all-reduce adds the ranks' values in an order that may depend on an
+    element's position in the tensor (ring algorithms: its segment), so on the batch."""
     import torch.distributed._functional_collectives as funcol
 
+    if op == "sum" and config.invariant_rows(t.device) is not None:
+        return ordered_sum(t, group)
     out = funcol.all_reduce(t, op, group)
     return out.wait() if hasattr(out, "wait") else out
+
+
+def ordered_sum(t: Tensor, group) -> Tensor:
+    """The ranks' ``t`` summed in rank order, ``((t_0 + t_1) + t_2) + ...``, on every rank (one all-gather):
+    the same bits for an element wherever it sits and whatever else the tensor holds."""
+    parts = all_gather(t.reshape(1, -1), group)
+    out = parts[0].clone()
+    for part in parts[1:]:
+        out.add_(part)
+    return out.view(t.shape)
 
 
 def all_gather(t: Tensor, group) -> Tensor:
@@ -189,8 +204,12 @@ def broadcast(t: Tensor, src: int, group, async_op: bool = False):
 
 
 def reduce_to(t: Tensor, dst: int, group) -> None:
+    """The group's ``t`` summed into rank ``dst``'s (in batch-invariant mode in rank order, on every rank)."""
     import torch.distributed as dist
 
+    if config.invariant_rows(t.device) is not None:
+        t.copy_(ordered_sum(t, group))
+        return
     dist.reduce(t, dst=dist.get_global_rank(group, dst), op=dist.ReduceOp.SUM, group=group)
 
 
