@@ -281,8 +281,59 @@ def self_test(device: str, dtype: str) -> list[dict]:
                 row["status"], row["why"] = "FAIL", describe(exc)
             results.append(row)
     results.append(_weight_grad_check(device, dtype))
+    results.append(batch_invariance_check(device, dtype))
     results.extend(_graph_capture(device, dtype))
     return results
+
+
+INVARIANT_BATCHES = ((1, 0), (5, 3), (64, 17), (300, 299))  # (rows in the batch, the checked row's position)
+
+
+def batch_invariance_check(device: str, dtype: str) -> dict:
+    """Batch-invariant mode on this device's heads: cross-entropy (loss and lse rows), log-probs and entropy,
+    and their input-gradient rows, for one row alone and inside batches of other sizes at other positions
+    (:data:`INVARIANT_BATCHES`), chunk size varied; OK when every result is bitwise the same.  Also counts how
+    many differ without the mode (information: what the mode buys on this device)."""
+    import torch
+
+    import memops
+
+    from . import config
+
+    d, v = SMALL["hidden"], SMALL["vocab"]
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(v, d, generator=g) * 0.3).to(device=device, dtype=dt)
+    row_x, row_t = torch.randn(1, d, generator=g), torch.randint(0, v, (1,), generator=g)
+
+    def results(n: int, pos: int, chunk: int | None) -> list:
+        x = torch.randn(n, d, generator=g)
+        t = torch.randint(0, v, (n,), generator=g)
+        x[pos], t[pos] = row_x[0], row_t[0]
+        x = x.to(device=device, dtype=dt).requires_grad_()
+        t = t.to(device)
+        loss, lse = memops.linear_cross_entropy(x, w, t, reduction="none", return_lse=True, chunk_size=chunk)
+        (gx,) = torch.autograd.grad(loss.sum(), x)
+        lp, ent = memops.linear_logprobs(x, w, t, temperature=0.8, return_entropy=True, chunk_size=chunk)
+        (gx2,) = torch.autograd.grad(lp.sum() + ent.sum(), x)
+        return [r[pos].detach().cpu() for r in (loss, lse, gx, lp, ent, gx2)]
+
+    def differing(on: bool) -> int:
+        with config.batch_invariant(on):
+            alone = results(1, 0, None)
+            bad = 0
+            for k, (n, pos) in enumerate(INVARIANT_BATCHES):
+                got = results(n, pos, (None, 7, 32, 128)[k])
+                bad += sum(not torch.equal(a, b) for a, b in zip(alone, got, strict=True))
+        return bad
+
+    total = 6 * len(INVARIANT_BATCHES)
+    try:
+        bad, without = differing(True), differing(False)
+    except Exception as exc:  # noqa: BLE001  (reported in the table)
+        return {"check": "batch-invariant mode", "status": "FAIL", "why": describe(exc)}
+    why = f"{bad} of {total} per-row results differ from the row alone; without the mode {without} differ"
+    return {"check": "batch-invariant mode", "status": "FAIL" if bad else "OK", "why": why}
 
 
 def _weight_grad_check(device: str, dtype: str) -> dict:

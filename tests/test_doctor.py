@@ -80,3 +80,18 @@ def test_reduce_overhead_check_dry_run_on_cpu():
     row = doctor._reduce_overhead_step("cpu", "float32", dry_run=True)
     torch._dynamo.reset()
     assert row["status"] == "OK", row
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batch_invariance_check(dtype):
+    row = doctor.batch_invariance_check("cpu", dtype)
+    assert row["status"] == "OK" and row["why"].startswith("0 of 24"), row
+
+
+def test_batch_invariance_check_fails_when_rows_change(monkeypatch):
+    """The check can fail: with the mode's fixed chunk rows switched off, fp32 rows change with the batch."""
+    from memops import config
+
+    monkeypatch.setattr(config, "invariant_rows", lambda device: None)
+    row = doctor.batch_invariance_check("cpu", "float32")
+    assert row["status"] == "FAIL", row
