@@ -52,7 +52,7 @@ class Input:
 
 @dataclass(frozen=True)
 class Option:
-    """A non-tensor argument: schema type (``int``, ``float``, ``float?``, ``bool``, ``str``), default,
+    """A non-tensor argument: schema type (``int``, ``int[]``, ``float``, ``float?``, ``bool``, ``str``), default,
     ``check(name, value)`` (after the type check) and the front end's conversion of the user's value."""
 
     name: str
@@ -76,9 +76,17 @@ _PASSED: dict = {}
 _PASSED_MAX = 4096
 
 
+def _typed(v):
+    """An option value with its type, element-wise for a sequence (``(1, 2.0) == (1, 2)``, yet an ``int[]``
+    option refuses the float)."""
+    if isinstance(v, (list, tuple)):
+        return (type(v), tuple(_typed(e) for e in v))
+    return (type(v), v)
+
+
 def _option_key(name: str, values: Sequence):
     try:
-        key = (name, tuple(values), tuple(map(type, values)))
+        key = (name, tuple(_typed(v) for v in values))
         hash(key)
     except TypeError:  # an unhashable value: never a valid option, the checks name it
         return None

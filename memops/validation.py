@@ -154,8 +154,14 @@ def check_num_items(num_items: torch.Tensor | None, reduction: str) -> None:
 
 
 def check_option(name: str, kind: str, value) -> None:
-    """``value`` fits the schema type ``kind`` (``int``, ``float``, ``float?``, ``bool``, ``str``)."""
+    """``value`` fits the schema type ``kind`` (``int``, ``int[]``, ``float``, ``float?``, ``bool``, ``str``)."""
     if kind == "float?" and value is None:
+        return
+    if kind == "int[]":
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a sequence of ints, got {type(value).__name__}")
+        for v in value:
+            check_option(name, "int", v)
         return
     if kind in ("float", "float?"):
         check_finite(name, value)
@@ -176,6 +182,8 @@ def as_schema_type(kind: str, value):
     """A checked option as the Python type its schema takes (``float`` for an int given as a float)."""
     if value is None:
         return None
+    if kind == "int[]":
+        return tuple(int(v) for v in value)
     return {"int": int, "float": float, "float?": float, "bool": bool, "str": str}[kind](value)
 
 
