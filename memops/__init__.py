@@ -28,6 +28,7 @@ from .ops.distill import linear_distillation_loss
 from .ops.grpo import linear_grpo_loss
 from .ops.linear_ce import linear_cross_entropy
 from .ops.logprobs import linear_logprobs
+from .ops.mtp import linear_mtp_cross_entropy
 from .ops.transform import linear_loss
 from .registry import registered_transforms, transform
 
@@ -42,6 +43,7 @@ __all__ = [
     "linear_distillation_loss",
     "linear_grpo_loss",
     "linear_logprobs",
+    "linear_mtp_cross_entropy",
     "linear_loss",
     "registered_transforms",
     "set_batch_invariant",

@@ -28,6 +28,7 @@ from .ops.distill import linear_distillation_loss
 from .ops.grpo import linear_grpo_loss
 from .ops.linear_ce import linear_cross_entropy
 from .ops.logprobs import linear_logprobs
+from .ops.mtp import linear_mtp_cross_entropy
 
 
 class LinearCrossEntropyHead(nn.Linear):
@@ -346,4 +347,29 @@ vocab_parallel_distillation_loss = _parallel_front(
     ("student_input", "student_weight", "student_bias"),
     ("target", "teacher_input", "teacher_topk_ids", "teacher_topk_logprobs"),
     ("teacher_weight", "teacher_bias"),
+)
+
+
+def _local_tokens(front):
+    """``front`` refusing DTensor hidden states and targets (a DTensor weight is fine): its per-depth outputs
+    have no token layout to place as DTensors."""
+    import functools
+
+    @functools.wraps(front)
+    def call(hiddens, weight, target, *args, **kwargs):
+        from torch.distributed.tensor import DTensor
+
+        for name, t in (("hiddens", hiddens), ("target", target), ("position_ids", kwargs.get("position_ids"))):
+            if isinstance(t, DTensor) or (isinstance(t, (list, tuple)) and any(isinstance(h, DTensor) for h in t)):
+                raise ValueError(
+                    f"vocab_parallel_mtp_cross_entropy takes local {name} (every rank the same tokens), not a "
+                    f"DTensor: pass {name}.to_local() of a replicated one (the weight may be a DTensor)"
+                )
+        return front(hiddens, weight, target, *args, **kwargs)
+
+    return call
+
+
+vocab_parallel_mtp_cross_entropy = _local_tokens(
+    _parallel_front(linear_mtp_cross_entropy, "vocab_parallel_mtp_cross_entropy", ("hiddens", "weight", "bias"), ())
 )

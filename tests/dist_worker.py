@@ -996,6 +996,60 @@ def case_invariant():
                     )
 
 
+MTP_OPTIONS = [
+    dict(),
+    dict(reduction="sum", label_smoothing=0.2, z_loss=1e-2, depth_weights=[1.0, 0.3, 0.1], chunk_size=7),
+    dict(reduction="none", softcap=3.0, logit_scale=0.7, shifts=(1, 3, 0), packed=True),
+    dict(class_weight=True, num_items=17.0, label_smoothing=0.1, packed=True, chunk_size=5),
+]
+
+
+def case_mtp():
+    """Vocabulary-parallel multi-token prediction (3 depths, uneven shards) against the single-process op in
+    float64: loss, per-depth losses, the input gradient and this shard's weight and bias gradients; refused
+    with sequence parallelism."""
+    from memops.distributed import vocab_parallel_mtp_cross_entropy
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(31)
+    hs = torch.randn(3, 2, N // 2, D, generator=g, dtype=torch.float64)
+    _, w, b, t = _data(8)
+    t = t.view(2, N // 2)
+    pos = torch.arange(N // 2).repeat(2, 1)
+    pos[0, 7:] -= 7  # a second document from position 7 of the first sequence
+    for uneven in (False, True):
+        starts, sizes = _split(world, uneven)
+        lo, hi = starts[rank], starts[rank] + sizes[rank]
+        for opts in MTP_OPTIONS:
+            opts = dict(opts)
+            mine = {}
+            if opts.pop("class_weight", False):
+                opts["class_weight"], mine["class_weight"] = CLASS_WEIGHT, CLASS_WEIGHT[lo:hi]
+            if opts.pop("packed", False):
+                opts["position_ids"] = pos
+            full_in = [p.clone().requires_grad_() for p in (hs, w, b)]
+            loss, per_depth = memops.linear_mtp_cross_entropy(full_in[0], full_in[1], t, full_in[2], **opts)
+            go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+            gx, gw, gb = torch.autograd.grad((loss * go).sum(), full_in)
+            xs = hs.clone().requires_grad_()
+            ws, bs = w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
+            ploss, pdepth = vocab_parallel_mtp_cross_entropy(xs, ws, t, bs, **{**opts, **mine})
+            _close(ploss, loss, f"mtp loss {opts}")
+            _close(pdepth, per_depth, f"mtp per-depth {opts}")
+            sx, sw, sb = torch.autograd.grad((ploss * go).sum(), (xs, ws, bs))
+            _close(sx, gx, f"mtp grad input {opts}")
+            _close(sw, gw[lo:hi], f"mtp grad weight {opts}")
+            _close(sb, gb[lo:hi], f"mtp grad bias {opts}")
+    starts, sizes = _split(world, False)
+    lo, hi = starts[rank], starts[rank] + sizes[rank]
+    try:
+        vocab_parallel_mtp_cross_entropy(hs, w[lo:hi], t, sequence_parallel=True)
+    except ValueError as e:
+        assert "sequence_parallel=True is not offered for multi-token prediction" in str(e), e
+    else:
+        raise AssertionError("sequence_parallel=True was not refused")
+
+
 def case_rank_failure():
     if dist.get_rank() == 1:
         os._exit(3)  # dies before the collective

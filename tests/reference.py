@@ -259,3 +259,32 @@ def ref_distillation(
     lq = F.log_softmax(z.detach() / temperature, dim=-1)
     entropy = torch.where(mask, -(lq.exp() * lq).sum(-1), 0.0)
     return out, entropy.view(target.shape)
+
+
+def ref_mtp_cross_entropy(
+    hiddens, weight, target, bias=None, *, shifts=None, depth_weights=None, position_ids=None, **ce_options
+):
+    """Multi-token prediction as ``D`` separate cross-entropies: depth ``k`` pairs position ``t`` of
+    ``hiddens[k]`` with ``target[..., t + shifts[k]]``, found position by position (ignored past the end and,
+    with ``position_ids``, across a document start: an id that is not its predecessor's plus one); returns
+    ``(sum_k depth_weights[k] * loss_k, stacked loss_k)``."""
+    ignore = ce_options.get("ignore_index", -100)
+    depths, length = hiddens.shape[0], target.shape[-1]
+    shifts = list(range(1, depths + 1)) if shifts is None else list(shifts)
+    weights = [1.0] * depths if depth_weights is None else [float(w) for w in depth_weights]
+    rows_t = target.reshape(-1, length)
+    rows_p = None if position_ids is None else position_ids.reshape(-1, length)
+    losses = []
+    for k, s in enumerate(shifts):
+        shifted = torch.full_like(rows_t, ignore)
+        for r in range(rows_t.shape[0]):
+            for t in range(length - s):
+                crosses = rows_p is not None and any(
+                    int(rows_p[r, u]) != int(rows_p[r, u - 1]) + 1 for u in range(t + 1, t + s + 1)
+                )
+                if not crosses:
+                    shifted[r, t] = rows_t[r, t + s]
+        losses.append(ref_linear_cross_entropy(hiddens[k], weight, shifted.view(target.shape), bias, **ce_options))
+    per_depth = torch.stack(losses)
+    total = sum(w * loss for w, loss in zip(weights, losses))
+    return total, per_depth

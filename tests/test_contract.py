@@ -164,6 +164,19 @@ def _distill(n, g):
     return (x, w, t, b, xt, wt, None, None, None, None, *opts)
 
 
+def _mtp(n, g):
+    """Two depths over 2 sequences of ``n`` tokens, shifts 1 and 2, a document restart halfway."""
+    hs = torch.randn(2, 2, n, D, generator=g)
+    w, b = torch.randn(V, D, generator=g), torch.randn(V, generator=g)
+    t = torch.randint(0, V, (2, n), generator=g)
+    t[0, 0] = -100
+    pos = torch.arange(n).repeat(2, 1)
+    pos[1, n // 2 :] -= n // 2
+    dw = torch.tensor([1.0, 0.3])
+    opts = ((1, 2), -100, "mean", 0.1, 1e-3, 4.0, 0.9, 3, "reference", [True, True, False, True])
+    return (hs, w, t, b, None, torch.rand(V, generator=g) + 0.5, dw, pos, *opts)
+
+
 def _parallel(base, name: str, sequence_parallel: bool):
     """``base``'s sample for the vocabulary-parallel op: the whole vocabulary on the one-process group, the
     tokens split over it when ``sequence_parallel`` (all on this rank: the gathered path still runs)."""
@@ -180,6 +193,8 @@ SAMPLES = {
     "vocab_parallel_logprobs": _parallel(_logprobs, "vocab_parallel_logprobs", True),
     "vocab_parallel_grpo": _parallel(_grpo, "vocab_parallel_grpo", True),
     "vocab_parallel_distill": _parallel(_distill, "vocab_parallel_distill", False),
+    "vocab_parallel_mtp_ce": _parallel(_mtp, "vocab_parallel_mtp_ce", False),
+    "linear_mtp_ce": _mtp,
     "linear_distill": _distill,
     "linear_ce": _ce,
     "vocab_parallel_ce": _vocab_parallel,
@@ -381,6 +396,8 @@ def test_front_end_defaults_are_the_declared_ones():
         "linear_logprobs": memops.linear_logprobs,
         "linear_grpo": memops.linear_grpo_loss,
         "linear_distill": memops.linear_distillation_loss,
+        "linear_mtp_ce": memops.linear_mtp_cross_entropy,
+        "vocab_parallel_mtp_ce": distributed.vocab_parallel_mtp_cross_entropy,
     }
     assert set(front_ends) == set(SPECS)
     checked = 0

@@ -86,3 +86,12 @@ def test_batch_invariant_vocab_parallel(world):
     for rc, out in _launch("invariant", world):
         assert rc == 0, out[-3000:]
         assert ": invariant ok" in out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_mtp_vocab_parallel(world):
+    """vocab_parallel_mtp_cross_entropy (even and uneven shards, every option, packed sequences) against the
+    single-process op in float64 (tests/dist_worker.py::case_mtp)."""
+    for rc, out in _launch("mtp", world):
+        assert rc == 0, out[-3000:]
+        assert ": mtp ok" in out

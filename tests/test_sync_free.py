@@ -259,6 +259,34 @@ def test_distillation(case, poison):
 
 
 @pytest.mark.parametrize("poison", POISONS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(),
+        dict(reduction="sum", label_smoothing=0.1, depth_weights=[1.0, 0.4]),
+        dict(reduction="none", z_loss=1e-3, softcap=3.0, packed=True),
+        dict(num_items=7, packed=True, shifts=(0, 3)),
+    ],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "defaults",
+)
+def test_multi_token_prediction(case, poison):
+    case = dict(case)
+    x, w, b, t = _data(9, poison)
+    hs = torch.stack([x, x.flip(1) * 0.5])  # two depths; the poison reaches both
+    if case.pop("packed", False):
+        pos = torch.arange(N // 2).repeat(2, 1)
+        pos[1, 5:] -= 5
+        case["position_ids"] = pos
+
+    def fn():
+        hl, wl, bl = _leaves(hs, w, b)
+        loss, per_depth = memops.linear_mtp_cross_entropy(hl, wl, t, bl, **case)
+        return [loss, per_depth, *_grads((loss * loss.detach().cos()).sum(), [hl, wl, bl])]
+
+    _same(*_both(fn))
+
+
+@pytest.mark.parametrize("poison", POISONS)
 def test_vocab_parallel_cross_entropy(one_process_group, poison):
     x, w, b, t = _data(9, poison)
 

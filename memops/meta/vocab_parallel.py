@@ -5,8 +5,9 @@ whether ``input`` (and every per-token tensor) holds this rank's tokens only (ou
 tokens' too; a reduced loss is the whole group's).
 
 * ``memops::vocab_parallel_ce``: ``memops::linear_ce``'s class-index form (no ``all_lse``/``is_top1``);
-* ``memops::vocab_parallel_logprobs``, ``memops::vocab_parallel_grpo``, ``memops::vocab_parallel_distill``:
-  ``linear_logprobs``', ``linear_grpo``'s and ``linear_distill``'s, every option.
+* ``memops::vocab_parallel_logprobs``, ``memops::vocab_parallel_grpo``, ``memops::vocab_parallel_distill``,
+  ``memops::vocab_parallel_mtp_ce``: ``linear_logprobs``', ``linear_grpo``'s, ``linear_distill``'s and
+  ``linear_mtp_ce``'s, every option (multi-token prediction without ``sequence_parallel``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from .. import validation as V
 from ..contract import Option, Spec, register
-from . import distill, grpo, linear_ce, logprobs
+from . import distill, grpo, linear_ce, logprobs, mtp
 from .linear_ce import CE_INPUTS, CE_OPTIONS, PRECISION, loss_and_rows
 
 
@@ -94,8 +95,15 @@ def _parallel(spec: Spec) -> Spec:
 LOGPROBS = _parallel(logprobs.LOGPROBS)
 GRPO = _parallel(grpo.GRPO)
 DISTILL = _parallel(distill.SPEC)
+MTP = _parallel(mtp.SPEC)
 
-_PARALLEL_OF = {"linear_ce": SPEC, "linear_logprobs": LOGPROBS, "linear_grpo": GRPO, "linear_distill": DISTILL}
+_PARALLEL_OF = {
+    "linear_ce": SPEC,
+    "linear_logprobs": LOGPROBS,
+    "linear_grpo": GRPO,
+    "linear_distill": DISTILL,
+    "linear_mtp_ce": MTP,
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ from . import (
     grpo,  # noqa: F401
     linear_ce,  # noqa: F401
     logprobs,  # noqa: F401
+    mtp,  # noqa: F401
     transform,  # noqa: F401
     vocab_parallel,  # noqa: F401
 )

@@ -64,12 +64,13 @@ def gradients(a: Args, grad_outputs: list, need: list) -> list:
 
 def _implement() -> None:
     from ..meta import vocab_parallel as VP
-    from . import distill, grpo, logprobs
+    from . import distill, grpo, logprobs, mtp
 
     family.implement(SPEC, *sequence_parallel(SPEC, forward, gradients))
     family.implement(VP.LOGPROBS, *sequence_parallel(VP.LOGPROBS, logprobs.forward, logprobs.gradients))
     family.implement(VP.GRPO, *sequence_parallel(VP.GRPO, grpo.forward, grpo.gradients))
     family.implement(VP.DISTILL, *sequence_parallel(VP.DISTILL, distill.forward, distill.gradients))
+    family.implement(VP.MTP, mtp.forward, mtp.gradients)  # no sequence parallelism (meta/mtp.py refuses it)
 
 
 _implement()
