@@ -6,7 +6,8 @@
 #      --no-deps --no-index, when scripts/wheels/*.whl exist (scripts/fetch_peer_wheels.sh puts them there);
 #   1. python -m memops doctor: versions, GPU, kernel choice, chunk plan, every family (class-weighted CE too) against float64 on the
 #      device (torch and Triton heads), the weight-gradient path, CUDA-graph captures of a cross-entropy and
-#      a GRPO step replayed on new data, a torch.compile(mode="reduce-overhead") training step, a speed probe;
+#      a GRPO step replayed on new data, a torch.compile(mode="reduce-overhead") training step, batch-invariant
+#      mode (a row alone bitwise equal to the row inside batches of other sizes), a speed probe;
 #   2. the target step: llama3-8b head (D=4096, V=128256), 16384 tokens, bf16, forward + backward:
 #      memops (Triton and torch heads, and sync-free) vs the three matmuls alone and torch.compile, then
 #      eager, CCE, Liger
@@ -17,7 +18,8 @@
 #      when TRL is installed;
 #   5. gemma2-2b (soft-capped logits), bf16;
 #   6. the fixed cost per call (--preset overhead);
-#   7. on a box with two or more GPUs (or MEMOPS_BENCH_TP=N): vocabulary-parallel CE and log-probs over N ranks
+#   7. multi-token prediction (3 depths, bf16): one memops call vs one per depth vs unfused;
+#   8. on a box with two or more GPUs (or MEMOPS_BENCH_TP=N): vocabulary-parallel CE and log-probs over N ranks
 #      (NCCL), memops (replicated and sequence-parallel hidden states) vs gathered logits vs one GPU.
 # Each step has its own time limit and the script stops starting steps at its deadline (MEMOPS_BENCH_BUDGET,
 # default 290 s).  Inputs are drawn on the device from seeded generators.
@@ -80,10 +82,16 @@ step grpo-llama3-8b-bf16 50 "${BENCH[@]}" --loss grpo --preset llama3-8b --dtype
 step gemma2-2b-bf16 35 "${BENCH[@]}" --preset gemma2-2b --dtype bfloat16 --tokens "$TOKENS" --reps 3 --no-check \
     --methods memops_triton,memops_torch,compile,floor "${EXTRA[@]}" --json "$WORK/gemma2-2b-bf16.json"
 step overhead 20 "${BENCH[@]}" --preset overhead --json "$WORK/overhead.json"
-# log-probs as the sampler drew them: a top-p-sized sampling mask (1000 kept ids per token) on Qwen's vocabulary
-step sampling-mask-qwen-bf16 30 "${BENCH[@]}" --loss logprobs --kept 1000 --dtype bfloat16 --tokens "$TOKENS" \
-    --hidden 3584 --vocab 151936 --batch 8 --reps 2 --no-check --methods memops,compile,eager "${EXTRA[@]}" \
+# log-probs as the sampler drew them: a top-p-sized sampling mask (1000 kept ids per token) on Qwen's vocabulary,
+# and what batch-invariant mode costs there
+step sampling-mask-qwen-bf16 40 "${BENCH[@]}" --loss logprobs --kept 1000 --dtype bfloat16 --tokens "$TOKENS" \
+    --hidden 3584 --vocab 151936 --batch 8 --reps 2 --no-check --methods memops,memops_batch_invariant,compile,eager \
+    "${EXTRA[@]}" \
     --json "$WORK/sampling-mask-qwen-bf16.json"
+# multi-token prediction: 3 depths against the llama3-8b head, one memops call vs one call per depth vs unfused
+step mtp3-llama3-8b-bf16 40 "${BENCH[@]}" --loss mtp --depths 3 --preset llama3-8b --dtype bfloat16 --tokens $((TOKENS / 4)) \
+    --reps 2 --no-check --methods memops,memops_per_depth,compile,eager "${EXTRA[@]}" \
+    --json "$WORK/mtp3-llama3-8b-bf16.json"
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
 TP="${MEMOPS_BENCH_TP:-$([ "${GPUS:-0}" -ge 2 ] && echo 2 || echo 0)}"
 if [ "$TP" -ge 2 ]; then

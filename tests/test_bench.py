@@ -408,7 +408,10 @@ def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
     assert target["floor"]["status"] == target["compile"]["status"] == "ok"
     assert {r["method"] for r in json.loads((got / "overhead.json").read_text())["rows"]} >= {"eager", "memops"}
     kept = {r["method"]: r for r in json.loads((got / "sampling-mask-qwen-bf16.json").read_text())["runs"][0]["rows"]}
-    assert all(kept[m]["status"] == "ok" and kept[m]["time_s"] > 0 for m in ("memops", "compile", "eager")), kept
+    methods = ("memops", "memops_batch_invariant", "compile", "eager")
+    assert all(kept[m]["status"] == "ok" and kept[m]["time_s"] > 0 for m in methods), kept
+    mtp = {r["method"]: r for r in json.loads((got / "mtp3-llama3-8b-bf16.json").read_text())["runs"][0]["rows"]}
+    assert all(mtp[m]["status"] == "ok" for m in ("memops", "memops_per_depth", "compile", "eager")), mtp
     assert "row N=16 D=8 V=64: memops_triton ok" in proc.stdout  # each row printed as it is measured
     for loss in ("cross_entropy", "logprobs"):
         tp = json.loads((got / f"tp2-{loss}-bf16.json").read_text())

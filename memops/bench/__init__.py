@@ -17,7 +17,7 @@ import sys
 import tempfile
 from typing import Any
 
-from .methods import DISTILL_BETA, GRPO_BETA, METHODS, VARIANTS, unavailable
+from .methods import DISTILL_BETA, GRPO_BETA, METHODS, PER_DEPTH, VARIANTS, unavailable
 from .report import LEGEND, add_ratios, format_table, plot
 from .worker import Worker, run_worker
 
@@ -56,11 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per method (default 3)")
     p.add_argument(
         "--methods",
-        default=",".join(m for m in METHODS if m not in VARIANTS),
+        default=",".join(m for m in METHODS if m not in (*VARIANTS, PER_DEPTH)),
         help="comma-separated subset of %(default)s, memops_torch and memops_triton (memops with the torch or "
         "the Triton chunk heads: memops.set_kernels), memops_sync_free (memops.set_sync_free(True)), "
-        "memops_accurate (memops.set_precision('accurate'): fp32 logits) and memops_batch_invariant "
-        "(memops.set_batch_invariant(True)); peers "
+        "memops_accurate (memops.set_precision('accurate'): fp32 logits), memops_batch_invariant "
+        "(memops.set_batch_invariant(True)) and, with --loss mtp, memops_per_depth (one memops cross-entropy "
+        "call per depth); peers "
         "that are not installed are skipped",
     )
     p.add_argument(
@@ -71,7 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "step on --batch completions), logprobs (memops.linear_logprobs: the masked mean negative log-prob of "
         "--batch completions, what an SFT-on-samples or REINFORCE step trains), distill "
         "(memops.linear_distillation_loss against a teacher "
-        "projection of the same size) or any registered transform, e.g. focal "
+        "projection of the same size), mtp (memops.linear_mtp_cross_entropy: --depths cross-entropies against "
+        "one head, targets shifted 1..D) or any registered transform, e.g. focal "
         "(memops.linear_loss; the baselines apply the same function to the full logits)",
     )
     p.add_argument(
@@ -89,6 +91,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="--loss grpo and logprobs: a sampling mask of this many kept ids per token (the sampler's top-k / "
         "top-p), the log-probs renormalized over them (memops: sampling_mask=; the unfused baselines: "
         "log_softmax of the logits with the other ids at -inf); 0 (default): none",
+    )
+    p.add_argument(
+        "--depths",
+        type=int,
+        default=2,
+        help="--loss mtp: prediction depths D (default %(default)s)",
     )
     p.add_argument(
         "--beta",
@@ -151,7 +159,7 @@ def _resolve(args) -> list[dict]:
     args.bias = bool(args.bias or preset.get("bias"))
     if args.dtype is None:
         args.dtype = "bfloat16" if args.preset == "seed-harness" else "float32"
-    if args.bias and args.loss in ("grpo", "logprobs", "distill", "class_weighted"):
+    if args.bias and args.loss in ("grpo", "logprobs", "distill", "class_weighted", "mtp"):
         raise SystemExit(f"--bias: cross-entropy and transforms only, not --loss {args.loss}")
     for name in ("tokens", "hidden", "vocab", "reps"):
         if getattr(args, name) < 1:
@@ -165,6 +173,8 @@ def _resolve(args) -> list[dict]:
             raise SystemExit("--loss distill takes no --softcap")
         if not 0 <= args.beta <= 1:
             raise SystemExit(f"--beta of --loss distill must be in [0, 1], got {args.beta!r}")
+    if args.depths < 1:
+        raise SystemExit("--depths must be >= 1")
     if args.kept < 0 or (args.kept and args.loss not in ("grpo", "logprobs")):
         raise SystemExit("--kept: a non-negative count, with --loss grpo or logprobs only")
     if args.loss in ("grpo", "logprobs"):
@@ -284,7 +294,7 @@ def main(args) -> int:
 
     import memops
 
-    if args.loss not in ("grpo", "logprobs", "distill", "class_weighted"):
+    if args.loss not in ("grpo", "logprobs", "distill", "class_weighted", "mtp"):
         try:
             memops.registry.get_transform(args.loss)  # unknown names fail here, before any worker starts
         except (KeyError, ValueError) as exc:
@@ -303,6 +313,8 @@ def main(args) -> int:
         softcap += f", {args.ignored:.0%} of completion tokens masked"
     elif args.loss == "distill":
         softcap += f", {args.ignored:.0%} of targets ignored, beta={args.beta:g}"
+    elif args.loss == "mtp":
+        softcap += f", {args.depths} depths, {args.ignored:.0%} of targets ignored"
     else:
         softcap += f", {args.ignored:.0%} of targets ignored"
     if args.kept:

@@ -41,7 +41,7 @@ import os
 IGNORE = -100
 METHODS = (
     "eager", "compile", "chunked", "torch_lce", "memops", "memops_torch", "memops_triton", "memops_sync_free",
-    "memops_accurate", "memops_batch_invariant", "floor", "cce", "liger", "trl",
+    "memops_accurate", "memops_batch_invariant", "memops_per_depth", "floor", "cce", "liger", "trl",
 )  # fmt: skip
 # memops with its heads chosen (memops.set_kernels): "memops" is the default choice ("auto")
 KERNEL_CHOICE = {"memops_torch": "torch", "memops_triton": "triton"}
@@ -50,6 +50,8 @@ KERNEL_CHOICE = {"memops_torch": "torch", "memops_triton": "triton"}
 # memops_accurate: memops.set_precision("accurate") (the logits kept in fp32 from the GEMM)
 # memops_batch_invariant: memops.set_batch_invariant(True) (fixed-shape chunk GEMMs, single-row head blocks)
 VARIANTS = (*KERNEL_CHOICE, "memops_sync_free", "memops_accurate", "memops_batch_invariant")
+# --loss mtp only: memops.linear_cross_entropy called once per depth (what a caller without the MTP op does)
+PER_DEPTH = "memops_per_depth"
 UNCHECKED = ("floor",)  # no loss: no error columns
 PEERS = {
     "cce": ("cut_cross_entropy", "pip install cut-cross-entropy"),
@@ -84,8 +86,12 @@ def unavailable(method: str, loss: str, device: str, softcap: float | None = Non
             return "no soft-capping option"
         if not hasattr(F, "linear_cross_entropy"):
             return "needs torch >= 2.13"
-    if method == "floor" and loss == "distill":
+    if method == "floor" and loss in ("distill", "mtp"):
         return "three-matmul floor of a single projection"
+    if method == PER_DEPTH and loss != "mtp":
+        return "--loss mtp only"
+    if loss == "mtp" and method not in ("eager", "compile", "memops", PER_DEPTH, "reference"):
+        return "--loss mtp: eager, compile, memops and memops_per_depth"
     if method == "trl":
         if loss not in ("distill", "grpo", "logprobs"):
             return "--loss distill or grpo only"
@@ -400,6 +406,44 @@ def _build_distill(method: str, vocab: int, beta: float):
     raise ValueError(f"method {method!r} does not run --loss distill")
 
 
+def _depth_states(x, depths: int) -> list:
+    """The ``depths`` hidden states of a multi-token-prediction step, all from ``x`` (depth ``k``'s is ``x``
+    scaled by ``1 - 0.05 k``: distinct rows, every depth's gradient reaching ``x``)."""
+    return [x if k == 0 else x * (1.0 - 0.05 * k) for k in range(depths)]
+
+
+def _build_mtp(method: str, depths: int, softcap):
+    """--loss mtp: ``depths`` cross-entropies against one head, depth ``k``'s targets shifted by ``k + 1``
+    (one sequence of every token), summed."""
+    import torch
+    import torch.nn.functional as F
+
+    def shifted(t, s):
+        return torch.cat([t[s:], t.new_full((min(s, t.shape[0]),), IGNORE)])
+
+    def unfused(x, w, t, upcast=True):
+        total = 0
+        for k, h in enumerate(_depth_states(x, depths)):
+            total = total + F.cross_entropy(_logits(h, w, softcap, upcast), shifted(t, k + 1), ignore_index=IGNORE)
+        return total
+
+    base = _unfused_family(method, unfused)
+    if base is not None:
+        return base
+    import memops
+
+    if method == "memops":
+        return lambda x, w, t: memops.linear_mtp_cross_entropy(
+            torch.stack(_depth_states(x, depths)), w, t, softcap=softcap
+        )[0]
+    if method == PER_DEPTH:
+        return lambda x, w, t: sum(
+            memops.linear_cross_entropy(h, w, t, softcap=softcap, shift=k + 1)
+            for k, h in enumerate(_depth_states(x, depths))
+        )
+    raise ValueError(f"method {method!r} does not run --loss mtp")
+
+
 def build(
     method: str,
     loss: str,
@@ -411,6 +455,7 @@ def build(
     ignored: float = 0.1,
     beta: float | None = None,
     kept: int = 0,
+    depths: int = 2,
 ):
     """The step function of ``method``: ``fn(x, w, t) -> scalar loss`` (mean over non-ignored tokens)."""
     if method in VARIANTS:  # each method runs in a process of its own: the choice is global there
@@ -431,6 +476,8 @@ def build(
         return _build_grpo(method, tokens, vocab, batch, device, ignored, beta, kept, loss)
     if loss == "distill":
         return _build_distill(method, vocab, DISTILL_BETA if beta is None else beta)
+    if loss == "mtp":
+        return _build_mtp(method, depths, softcap)
     if loss == CLASS_WEIGHTED:
         return _build_class_weighted(method, softcap, vocab, device)
     per_token = _per_token(loss)

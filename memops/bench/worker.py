@@ -160,6 +160,7 @@ def run_worker(args) -> None:
         ignored=args.ignored,
         beta=args.beta,
         kept=getattr(args, "kept", 0),
+        depths=getattr(args, "depths", 2),
     )
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -258,6 +259,8 @@ class Worker:
             repr(args.beta),
             "--kept",
             str(getattr(args, "kept", 0)),
+            "--depths",
+            str(getattr(args, "depths", 2)),
         ]
         if args.softcap is not None:
             cmd += ["--softcap", repr(args.softcap)]
