@@ -142,6 +142,7 @@ def main() -> None:
     calls = {"memops": 0}
     _counted(memops, "linear_cross_entropy", calls)
     _counted(memops.distributed, "vocab_parallel_cross_entropy", calls)
+    _counted(memops, "linear_mtp_cross_entropy", calls)
     grad_norms = []
     clip = dist_utils.clip_grad_norm_
 

@@ -23,7 +23,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))  # tests/reference.py (the one reference implementation), tests/helpers.py
 
 from helpers import free_port  # noqa: E402
-from reference import ref_linear_cross_entropy  # noqa: E402
+from reference import ref_linear_cross_entropy, ref_mtp_cross_entropy  # noqa: E402
 
 STEPS = 3
 OVERRIDE = "memops.integrations.torchtitan.memops_cross_entropy"
@@ -43,11 +43,13 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
-def _train(workdir: Path, name: str, parallel: str, memops: bool) -> list[dict]:
+def _train(
+    workdir: Path, name: str, parallel: str, memops: bool, model: tuple[str, str] = ("llama3", "llama3_debugmodel")
+) -> list[dict]:
     """torchtitan's trainer on 2 ranks, 3 steps; each rank's record (see harness.py)."""
     out = workdir / f"{name}-{parallel}"
     args = [
-        "--module", "llama3", "--config", "llama3_debugmodel",
+        "--module", model[0], "--config", model[1],
         *PARALLEL[parallel],
         "--parallelism.spmd_backend", "partial_dtensor",  # CPU workaround 5 (harness.py)
         "--training.steps", str(STEPS), "--training.seq_len", "64", "--training.local_batch_size", "2",
@@ -86,6 +88,22 @@ def test_torchtitan_trainer_with_memops_matches_its_own_loss(workdir, parallel):
         )
     if parallel == "tp2":  # both TP ranks see the same tokens: the same loss
         assert fused[0]["losses"] == fused[1]["losses"]
+
+
+def test_deepseek_v3_multi_token_prediction_with_memops_matches_its_own_loss(workdir):
+    """torchtitan's DeepSeek-V3 debug model with its MTP layer (``deepseek_v3_debugmodel_mtp``: ``MTPLoss``, the
+    main and the MTP depth's cross-entropies on the logits), FSDP2 on 2 ranks, against the same run with the
+    override (``MemopsMTPLoss``: both depths in one ``memops.linear_mtp_cross_entropy`` call from the hidden
+    states): every rank's step losses and gradient norms equal to fp32 rounding."""
+    model = ("deepseek_v3", "deepseek_v3_debugmodel_mtp")
+    plain = _train(workdir, "torchtitan-mtp", "fsdp2", memops=False, model=model)
+    fused = _train(workdir, "memops-mtp", "fsdp2", memops=True, model=model)
+    for p, m in zip(plain, fused):
+        assert p["loss_class"] == "MTPLoss" and m["loss_class"] == "MemopsMTPLoss"
+        assert len(p["losses"]) == len(m["losses"]) == len(m["grad_norms"]) == STEPS
+        torch.testing.assert_close(torch.tensor(m["losses"]), torch.tensor(p["losses"]), rtol=1e-5, atol=0)
+        torch.testing.assert_close(torch.tensor(m["grad_norms"]), torch.tensor(p["grad_norms"]), rtol=1e-5, atol=0)
+        assert p["memops_calls"] == 0 and m["memops_calls"] == STEPS
 
 
 def _head(vocab: int, dim: int, bias: bool) -> torch.nn.Linear:
@@ -169,3 +187,46 @@ def test_the_override_replaces_only_torchtitans_cross_entropy():
     for cfg in (MSELoss.Config(), ChunkedLossWrapper.Config(loss_fn=MSELoss.Config())):
         with pytest.raises(ValueError, match="not MSELoss.Config"):
             memops_cross_entropy(cfg)
+    from torchtitan.models.deepseek_v3.mtp import MTPLoss
+
+    from memops.integrations.torchtitan import MemopsMTPLoss
+
+    new = memops_cross_entropy(MTPLoss.Config(global_vocab_size=2048, mtp_scale=0.1), chunk_size=64)
+    assert type(new) is MemopsMTPLoss.Config
+    assert (new.global_vocab_size, new.mtp_scale, new.chunk_size) == (2048, 0.1, 64)
+    assert memops_cross_entropy(new) is new
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_mtp_loss_class_equals_torchtitans_on_the_logits(packed):
+    """``MemopsMTPLoss`` on the depths' hidden states against torchtitan's ``MTPLoss`` on their logits (float64,
+    two MTP depths, ignored labels, packed documents in ``positions``)."""
+    from torchtitan.models.deepseek_v3.mtp import MTPLoss
+
+    from memops.integrations.torchtitan import MemopsMTPLoss
+
+    g = torch.Generator().manual_seed(5)
+    head = _head(37, 8, bias=False)
+    depths = [torch.randn(2, 12, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    labels = torch.randint(0, 37, (2, 12), generator=g)
+    labels[0, :3] = -100
+    positions = torch.arange(12).repeat(2, 1)
+    if packed:
+        positions[1, 5:] -= 5
+    valid = torch.tensor(100.0, dtype=torch.float64)
+    ours = MemopsMTPLoss(MemopsMTPLoss.Config(mtp_scale=0.2))
+    ours.set_lm_head(head)
+    theirs = MTPLoss(MTPLoss.Config(mtp_scale=0.2))
+    got, _ = ours(depths, labels, valid, positions=positions)
+    # torchtitan's cross-entropy upcasts the logits to fp32 (float64 inputs too): equal to fp32 rounding
+    want, _ = theirs([head(h) for h in depths], labels, valid, positions=positions)
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=2e-6, atol=0)
+    # and to the float64 reference (tests/reference.py), labels shifted by one already: shifts 0, 1, 2
+    ref, _ = ref_mtp_cross_entropy(
+        torch.stack(depths), head.weight, labels, shifts=(0, 1, 2), depth_weights=[1.0, 0.1, 0.1],
+        position_ids=positions, reduction="sum",
+    )  # fmt: skip
+    torch.testing.assert_close(got, ref / valid, rtol=1e-12, atol=1e-12)
+    params = [*depths, head.weight]
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(ref / valid, params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
