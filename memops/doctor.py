@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from .bench.worker import describe
 
@@ -312,9 +312,11 @@ def batch_invariance_check(device: str, dtype: str) -> dict:
         x[pos], t[pos] = row_x[0], row_t[0]
         x = x.to(device=device, dtype=dt).requires_grad_()
         t = t.to(device)
-        loss, lse = memops.linear_cross_entropy(x, w, t, reduction="none", return_lse=True, chunk_size=chunk)
+        loss, lse = cast(
+            tuple, memops.linear_cross_entropy(x, w, t, reduction="none", return_lse=True, chunk_size=chunk)
+        )
         (gx,) = torch.autograd.grad(loss.sum(), x)
-        lp, ent = memops.linear_logprobs(x, w, t, temperature=0.8, return_entropy=True, chunk_size=chunk)
+        lp, ent = cast(tuple, memops.linear_logprobs(x, w, t, temperature=0.8, return_entropy=True, chunk_size=chunk))
         (gx2,) = torch.autograd.grad(lp.sum() + ent.sum(), x)
         return [r[pos].detach().cpu() for r in (loss, lse, gx, lp, ent, gx2)]
 

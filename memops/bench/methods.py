@@ -437,10 +437,14 @@ def _build_mtp(method: str, depths: int, softcap):
             torch.stack(_depth_states(x, depths)), w, t, softcap=softcap
         )[0]
     if method == PER_DEPTH:
-        return lambda x, w, t: sum(
-            memops.linear_cross_entropy(h, w, t, softcap=softcap, shift=k + 1)
-            for k, h in enumerate(_depth_states(x, depths))
-        )
+
+        def per_depth(x, w, t):
+            total = 0
+            for k, h in enumerate(_depth_states(x, depths)):
+                total = total + memops.linear_cross_entropy(h, w, t, softcap=softcap, shift=k + 1)
+            return total
+
+        return per_depth
     raise ValueError(f"method {method!r} does not run --loss mtp")
 
 
