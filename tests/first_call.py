@@ -58,6 +58,7 @@ def _tensors(n: int, seed: int) -> dict:
         "wt": torch.randn(V, D + 4, generator=g) * 0.3,
         "kept": torch.randint(-1, V, (b, t, 4), generator=g),  # a sampler's kept ids per token
         "temps": torch.rand(b, 1, generator=g) + 0.5,  # one temperature per sequence
+        "depth_w": torch.tensor([1.0, 0.3]),  # multi-token prediction's per-depth weights
     }
 
 
@@ -109,6 +110,9 @@ CASES = {
     "linear_distillation_loss": lambda x, w, b, t: memops.linear_distillation_loss(
         x, w, t["labels"], t["xt"], t["wt"], beta=0.3, temperature=1.5, hard_label_weight=0.2
     ),
+    "linear_mtp_cross_entropy": lambda x, w, b, t: memops.linear_mtp_cross_entropy(
+        torch.stack([x, x * 0.5]), w, t["labels"], b, depth_weights=t["depth_w"], label_smoothing=0.1, chunk_size=5
+    ),
     "nn_functional_linear_cross_entropy": lambda x, w, b, t: nnf.linear_cross_entropy(
         x.flatten(0, 1), w, t["ids"].flatten(), linear_bias=b, label_smoothing=0.1
     ),
@@ -124,6 +128,9 @@ CASES = {
     )[0],
     "vocab_parallel_distillation_loss": lambda x, w, b, t: distributed.vocab_parallel_distillation_loss(
         x, w, t["labels"], t["xt"], t["wt"], vocab_start=0, vocab_size=V
+    ),
+    "vocab_parallel_mtp_cross_entropy": lambda x, w, b, t: distributed.vocab_parallel_mtp_cross_entropy(
+        torch.stack([x, x * 0.5]), w, t["labels"], b, shifts=(1, 3), vocab_start=0, vocab_size=V
     ),
 }
 

@@ -61,12 +61,14 @@ def test_the_script_covers_every_public_front_end():
         "linear_grpo_loss_beta0",  # TRL's default beta
         "linear_grpo_loss_kl",
         "linear_distillation_loss",
+        "linear_mtp_cross_entropy",
         "nn_functional_linear_cross_entropy",
         "nn_LinearCrossEntropyLoss",
         "vocab_parallel_cross_entropy",
         "vocab_parallel_logprobs",
         "vocab_parallel_grpo_loss",
         "vocab_parallel_distillation_loss",
+        "vocab_parallel_mtp_cross_entropy",
     ]
     assert [f for f in front_ends if f not in cases] == []
 
