@@ -18,6 +18,7 @@ from torch import Tensor
 from .. import config, validation
 from ..contract import Args
 from ..meta.mtp import SPEC
+from ..meta.vocab_parallel import Layout, resolve
 from . import engine, family, linear_ce, plan
 from .reducer import LOCAL, reducer_of
 
@@ -139,7 +140,7 @@ def linear_mtp_cross_entropy(
     class_weight: Tensor | None = None,
     chunk_size: int | None = None,
     precision: str | None = None,
-    _parallel=None,
+    _parallel: Layout | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Multi-token prediction: the cross-entropy of every depth's hidden states against one output head, in one
     call, without the logits.  Returns ``(loss, per_depth)``.
@@ -177,8 +178,6 @@ def linear_mtp_cross_entropy(
             [engine.scalar_on(float(w), torch.float64, hiddens.device) for w in depth_weights]
             or [hiddens.new_zeros((), dtype=torch.float64)]
         )
-    from ..meta.vocab_parallel import resolve
-
     spec, layout = resolve(SPEC, _parallel)
     loss, per_depth, _ = spec.call(
         **layout,
