@@ -186,8 +186,9 @@ def _parallel_call(
     placed = _Placed(weight, bias)
     placed.split_dims = split_dims
     local, split = {}, set()
+    first = next(iter(per_token), None)  # the projection's input (the front ends pass it first)
     for name, t in per_token.items():
-        local[name], s = placed.input(name, t, None if name.endswith("input") else _token_dims(name, per_token))
+        local[name], s = placed.input(name, t, None if name == first else _token_dims(per_token[first]))
         if t is not None and isinstance(t, DTensor):
             split.add(s)
     if len(split) > 1:
@@ -198,9 +199,8 @@ def _parallel_call(
     return placed, placed.weight, placed.bias, local, extra, layout
 
 
-def _token_dims(name: str, tensors: dict) -> int:
-    """The token dimensions of a per-token argument: those of the input but its last."""
-    x = next(t for k, t in tensors.items() if k.endswith("input") and t is not None)
+def _token_dims(x) -> int:
+    """The token dimensions of a per-token argument: those of the input ``x`` but its last."""
     return x.dim() - 1
 
 

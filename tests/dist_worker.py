@@ -1040,6 +1040,33 @@ def case_mtp():
             _close(sx, gx, f"mtp grad input {opts}")
             _close(sw, gw[lo:hi], f"mtp grad weight {opts}")
             _close(sb, gb[lo:hi], f"mtp grad bias {opts}")
+    # a DTensor head (Shard(0) on a 1-D mesh) with plain hidden states: layout and group from the mesh
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    wd = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+    xs = hs.clone().requires_grad_()
+    ploss, _ = vocab_parallel_mtp_cross_entropy(xs, wd, t, label_smoothing=0.1, position_ids=pos)
+    full_in = [p.clone().requires_grad_() for p in (hs, w)]
+    loss, _ = memops.linear_mtp_cross_entropy(*full_in, t, label_smoothing=0.1, position_ids=pos)
+    _close(ploss, loss, "mtp dtensor loss")
+    ploss.backward()
+    loss.backward()
+    _close(xs.grad, full_in[0].grad, "mtp dtensor grad input")
+    _close(wd.grad.full_tensor(), full_in[1].grad, "mtp dtensor grad weight")
+    try:
+        vocab_parallel_mtp_cross_entropy(hs, wd, t, sequence_parallel=True)
+    except ValueError as e:
+        assert "sequence_parallel=True is not offered for multi-token prediction" in str(e), e
+    else:
+        raise AssertionError("sequence_parallel=True was not refused (DTensor head)")
+    try:
+        vocab_parallel_mtp_cross_entropy(distribute_tensor(hs, mesh, [Replicate()]), wd, t)
+    except ValueError as e:
+        assert "takes local hiddens" in str(e), e
+    else:
+        raise AssertionError("DTensor hidden states were not refused")
     starts, sizes = _split(world, False)
     lo, hi = starts[rank], starts[rank] + sizes[rank]
     try:
