@@ -345,8 +345,8 @@ class Decisions:
 
 
 def padded_to(rows: torch.Tensor, size: int) -> torch.Tensor:
-    """A chunk's input rows for a second projection of them (distillation's teacher): in batch-invariant mode
-    padded with zero rows to the chunk's ``size``, as ``run`` pads its own, so that GEMM's shape is fixed too."""
+    """A chunk's input rows (``run``'s, and those of a second projection of them: distillation's teacher) in
+    batch-invariant mode: padded with zero rows to the chunk's ``size``, so that every GEMM's shape is fixed."""
     if rows.shape[0] >= size or config.invariant_rows(rows.device) is None:
         return rows
     out = rows.new_zeros((size,) + tuple(rows.shape[1:]))
@@ -457,7 +457,6 @@ def run(
     gx_part: Any = None  # with skipped rows a chunk's input gradient is made here, then scattered to its rows
     if grad_input and (rows is not None or gathered or how.invariant):
         gx_part = torch.empty((size, d), dtype=x2d.dtype, device=x2d.device)
-    padded: Any = None  # batch-invariant: the last chunk's rows, padded with zero rows to the chunk's size
     scratch: list = []  # the weight gradient's scratch, where the build needs one (_accumulate_weight_grad)
     written = False
     sel: slice | torch.Tensor
@@ -476,10 +475,7 @@ def run(
         real = stop - start
         short = how.invariant and real < size  # the GEMMs still take `size` rows: xc padded, dz zeroed there
         if short:
-            if padded is None:
-                padded = torch.zeros((size, d), dtype=xc.dtype, device=xc.device)
-            padded[:real].copy_(xc)
-            xc = padded
+            xc = padded_to(xc, size)
         z = buf if (own or real == size or how.invariant) else buf[:real]
         if chunk_start is not None:
             chunk_start(sel)
