@@ -188,8 +188,6 @@ def _sub_rows(rows: int, vocab: int, elem: int, device: torch.device, sub_block_
     work keeps several intermediates alive (autograd through a transform) asks
     for ``sub_block_bytes`` instead.
     """
-    if config.invariant_rows(device) is not None:
-        return 1  # batch-invariant: each row's elementwise work and reductions on a [1, V] block, alike everywhere
     if sub_block_bytes is None:
         if device.type != "cpu":
             return rows
@@ -319,10 +317,12 @@ class Decisions:
             fused=input_dtype_buffer,
         )
         invariant = config.invariant_rows(x2d.device) is not None
-        if reducer.whole_chunk and not invariant:  # a vocabulary-parallel head: one collective per chunk
+        if fused or (reducer.whole_chunk and not invariant):  # a vocabulary-parallel head: one collective a chunk
             sub = size
+        elif invariant:  # each row's elementwise work and reductions on a [1, V] block, alike everywhere
+            sub = 1
         else:
-            sub = size if fused else _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
+            sub = _sub_rows(size, vocab, cdt.itemsize, x2d.device, sub_block_bytes)
         return cls(
             compute_dtype=cdt,
             native_gemms=native,
@@ -501,23 +501,17 @@ def run(
         if own:
             gx = torch.mm(dz, weight_c) if grad_input else None
             gw = torch.mm(dz.t(), xc) if grad_weight else None
-        elif gx is not None:
-            if how.invariant:  # the GEMM's `size` rows, then the chunk's own rows where they go
-                _input_grad(dz, weight_c, gx_part)
+        elif gx is not None and gx_part is None:  # every row, in place: straight into the chunk's rows of gx
+            _input_grad(dz, weight_c, gx if (start == 0 and stop == n) else gx[sel])
+        elif gx is not None:  # made in gx_part (batch-invariant: the GEMM's `size` rows), then sent where it goes
+            _input_grad(dz, weight_c, gx_part if how.invariant else gx_part[:real])
+            part = gx_part[:real]
             if gathered:
-                if not how.invariant:
-                    _input_grad(dz, weight_c, gx_part[:real])
-                x2d.give_grad(start, stop, gx_part[:real], gx)
-            elif how.invariant:
-                if rows is None:
-                    gx[sel] = gx_part[:real]
-                else:
-                    gx.index_copy_(0, picked, gx_part[:real])
+                x2d.give_grad(start, stop, part, gx)
             elif rows is None:
-                _input_grad(dz, weight_c, gx if (start == 0 and stop == n) else gx[sel])
+                gx[sel] = part
             else:
-                _input_grad(dz, weight_c, gx_part[: stop - start])
-                gx.index_copy_(0, picked, gx_part[: stop - start])
+                gx.index_copy_(0, picked, part)
         if gw is not None and not own:
             native = how.native_gemms and not fused  # a fused head's CPU run keeps the GPU's fp32 partials
             _accumulate_weight_grad(gw, dz, xc, first=not written, scratch=scratch, native=native)
