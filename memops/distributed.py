@@ -160,17 +160,26 @@ def _shard_layout(weight: Tensor, group) -> tuple[int, int]:
     return int(sum(sizes[:rank])), int(sum(sizes))
 
 
-def _layout(weight, group, vocab_start, vocab_size, sequence_parallel) -> Layout:
+def _layout(weight, group, vocab_start, vocab_size, sequence_parallel, input_grad) -> Layout:
     group = group if group is not None else torch.distributed.group.WORLD
     if (vocab_start is None) != (vocab_size is None):
         raise ValueError("pass both vocab_start and vocab_size, or neither")
     if vocab_start is None:
         vocab_start, vocab_size = _shard_layout(weight, group)
-    return Layout(group.group_name, int(vocab_start), int(vocab_size), bool(sequence_parallel))
+    return Layout(group.group_name, int(vocab_start), int(vocab_size), bool(sequence_parallel), input_grad)
 
 
 def _parallel_call(
-    weight, bias, group, vocab_start, vocab_size, sequence_parallel, per_token: dict, sharded=(), split_dims=None
+    weight,
+    bias,
+    group,
+    vocab_start,
+    vocab_size,
+    sequence_parallel,
+    input_grad,
+    per_token: dict,
+    sharded=(),
+    split_dims=None,
 ):
     """``(placed or None, weight, bias, per-token tensors, sharded tensors, layout)`` of a vocabulary-parallel
     call: DTensors made local (group and layout from the weight's mesh), else the arguments as given."""
@@ -179,7 +188,7 @@ def _parallel_call(
     if not isinstance(weight, DTensor):
         if any(isinstance(t, DTensor) for t in per_token.values()):
             raise ValueError("DTensor inputs need a DTensor weight (Shard(0) over the vocabulary)")
-        layout = _layout(weight, group, vocab_start, vocab_size, sequence_parallel)
+        layout = _layout(weight, group, vocab_start, vocab_size, sequence_parallel, input_grad)
         return None, weight, bias, per_token, dict(sharded), layout
     if group is not None or vocab_start is not None or vocab_size is not None:
         raise ValueError("with a DTensor weight, group / vocab_start / vocab_size come from its mesh")
@@ -194,7 +203,7 @@ def _parallel_call(
     if len(split) > 1:
         raise ValueError("DTensor per-token arguments must all be replicated or all be sharded along the tokens")
     sp = bool(sequence_parallel) or split == {True}
-    layout = Layout(placed.group.group_name, placed.vocab_start, placed.vocab_size, sp)
+    layout = Layout(placed.group.group_name, placed.vocab_start, placed.vocab_size, sp, input_grad)
     extra = {k: placed.sharded(k, v, whole_too=k.startswith("teacher")) for k, v in sharded}
     return placed, placed.weight, placed.bias, local, extra, layout
 
@@ -214,6 +223,7 @@ def vocab_parallel_cross_entropy(
     vocab_start: int | None = None,
     vocab_size: int | None = None,
     sequence_parallel: bool = False,
+    input_grad: str = "reduced",
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
@@ -234,7 +244,11 @@ def vocab_parallel_cross_entropy(
     parallelism: the group's tokens are rank 0's, then rank 1's, ...; per-token outputs and the input
     gradient come back as this rank's tokens', a reduced loss is the group's).
     ``vocab_start``/``vocab_size`` default to the ranks' shards in rank order (one small all-gather read on
-    the host; pass them explicitly inside ``torch.compile``d code and in sync-free calls).  ``weight`` may
+    the host; pass them explicitly inside ``torch.compile``d code and in sync-free calls).  ``input_grad``:
+    ``"reduced"`` (default) gives each rank the group's input gradient (the gradient of its replicated input);
+    ``"partial"`` leaves this rank's shard's part, for a caller whose autograd sums the parts itself (Megatron's
+    ``gather_from_sequence_parallel_region`` reduce-scatters in its backward: the parts summed once there, and one
+    all-reduce fewer here); refused with ``sequence_parallel=True``.  ``weight`` may
     also be a DTensor sharded ``Shard(0)`` on one mesh dimension (then ``group`` and the layout come from
     it; ``input`` may be a DTensor too, replicated or sharded along its tokens, and the outputs are then
     DTensors).  Every rank gets the full loss; the weight/bias gradients are the rank's shard's.
@@ -248,6 +262,7 @@ def vocab_parallel_cross_entropy(
         vocab_start,
         vocab_size,
         sequence_parallel,
+        input_grad,
         {"input": input, "target": target},
         {"class_weight": class_weight}.items(),
     )
@@ -273,7 +288,7 @@ def vocab_parallel_cross_entropy(
     return out if placed is None else placed.wrap(out)
 
 
-_PARALLEL_KEYWORDS = ("group", "vocab_start", "vocab_size", "sequence_parallel")
+_PARALLEL_KEYWORDS = ("group", "vocab_start", "vocab_size", "sequence_parallel", "input_grad")
 
 
 def _parallel_front(
@@ -281,8 +296,8 @@ def _parallel_front(
 ):
     """``memops.distributed.<name>``: ``single`` (a single-process front end) with the vocabulary split over a
     group.  Its keywords are ``single``'s plus ``group`` / ``vocab_start`` / ``vocab_size`` /
-    ``sequence_parallel``; ``projection`` names ``single``'s input, weight and bias arguments, ``per_token``
-    its per-token tensors (made local from DTensors), ``sharded`` the tensors sharded like the weight."""
+    ``sequence_parallel`` / ``input_grad``; ``projection`` names ``single``'s input, weight and bias arguments,
+    ``per_token`` its per-token tensors (made local from DTensors), ``sharded`` the tensors sharded like the weight."""
     import functools
     import inspect
 
@@ -291,7 +306,9 @@ def _parallel_front(
     x_name, w_name, b_name = projection
 
     @functools.wraps(single)
-    def front(*args, group=None, vocab_start=None, vocab_size=None, sequence_parallel=False, **kwargs):
+    def front(
+        *args, group=None, vocab_start=None, vocab_size=None, sequence_parallel=False, input_grad="reduced", **kwargs
+    ):
         bound = sig.bind_partial(*args, **kwargs)
         values = dict(bound.arguments)
         tokens = {k: values.get(k) for k in (x_name, *per_token)}
@@ -303,6 +320,7 @@ def _parallel_front(
             vocab_start,
             vocab_size,
             sequence_parallel,
+            input_grad,
             tokens,
             extra.items(),
             split_dims,
@@ -319,12 +337,14 @@ def _parallel_front(
         inspect.Parameter("vocab_start", keyword, default=None, annotation="int | None"),
         inspect.Parameter("vocab_size", keyword, default=None, annotation="int | None"),
         inspect.Parameter("sequence_parallel", keyword, default=False, annotation="bool"),
+        inspect.Parameter("input_grad", keyword, default="reduced", annotation="str"),
     ]
     front.__signature__ = sig.replace(parameters=params + added)  # type: ignore[attr-defined]
     front.__name__ = front.__qualname__ = name
     front.__doc__ = (
         f"``memops.{single.__name__}`` with the vocabulary split over ``group`` (see "
-        "``vocab_parallel_cross_entropy`` for the layout, ``sequence_parallel`` and DTensor arguments): every "
+        "``vocab_parallel_cross_entropy`` for the layout, ``sequence_parallel``, ``input_grad`` and DTensor "
+        "arguments): every "
         f"keyword of ``{single.__name__}``, plus ``{'`` / ``'.join(_PARALLEL_KEYWORDS)}``.\n\n" + (single.__doc__ or "")
     )
     assert names[:2] == [x_name, w_name], names  # the projection comes first

@@ -869,8 +869,52 @@ def case_megatron():
                     assert err <= 2 * err_megatron + 1e-12, (what, dtype, sp, err, err_megatron)
                 if rank == 0 and dtype == torch.float32 and not sp:
                     print(f"megatron: fp32 weight-gradient error memops {err:.2e}, megatron {err_megatron:.2e}")
+        _megatron_gathered(hidden, weight, labels, go, seq, mine, layout, exact)
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def _megatron_gathered(hidden, weight, labels, go, seq, mine, layout, exact):
+    """Hidden states gathered by Megatron's own ``gather_from_sequence_parallel_region`` (its backward sums the
+    ranks' gradients: a reduce-scatter), as verl's Megatron engine passes them: ``input_grad="partial"`` gives
+    each rank's own tokens the exact gradient; the default ``"reduced"`` gives them ``world`` times it (the sum
+    taken twice), which this checks too so that the test can tell the two apart."""
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    # megatron-core allocates the gathered and the reduce-scattered buffers on torch.cuda.current_device(): the
+    # one CPU stand-in here points that lookup at the CPU; the gather, its backward and the collectives are
+    # Megatron's own
+    torch.cuda.current_device = lambda: "cpu"
+    world = dist.get_world_size()
+    for input_grad, factor in (("partial", 1.0), ("reduced", float(world))):
+        hs, ws = hidden[seq].clone().requires_grad_(), weight[mine].clone().requires_grad_()
+        full = gather_from_sequence_parallel_region(hs)
+        loss = vocab_parallel_cross_entropy(full, ws, labels, input_grad=input_grad, **layout)
+        gh, gw = torch.autograd.grad((loss * go).sum(), (hs, ws))
+        _close(loss, exact[0], f"megatron gathered loss ({input_grad})")
+        _close(gh, factor * exact[1][seq], f"megatron gathered grad hidden ({input_grad})")
+        _close(gw, exact[2], f"megatron gathered grad weight ({input_grad})")
+    # log-probs and entropy at a temperature (verl's fused head), both outputs carrying gradient
+    hx, wx = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    g2 = torch.Generator().manual_seed(5)
+    ge = torch.randn(labels.shape, generator=g2, dtype=torch.float64)
+    ref = reference.ref_linear_logprobs(hx, wx, labels, temperature=0.7)
+    want = (*ref, *torch.autograd.grad((ref[0] * go + ref[1] * ge).sum(), (hx, wx)))
+    hs, ws = hidden[seq].clone().requires_grad_(), weight[mine].clone().requires_grad_()
+    logp, ent = memops.distributed.vocab_parallel_logprobs(
+        gather_from_sequence_parallel_region(hs),
+        ws,
+        labels,
+        group=layout["group"],
+        vocab_start=layout["vocab_start"],
+        vocab_size=layout["vocab_size"],
+        temperature=0.7,
+        return_entropy=True,
+        input_grad="partial",
+    )
+    gh, gw = torch.autograd.grad((logp * go + ent * ge).sum(), (hs, ws))
+    for got, exp, what in zip((logp, ent, gh, gw), (want[0], want[1], want[2][seq], want[3][mine]), "lehw"):
+        _close(got, exp, f"megatron gathered log-probs ({what})")
 
 
 def _invariant_calls(lo, hi, dtype):

@@ -78,6 +78,7 @@ def _vocab_parallel(n, g):
         V,
         dist.group.WORLD.group_name,
         False,
+        "partial",  # input_grad: on one process the same gradient as "reduced", through the option's path
         -100,
         "sum",
         0.1,
@@ -184,7 +185,8 @@ def _parallel(base, name: str, sequence_parallel: bool):
 
     def sample(n, g):
         args = base(n, g)
-        return (*args[:inputs], 0, V, dist.group.WORLD.group_name, sequence_parallel, *args[inputs:])
+        input_grad = "reduced" if sequence_parallel else "partial"  # "partial" is refused with sequence_parallel
+        return (*args[:inputs], 0, V, dist.group.WORLD.group_name, sequence_parallel, input_grad, *args[inputs:])
 
     return sample
 

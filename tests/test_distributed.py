@@ -46,7 +46,9 @@ def test_every_family_vocab_and_sequence_parallel(world):
 
 def test_megatron_core_tensor_parallel_group():
     """memops' vocab-parallel CE on megatron-core 0.16.1's tensor-parallel group against Megatron's own
-    ``vocab_parallel_cross_entropy`` on the vocab-parallel logits, with and without sequence parallelism."""
+    ``vocab_parallel_cross_entropy`` on the vocab-parallel logits, with and without sequence parallelism; and
+    hidden states gathered by Megatron's ``gather_from_sequence_parallel_region`` (verl's Megatron engine):
+    ``input_grad="partial"`` exact for CE and for log-probs with entropy, ``"reduced"`` world-times too large."""
     for rc, out in _launch("megatron", 2):
         assert rc == 0, out[-3000:]
         assert ": megatron ok" in out
@@ -95,3 +97,23 @@ def test_mtp_vocab_parallel(world):
     for rc, out in _launch("mtp", world):
         assert rc == 0, out[-3000:]
         assert ": mtp ok" in out
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_grad="summed"), r"input_grad must be one of \('reduced', 'partial'\), got 'summed'"),
+        (dict(input_grad="partial", sequence_parallel=True), r"input_grad='partial' is for replicated hidden"),
+    ],
+)
+def test_input_grad_option_errors_name_it(one_process_group, kwargs, message):
+    """``input_grad``: an unknown value, and ``"partial"`` with sequence-parallel tokens, refused by name (the
+    two-rank behaviour of both values: ``test_megatron_core_tensor_parallel_group``)."""
+    import torch
+
+    from memops.distributed import vocab_parallel_cross_entropy, vocab_parallel_logprobs
+
+    x, w, t = torch.randn(4, 3, requires_grad=True), torch.randn(6, 3), torch.randint(0, 6, (4,))
+    for front in (vocab_parallel_cross_entropy, vocab_parallel_logprobs):
+        with pytest.raises(ValueError, match=message):
+            front(x, w, t, **kwargs)

@@ -1,8 +1,10 @@
 """The vocabulary-parallel ops declared: each single-process family's inputs, outputs and shape rules, with
 ``weight`` and ``bias`` this rank's rows ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-row
-projection (their gradients are the shard's), ``group_name`` the process group and ``sequence_parallel``
+projection (their gradients are the shard's), ``group_name`` the process group, ``sequence_parallel``
 whether ``input`` (and every per-token tensor) holds this rank's tokens only (outputs then this rank's
-tokens' too; a reduced loss is the whole group's).
+tokens' too; a reduced loss is the whole group's) and ``input_grad`` whether the input gradient is summed over
+the group (``"reduced"``) or left as this rank's part (``"partial"``: for a caller whose own autograd sums it,
+as Megatron's gather of sequence-parallel hidden states does in its backward).
 
 * ``memops::vocab_parallel_ce``: ``memops::linear_ce``'s class-index form (no ``all_lse``/``is_top1``);
 * ``memops::vocab_parallel_logprobs``, ``memops::vocab_parallel_grpo``, ``memops::vocab_parallel_distill``,
@@ -52,6 +54,13 @@ def parallel_check(base):
             a = a.replace(teacher_weight=tw[:local], teacher_bias=None if tb is None else tb[:local])
         base(a)
         check_shard(a)
+        if a.input_grad not in INPUT_GRADS:
+            V.fail(f"input_grad must be one of {INPUT_GRADS}, got {a.input_grad!r}")
+        if a.sequence_parallel and a.input_grad == "partial":
+            V.fail(
+                "input_grad='partial' is for replicated hidden states; with sequence_parallel=True each rank's "
+                "input gradient is its own tokens' (input_grad='reduced')"
+            )
         if a.sequence_parallel and getattr(a, "importance_sampling_level", "token") == "sequence":
             V.fail(
                 "importance_sampling_level='sequence' (GSPO) is not offered with sequence_parallel=True: a "
@@ -62,11 +71,16 @@ def parallel_check(base):
     return check
 
 
+# "reduced": each rank's input gradient is the group's sum (the gradient of its replicated input);
+# "partial": this rank's shard's part only, the sum left to the caller's autograd (one all-reduce fewer)
+INPUT_GRADS = ("reduced", "partial")
+
 PARALLEL = (
     Option("vocab_start", "int", None),
     Option("vocab_size", "int", None),
     Option("group_name", "str", None),
     Option("sequence_parallel", "bool", False),
+    Option("input_grad", "str", "reduced"),
 )
 
 SPEC = register(
@@ -109,12 +123,14 @@ _PARALLEL_OF = {
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where a vocabulary-parallel call's rows live: this rank's weight rows ``[vocab_start, vocab_start +
-    V_local)`` of ``vocab_size``, the group, and whether the tokens are split over it too."""
+    V_local)`` of ``vocab_size``, the group, whether the tokens are split over it too, and whether the input
+    gradient is summed over the group or left as this rank's part."""
 
     group_name: str
     vocab_start: int
     vocab_size: int
     sequence_parallel: bool = False
+    input_grad: str = "reduced"
 
     def options(self) -> dict:
         # by hand: dynamo of torch 2.9-2.11 cannot trace dataclasses.asdict (its deepcopy)
@@ -123,6 +139,7 @@ class Layout:
             "vocab_start": self.vocab_start,
             "vocab_size": self.vocab_size,
             "sequence_parallel": self.sequence_parallel,
+            "input_grad": self.input_grad,
         }
 
 

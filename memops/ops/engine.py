@@ -523,7 +523,8 @@ def run(
         for g in (gx, gw):
             if g is not None:
                 g.zero_()
-    if gx is not None and not gathered:  # sequence-parallel rows went back to their owners chunk by chunk
+    # sequence-parallel rows went back to their owners chunk by chunk; a partial input gradient is the caller's to sum
+    if gx is not None and not gathered and not reducer.partial_input:
         reducer.sum_(gx)
     return gx, gw, gb
 

@@ -30,6 +30,7 @@ class Reducer:
     vocab: int | None = None  # the whole vocabulary's size (None: the weight's rows)
     rows_max: int | None = None  # the largest shard's rows, which every rank sizes its chunks for
     whole_chunk = False
+    partial_input = False  # the input gradient left as this rank's part (``input_grad="partial"``), not summed
 
     def max_(self, *ts: torch.Tensor | None) -> None:
         pass
@@ -118,8 +119,9 @@ class GroupReducer(Reducer):
 
     whole_chunk = True
 
-    def __init__(self, group, start: int, vocab: int, rows_max: int):
+    def __init__(self, group, start: int, vocab: int, rows_max: int, partial_input: bool = False):
         self.group, self.start, self.vocab, self.rows_max = group, start, vocab, rows_max
+        self.partial_input = partial_input
 
     def _reduce_(self, op: str, ts) -> None:
         ts = [t for t in ts if t is not None]
@@ -161,7 +163,7 @@ def group_reducer(a: Args) -> GroupReducer:
     if known is None or known[:2] != (a.vocab_start, local):
         rows_max = _check_tiling(group, a.vocab_start, a.vocab_size, local, a.input.device)
         known = _TILED[a.group_name, a.vocab_size] = (a.vocab_start, local, rows_max)
-    return GroupReducer(group, a.vocab_start, a.vocab_size, known[2])
+    return GroupReducer(group, a.vocab_start, a.vocab_size, known[2], a.input_grad == "partial")
 
 
 def _check_tiling(group, vocab_start: int, vocab_size: int, local: int, device) -> int:
