@@ -30,9 +30,10 @@ torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
 
 import pytest  # noqa: E402
 
-# Axolotl pins its own TRL and transformers, torchtitan needs datasets<4.8: their tests run in venvs of their
-# own (.ci/run's second and third steps: python -m pytest --confcutdir tests/NAME tests/NAME), never in this one
-collect_ignore = ["axolotl", "torchtitan"]
+# Axolotl pins its own TRL and transformers, torchtitan needs datasets<4.8, verl its own transformers: their tests
+# run in venvs of their own (.ci/run's framework steps: python -m pytest --confcutdir tests/NAME tests/NAME), never
+# in this one
+collect_ignore = ["axolotl", "torchtitan", "verl"]
 
 
 @pytest.fixture
