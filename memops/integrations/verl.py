@@ -21,7 +21,10 @@ for ``FusedLinearForPPO``, fp32 for ``linear_cross_entropy``, as verl's kernels 
 gradients of both outputs, for any hidden and vocabulary size, and:
 
 * a per-sample or per-token ``temperature`` tensor (broadcastable to the labels), which verl's fused path
-  refuses;
+  refuses; in the FSDP engine (``FSDPEngineWithLMHead``) a per-sample temperature and
+  ``calculate_sum_pi_squared`` (Σπ², from the same chunk pass: ``extras=("log_sum_sq_probs",)``) reach the head
+  through wrappers of its ``prepare_model_inputs`` / ``prepare_model_outputs`` (the engine otherwise refuses
+  both with fused kernels), with ``use_remove_padding=True`` (verl's default; refused by name without it);
 * on a tensor-parallel group, the input gradient each caller needs: hidden states that came through
   Megatron's sequence-parallel gather (whose backward sums the ranks' gradients) get each rank's part
   (``input_grad="partial"``), replicated hidden states the group's sum (``"reduced"``), so the hidden-state
@@ -30,6 +33,8 @@ gradients of both outputs, for any hidden and vocabulary size, and:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 
 import torch
@@ -47,6 +52,13 @@ _TARGETS = (
     ("verl.models.mcore.model_forward_fused", "linear_cross_entropy"),
 )
 _ORIGINALS: dict[tuple[str, str], object] = {}
+
+# the FSDP engine's methods wrapped (per-sample temperature, Σπ²), and verl's originals while installed
+_ENGINE = ("verl.workers.engine.fsdp.transformer_impl", "FSDPEngineWithLMHead")
+_ENGINE_ORIGINALS: dict[str, object] = {}
+# one forward's request from the engine to the head, and the head's answer: Σπ² per token (the engine's
+# prepare_model_inputs sets it, the head fills it, prepare_model_outputs takes it)
+_SUM_PI_SQUARED: dict[str, object] = {"wanted": False, "value": None}
 
 # the autograd nodes of Megatron's ops whose backward sums the tensor-parallel ranks' input gradients
 _SUMMING_NODES = ("_GatherFromSequenceParallelRegionBackward", "_CopyToModelParallelRegionBackward")
@@ -70,8 +82,12 @@ def log_probs_and_entropy(
     ``r`` holds rows ``[r * V_local, (r + 1) * V_local)``, Megatron's layout) and ``hidden_states`` every
     rank's same tokens."""
     labels = labels.long()
+    wanted = bool(_SUM_PI_SQUARED["wanted"])
+    extras = ("log_sum_sq_probs",) if wanted else ()
     if group is None:
-        out = linear_logprobs(hidden_states, vocab_weights, labels, temperature=temperature, return_entropy=True)
+        out = linear_logprobs(
+            hidden_states, vocab_weights, labels, temperature=temperature, return_entropy=True, extras=extras
+        )
     else:
         rows = vocab_weights.shape[0]
         rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
@@ -85,7 +101,11 @@ def log_probs_and_entropy(
             vocab_start=rank * rows,
             vocab_size=world * rows,
             input_grad="partial" if _summed_by_caller(hidden_states) else "reduced",
+            extras=extras,
         )
+    if isinstance(out, dict):  # Σπ² = exp(log Σπ²), no gradient (verl computes it for the advantage estimator)
+        _SUM_PI_SQUARED["value"] = out["log_sum_sq_probs"].detach().exp()
+        return out["log_probs"], out["entropy"]
     return out  # type: ignore[return-value]
 
 
@@ -142,6 +162,82 @@ def linear_cross_entropy(
     return log_probs, entropy
 
 
+def _flag(micro_batch, key: str, default):
+    from verl.utils import tensordict_utils as tu
+
+    return tu.get_non_tensor_data(data=micro_batch, key=key, default=default)
+
+
+@contextlib.contextmanager
+def _flag_set(micro_batch, key: str, value):
+    """``micro_batch``'s non-tensor flag ``key`` set to ``value`` for the block, then put back."""
+    from verl.utils import tensordict_utils as tu
+
+    before = _flag(micro_batch, key, None)
+    tu.assign_non_tensor_data(micro_batch, key, value)
+    try:
+        yield
+    finally:
+        tu.assign_non_tensor_data(micro_batch, key, before)
+
+
+def _wrap_prepare_model_inputs(original):
+    """The FSDP engine's ``prepare_model_inputs`` with a per-sample temperature reaching a fused head: verl's
+    own unfused preparation (which expands it to every packed token, pads and slices it as it does the labels),
+    then the fused path's extra arguments with that per-token temperature; and the request for Σπ²."""
+
+    @functools.wraps(original)
+    def prepare_model_inputs(self, micro_batch):
+        fused = bool(_flag(micro_batch, "use_fused_kernels", False))
+        wants_sq = fused and bool(_flag(micro_batch, "calculate_sum_pi_squared", False))
+        per_sample = fused and isinstance(micro_batch["temperature"], Tensor)
+        if (per_sample or wants_sq) and not _flag(micro_batch, "use_remove_padding", True):
+            raise NotImplementedError(
+                "memops.integrations.verl: a per-sample temperature or calculate_sum_pi_squared with "
+                "use_fused_kernels=True needs use_remove_padding=True (verl's default)"
+            )
+        _SUM_PI_SQUARED.update(wanted=False, value=None)
+        if not per_sample:
+            model_inputs, output_args = original(self, micro_batch)
+        else:
+            with _flag_set(micro_batch, "use_fused_kernels", False):
+                model_inputs, output_args = original(self, micro_batch)
+            model_inputs["temperature"] = output_args["temperature_rmpad"].unsqueeze(0)
+            model_inputs["return_dict"] = True
+            model_inputs["shift_labels"] = output_args["input_ids_rmpad_rolled"].unsqueeze(0)
+        _SUM_PI_SQUARED["wanted"] = wants_sq
+        return model_inputs, output_args
+
+    return prepare_model_inputs
+
+
+def _wrap_prepare_model_outputs(original):
+    """The FSDP engine's ``prepare_model_outputs`` with Σπ² taken from the fused head's pass (verl's own refuses
+    ``calculate_sum_pi_squared`` with fused kernels), unpadded and nested as verl's unfused path does."""
+
+    @functools.wraps(original)
+    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+        wanted = bool(_SUM_PI_SQUARED["wanted"])
+        _SUM_PI_SQUARED["wanted"] = False
+        if not wanted:
+            return original(self, output, output_args, micro_batch, logits_processor_func)
+        with _flag_set(micro_batch, "calculate_sum_pi_squared", False):
+            model_output = original(self, output, output_args, micro_batch, logits_processor_func)
+        value, _SUM_PI_SQUARED["value"] = _SUM_PI_SQUARED["value"], None
+        if not isinstance(value, Tensor):
+            raise RuntimeError(
+                "memops.integrations.verl: calculate_sum_pi_squared was asked, but the model's forward did not "
+                "call verl's fused head (FusedLinearForPPO / linear_cross_entropy), so there is no Σπ² to return"
+            )
+        rows = self._gather_and_unpad_packed(value.reshape(-1), output_args["pad_size"])
+        model_output["sum_pi_squared"] = torch.nested.nested_tensor_from_jagged(
+            rows, micro_batch["input_ids"].offsets()
+        )
+        return model_output
+
+    return prepare_model_outputs
+
+
 _REPLACEMENTS = {
     "FusedLinearForPPO": FusedLinearForPPO,
     "linear_cross_entropy": linear_cross_entropy,
@@ -170,6 +266,18 @@ def install() -> list[str]:
             _ORIGINALS[key] = getattr(module, attr)
         setattr(module, attr, _REPLACEMENTS[attr])
         done.append(f"{module_name}.{attr}")
+    try:
+        engine = getattr(importlib.import_module(_ENGINE[0]), _ENGINE[1])
+    except ImportError:
+        engine = None
+    if engine is not None and not _ENGINE_ORIGINALS:
+        for name, wrap in (
+            ("prepare_model_inputs", _wrap_prepare_model_inputs),
+            ("prepare_model_outputs", _wrap_prepare_model_outputs),
+        ):
+            _ENGINE_ORIGINALS[name] = engine.__dict__[name]
+            setattr(engine, name, wrap(engine.__dict__[name]))
+            done.append(f"{_ENGINE[0]}.{_ENGINE[1]}.{name}")
     return done
 
 
@@ -178,6 +286,11 @@ def uninstall() -> None:
     for (module_name, attr), original in list(_ORIGINALS.items()):
         setattr(importlib.import_module(module_name), attr, original)
         del _ORIGINALS[module_name, attr]
+    if _ENGINE_ORIGINALS:
+        engine = getattr(importlib.import_module(_ENGINE[0]), _ENGINE[1])
+        for name, original in list(_ENGINE_ORIGINALS.items()):
+            setattr(engine, name, original)
+            del _ENGINE_ORIGINALS[name]
 
 
 INSTALLED = install()

@@ -72,3 +72,17 @@ def test_fsdp2_training_equals_verls_torch_backend(tmp_path):
         for key in ("loss", "grad_norm"):
             assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(b[key])), (step, key, a, b)
     assert len({round(r["loss"], 6) for r in theirs}) > 1  # the steps trained: losses moved
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "liger"])
+def test_fsdp_engine_per_sample_temperature_and_sum_pi_squared(backend):
+    """verl's FSDP engine's own ``prepare_model_inputs`` / ``prepare_model_outputs`` (wrapped by memops) on a
+    packed micro-batch with a temperature per sample and ``calculate_sum_pi_squared``, fused kernels on: log-probs,
+    entropy, Σπ² and every parameter gradient equal verl's own unfused path (full logits) on the same float64
+    model to 1e-10; verl's engine without memops refuses the per-sample temperature (the stand-ins are named in
+    ``engine_worker.py``)."""
+    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="memops.integrations.verl", VERL_USE_EXTERNAL_PLUGINS="none")
+    worker = os.path.join(os.path.dirname(__file__), "engine_worker.py")
+    run = subprocess.run([sys.executable, worker, backend], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert f"engine {backend}: ok" in run.stdout
