@@ -76,11 +76,14 @@ def log_probs_and_entropy(
     labels: Tensor,
     temperature: float | Tensor = 1.0,
     group=None,
+    input_grad: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(log p(labels), entropy)`` of ``softmax(hidden_states @ vocab_weights.T / temperature)``, fp32, shaped
     like ``labels``; with ``group`` ``vocab_weights`` is this rank's equal share of the vocabulary rows (rank
     ``r`` holds rows ``[r * V_local, (r + 1) * V_local)``, Megatron's layout) and ``hidden_states`` every
-    rank's same tokens."""
+    rank's same tokens; ``input_grad`` the vocabulary-parallel ops' convention (default: ``"partial"`` when the
+    hidden states came straight out of a Megatron op whose backward sums the group's gradients, else
+    ``"reduced"``)."""
     labels = labels.long()
     wanted = bool(_SUM_PI_SQUARED["wanted"])
     extras = ("log_sum_sq_probs",) if wanted else ()
@@ -100,7 +103,7 @@ def log_probs_and_entropy(
             group=group,
             vocab_start=rank * rows,
             vocab_size=world * rows,
-            input_grad="partial" if _summed_by_caller(hidden_states) else "reduced",
+            input_grad=input_grad or ("partial" if _summed_by_caller(hidden_states) else "reduced"),
             extras=extras,
         )
     if isinstance(out, dict):  # Σπ² = exp(log Σπ²), no gradient (verl computes it for the advantage estimator)
@@ -148,13 +151,29 @@ def linear_cross_entropy(
     ``weight`` is this rank's vocabulary shard (see :func:`log_probs_and_entropy`)."""
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+    tokens = hidden.numel() // max(hidden.shape[-1], 1) if hidden.dim() else -1
+    if labels.numel() != tokens:
+        # verl's kernel flattens both (Megatron's [S, 1, D] hidden states come with [1, S] labels)
         raise ValueError(
-            f"linear_cross_entropy: labels shape {tuple(labels.shape)} must be hidden's leading shape "
-            f"{tuple(hidden.shape[:-1])}"
+            f"linear_cross_entropy: labels {tuple(labels.shape)} must hold one id per row of hidden "
+            f"{tuple(hidden.shape)} ({tokens})"
         )
-    log_probs, entropy = log_probs_and_entropy(hidden, weight, labels, temperature, dist_process_group)
-    log_probs, entropy = log_probs.reshape(-1), entropy.reshape(-1)
+    if isinstance(temperature, Tensor):
+        try:
+            temperature = temperature.expand(labels.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"temperature shape {tuple(temperature.shape)} must broadcast to labels' {tuple(labels.shape)}"
+            ) from None
+    input_grad = "partial" if _summed_by_caller(hidden) else "reduced"  # read before the reshape's own node
+    log_probs, entropy = log_probs_and_entropy(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        labels.reshape(-1),
+        temperature.reshape(-1) if isinstance(temperature, Tensor) else temperature,
+        dist_process_group,
+        input_grad,
+    )
     if reduction == "sum":
         log_probs = log_probs.sum()
     elif reduction == "mean":

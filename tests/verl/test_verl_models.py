@@ -86,3 +86,22 @@ def test_fsdp_engine_per_sample_temperature_and_sum_pi_squared(backend):
     run = subprocess.run([sys.executable, worker, backend], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     assert f"engine {backend}: ok" in run.stdout
+
+
+def test_megatron_fused_output_processor_tp2():
+    """verl's Megatron engine head (``fused_output_processor`` itself) on megatron-core 0.16.1's tensor-parallel
+    group, 2 gloo ranks: sequence parallelism on and off, tied and untied output weights, V / TP = 37 rows a
+    rank: log-probs, entropy, weight-shard and hidden-state gradients equal float64's (1e-10; the stand-ins are
+    named in ``megatron_worker.py``)."""
+    pytest.importorskip("megatron.core")
+    env = dict(
+        os.environ,
+        VERL_USE_EXTERNAL_MODULES="memops.integrations.verl",
+        VERL_USE_EXTERNAL_PLUGINS="none",
+        OMP_NUM_THREADS="1",
+    )
+    worker = os.path.join(os.path.dirname(__file__), "megatron_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert "megatron: ok" in run.stdout
