@@ -19,6 +19,8 @@
 #   5. gemma2-2b (soft-capped logits), bf16;
 #   6. the fixed cost per call (--preset overhead);
 #   7. multi-token prediction (3 depths, bf16): one memops call vs one per depth vs unfused;
+#   7b. verl's fused log-prob head at verl's test shapes (1937x3584x152064, 8192x4096x102400; bf16): memops vs
+#      verl's triton, liger and torch backends;
 #   8. on a box with two or more GPUs (or MEMOPS_BENCH_TP=N): vocabulary-parallel CE and log-probs over N ranks
 #      (NCCL), memops (replicated and sequence-parallel hidden states) vs gathered logits vs one GPU.
 # Each step has its own time limit and the script stops starting steps at its deadline (MEMOPS_BENCH_BUDGET,
@@ -92,6 +94,14 @@ step sampling-mask-qwen-bf16 40 "${BENCH[@]}" --loss logprobs --kept 1000 --dtyp
 step mtp3-llama3-8b-bf16 40 "${BENCH[@]}" --loss mtp --depths 3 --preset llama3-8b --dtype bfloat16 --tokens $((TOKENS / 4)) \
     --reps 2 --no-check --methods memops,memops_per_depth,compile,eager "${EXTRA[@]}" \
     --json "$WORK/mtp3-llama3-8b-bf16.json"
+# verl's fused log-prob head (log-probs + entropy, bf16) at verl's own test shapes: memops vs verl's triton, liger
+# and torch backends (verl's wheel from scripts/wheels, loaded without its dependencies)
+for shape in "1937 3584 152064" "8192 4096 102400"; do
+  read -r n d v <<< "$shape"
+  step "verl-${n}x${d}x${v}-bf16" 35 "${BENCH[@]}" --loss verl --dtype bfloat16 --tokens $((TOKENS < n ? TOKENS : n)) \
+      --hidden "$d" --vocab "$v" --reps 3 --no-check --methods memops,verl_triton,verl_liger,verl,compile,floor \
+      "${EXTRA[@]}" --json "$WORK/verl-${n}x${d}x${v}-bf16.json"
+done
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
 TP="${MEMOPS_BENCH_TP:-$([ "${GPUS:-0}" -ge 2 ] && echo 2 || echo 0)}"
 if [ "$TP" -ge 2 ]; then

@@ -412,10 +412,16 @@ def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
     assert all(kept[m]["status"] == "ok" and kept[m]["time_s"] > 0 for m in methods), kept
     mtp = {r["method"]: r for r in json.loads((got / "mtp3-llama3-8b-bf16.json").read_text())["runs"][0]["rows"]}
     assert all(mtp[m]["status"] == "ok" for m in ("memops", "memops_per_depth", "compile", "eager")), mtp
+    for name in ("verl-1937x3584x152064-bf16", "verl-8192x4096x102400-bf16"):  # verl is not installed here
+        verl = {r["method"]: r for r in json.loads((got / f"{name}.json").read_text())["runs"][0]["rows"]}
+        assert verl["memops"]["status"] == verl["compile"]["status"] == "ok", verl
     assert "row N=16 D=8 V=64: memops_triton ok" in proc.stdout  # each row printed as it is measured
     for loss in ("cross_entropy", "logprobs"):
         tp = json.loads((got / f"tp2-{loss}-bf16.json").read_text())
-        assert [r["method"] for r in tp["rows"]] == ["memops_tp", "memops_sp", "memops_sp_serial", "gathered", "single"]
+        methods = ["memops_tp", "memops_sp", "memops_sp_serial", "gathered", "single"]
+        if loss == "logprobs":  # verl's Megatron way: Megatron's sequence-parallel gather, input_grad="partial"
+            methods.insert(3, "memops_gather_partial")
+        assert [r["method"] for r in tp["rows"]] == methods
         assert all(r["ms"] > 0 for r in tp["rows"]) and len(tp["ranks"]) == 2
 
 

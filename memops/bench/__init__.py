@@ -17,7 +17,7 @@ import sys
 import tempfile
 from typing import Any
 
-from .methods import DISTILL_BETA, GRPO_BETA, METHODS, PER_DEPTH, VARIANTS, unavailable
+from .methods import DISTILL_BETA, ENTROPY_COEFF, GRPO_BETA, METHODS, PER_DEPTH, VARIANTS, VERL_PEERS, unavailable
 from .report import LEGEND, add_ratios, format_table, plot
 from .worker import Worker, run_worker
 
@@ -56,12 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per method (default 3)")
     p.add_argument(
         "--methods",
-        default=",".join(m for m in METHODS if m not in (*VARIANTS, PER_DEPTH)),
+        default=",".join(m for m in METHODS if m not in (*VARIANTS, PER_DEPTH, *VERL_PEERS)),
         help="comma-separated subset of %(default)s, memops_torch and memops_triton (memops with the torch or "
         "the Triton chunk heads: memops.set_kernels), memops_sync_free (memops.set_sync_free(True)), "
         "memops_accurate (memops.set_precision('accurate'): fp32 logits), memops_batch_invariant "
         "(memops.set_batch_invariant(True)) and, with --loss mtp, memops_per_depth (one memops cross-entropy "
-        "call per depth); peers "
+        "call per depth), with --loss verl verl's fused head's backends verl (torch), verl_triton and "
+        "verl_liger; peers "
         "that are not installed are skipped",
     )
     p.add_argument(
@@ -73,7 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batch completions, what an SFT-on-samples or REINFORCE step trains), distill "
         "(memops.linear_distillation_loss against a teacher "
         "projection of the same size), mtp (memops.linear_mtp_cross_entropy: --depths cross-entropies against "
-        "one head, targets shifted 1..D) or any registered transform, e.g. focal "
+        "one head, targets shifted 1..D), verl (verl's fused head: per-token log-probs and entropy, trained "
+        "as a PPO actor with an entropy bonus; --methods verl,verl_triton,verl_liger run verl's own backends) "
+        "or any registered transform, e.g. focal "
         "(memops.linear_loss; the baselines apply the same function to the full logits)",
     )
     p.add_argument(
@@ -159,7 +162,7 @@ def _resolve(args) -> list[dict]:
     args.bias = bool(args.bias or preset.get("bias"))
     if args.dtype is None:
         args.dtype = "bfloat16" if args.preset == "seed-harness" else "float32"
-    if args.bias and args.loss in ("grpo", "logprobs", "distill", "class_weighted", "mtp"):
+    if args.bias and args.loss in ("grpo", "logprobs", "distill", "class_weighted", "mtp", "verl"):
         raise SystemExit(f"--bias: cross-entropy and transforms only, not --loss {args.loss}")
     for name in ("tokens", "hidden", "vocab", "reps"):
         if getattr(args, name) < 1:
@@ -294,7 +297,7 @@ def main(args) -> int:
 
     import memops
 
-    if args.loss not in ("grpo", "logprobs", "distill", "class_weighted", "mtp"):
+    if args.loss not in ("grpo", "logprobs", "distill", "class_weighted", "mtp", "verl"):
         try:
             memops.registry.get_transform(args.loss)  # unknown names fail here, before any worker starts
         except (KeyError, ValueError) as exc:
@@ -315,6 +318,8 @@ def main(args) -> int:
         softcap += f", {args.ignored:.0%} of targets ignored, beta={args.beta:g}"
     elif args.loss == "mtp":
         softcap += f", {args.depths} depths, {args.ignored:.0%} of targets ignored"
+    elif args.loss == "verl":
+        softcap += f", {args.ignored:.0%} of tokens masked, entropy bonus {ENTROPY_COEFF:g}"
     else:
         softcap += f", {args.ignored:.0%} of targets ignored"
     if args.kept:

@@ -42,6 +42,7 @@ IGNORE = -100
 METHODS = (
     "eager", "compile", "chunked", "torch_lce", "memops", "memops_torch", "memops_triton", "memops_sync_free",
     "memops_accurate", "memops_batch_invariant", "memops_per_depth", "floor", "cce", "liger", "trl",
+    "verl", "verl_triton", "verl_liger",
 )  # fmt: skip
 # memops with its heads chosen (memops.set_kernels): "memops" is the default choice ("auto")
 KERNEL_CHOICE = {"memops_torch": "torch", "memops_triton": "triton"}
@@ -53,6 +54,11 @@ VARIANTS = (*KERNEL_CHOICE, "memops_sync_free", "memops_accurate", "memops_batch
 # --loss mtp only: memops.linear_cross_entropy called once per depth (what a caller without the MTP op does)
 PER_DEPTH = "memops_per_depth"
 UNCHECKED = ("floor",)  # no loss: no error columns
+# --loss verl: verl 0.9.1's fused log-prob head (per-token log-probs and entropy, what its PPO actor trains with
+# an entropy bonus); its three backends are peers, run on request (--methods)
+VERL = "verl"
+VERL_PEERS = {"verl": "torch", "verl_triton": "triton", "verl_liger": "liger"}
+ENTROPY_COEFF = 0.01  # the objective's entropy bonus (verl's actor default entropy_coeff is 0; 0.01 keeps it in)
 PEERS = {
     "cce": ("cut_cross_entropy", "pip install cut-cross-entropy"),
     "liger": ("liger_kernel", "pip install liger-kernel"),
@@ -92,6 +98,17 @@ def unavailable(method: str, loss: str, device: str, softcap: float | None = Non
         return "--loss mtp only"
     if loss == "mtp" and method not in ("eager", "compile", "memops", PER_DEPTH, "reference"):
         return "--loss mtp: eager, compile, memops and memops_per_depth"
+    if method in VERL_PEERS:
+        if loss != VERL:
+            return "--loss verl only"
+        if importlib.util.find_spec("verl") is None:
+            return "not installed (pip install verl==0.9.1)"
+        if method != "verl" and not device.startswith("cuda"):
+            return "CUDA only"
+        if method == "verl_liger" and importlib.util.find_spec("liger_kernel") is None:
+            return "not installed (pip install liger-kernel)"  # verl would fall back to its torch backend
+    elif loss == VERL and method not in ("eager", "compile", "floor", "memops", *VARIANTS, "reference"):
+        return "--loss verl: eager, compile, floor, memops and verl's backends"
     if method == "trl":
         if loss not in ("distill", "grpo", "logprobs"):
             return "--loss distill or grpo only"
@@ -349,6 +366,96 @@ def _build_grpo(
     raise ValueError(f"method {method!r} does not run --loss grpo")
 
 
+def verl_module(name: str):
+    """verl's module ``name`` (``verl.utils.experimental.torch_functional``, ``verl.utils.kernel.
+    linear_cross_entropy``): imported as usual, or, where verl's own dependencies are missing (a GPU machine
+    given verl's wheel installed with ``--no-deps``: ``import verl`` needs ray, tensordict, ...), loaded from
+    its files with a stand-in for ``verl.utils.device`` (``torch.cuda``'s device calls: the one verl module the
+    kernels import) and bare ``verl`` packages around it."""
+    import sys
+    import types
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pass
+    import torch
+
+    spec = importlib.util.find_spec("verl")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("verl is not installed")
+    for key in [k for k in sys.modules if k == "verl" or k.startswith("verl.")]:
+        del sys.modules[key]  # what the failed import left half-made
+    root = list(spec.submodule_search_locations)[0]
+    for package in ("verl", "verl.utils", "verl.utils.kernel", "verl.utils.experimental"):
+        module = types.ModuleType(package)
+        module.__path__ = [os.path.join(root, *package.split(".")[1:])]
+        sys.modules[package] = module
+    device = types.ModuleType("verl.utils.device")
+    device.get_device_name = lambda: "cuda"  # type: ignore[attr-defined]
+    device.get_torch_device = lambda: torch.cuda  # type: ignore[attr-defined]
+    device.is_cuda_available = torch.cuda.is_available()  # type: ignore[attr-defined]
+    device.get_device_capability = torch.cuda.get_device_capability  # type: ignore[attr-defined]
+    sys.modules["verl.utils.device"] = device
+    return importlib.import_module(name)
+
+
+def _build_verl(method: str):
+    """``--loss verl``: per-token log-probs and entropy of ``softmax(x @ w.T)`` (temperature 1), trained as a
+    PPO actor with an entropy bonus: ``-mean(logp) - ENTROPY_COEFF * mean(entropy)`` over the tokens not set to
+    ``IGNORE`` (their ids read as 0, as verl's heads take no ignore index)."""
+    import torch
+
+    def objective(logp, ent, t):
+        keep = (t != IGNORE).to(logp.dtype)
+        n = keep.sum().clamp(min=1.0)
+        return -(logp * keep).sum() / n - ENTROPY_COEFF * (ent.to(logp.dtype) * keep).sum() / n
+
+    def unfused(x, w, t, upcast=True):
+        logp_all = torch.log_softmax(_logits(x, w, None, upcast), -1)
+        logp = logp_all.gather(-1, t.clamp(min=0)[:, None]).squeeze(-1)
+        return objective(logp, -(logp_all.exp() * logp_all).sum(-1), t)
+
+    base = _unfused_family(method, unfused)
+    if base is not None:
+        return base
+    if method == "floor":
+        return _floor
+    if method == "memops":
+        import memops
+
+        def head(x, w, ids):
+            return memops.linear_logprobs(x, w, ids, return_entropy=True)
+
+    elif method in ("verl", "verl_liger"):  # verl's torch backend at its default chunk size; liger's
+        functional = verl_module("verl.utils.experimental.torch_functional")
+        if method == "verl":
+
+            def head(x, w, ids):
+                return functional.FusedLinearForPPOFunction.apply(x, w, ids, 1.0, 512)
+
+        elif getattr(functional, "_LIGER_FUSED_LINEAR_SCALED_CROSS_ENTROPY", None) is None:
+            raise RuntimeError(
+                "this liger-kernel has no LigerFusedLinearScaledCrossEntropyFunction: verl would run its torch backend"
+            )
+        else:
+            head = functools.partial(functional.FusedLinearForPPO(impl_backend="liger"), temperature=1.0)
+    elif method == "verl_triton":
+        kernel = verl_module("verl.utils.kernel.linear_cross_entropy")
+
+        def head(x, w, ids):
+            return kernel.linear_cross_entropy(x, w, ids, 1.0, "none")
+
+    else:
+        raise ValueError(f"method {method!r} does not run --loss verl")
+
+    def step(x, w, t):
+        logp, ent = head(x, w, t.clamp(min=0))
+        return objective(logp, ent, t)
+
+    return step
+
+
 def jsd(student_logits, teacher_logits, beta: float):
     """TRL's generalized JSD per row (``GKDTrainer.generalized_jsd_loss`` before masking), temperature 1."""
     import torch
@@ -478,6 +585,8 @@ def build(
     if loss in ("grpo", "logprobs"):
         beta = GRPO_BETA if beta is None else beta
         return _build_grpo(method, tokens, vocab, batch, device, ignored, beta, kept, loss)
+    if loss == VERL:
+        return _build_verl(method)
     if loss == "distill":
         return _build_distill(method, vocab, DISTILL_BETA if beta is None else beta)
     if loss == "mtp":

@@ -7,6 +7,10 @@ a forward + backward of the loss on the same inputs (fp32 unless ``--dtype``):
 * ``memops_sp``: the same with ``sequence_parallel=True`` (each rank holds ``N / tp`` tokens; rows are
   gathered one chunk at a time, the next chunk's broadcasts started before the current chunk's work);
   ``memops_sp_serial`` the same without that prefetch (what overlapping buys on this backend);
+* ``memops_gather_partial``: each rank's ``N / tp`` tokens all-gathered by a differentiable all-gather (its
+  backward a reduce-scatter that sums the ranks' gradients: Megatron's ``gather_from_sequence_parallel_region``,
+  what verl's Megatron engine does before its fused head), then ``memops_tp`` with ``input_grad="partial"``
+  (``--loss logprobs`` only, even token shards);
 * ``gathered``: what a user would write instead: each rank's logits ``x @ W_r.T`` (fp32), all-gathered
   into the full ``[N, V]`` logits, then ``F.cross_entropy`` / ``log_softmax`` (differentiable all-gather);
 * ``single``: the single-process memops op with the whole head, on rank 0 only.
@@ -27,7 +31,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("memops_tp", "memops_sp", "memops_sp_serial", "gathered", "single")
+METHODS = ("memops_tp", "memops_sp", "memops_sp_serial", "memops_gather_partial", "gathered", "single")
 LOSSES = ("cross_entropy", "logprobs")
 
 
@@ -70,6 +74,8 @@ def main(args) -> int:
     ranks = [json.loads(out.strip().splitlines()[-1]) for out in outs]
     rows: list[dict] = []
     for m in METHODS:
+        if m not in ranks[0]:  # not run for this loss / token split
+            continue
         peak = max(r[m]["peak_mib"] for r in ranks)
         rows.append(dict(method=m, ms=ranks[0][m]["ms"], peak_mib=peak))
     base = next(r for r in rows if r["method"] == "gathered")
@@ -128,6 +134,12 @@ def _rank(spec: dict) -> dict:
             return lp.sum() + 0.1 * ent.sum()
         return vocab_parallel_cross_entropy(xx, ww, tt, **layout, **kw)
 
+    def gather_partial(xx, ww, tt):
+        import torch.distributed._functional_collectives as funcol
+
+        gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+        return memops_call(gather(xx, 0, dist.group.WORLD), ww, tt, input_grad="partial")
+
     def gathered(xx, ww, tt):
         import torch.distributed._functional_collectives as funcol
 
@@ -150,6 +162,7 @@ def _rank(spec: dict) -> dict:
         "memops_tp": lambda: (x, w_r, t, {}),
         "memops_sp": lambda: (x[a : a + per[rank]], w_r, t[a : a + per[rank]], dict(sequence_parallel=True)),
         "memops_sp_serial": lambda: (x[a : a + per[rank]], w_r, t[a : a + per[rank]], dict(sequence_parallel=True)),
+        "memops_gather_partial": lambda: (x[a : a + per[rank]], w_r, t, "gather_partial"),
         "gathered": lambda: (x, w_r, t, None),
         "single": lambda: (x, w if rank == 0 else None, t, "single"),
     }
@@ -159,6 +172,8 @@ def _rank(spec: dict) -> dict:
         threads=torch.get_num_threads(),
     )
     for m in METHODS:
+        if m == "memops_gather_partial" and (not logprobs or len(set(per)) > 1):
+            continue  # reported as not run: log-probs (verl's head) with even token shards only
         xx, ww, tt, kw = steps[m]()
         vp.PREFETCH = m != "memops_sp_serial"
 
@@ -170,7 +185,10 @@ def _rank(spec: dict) -> dict:
                 single(xg, wg, tt).backward()
                 return xg, wg
             xg, wg = xx.detach().requires_grad_(), ww.detach().requires_grad_()
-            (gathered(xg, wg, tt) if kw is None else memops_call(xg, wg, tt, **kw)).backward()
+            if kw == "gather_partial":
+                gather_partial(xg, wg, tt).backward()
+            else:
+                (gathered(xg, wg, tt) if kw is None else memops_call(xg, wg, tt, **kw)).backward()
             return xg, wg
 
         step()  # warm-up
