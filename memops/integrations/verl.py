@@ -8,7 +8,8 @@ logits in two places, both looked up by name when they run:
   build ``verl.utils.experimental.torch_functional.FusedLinearForPPO`` (``impl_backend`` "torch" or
   "liger") or call ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` (``impl_backend``
   "triton");
-* the Megatron engine (``verl/models/mcore/model_forward_fused.py``) calls that same ``linear_cross_entropy``
+* the Megatron engine (``verl/models/mcore/model_forward_fused.py``, and ``model_forward_1f1b_overlap.py``
+  for its overlapped 1F1B schedule) calls that same ``linear_cross_entropy``
   with its tensor-parallel group, on hidden states Megatron's ``gather_from_sequence_parallel_region`` has
   gathered when sequence parallelism is on (verl turns it on whenever TP > 1).
 
@@ -50,6 +51,7 @@ _TARGETS = (
     ("verl.utils.experimental.torch_functional", "FusedLinearForPPO"),
     ("verl.utils.kernel.linear_cross_entropy", "linear_cross_entropy"),
     ("verl.models.mcore.model_forward_fused", "linear_cross_entropy"),
+    ("verl.models.mcore.model_forward_1f1b_overlap", "linear_cross_entropy"),
 )
 _ORIGINALS: dict[tuple[str, str], object] = {}
 

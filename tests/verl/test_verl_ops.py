@@ -152,3 +152,39 @@ def test_uninstall_restores_verl():
     finally:
         mv.install()
     assert tf.FusedLinearForPPO is mv.FusedLinearForPPO
+
+
+def test_every_place_verl_binds_the_head_gets_memops():
+    """By structure, over verl's whole source: every import of ``FusedLinearForPPO`` or the kernel's
+    ``linear_cross_entropy`` is either inside a function (looked up when it runs: memops' once installed) or a
+    module-level binding in a module this integration patches by attribute; and each of those bindings is
+    memops' now. A verl release that binds the head somewhere new fails here."""
+    import ast
+    import importlib
+    import pathlib
+
+    names = {"FusedLinearForPPO", "linear_cross_entropy"}
+    sources = {"verl.utils.experimental.torch_functional", "verl.utils.kernel.linear_cross_entropy"}
+    root = pathlib.Path(verl.__file__).parent
+    early, late = set(), set()
+    for path in root.rglob("*.py"):
+        module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+        tree = ast.parse(path.read_text())
+        top = set(map(id, tree.body))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in sources:
+                for alias in node.names:
+                    if alias.name in names:
+                        (early if id(node) in top else late).add((module, alias.asname or alias.name))
+    patched = {(m, a) for m, a in mv._TARGETS}
+    assert early <= patched, f"module-level bindings of the head not patched here: {early - patched}"
+    assert late, "verl's patched forwards import the head inside their functions"
+    for module, attr in early:
+        try:
+            loaded = importlib.import_module(module)
+        except ImportError:  # megatron-core missing: that engine cannot run either
+            continue
+        assert getattr(loaded, attr) is getattr(mv, attr), (module, attr)
+    for module in sources:
+        attr = "FusedLinearForPPO" if "experimental" in module else "linear_cross_entropy"
+        assert getattr(importlib.import_module(module), attr) is getattr(mv, attr)
