@@ -34,6 +34,17 @@ def _grads(logp, ent, params, seed=1):
     return torch.autograd.grad((a * logp.double() + b * ent.double()).sum(), params)
 
 
+def _three_ways(logp, ent, h, w, ids, temperature):
+    """``(memops, verl, float64)``: each one's log-probs, entropy and input / weight gradients on the same inputs
+    (memops' from the given outputs of ``h`` and ``w``; verl's torch backend in chunks of 16 rows)."""
+    ours = (logp, ent, *_grads(logp, ent, (h, w)))
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    lv, ev = tf.FusedLinearForPPOFunction.apply(h2, w2, ids, temperature, 16)
+    theirs = (lv, ev, *_grads(lv, ev, (h2, w2)))
+    le, ee, h64, w64 = _exact(h, w, ids, temperature)
+    return ours, theirs, (le, ee, *_grads(le, ee, (h64, w64)))
+
+
 def _err(x, ref):
     return (x.double() - ref).abs().max().item()
 
@@ -65,12 +76,7 @@ def test_fused_linear_for_ppo_fp32_matches_float64_and_verl(n, d, v, negative, t
     logp, ent = tf.FusedLinearForPPO()(h, w, ids, temperature)  # memops: the class verl looks up
     assert isinstance(tf.FusedLinearForPPO(), mv.FusedLinearForPPO)
     assert logp.dtype == torch.float32 and ent.dtype == torch.float32 and logp.shape == ids.shape
-    ours = (logp, ent, *_grads(logp, ent, (h, w)))
-    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    lv, ev = tf.FusedLinearForPPOFunction.apply(h2, w2, ids, temperature, 16)
-    theirs = (lv, ev, *_grads(lv, ev, (h2, w2)))
-    le, ee, h64, w64 = _exact(h, w, ids, temperature)
-    exact = (le, ee, *_grads(le, ee, (h64, w64)))
+    ours, theirs, exact = _three_ways(logp, ent, h, w, ids, temperature)
     for name, a, b, e in zip(("logp", "entropy", "grad h", "grad w"), ours, theirs, exact):
         scale = max(1.0, e.abs().max().item())
         assert _err(a, e) <= 2e-5 * scale, (name, _err(a, e))
@@ -87,12 +93,7 @@ def test_fused_linear_for_ppo_bf16_no_worse_than_verl(n, d, v, negative):
     h, w, ids = _data(n, d, v, torch.bfloat16, negative)
     logp, ent = tf.FusedLinearForPPO(impl_backend="liger")(h, w, ids, temperature)
     assert logp.dtype == torch.float32 and ent.dtype == torch.bfloat16
-    ours = (logp, ent, *_grads(logp, ent, (h, w)))
-    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    lv, ev = tf.FusedLinearForPPOFunction.apply(h2, w2, ids, temperature, 16)
-    theirs = (lv, ev, *_grads(lv, ev, (h2, w2)))
-    le, ee, h64, w64 = _exact(h, w, ids, temperature)
-    exact = (le, ee, *_grads(le, ee, (h64, w64)))
+    ours, theirs, exact = _three_ways(logp, ent, h, w, ids, temperature)
     for name, a, b, e in zip(("logp", "entropy", "grad h", "grad w"), ours, theirs, exact):
         assert _err(a, e) <= 1.5 * _err(b, e), (name, _err(a, e), _err(b, e))
 
