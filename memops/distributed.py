@@ -192,6 +192,11 @@ def _parallel_call(
         return None, weight, bias, per_token, dict(sharded), layout
     if group is not None or vocab_start is not None or vocab_size is not None:
         raise ValueError("with a DTensor weight, group / vocab_start / vocab_size come from its mesh")
+    if input_grad != "reduced" and any(isinstance(t, DTensor) for t in per_token.values()):
+        raise ValueError(
+            "input_grad='partial' is for local hidden states whose caller sums the gradient parts; a DTensor "
+            "input's gradient is placed like the input (input_grad='reduced')"
+        )
     placed = _Placed(weight, bias)
     placed.split_dims = split_dims
     local, split = {}, set()

@@ -117,3 +117,18 @@ def test_input_grad_option_errors_name_it(one_process_group, kwargs, message):
     for front in (vocab_parallel_cross_entropy, vocab_parallel_logprobs):
         with pytest.raises(ValueError, match=message):
             front(x, w, t, **kwargs)
+
+
+def test_input_grad_partial_refused_for_dtensor_inputs(one_process_group):
+    """A DTensor input's gradient is placed like the input: ``input_grad="partial"`` is refused by name there."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from memops.distributed import vocab_parallel_logprobs
+
+    mesh = init_device_mesh("cpu", (1,))
+    x = distribute_tensor(torch.randn(4, 3), mesh, [Replicate()])
+    w = distribute_tensor(torch.randn(6, 3), mesh, [Shard(0)])
+    with pytest.raises(ValueError, match="input_grad='partial' is for local hidden states"):
+        vocab_parallel_logprobs(x, w, torch.randint(0, 6, (4,)), input_grad="partial")
